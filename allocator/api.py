@@ -1,0 +1,293 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+    import allocator
+    prof = allocator.profile("smollm2")                      # expensive: once
+    plan = allocator.solve(prof, "3.5bpw")                   # cheap: per budget
+    plans = allocator.sweep(prof, ["3bpw", "4bpw"])
+    qmodel = allocator.apply("smollm2", plan)
+    results = allocator.evaluate("smollm2", plans, text="wiki.txt")
+    allocator.run("config.toml")                             # the whole batch pipeline
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+
+
+from .budget import parse_budget
+from .config import DEFAULT_SCHEMES, RunConfig, load_config
+from .plan import Plan
+from . import solve as _solve
+
+__all__ = ["load", "profile", "load_profile", "solve", "sweep", "apply", "evaluate", "run", "RunResult"]
+
+
+def _log_default(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def round_to_16bit(model):
+    """Round every floating parameter to float16 values (dtype kept).
+
+    The reference model ("the 16-bit model") and the parts of a quantized model that are
+    not quantized are then exactly what a 16-bit checkpoint holds, so a saved quantized
+    model reloads to the same logits and size accounting at 16 bits is true.
+    """
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.float16:
+                p.copy_(p.to(torch.float16).to(p.dtype))
+    return model
+
+
+def load(spec: str = "smollm2", *, log: Callable[[str], None] | None = _log_default):
+    """Load a model by spec (see ``sensitivity.models``), rounded to 16-bit values."""
+    from sensitivity.models import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(spec)
+    round_to_16bit(loaded.model)
+    if log:
+        log(f"loaded {spec} in {time.perf_counter() - t0:.1f}s")
+    return loaded
+
+
+def _as_loaded(model):
+    return load(model) if isinstance(model, str) else model
+
+
+def load_profile(path: str | Path):
+    from sensitivity.profile import SensitivityProfile
+
+    return SensitivityProfile.load(path)
+
+
+def _as_profile(profile):
+    return (load_profile(profile), Path(profile)) if isinstance(profile, (str, Path)) else (profile, None)
+
+
+def calibration_batches(loaded, source: str = "generated", n_samples: int = 8, seq_len: int = 256, seed: int = 0,
+                        progress: bool = True):
+    """(ids (n, T), description dict): from a text file, or sampled from the model itself."""
+    from sensitivity import calibration as C
+
+    if source == "generated":
+        ids = C.generate_calibration(loaded.model, loaded.tokenizer, n_samples, seq_len, seed=seed)
+        spec = C.CalibrationSpec("generated", None, n_samples, seq_len, seed)
+    else:
+        ids = C.calibration_from_file(loaded.tokenizer, source, n_samples, seq_len, seed=seed)
+        spec = C.CalibrationSpec("file", str(source), n_samples, seq_len, seed)
+    return ids, spec
+
+
+def profile(
+    model="smollm2",
+    *,
+    calibration: str = "generated",
+    n_samples: int = 8,
+    seq_len: int = 256,
+    seed: int = 0,
+    schemes: Sequence[str] = DEFAULT_SCHEMES,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    ref_schemes: Sequence[str] = ("w3g128z",),
+    out: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = _log_default,
+):
+    """Profile a model: Hessian proxy for every (layer, scheme), calibrated by measured KL.
+
+    calibration: "generated" (text sampled from the model, seeded) or a text file path.
+    Saves to ``out`` (JSON) when given. Returns the SensitivityProfile.
+    """
+    from sensitivity.profile import build_profile
+
+    loaded = _as_loaded(model)
+    prof = build_profile(
+        loaded, schemes=list(schemes), calibration=calibration, n_samples=n_samples, seq_len=seq_len, seed=seed,
+        include=list(include), exclude=list(exclude), ref_schemes=list(ref_schemes), progress=progress, log=log,
+    )
+    if out is not None:
+        prof.save(out)
+    return prof
+
+
+def solve(profile, budget, **kw) -> Plan:
+    """A plan for one budget (``3.5bpw``, ``120MB``, ``layers:90MB``). See allocator.solve.solve."""
+    prof, path = _as_profile(profile)
+    return _solve.solve(prof, budget, profile_path=kw.pop("profile_path", path), **kw)
+
+
+def sweep(profile, budgets: Sequence, **kw) -> list[Plan]:
+    prof, path = _as_profile(profile)
+    return _solve.sweep(prof, budgets, profile_path=kw.pop("profile_path", path), **kw)
+
+
+def apply(model, plan: Plan | str | Path, *, inplace: bool = False, check_fingerprint: bool = True):
+    """The model with the plan's layers quantized and packed (QuantLinear)."""
+    from sensitivity.models import fingerprint
+
+    from .executor import apply as _apply
+
+    loaded = _as_loaded(model)
+    net = loaded.model if hasattr(loaded, "model") else loaded
+    plan = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
+    fp = fingerprint(net) if check_fingerprint else None
+    return _apply(net, plan, inplace=inplace, fingerprint=fp)
+
+
+def eval_windows(loaded, text: str = "generated", n_windows: int = 8, seq_len: int = 256, seed: int = 1234):
+    """Evaluation windows: a text file, or held-out text generated with another seed."""
+    from .evaluate import windows_from_file
+
+    if text == "generated":
+        from sensitivity.calibration import generate_calibration
+
+        return generate_calibration(loaded.model, loaded.tokenizer, n_windows, seq_len, seed=seed), {
+            "source": "generated", "seed": seed, "n_windows": n_windows, "seq_len": seq_len}
+    return windows_from_file(loaded.tokenizer, text, seq_len, n_windows), {
+        "source": str(text), "n_windows": n_windows, "seq_len": seq_len}
+
+
+def evaluate(model, plans: Sequence[Plan] | Mapping[str, Plan] = (), *, text: str = "generated", n_windows: int = 8,
+             seq_len: int = 256, batch_size: int = 4, progress: bool = True):
+    """Perplexity and KL against the 16-bit model for each plan (and the 16-bit model itself)."""
+    from .evaluate import evaluate_models
+
+    loaded = _as_loaded(model)
+    windows, _ = eval_windows(loaded, text, n_windows, seq_len)
+    if not isinstance(plans, Mapping):
+        plans = {(p.label or f"plan{i}"): p for i, p in enumerate(plans)}
+    models = {k: apply(loaded, p) for k, p in plans.items()}
+    return evaluate_models(loaded.model, models, windows, batch_size=batch_size, progress=progress)
+
+
+@dataclass
+class RunResult:
+    rows: list[dict]
+    out_dir: Path
+    plans: dict[str, Path] = field(default_factory=dict)
+    table: str = ""
+    plot: Path | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def _row(budget: str, method: str, plan: Plan, res) -> dict:
+    p = plan.predicted
+    return {
+        "budget": budget, "method": method, "label": plan.label, "bpw": p["bpw"],
+        "quantized_MB": p["quantized_bytes"] / 1e6, "total_MB": p["total_bytes"] / 1e6,
+        "ppl": res.ppl, "kl": res.kl, "top1_agree": res.top1_agree, "predicted_loss": p["loss_total"],
+        "solver_status": plan.solver.get("status"), "solve_time_s": plan.solver.get("solve_time_s"),
+    }
+
+
+def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
+        log: Callable[[str], None] | None = _log_default) -> RunResult:
+    """The whole batch pipeline: profile (or reuse a matching saved one), sweep budgets,
+    baselines, evaluation in one pass, table, plot and plans in the output folder."""
+    from .evaluate import evaluate_models
+    from .report import RESULT_COLUMNS, format_table, plot_ppl_vs_bpw, write_results
+    from . import baselines
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    log = log or (lambda m: None)
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    timings = {}
+    t_all = time.perf_counter()
+
+    loaded = load(cfg.model.spec, log=log)
+    prof_path = out / "profile.json"
+    prof = _reuse_profile(prof_path, cfg, log)
+    if prof is None:
+        t0 = time.perf_counter()
+        c = cfg.calibration
+        prof = profile(loaded, calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
+                       schemes=cfg.profile.schemes, include=cfg.profile.include, exclude=cfg.profile.exclude,
+                       ref_schemes=cfg.profile.ref_schemes, out=prof_path, progress=progress, log=log)
+        timings["profile_s"] = time.perf_counter() - t0
+        log(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes in {timings['profile_s']:.1f}s -> {prof_path}")
+
+    t0 = time.perf_counter()
+    entries: list[tuple[str, str, Plan]] = []  # (budget, method, plan)
+    plan_paths = {}
+    for b in cfg.solve.budgets:
+        bname = parse_budget(b).name
+        plan = _solve.solve(prof, b, method=cfg.solve.method, backend=cfg.solve.backend, profile_path=prof_path)
+        entries.append((bname, "bitalloc", plan))
+        if cfg.eval.baselines:
+            entries.append((bname, "uniform", baselines.nearest_uniform(prof, b)))
+            try:
+                entries.append((bname, "rule-mix", baselines.rule_mix(prof, b)))
+            except ValueError as e:
+                log(f"rule mix skipped at {bname}: {e}")
+    for bname, method, plan in entries:
+        p = out / "plans" / f"{method}-{bname.replace(':', '_')}.json"
+        plan.save(p)
+        plan_paths[f"{method}@{bname}"] = p
+    timings["solve_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    windows, wdesc = eval_windows(loaded, cfg.eval.text, cfg.eval.n_windows, cfg.eval.seq_len)
+    unique: dict[str, Plan] = {}
+    keys = []
+    for bname, method, plan in entries:  # identical baselines across budgets are evaluated once
+        key = json.dumps({k: v.scheme for k, v in plan.layers.items()}, sort_keys=True)
+        unique.setdefault(key, plan)
+        keys.append(key)
+    from sensitivity.models import fingerprint
+
+    fp = fingerprint(loaded.model)
+    from .executor import apply as _apply
+
+    models = {k: _apply(loaded.model, p, fingerprint=fp) for k, p in unique.items()}
+    results = evaluate_models(loaded.model, models, windows, progress=progress)
+    timings["eval_s"] = time.perf_counter() - t0
+
+    ref = results["fp16"]
+    rows = [{"budget": "-", "method": "fp16", "label": "16-bit", "bpw": 16.0, "ppl": ref.ppl, "kl": 0.0,
+             "top1_agree": 1.0}]
+    rows += [_row(b, m, plan, results[k]) for (b, m, plan), k in zip(entries, keys)]
+    for r in rows:
+        r["eval"] = wdesc
+    table = format_table(rows, RESULT_COLUMNS)
+    write_results(rows, out)
+    plot = plot_ppl_vs_bpw([r for r in rows if r["method"] != "fp16"], out / "ppl_vs_bpw.png",
+                           title=f"{cfg.model.spec}: perplexity vs bits per weight", reference_ppl=ref.ppl)
+    timings["total_s"] = time.perf_counter() - t_all
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    log("\n" + table)
+    log(f"\nplans: {out / 'plans'}   results: {out / 'results.csv'}   plot: {plot}   "
+        f"({timings['total_s']:.0f}s in all)")
+    return RunResult(rows=rows, out_dir=out, plans=plan_paths, table=table, plot=plot, timings=timings)
+
+
+def _reuse_profile(path: Path, cfg: RunConfig, log):
+    """A saved profile in the output folder is reused when it was made with the same settings."""
+    if not path.is_file():
+        return None
+    from sensitivity.profile import ProfileError, SensitivityProfile
+
+    try:
+        prof = SensitivityProfile.load(path)
+    except ProfileError as e:
+        log(f"not reusing {path}: {e}")
+        return None
+    want = {"spec": cfg.model.spec, "schemes": list(cfg.profile.schemes), "calibration": cfg.calibration.__dict__,
+            "include": list(cfg.profile.include), "exclude": list(cfg.profile.exclude),
+            "ref_schemes": list(cfg.profile.ref_schemes)}
+    have = prof.metadata.get("request")
+    if have != want:
+        log(f"not reusing {path}: made with other settings")
+        return None
+    log(f"reusing profile {path}")
+    return prof

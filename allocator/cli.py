@@ -1,0 +1,234 @@
+"""The ``bitalloc`` command line: a thin layer over ``allocator.api``.
+
+Bad input exits with code 2 and one line ``bitalloc: error: <reason>``; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EPILOG = """examples:
+  bitalloc run                                   # the main job with the embedded default
+  bitalloc run config.toml
+  bitalloc profile --model smollm2 --out prof.json
+  bitalloc solve prof.json --budget 3.5bpw --out plan.json
+  bitalloc sweep prof.json --budgets 3bpw,3.5bpw,4bpw --out-dir plans/
+  bitalloc apply --model smollm2 --plan plan.json --out qmodel/
+  bitalloc eval --model smollm2 --plan plan.json --text ../shared/data/wikitext2-test.txt
+"""
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _kv(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ValueError(f"{what} {it!r} must look like PATTERN=SCHEME")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import DEFAULT_SCHEMES
+
+    p = argparse.ArgumentParser(
+        prog="bitalloc", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Mixed-precision bit allocation: profile layer sensitivity, solve for the best "
+                    "per-layer formats under an exact memory budget, build and evaluate the model.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    def model_arg(sp):
+        sp.add_argument("--model", default="smollm2",
+                        help="model spec: smollm2 (default), minilm, random:llama-tiny, random:gpt2-tiny, "
+                             "a transformers model directory or a .gguf file")
+
+    sp = sub.add_parser("profile", help="measure sensitivity: proxy table calibrated by measured KL")
+    model_arg(sp)
+    sp.add_argument("--calib", default="generated",
+                    help="calibration text file, or 'generated' (sampled from the model itself; default)")
+    sp.add_argument("--n-samples", type=int, default=8, help="calibration sequences (default 8)")
+    sp.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
+                    help=f"comma-separated candidate schemes (default {','.join(DEFAULT_SCHEMES)})")
+    sp.add_argument("--ref-schemes", type=_csv, default=["w3g128z"],
+                    help="schemes measured end to end per layer to calibrate the proxy (default w3g128z)")
+    sp.add_argument("--include", action="append", default=[], help="layer name pattern to include (repeatable)")
+    sp.add_argument("--exclude", action="append", default=[], help="layer name pattern to exclude (repeatable)")
+    sp.add_argument("--out", default="profile.json", help="where to write the profile (default profile.json)")
+
+    def solve_args(sp):
+        sp.add_argument("profile", help="a profile JSON written by `bitalloc profile`")
+        sp.add_argument("--method", choices=("ilp", "dp", "lagrangian"), default="ilp")
+        sp.add_argument("--backend", choices=("highs", "cbc"), default="highs", help="ILP backend")
+        sp.add_argument("--time-limit", type=float, default=None, help="ILP time limit in seconds")
+        sp.add_argument("--schemes", type=_csv, default=None, help="restrict candidates to these schemes")
+        sp.add_argument("--pin", action="append", help="PATTERN=SCHEME: force matching layers (repeatable)")
+        sp.add_argument("--forbid", action="append", help="PATTERN=SCHEME: forbid a scheme there (repeatable)")
+
+    sp = sub.add_parser("solve", help="solve one budget: profile -> plan JSON")
+    solve_args(sp)
+    sp.add_argument("--budget", required=True,
+                    help="3.5bpw (bits per weight over quantized layers), 120MB / 0.12GiB (whole model), "
+                         "layers:90MB (quantized layers only); MB = 10^6 bytes, MiB = 2^20")
+    sp.add_argument("--out", default="plan.json")
+
+    sp = sub.add_parser("sweep", help="solve several budgets: profile -> plans and a table")
+    solve_args(sp)
+    sp.add_argument("--budgets", type=_csv, default=["2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw"],
+                    help="comma-separated budgets (default 2.5bpw,...,4.5bpw)")
+    sp.add_argument("--out-dir", default="plans")
+
+    sp = sub.add_parser("apply", help="quantize a model with a plan and save it (safetensors + plan)")
+    model_arg(sp)
+    sp.add_argument("--plan", required=True)
+    sp.add_argument("--out", required=True, help="output directory")
+
+    sp = sub.add_parser("eval", help="perplexity and KL against the 16-bit model, for plans or a saved model")
+    model_arg(sp)
+    sp.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable)")
+    sp.add_argument("--text", default="generated",
+                    help="evaluation text file, or 'generated' (held-out text sampled from the model)")
+    sp.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
+    sp.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+
+    sp = sub.add_parser("run", help="the whole pipeline from a TOML config (default: the embedded main job)")
+    sp.add_argument("config", nargs="?", default=None, help="CONFIG.toml (optional)")
+    sp.add_argument("--out-dir", default=None, help="override [output] dir")
+    return p
+
+
+def _cmd_profile(a) -> int:
+    from . import api
+
+    prof = api.profile(a.model, calibration=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed,
+                       schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
+                       out=a.out, progress=not a.quiet)
+    print(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes -> {a.out}")
+    return 0
+
+
+def _solve_kw(a) -> dict:
+    forbid: dict[str, list[str]] = {}
+    for k, v in _kv(a.forbid, "--forbid").items():
+        forbid.setdefault(k, []).append(v)
+    kw = dict(method=a.method, backend=a.backend, time_limit_s=a.time_limit, schemes=a.schemes,
+              pins=_kv(a.pin, "--pin"), forbid=forbid)
+    return kw
+
+
+def _cmd_solve(a) -> int:
+    from . import api
+    from .report import plan_table
+
+    plan = api.solve(a.profile, a.budget, **_solve_kw(a))
+    plan.save(a.out)
+    print(plan_table(plan))
+    print(f"plan -> {a.out}")
+    return 0
+
+
+def _cmd_sweep(a) -> int:
+    from . import api
+    from .report import format_table
+
+    prof = api.load_profile(a.profile)
+    rows = []
+    for b in a.budgets:
+        plan = api.solve(prof, b, profile_path=a.profile, **_solve_kw(a))
+        path = Path(a.out_dir) / f"plan-{plan.budget.get('text', b).replace(':', '_')}.json"
+        plan.save(path)
+        p = plan.predicted
+        rows.append({"budget": plan.budget.get("text"), "bpw": p["bpw"], "MB": p["quantized_bytes"] / 1e6,
+                     "total_MB": p["total_bytes"] / 1e6, "loss": p["loss_total"], "status": plan.solver["status"],
+                     "time": plan.solver["solve_time_s"], "plan": str(path)})
+    print(format_table(rows, (("budget", "budget", ""), ("bpw", "bpw", ".4f"), ("MB", "layers MB", ".3f"),
+                              ("total_MB", "total MB", ".3f"), ("loss", "pred. loss", ".5f"),
+                              ("status", "status", ""), ("time", "solve s", ".2f"), ("plan", "plan", ""))))
+    return 0
+
+
+def _cmd_apply(a) -> int:
+    from . import api
+    from .executor import packed_weight_bytes, save_quantized
+    from .plan import Plan
+
+    plan = Plan.load(a.plan)
+    loaded = api.load(a.model)
+    qmodel = api.apply(loaded, plan)
+    out = save_quantized(qmodel, plan, a.out, spec=a.model)
+    print(f"quantized {len(plan.layers)} layers: packed weights {packed_weight_bytes(qmodel, plan)} bytes "
+          f"(plan predicts {plan.quantized_bits // 8}) -> {out}")
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from . import api
+    from .plan import Plan
+    from .report import format_table
+
+    plans = {}
+    for path in a.plan:
+        pl = Plan.load(path)
+        plans[f"{Path(path).stem}"] = pl
+    res = api.evaluate(a.model, plans, text=a.text, n_windows=a.windows, seq_len=a.seq_len, progress=not a.quiet)
+    rows = []
+    for k, r in res.items():
+        bpw = plans[k].bpw if k in plans else 16.0
+        rows.append({"model": k, "bpw": bpw, "ppl": r.ppl, "kl": r.kl, "top1": r.top1_agree, "tokens": r.tokens})
+    print(format_table(rows, (("model", "model", ""), ("bpw", "bpw", ".3f"), ("ppl", "ppl", ".3f"),
+                              ("kl", "KL", ".4f"), ("top1", "top-1", ".3f"), ("tokens", "tokens", "d"))))
+    print(f"({a.windows} windows x {a.seq_len} tokens from {a.text})")
+    return 0
+
+
+def _cmd_run(a) -> int:
+    import dataclasses
+
+    from . import api
+    from .config import OutputCfg, load_config
+
+    cfg = load_config(a.config)
+    if a.out_dir:
+        cfg = dataclasses.replace(cfg, output=OutputCfg(dir=a.out_dir))
+    api.run(cfg, progress=not a.quiet)
+    return 0
+
+
+COMMANDS = {"profile": _cmd_profile, "solve": _cmd_solve, "sweep": _cmd_sweep, "apply": _cmd_apply,
+            "eval": _cmd_eval, "run": _cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return COMMANDS[a.cmd](a)
+    except (ValueError, OSError) as e:
+        if a.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"bitalloc: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitalloc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

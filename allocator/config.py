@@ -1,0 +1,167 @@
+"""The batch-run configuration (``bitalloc run CONFIG.toml``), validated on load.
+
+Every section and key is optional; what is left out takes the embedded default, which is
+the main job: SmolLM2-135M, self-generated calibration text, a sweep of budgets,
+evaluation, a table, a plot and plans in the output folder. Unknown keys are errors (a
+typo must not silently fall back to a default).
+
+    [model]
+    spec = "smollm2"                 # smollm2 | minilm | random:llama-tiny | a path
+    [calibration]
+    source = "generated"             # "generated" or a text file path
+    n_samples = 8
+    seq_len = 256
+    seed = 0
+    [profile]
+    schemes = ["w2g64z", ...]        # candidate schemes
+    include = []                     # layer name patterns (glob, or re:<regex>)
+    exclude = []
+    ref_schemes = ["w3g128z"]        # schemes measured end to end to calibrate the proxy
+    [solve]
+    budgets = ["2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw"]
+    method = "ilp"                   # ilp | dp | lagrangian
+    backend = "highs"                # highs | cbc
+    [eval]
+    text = "generated"               # "generated" (held-out, another seed) or a text file
+    n_windows = 8
+    seq_len = 256
+    baselines = true                 # uniform and llama.cpp-style mixes beside each plan
+    [output]
+    dir = "bitalloc-out"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from kernels.formats import FormatError, parse_scheme
+
+from .budget import parse_budget
+
+__all__ = ["RunConfig", "ConfigError", "DEFAULT_SCHEMES", "DEFAULT_BUDGETS", "load_config"]
+
+# Candidate schemes: 2..8-bit integer formats with integer zero-points, and 16-bit.
+# No float-minimum format (it would reproduce SmolLM2's GGUF Q4_1 storage exactly).
+DEFAULT_SCHEMES = ("w2g64z", "w2g32z", "w3g128z", "w3g64z", "w3g32z", "w4g128z", "w4g64z", "w4g32z",
+                   "w5g128z", "w6g128z", "w8", "fp16")
+DEFAULT_BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
+
+
+class ConfigError(ValueError):
+    """The run configuration is malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    spec: str = "smollm2"
+
+
+@dataclass(frozen=True)
+class CalibrationCfg:
+    source: str = "generated"
+    n_samples: int = 8
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ProfileCfg:
+    schemes: tuple[str, ...] = DEFAULT_SCHEMES
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    ref_schemes: tuple[str, ...] = ("w3g128z",)
+
+
+@dataclass(frozen=True)
+class SolveCfg:
+    budgets: tuple[str, ...] = DEFAULT_BUDGETS
+    method: str = "ilp"
+    backend: str = "highs"
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    text: str = "generated"
+    n_windows: int = 8
+    seq_len: int = 256
+    baselines: bool = True
+
+
+@dataclass(frozen=True)
+class OutputCfg:
+    dir: str = "bitalloc-out"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    calibration: CalibrationCfg = field(default_factory=CalibrationCfg)
+    profile: ProfileCfg = field(default_factory=ProfileCfg)
+    solve: SolveCfg = field(default_factory=SolveCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    output: OutputCfg = field(default_factory=OutputCfg)
+
+    def __post_init__(self) -> None:
+        for s in self.profile.schemes + self.profile.ref_schemes:
+            try:
+                parse_scheme(s)
+            except FormatError as e:
+                raise ConfigError(f"[profile] {e}") from None
+        missing = [s for s in self.profile.ref_schemes if s not in self.profile.schemes]
+        if missing:
+            raise ConfigError(f"[profile] ref_schemes {missing} must also be in schemes")
+        for b in self.solve.budgets:
+            parse_budget(b)  # BudgetError names the budget
+        if self.solve.method not in ("ilp", "dp", "lagrangian"):
+            raise ConfigError(f"[solve] method must be ilp, dp or lagrangian, got {self.solve.method!r}")
+        if self.solve.backend not in ("highs", "cbc"):
+            raise ConfigError(f"[solve] backend must be highs or cbc, got {self.solve.backend!r}")
+        for sec, key in ((self.calibration, "n_samples"), (self.calibration, "seq_len"),
+                         (self.eval, "n_windows"), (self.eval, "seq_len")):
+            v = getattr(sec, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+
+    def to_dict(self) -> dict:
+        return {f.name: {g.name: _plain(getattr(getattr(self, f.name), g.name)) for g in fields(getattr(self, f.name))}
+                for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
+        sections = {f.name: f for f in fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(sections)}")
+        kw = {}
+        for name, f in sections.items():
+            sec_cls = f.default_factory  # type: ignore[misc]
+            sd = d.get(name, {})
+            if not isinstance(sd, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table")
+            known = {g.name: g for g in fields(sec_cls)}
+            bad = set(sd) - set(known)
+            if bad:
+                raise ConfigError(f"{source}: unknown key(s) {sorted(bad)} in [{name}]; known: {sorted(known)}")
+            vals = {k: tuple(v) if isinstance(v, list) else v for k, v in sd.items()}
+            kw[name] = sec_cls(**vals)
+        return cls(**kw)
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Read a TOML run configuration; None gives the embedded default."""
+    if path is None:
+        return RunConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        d = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML ({e})") from None
+    return RunConfig.from_dict(d, source=f"config file {str(p)!r}")

@@ -1,0 +1,234 @@
+"""From a saved profile and a budget to a Plan: build the arrays, call a solver, record it all.
+
+The solver sees only numpy arrays (loss and exact bit cost per (layer, scheme), allowed
+mask, tie groups); everything about names, patterns and units lives here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from kernels.formats import FormatError, parse_scheme
+
+from .budget import Budget, parse_budget
+from .plan import LayerPlan, Plan
+
+__all__ = ["AllocationError", "InfeasibleBudget", "build_problem", "solve", "sweep", "plan_from_choice"]
+
+
+class AllocationError(ValueError):
+    """A solve request does not fit the profile (pattern matching nothing, unknown scheme, ...)."""
+
+
+class InfeasibleBudget(AllocationError):
+    """The budget is below the smallest achievable size; the message gives the achievable range."""
+
+    def __init__(self, msg: str, min_bpw: float, max_bpw: float):
+        super().__init__(msg)
+        self.min_bpw, self.max_bpw = min_bpw, max_bpw
+
+
+def _match(pattern: str, fqn: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], fqn) is not None
+    return fnmatch.fnmatchcase(fqn, pattern)
+
+
+def _scheme_index(profile, name: str) -> int:
+    try:
+        canon = parse_scheme(name).name
+    except FormatError as e:
+        raise AllocationError(str(e)) from None
+    if canon not in profile.schemes:
+        raise AllocationError(f"scheme {name!r} is not in the profile (profiled: {', '.join(profile.schemes)})")
+    return profile.schemes.index(canon)
+
+
+def _layers_matching(profile, pattern: str) -> list[int]:
+    idx = [i for i, l in enumerate(profile.layers) if _match(pattern, l.fqn)]
+    if not idx:
+        raise AllocationError(f"pattern {pattern!r} matches no layer of the profile")
+    return idx
+
+
+def loss_table(profile, group_weights: Mapping[str, float] | None = None) -> np.ndarray:
+    """Expected loss (L, S): the weighted sum of the profile's metric-group tables."""
+    tables = profile.tables
+    weights = dict(group_weights or {g: 1.0 for g in tables})
+    unknown = set(weights) - set(tables)
+    if unknown:
+        raise AllocationError(f"unknown metric group(s) {sorted(unknown)}; profile has {sorted(tables)}")
+    total = np.zeros_like(np.asarray(next(iter(tables.values())), dtype=np.float64))
+    for g, w in weights.items():
+        total += w * np.asarray(tables[g], dtype=np.float64)
+    return total
+
+
+def build_problem(
+    profile,
+    *,
+    schemes: Sequence[str] | None = None,
+    pins: Mapping[str, str] | None = None,
+    forbid: Mapping[str, Sequence[str]] | None = None,
+    group_weights: Mapping[str, float] | None = None,
+):
+    """The solver's arrays for a profile.
+
+    schemes: restrict the candidates to these (default: all profiled schemes).
+    pins: {pattern: scheme} forces matching layers to a scheme. forbid: {pattern: [schemes]}.
+    """
+    from solvers import AllocationProblem
+
+    loss = loss_table(profile, group_weights)  # (L, S)
+    cost = np.asarray(profile.cost_bits, dtype=np.int64)  # (L, S)
+    L, S = cost.shape
+    allowed = np.ones((L, S), dtype=bool)
+    if schemes is not None:
+        keep = np.zeros(S, dtype=bool)
+        for s in schemes:
+            keep[_scheme_index(profile, s)] = True
+        allowed &= keep[None, :]
+    for pat, sch in (forbid or {}).items():
+        rows = _layers_matching(profile, pat)
+        for s in sch:
+            allowed[rows, _scheme_index(profile, s)] = False
+    for pat, sch in (pins or {}).items():
+        rows = _layers_matching(profile, pat)
+        k = _scheme_index(profile, sch)
+        allowed[rows, :] = False
+        allowed[rows, k] = True
+    empty = [profile.layers[i].fqn for i in np.flatnonzero(~allowed.any(axis=1))]
+    if empty:
+        raise AllocationError(f"no scheme left for {len(empty)} layer(s), e.g. {empty[0]} (check pins/forbid/schemes)")
+    groups: dict[str, list[int]] = {}
+    for i, l in enumerate(profile.layers):
+        if getattr(l, "tie_group", None):
+            groups.setdefault(l.tie_group, []).append(i)
+    ties = tuple(tuple(g) for g in groups.values() if len(g) > 1)
+    for g in ties:  # tied layers must share one allowed set
+        common = np.logical_and.reduce(allowed[list(g)], axis=0)
+        allowed[list(g)] = common
+    names = tuple(l.fqn for l in profile.layers)
+    return AllocationProblem(loss=loss, cost=cost, allowed=allowed, ties=ties, names=names)
+
+
+def _n_weights(profile) -> int:
+    return int(sum(l.out_features * l.in_features for l in profile.layers))
+
+
+def _other_bits(profile) -> int:
+    """Bits of everything not quantized, stored in 16-bit (how a quantized model is saved)."""
+    return int(profile.other_params) * 16
+
+
+def _capacity(profile, budget: Budget) -> int:
+    return budget.capacity_bits(_n_weights(profile), _other_bits(profile))
+
+
+def _infeasible(profile, budget: Budget, capacity: int, lo: int, hi: int) -> InfeasibleBudget:
+    n = _n_weights(profile)
+    other = _other_bits(profile)
+
+    def as_budget(bits: int) -> str:
+        if budget.kind == "bpw":
+            return f"{bits / n:.4f}bpw"
+        b = bits + (other if budget.scope == "total" else 0)
+        return f"{b / 8 / 1e6:.3f}MB ({budget.scope})"
+
+    msg = (f"budget {budget.name} is below the smallest achievable {as_budget(lo)} "
+           f"(largest useful: {as_budget(hi)})")
+    return InfeasibleBudget(msg, lo / n, hi / n)
+
+
+def profile_ref(profile, path: str | Path | None) -> dict:
+    ref = {"schema": getattr(profile, "schema_version", None)}
+    if path is not None:
+        p = Path(path)
+        ref["path"] = str(p)
+        if p.is_file():
+            ref["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return ref
+
+
+def plan_from_choice(profile, choice: Sequence[int], *, budget: Budget | None = None, solver: dict | None = None,
+                     label: str = "", profile_path=None, capacity: int | None = None) -> Plan:
+    """A Plan from one chosen scheme index per profile layer, with exact predicted bytes and losses."""
+    choice = np.asarray(choice, dtype=np.int64)
+    cost = np.asarray(profile.cost_bits, dtype=np.int64)
+    layers = {}
+    per_group = {g: 0.0 for g in profile.tables}
+    for i, l in enumerate(profile.layers):
+        k = int(choice[i])
+        loss = {g: float(np.asarray(t)[i, k]) for g, t in profile.tables.items()}
+        for g, v in loss.items():
+            per_group[g] += v
+        layers[l.fqn] = LayerPlan(l.fqn, profile.schemes[k], (l.out_features, l.in_features), int(cost[i, k]), loss)
+    qbits = int(sum(lp.bits for lp in layers.values()))
+    n = _n_weights(profile)
+    other = _other_bits(profile)
+    predicted = {
+        "quantized_bytes": qbits // 8,
+        "quantized_bits": qbits,
+        "other_bytes": other // 8,
+        "total_bytes": (qbits + other) // 8,
+        "bpw": qbits / n,
+        "n_weights": n,
+        "loss": per_group,
+        "loss_total": float(sum(per_group.values())),
+        "loss_unit": getattr(profile, "loss_unit", "KL nats/token"),
+    }
+    if capacity is not None:
+        predicted["capacity_bits"] = int(capacity)
+    return Plan(
+        model=dict(profile.model), layers=layers, budget=budget.to_dict() if budget else {},
+        predicted=predicted, solver=solver or {}, profile=profile_ref(profile, profile_path), label=label,
+    )
+
+
+def solve(
+    profile,
+    budget: str | float | Budget,
+    *,
+    method: str = "ilp",
+    backend: str = "highs",
+    time_limit_s: float | None = None,
+    schemes: Sequence[str] | None = None,
+    pins: Mapping[str, str] | None = None,
+    forbid: Mapping[str, Sequence[str]] | None = None,
+    group_weights: Mapping[str, float] | None = None,
+    profile_path: str | Path | None = None,
+) -> Plan:
+    """Solve for the assignment with the least expected loss whose exact size fits the budget."""
+    import solvers
+
+    budget = parse_budget(budget)
+    problem = build_problem(profile, schemes=schemes, pins=pins, forbid=forbid, group_weights=group_weights)
+    capacity = _capacity(profile, budget)
+    lo, hi = solvers.achievable_range(problem)
+    if capacity < lo:
+        raise _infeasible(profile, budget, capacity, lo, hi)
+    kw = {"backend": backend, "time_limit_s": time_limit_s} if method == "ilp" else {}
+    sol = solvers.solve(problem, capacity, method=method, **kw)
+    assert sol.cost <= capacity, f"solver returned {sol.cost} bits over the capacity {capacity}"
+    info = {
+        "method": method, "backend": backend if method == "ilp" else None, "solver": sol.solver,
+        "status": sol.status, "objective": sol.objective, "gap": sol.gap, "lower_bound": sol.lower_bound,
+        "solve_time_s": sol.solve_time_s, "capacity_bits": capacity, "used_bits": int(sol.cost),
+        "options": {"schemes": list(schemes) if schemes else None, "pins": dict(pins or {}),
+                    "forbid": {k: list(v) for k, v in (forbid or {}).items()},
+                    "group_weights": dict(group_weights) if group_weights else None},
+    }
+    return plan_from_choice(profile, sol.choice, budget=budget, solver=info, label=f"bitalloc@{budget.name}",
+                            profile_path=profile_path, capacity=capacity)
+
+
+def sweep(profile, budgets: Sequence[str | float | Budget], **kw) -> list[Plan]:
+    """One plan per budget (profile once, solve many)."""
+    return [solve(profile, b, **kw) for b in budgets]

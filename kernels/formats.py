@@ -1,0 +1,298 @@
+"""Numeric formats and schemes, with exact storage accounting.
+
+A :class:`Format` says how one weight tensor is stored; a :class:`Scheme` is a candidate
+for one layer (weight format, activation format, optional high-impact channel split).
+Both have stable string names (``w4g128z``, ``w3g64z+h4r0.05``, ``w8a8``, ``fp16``) used
+in plans, profiles, the CLI and the HTTP service.
+
+Storage layout (the numbers :meth:`Format.storage_bits` counts, bit for bit):
+
+* **Codes** are unsigned integers of ``bits`` width, packed along the *input* dimension
+  into 32-bit words, one row of the weight (one output channel) after another. A width
+  that is not a power of two is split into bit planes of widths 8/4/2/1 (binary
+  decomposition: 3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2+1). Each plane packs ``32 // w``
+  codes per word, so 3-bit codes cost exactly 3 bits each (no wasted bits inside a word)
+  and every plane can be unpacked with shifts and masks only. A row is padded to whole
+  words per plane; those padding bits are counted.
+* **Scales** are float16, one per (output channel, group). Groups run along the input
+  dimension; a last group narrower than ``group_size`` (e.g. 576 = 4·128 + 64) is a group
+  of its own with its own scale. ``group_size=None`` means one group per output channel.
+* **Zero-points** (asymmetric integer formats only) are unsigned integers of the same
+  width as the codes, one per (output channel, group), packed along the group axis with
+  the same plane layout as the codes. There is no float-minimum format: SmolLM2's
+  shipped weights are GGUF Q4_1 (blocks of 32, float scale and float minimum), which such
+  a format would reproduce exactly and so look lossless.
+* **fp8 e4m3 / fp4 e2m1** codes are the raw 8/4-bit encodings, with a float16 scale per
+  group (symmetric, no zero-point).
+* **fp16** ("keep 16-bit") stores the weight as float16: 16 bits per weight, nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "Format",
+    "Scheme",
+    "FormatError",
+    "FP16",
+    "parse_format",
+    "parse_scheme",
+    "bit_planes",
+    "plane_words",
+    "packed_words",
+    "INT_BITS",
+    "GROUP_SIZES",
+    "ACTIVATIONS",
+]
+
+INT_BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128, 256)
+KINDS = ("int", "fp8_e4m3", "fp4_e2m1", "fp16")
+ACTIVATIONS = ("a16", "a8", "af8")  # 16-bit; int8 per token; fp8 e4m3 per token
+SCALE_BITS = 16  # float16 scales
+WORD_BITS = 32
+
+
+class FormatError(ValueError):
+    """A format or scheme name or field is not valid; the message names it."""
+
+
+def bit_planes(bits: int) -> tuple[int, ...]:
+    """Plane widths used to store ``bits``-wide codes, widest first (3 -> (2, 1))."""
+    planes = []
+    for w in (8, 4, 2, 1):
+        if bits >= w:
+            planes.append(w)
+            bits -= w
+    return tuple(planes)
+
+
+def plane_words(n: int, width: int) -> int:
+    """32-bit words holding ``n`` codes of one plane of ``width`` bits."""
+    return math.ceil(n / (WORD_BITS // width))
+
+
+def packed_words(n: int, bits: int) -> int:
+    """32-bit words holding ``n`` codes of ``bits`` bits in the bit-plane layout."""
+    return sum(plane_words(n, w) for w in bit_planes(bits))
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one weight tensor of shape (out_features, in_features) is stored."""
+
+    kind: str = "int"
+    bits: int = 4
+    group_size: int | None = 128  # None: one group per output channel
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise FormatError(f"format kind {self.kind!r} is not one of {KINDS}")
+        if self.kind == "int" and self.bits not in INT_BITS:
+            raise FormatError(f"integer bits must be one of {INT_BITS}, got {self.bits}")
+        expected = {"fp8_e4m3": 8, "fp4_e2m1": 4, "fp16": 16}
+        if self.kind in expected and self.bits != expected[self.kind]:
+            raise FormatError(f"{self.kind} has {expected[self.kind]} bits, got {self.bits}")
+        if self.kind == "fp16":
+            if self.group_size is not None:
+                raise FormatError("fp16 has no group_size")
+        elif self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise FormatError(
+                f"group_size must be one of {GROUP_SIZES} or None (per channel), got {self.group_size}"
+            )
+        if self.kind != "int" and not self.symmetric:
+            raise FormatError(f"{self.kind} is symmetric only (no zero-point)")
+
+    # -- names -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        if self.kind == "fp16":
+            return "fp16"
+        g = "" if self.group_size is None else f"g{self.group_size}"
+        if self.kind == "int":
+            return f"w{self.bits}{g}{'' if self.symmetric else 'z'}"
+        return f"fp{self.bits}{g}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    # -- storage -----------------------------------------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return self.kind != "fp16"
+
+    @property
+    def has_zero(self) -> bool:
+        return self.kind == "int" and not self.symmetric
+
+    def n_groups(self, in_features: int) -> int:
+        """Groups per output channel; a narrower last group counts as a whole group."""
+        if self.group_size is None:
+            return 1
+        return math.ceil(in_features / self.group_size)
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Exact bits to store a (out_features, in_features) weight in this format.
+
+        Codes (with the padding of each row to whole 32-bit words per bit plane), float16
+        scales, packed zero-points: the number the packed tensors occupy, byte for byte.
+        """
+        if out_features < 0 or in_features < 0:
+            raise FormatError(f"shape must be non-negative, got ({out_features}, {in_features})")
+        if in_features == 0 or out_features == 0:
+            return 0
+        if self.kind == "fp16":
+            return out_features * in_features * 16
+        codes = out_features * packed_words(in_features, self.bits) * WORD_BITS
+        groups = self.n_groups(in_features)
+        scales = out_features * groups * SCALE_BITS
+        zeros = out_features * packed_words(groups, self.bits) * WORD_BITS if self.has_zero else 0
+        return codes + scales + zeros
+
+    def bits_per_weight(self, out_features: int, in_features: int) -> float:
+        return self.storage_bits(out_features, in_features) / (out_features * in_features)
+
+
+FP16 = Format(kind="fp16", bits=16, group_size=None, symmetric=True)
+
+_FORMAT_RE = re.compile(
+    r"^(?:w(?P<bits>\d+)(?:g(?P<g>\d+))?(?P<z>z)?|fp(?P<fbits>[48])(?:g(?P<fg>\d+))?|(?P<fp16>fp16))$"
+)
+
+
+def parse_format(name: str) -> Format:
+    """Parse a weight format name: ``w4g128`` (sym), ``w3g64z`` (asym), ``w8``, ``fp8g128``, ``fp4g32``, ``fp16``."""
+    m = _FORMAT_RE.match(name.strip()) if isinstance(name, str) else None
+    if not m:
+        raise FormatError(
+            f"unknown format {name!r}: expected w<bits>[g<group>][z] (bits {INT_BITS}, "
+            f"groups {GROUP_SIZES}), fp8[g<group>], fp4[g<group>] or fp16"
+        )
+    if m["fp16"]:
+        return FP16
+    if m["fbits"]:
+        kind = "fp8_e4m3" if m["fbits"] == "8" else "fp4_e2m1"
+        return Format(kind, int(m["fbits"]), int(m["fg"]) if m["fg"] else None, True)
+    return Format("int", int(m["bits"]), int(m["g"]) if m["g"] else None, m["z"] is None)
+
+
+def n_high_channels(in_features: int, ratio: float) -> int:
+    """Input channels kept in the high-precision part for a split ratio (at least one if r > 0)."""
+    if ratio <= 0:
+        return 0
+    return min(in_features, max(1, round(ratio * in_features)))
+
+
+def index_bits(in_features: int) -> int:
+    """Bits per stored channel index: int16 while indices fit, else int32."""
+    return 16 if in_features <= 32768 else 32
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A candidate for one layer: weight format, activation format, optional high-impact split.
+
+    With a split, ``ratio`` of the input channels (chosen by saliency) are stored in
+    ``high``; the others in ``weight``; the chosen channel indices are stored too.
+    """
+
+    weight: Format
+    act: str = "a16"
+    high: Format | None = None
+    ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight, Format):
+            raise FormatError(f"weight must be a Format, got {type(self.weight).__name__}")
+        if self.act not in ACTIVATIONS:
+            raise FormatError(f"activation must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.act != "a16" and not self.weight.is_quantized:
+            raise FormatError("activation quantization needs a quantized weight format")
+        if (self.high is None) != (self.ratio == 0):
+            raise FormatError("a split needs both a high format and a ratio in (0, 1)")
+        if self.high is not None:
+            if not 0 < self.ratio < 1:
+                raise FormatError(f"split ratio must be in (0, 1), got {self.ratio}")
+            if not self.weight.is_quantized:
+                raise FormatError("fp16 layers have no high-impact split")
+
+    @property
+    def name(self) -> str:
+        s = self.weight.name
+        if self.act != "a16":
+            s += self.act
+        if self.high is not None:
+            hb = 16 if self.high.kind == "fp16" else self.high.bits
+            s += f"+h{hb}r{_fmt_ratio(self.ratio)}"
+        return s
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight.is_quantized
+
+    def n_high(self, in_features: int) -> int:
+        return n_high_channels(in_features, self.ratio) if self.high is not None else 0
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Exact bits: low part + high part + channel indices."""
+        k = self.n_high(in_features)
+        if k == 0:
+            return self.weight.storage_bits(out_features, in_features)
+        assert self.high is not None
+        return (
+            self.weight.storage_bits(out_features, in_features - k)
+            + self.high.storage_bits(out_features, k)
+            + k * index_bits(in_features)
+        )
+
+    def bits_per_weight(self, out_features: int, in_features: int) -> float:
+        return self.storage_bits(out_features, in_features) / (out_features * in_features)
+
+
+def _fmt_ratio(r: float) -> str:
+    return f"{r:.4f}".rstrip("0").rstrip(".") if r else "0"
+
+
+_SCHEME_RE = re.compile(r"^(?P<w>[a-z0-9]+?)(?P<act>a8|af8|a16)?(?:\+h(?P<hb>\d+)r(?P<r>[0-9.]+))?$")
+
+
+def parse_scheme(name: str) -> Scheme:
+    """Parse a scheme name such as ``w4g128``, ``w8a8``, ``w4g128af8``, ``w2g64z+h4r0.05``, ``fp16``.
+
+    The high part of a split (``+h<bits>r<ratio>``) is an integer format of ``bits`` with
+    the low part's group size and symmetry (``h16`` keeps those channels in fp16).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise FormatError(f"unknown scheme {name!r}: empty name")
+    m = _SCHEME_RE.match(name.strip())
+    if not m:
+        raise FormatError(f"unknown scheme {name!r}: expected <format>[a8|af8][+h<bits>r<ratio>]")
+    try:
+        weight = parse_format(m["w"])
+    except FormatError as e:
+        raise FormatError(f"unknown scheme {name!r}: {e}") from None
+    act = m["act"] or "a16"
+    if m["hb"] is None:
+        return Scheme(weight, act)
+    hb = int(m["hb"])
+    try:
+        ratio = float(m["r"])
+    except ValueError:
+        raise FormatError(f"unknown scheme {name!r}: bad ratio {m['r']!r}") from None
+    if hb == 16:
+        high = FP16
+    else:
+        if weight.kind != "int":
+            raise FormatError(f"unknown scheme {name!r}: a split needs an integer low part")
+        try:
+            high = Format("int", hb, weight.group_size, weight.symmetric)
+        except FormatError as e:
+            raise FormatError(f"unknown scheme {name!r}: high part: {e}") from None
+    return Scheme(weight, act, high, ratio)

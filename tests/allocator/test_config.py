@@ -1,0 +1,41 @@
+import pytest
+
+from allocator.budget import BudgetError
+from allocator.config import ConfigError, RunConfig, load_config
+
+
+def test_default_is_valid():
+    cfg = load_config(None)
+    assert cfg.model.spec == "smollm2" and cfg.calibration.source == "generated"
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_toml(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[model]\nspec = "random:llama-tiny"\n[solve]\nbudgets = ["3bpw", "4bpw"]\n')
+    cfg = load_config(p)
+    assert cfg.model.spec == "random:llama-tiny" and cfg.solve.budgets == ("3bpw", "4bpw")
+
+
+@pytest.mark.parametrize(
+    "text,err,match",
+    [
+        ("[modle]\nspec='x'\n", ConfigError, "unknown section"),
+        ("[model]\nspecc='x'\n", ConfigError, "unknown key"),
+        ("[profile]\nschemes=['w9g7']\n", ConfigError, "w9g7"),
+        ("[solve]\nbudgets=['3 bananas']\n", BudgetError, "3 bananas"),
+        ("[solve]\nmethod='magic'\n", ConfigError, "method"),
+        ("[eval]\nn_windows=0\n", ConfigError, "n_windows"),
+        ("this is not toml", ConfigError, "not valid TOML"),
+    ],
+)
+def test_bad_config(tmp_path, text, err, match):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(err, match=match):
+        load_config(p)
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
