@@ -94,6 +94,7 @@ def profile(
     n_samples: int = 8,
     seq_len: int = 256,
     seed: int = 0,
+    kl_samples: int | None = 4,
     schemes: Sequence[str] = DEFAULT_SCHEMES,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -104,19 +105,33 @@ def profile(
 ):
     """Profile a model: Hessian proxy for every (layer, scheme), calibrated by measured KL.
 
-    calibration: "generated" (text sampled from the model, seeded) or a text file path.
-    Saves to ``out`` (JSON) when given. Returns the SensitivityProfile.
+    calibration: "generated" (``n_samples`` x ``seq_len`` tokens sampled from the model,
+    seeded) or a text file path. The Hessians use all calibration rows; the end-to-end KL
+    measurements (one forward per layer and reference scheme) use the first
+    ``kl_samples`` rows (None: all). Saves to ``out`` (JSON) when given.
     """
+    from sensitivity.calibration import CalibrationSpec
     from sensitivity.profile import build_profile
 
     loaded = _as_loaded(model)
+    if calibration == "generated":
+        spec = CalibrationSpec("generated", None, n_samples, seq_len, seed)
+    else:
+        spec = CalibrationSpec("file", str(calibration), n_samples, seq_len, seed)
     prof = build_profile(
-        loaded, schemes=list(schemes), calibration=calibration, n_samples=n_samples, seq_len=seq_len, seed=seed,
-        include=list(include), exclude=list(exclude), ref_schemes=list(ref_schemes), progress=progress, log=log,
+        loaded, schemes=list(schemes), calibration=spec, include=list(include), exclude=list(exclude),
+        ref_schemes=list(ref_schemes), progress=progress, kl_samples=kl_samples, log_fn=log,
     )
+    prof.metadata["request"] = _request(loaded.spec, schemes, spec, kl_samples, include, exclude, ref_schemes)
     if out is not None:
         prof.save(out)
     return prof
+
+
+def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes) -> dict:
+    """What a profile was asked for; a saved profile is reused only for the same request."""
+    return {"spec": spec, "schemes": list(schemes), "calibration": calib.describe(), "kl_samples": kl_samples,
+            "include": list(include), "exclude": list(exclude), "ref_schemes": list(ref_schemes)}
 
 
 def solve(profile, budget, **kw) -> Plan:
@@ -212,6 +227,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
         t0 = time.perf_counter()
         c = cfg.calibration
         prof = profile(loaded, calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
+                       kl_samples=c.kl_samples,
                        schemes=cfg.profile.schemes, include=cfg.profile.include, exclude=cfg.profile.exclude,
                        ref_schemes=cfg.profile.ref_schemes, out=prof_path, progress=progress, log=log)
         timings["profile_s"] = time.perf_counter() - t0
@@ -282,9 +298,14 @@ def _reuse_profile(path: Path, cfg: RunConfig, log):
     except ProfileError as e:
         log(f"not reusing {path}: {e}")
         return None
-    want = {"spec": cfg.model.spec, "schemes": list(cfg.profile.schemes), "calibration": cfg.calibration.__dict__,
-            "include": list(cfg.profile.include), "exclude": list(cfg.profile.exclude),
-            "ref_schemes": list(cfg.profile.ref_schemes)}
+    from sensitivity.calibration import CalibrationSpec
+
+    c = cfg.calibration
+    calib = CalibrationSpec("generated" if c.source == "generated" else "file",
+                            None if c.source == "generated" else c.source, c.n_samples, c.seq_len, c.seed)
+    want = _request(cfg.model.spec, cfg.profile.schemes, calib, c.kl_samples, cfg.profile.include,
+                    cfg.profile.exclude, cfg.profile.ref_schemes)
+    want = json.loads(json.dumps(want))
     have = prof.metadata.get("request")
     if have != want:
         log(f"not reusing {path}: made with other settings")

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n-samples", type=int, default=8, help="calibration sequences (default 8)")
     sp.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--kl-samples", type=int, default=4,
+                    help="calibration rows used for the per-layer KL measurements (default 4)")
     sp.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
                     help=f"comma-separated candidate schemes (default {','.join(DEFAULT_SCHEMES)})")
     sp.add_argument("--ref-schemes", type=_csv, default=["w3g128z"],
@@ -115,7 +117,7 @@ def _cmd_profile(a) -> int:
     from . import api
 
     prof = api.profile(a.model, calibration=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed,
-                       schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
+                       kl_samples=a.kl_samples, schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
                        out=a.out, progress=not a.quiet)
     print(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes -> {a.out}")
     return 0
@@ -146,9 +148,14 @@ def _cmd_sweep(a) -> int:
     from .report import format_table
 
     prof = api.load_profile(a.profile)
-    rows = []
+    rows, failed = [], []
     for b in a.budgets:
-        plan = api.solve(prof, b, profile_path=a.profile, **_solve_kw(a))
+        try:
+            plan = api.solve(prof, b, profile_path=a.profile, **_solve_kw(a))
+        except ValueError as e:  # report, keep going: the other budgets are still worth having
+            failed.append(f"{b}: {str(e).splitlines()[0]}")
+            rows.append({"budget": b, "status": "infeasible" if "below the smallest" in str(e) else "error"})
+            continue
         path = Path(a.out_dir) / f"plan-{plan.budget.get('text', b).replace(':', '_')}.json"
         plan.save(path)
         p = plan.predicted
@@ -158,6 +165,8 @@ def _cmd_sweep(a) -> int:
     print(format_table(rows, (("budget", "budget", ""), ("bpw", "bpw", ".4f"), ("MB", "layers MB", ".3f"),
                               ("total_MB", "total MB", ".3f"), ("loss", "pred. loss", ".5f"),
                               ("status", "status", ""), ("time", "solve s", ".2f"), ("plan", "plan", ""))))
+    if failed:
+        raise ValueError(f"{len(failed)} budget(s) failed; " + "; ".join(failed))
     return 0
 
 

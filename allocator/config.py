@@ -12,6 +12,7 @@ typo must not silently fall back to a default).
     n_samples = 8
     seq_len = 256
     seed = 0
+    kl_samples = 4                   # rows used for the per-layer KL measurements
     [profile]
     schemes = ["w2g64z", ...]        # candidate schemes
     include = []                     # layer name patterns (glob, or re:<regex>)
@@ -64,6 +65,7 @@ class CalibrationCfg:
     n_samples: int = 8
     seq_len: int = 256
     seed: int = 0
+    kl_samples: int = 4
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class RunConfig:
             raise ConfigError(f"[solve] method must be ilp, dp or lagrangian, got {self.solve.method!r}")
         if self.solve.backend not in ("highs", "cbc"):
             raise ConfigError(f"[solve] backend must be highs or cbc, got {self.solve.backend!r}")
-        for sec, key in ((self.calibration, "n_samples"), (self.calibration, "seq_len"),
+        for sec, key in ((self.calibration, "n_samples"), (self.calibration, "seq_len"), (self.calibration, "kl_samples"),
                          (self.eval, "n_windows"), (self.eval, "seq_len")):
             v = getattr(sec, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
