@@ -146,7 +146,11 @@ class QuantLinear(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward_reference(x)
+        """Triton kernels on CUDA (GEMV / GEMM / dequant+matmul by batch size, A8 paths), the
+        torch reference on CPU; one custom op (``bitalloc::quant_matmul``) so torch.compile traces it."""
+        from . import ops
+
+        return ops.quant_linear(x, self.quantized_weight(), self.bias)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype: per-token activation fake-quant, dequantized weight."""
