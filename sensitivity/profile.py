@@ -1,0 +1,463 @@
+"""The :class:`SensitivityProfile` artifact and :func:`build_profile`, which makes one.
+
+A profile is everything the solvers need, without the model: the selected layers, the
+candidate schemes, the exact storage cost of every (layer, scheme) in bits, and one
+expected-loss table per metric group (default group ``"all"``: the calibrated proxy in
+nats/token of KL for causal LMs). It is saved as JSON with a schema version.
+
+Size accounting: ``cost_bits[i, s]`` is ``Scheme.storage_bits(out, in)`` of layer i's
+weight (a weight shared by several layers of one tie group is counted on the first member
+only; the others get 0). ``other_bits`` is every other parameter bit at its stored dtype
+(embeddings, norms, biases, non-selected layers; a tied tensor once), so the total size of
+a plan is ``cost_bits[chosen].sum() + other_bits``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .layers import LayerInfo, Skipped
+
+__all__ = [
+    "PROFILE_SCHEMA",
+    "ProfileError",
+    "SensitivityProfile",
+    "build_profile",
+    "cost_table",
+    "other_parameter_bits",
+    "DEFAULT_SCHEMES",
+    "DEFAULT_REF_SCHEMES",
+]
+
+PROFILE_SCHEMA = "bitalloc.profile/1"
+DEFAULT_SCHEMES = (
+    "w2g64z",
+    "w3g128z",
+    "w3g64z",
+    "w4g128",
+    "w4g128z",
+    "w4g64z",
+    "w5g128z",
+    "w6g128z",
+    "w8g128",
+    "w8",
+    "fp8g128",
+    "fp16",
+)
+DEFAULT_REF_SCHEMES = ("w3g128z",)
+
+log = logging.getLogger("bitalloc.sensitivity")
+
+
+class ProfileError(ValueError):
+    """A profile file or object is invalid; the message names the problem."""
+
+
+def _bitalloc_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("bitalloc")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "0.1.0+local"
+
+
+def _none_to_nan(x: Any) -> Any:
+    if isinstance(x, (list, tuple)):
+        return [_none_to_nan(v) for v in x]
+    return np.nan if x is None else x
+
+
+def _array(x: Any, dtype, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A fresh numpy array from an array or nested lists (JSON null -> NaN)."""
+    try:
+        a = np.array(x if isinstance(x, np.ndarray) else _none_to_nan(x), dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProfileError(f"profile field {name!r} is not a numeric array ({e})") from None
+    if shape is not None and a.shape != shape:
+        raise ProfileError(f"profile field {name!r} has shape {a.shape}, expected {shape}")
+    return a
+
+
+def _jsonable(a: np.ndarray) -> list:
+    if a.dtype.kind == "f":
+        return [_jsonable(r) for r in a] if a.ndim > 1 else [None if not math.isfinite(v) else float(v) for v in a.tolist()]
+    return a.tolist()
+
+
+@dataclass(frozen=True, eq=False)
+class SensitivityProfile:
+    """Per-layer costs and expected losses for every candidate scheme (see module docstring).
+
+    Arrays: ``cost_bits`` (L, S) int64; ``tables[group]`` (L, S) float64 expected loss;
+    ``proxy`` (L, S) raw ``tr(ΔW H ΔWᵀ)``; ``kl_ref`` (L, R) measured metric at the
+    ``ref_schemes``; ``scales`` (L,) the fitted proxy-to-metric scale per layer.
+    """
+
+    model: dict
+    calibration: dict
+    layers: list[LayerInfo]
+    skipped: list[Skipped]
+    schemes: list[str]
+    cost_bits: np.ndarray
+    tables: dict[str, np.ndarray]
+    proxy: np.ndarray
+    kl_ref: np.ndarray
+    ref_schemes: list[str]
+    scales: np.ndarray
+    other_bits: int
+    other_params: int
+    metadata: dict = field(default_factory=dict)
+    schema_version: str = PROFILE_SCHEMA
+
+    def __post_init__(self) -> None:
+        if self.schema_version != PROFILE_SCHEMA:
+            raise ProfileError(f"unknown profile schema {self.schema_version!r}; this bitalloc reads {PROFILE_SCHEMA!r}")
+        from kernels.formats import FormatError, parse_scheme
+
+        L, S = len(self.layers), len(self.schemes)
+        if L == 0 or S == 0:
+            raise ProfileError(f"profile needs at least one layer and one scheme, got {L} layers and {S} schemes")
+        for s in self.schemes:
+            try:
+                parse_scheme(s)
+            except FormatError as e:
+                raise ProfileError(f"profile scheme {s!r} is invalid: {e}") from None
+        if len(set(self.schemes)) != S:
+            raise ProfileError("profile schemes contain duplicates")
+        fqns = [layer.fqn for layer in self.layers]
+        if len(set(fqns)) != L:
+            raise ProfileError("profile layers contain duplicate fqns")
+        object.__setattr__(self, "cost_bits", _array(self.cost_bits, np.int64, "cost_bits", (L, S)))
+        object.__setattr__(self, "proxy", _array(self.proxy, np.float64, "proxy", (L, S)))
+        for r in self.ref_schemes:
+            if r not in self.schemes:
+                raise ProfileError(f"profile ref scheme {r!r} is not one of its schemes")
+        object.__setattr__(self, "kl_ref", _array(self.kl_ref, np.float64, "kl_ref", (L, len(self.ref_schemes))))
+        object.__setattr__(self, "scales", _array(self.scales, np.float64, "scales", (L,)))
+        if not self.tables:
+            raise ProfileError("profile has no loss tables")
+        tables = {str(g): _array(t, np.float64, f"tables.{g}", (L, S)) for g, t in self.tables.items()}
+        object.__setattr__(self, "tables", tables)
+        if (self.cost_bits < 0).any():
+            raise ProfileError("profile cost_bits must be non-negative")
+        if int(self.other_bits) < 0 or int(self.other_params) < 0:
+            raise ProfileError("profile other_bits/other_params must be non-negative")
+        object.__setattr__(self, "other_bits", int(self.other_bits))
+        object.__setattr__(self, "other_params", int(self.other_params))
+
+    # -- access ----------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def fqns(self) -> list[str]:
+        return [layer.fqn for layer in self.layers]
+
+    def layer_index(self, fqn: str) -> int:
+        for i, layer in enumerate(self.layers):
+            if layer.fqn == fqn:
+                return i
+        raise KeyError(f"layer {fqn!r} is not in the profile")
+
+    def scheme_index(self, name: str) -> int:
+        try:
+            return self.schemes.index(name)
+        except ValueError:
+            raise KeyError(f"scheme {name!r} is not in the profile (schemes: {', '.join(self.schemes)})") from None
+
+    def table(self, group: str = "all") -> np.ndarray:
+        if group not in self.tables:
+            raise KeyError(f"metric group {group!r} is not in the profile (groups: {', '.join(self.tables)})")
+        return self.tables[group]
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.model.get("fingerprint", {})
+
+    # -- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model,
+            "calibration": self.calibration,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "schemes": list(self.schemes),
+            "ref_schemes": list(self.ref_schemes),
+            "cost_bits": self.cost_bits.tolist(),
+            "other_bits": self.other_bits,
+            "other_params": self.other_params,
+            "tables": {g: _jsonable(t) for g, t in self.tables.items()},
+            "proxy": _jsonable(self.proxy),
+            "kl_ref": _jsonable(self.kl_ref),
+            "scales": _jsonable(self.scales),
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SensitivityProfile:
+        if not isinstance(d, dict):
+            raise ProfileError(f"profile must be a JSON object, got {type(d).__name__}")
+        version = d.get("schema_version")
+        if version != PROFILE_SCHEMA:
+            raise ProfileError(f"unknown profile schema {version!r}; this bitalloc reads {PROFILE_SCHEMA!r}")
+        required = (
+            "model", "calibration", "layers", "skipped", "schemes", "ref_schemes", "cost_bits",
+            "other_bits", "other_params", "tables", "proxy", "kl_ref", "scales",
+        )  # fmt: skip
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ProfileError(f"profile is missing field(s): {', '.join(missing)}")
+        try:
+            layers = [LayerInfo.from_dict(x) for x in d["layers"]]
+            skipped = [Skipped.from_dict(x) for x in d["skipped"]]
+        except (TypeError, ValueError) as e:
+            raise ProfileError(f"profile field 'layers' or 'skipped' is invalid: {e}") from None
+        if not isinstance(d["tables"], dict):
+            raise ProfileError("profile field 'tables' must be an object of group -> table")
+        return cls(
+            model=d["model"],
+            calibration=d["calibration"],
+            layers=layers,
+            skipped=skipped,
+            schemes=list(d["schemes"]),
+            cost_bits=d["cost_bits"],
+            tables=dict(d["tables"]),
+            proxy=d["proxy"],
+            kl_ref=d["kl_ref"],
+            ref_schemes=list(d["ref_schemes"]),
+            scales=d["scales"],
+            other_bits=d["other_bits"],
+            other_params=d["other_params"],
+            metadata=d.get("metadata") or {},
+            schema_version=version,
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (temp file + rename); returns the path."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SensitivityProfile:
+        """Read a saved profile; any problem is a one-line :class:`ProfileError`."""
+        p = Path(path)
+        if not p.is_file():
+            raise ProfileError(f"profile file {str(p)!r} does not exist")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ProfileError(f"profile file {str(p)!r} is not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except ProfileError as e:
+            raise ProfileError(f"{p}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# costs
+
+
+def cost_table(layers: Sequence[LayerInfo], schemes: Sequence[Any]) -> np.ndarray:
+    """``(L, S)`` exact storage bits; a shared weight is counted on its first layer only."""
+    from .proxy import as_scheme
+
+    sch = [as_scheme(s) for s in schemes]
+    out = np.zeros((len(layers), len(sch)), dtype=np.int64)
+    seen_groups: set[str] = set()
+    for i, layer in enumerate(layers):
+        if layer.tie_group is not None and layer.tie_group in seen_groups:
+            continue
+        if layer.tie_group is not None:
+            seen_groups.add(layer.tie_group)
+        out[i] = [s.storage_bits(layer.out_features, layer.in_features) for s in sch]
+    return out
+
+
+def other_parameter_bits(model: torch.nn.Module, layers: Sequence[LayerInfo]) -> tuple[int, int]:
+    """(bits, count) of all parameters other than the selected layers' weights, at their
+    stored dtype; a tensor shared by several names (tied) is counted once."""
+    from .models import _storage_key
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    quantized = {_storage_key(modules[layer.fqn].weight) for layer in layers}
+    seen: set = set()
+    bits = count = 0
+    for _, p in model.named_parameters(remove_duplicate=False):
+        key = _storage_key(p)
+        if key in seen or key in quantized:
+            continue
+        seen.add(key)
+        bits += p.numel() * p.element_size() * 8
+        count += p.numel()
+    return int(bits), int(count)
+
+
+# ---------------------------------------------------------------------------------------
+# building a profile
+
+
+def build_profile(
+    model: Any = "smollm2",
+    schemes: Sequence[Any] = DEFAULT_SCHEMES,
+    calibration: Any = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    ref_schemes: Sequence[Any] = DEFAULT_REF_SCHEMES,
+    progress: bool = True,
+    *,
+    quantize_tied: bool = False,
+    batch_size: int = 4,
+    kl_samples: int | None = None,
+    hessian_dtype: torch.dtype = torch.float32,
+    log_fn: Callable[[str], None] | None = None,
+) -> SensitivityProfile:
+    """Profile a model: layers, calibration data, Hessians, proxy, reference KL, costs.
+
+    ``model`` is a spec string (see :mod:`sensitivity.models`) or a :class:`LoadedModel`.
+    ``calibration`` is a :class:`CalibrationSpec` (default: 8 × 256 self-generated tokens),
+    or a ready (n, seq) id tensor / encoder dict. ``ref_schemes`` (each must be one of
+    ``schemes``) are measured for every layer (one forward pass set per layer each) and
+    calibrate the proxy (:func:`calibrate_proxy`); ``kl_samples`` limits the rows used for
+    those measurements (default: all). Skipped layers and progress notes go to ``log_fn``
+    (default: the ``bitalloc.sensitivity`` logger).
+
+    Memory (SmolLM2, 8 × 256 tokens): the float32 model (0.54 GB), one Hessian per distinct
+    layer input (0.4 GB; each activation-quantized format in ``schemes`` adds two more
+    matrices per input for the exact activation-error proxy), the reference log-probs
+    (tokens × vocab × 4 bytes, 0.4 GB) and one cached block output per block (0.14 GB).
+
+    A plain local loop; the per-(layer, scheme) work item is :func:`measure_item`.
+    """
+    from .calibration import CalibrationSpec, as_batches, load_calibration, tokens_sha256
+    from .hessian import collect_input_statistics
+    from .layers import find_layers
+    from .models import LoadedModel, fingerprint, load_model
+    from .proxy import as_scheme, calibrate_proxy, compute_reference, measure_kl_deltas, proxy_table
+
+    say = log_fn or log.info
+    t_start = time.perf_counter()
+    walls: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> float:
+        walls[name] = round(time.perf_counter() - t0, 3)
+        return time.perf_counter()
+
+    scheme_objs = [as_scheme(s) for s in schemes]
+    names = [s.name for s in scheme_objs]
+    if len(set(names)) != len(names):
+        raise ProfileError(f"schemes contain duplicates: {names}")
+    refs = [as_scheme(r).name for r in ref_schemes]
+    for r in refs:
+        if r not in names:
+            raise ProfileError(f"ref scheme {r!r} is not one of the schemes ({', '.join(names)})")
+    if not refs:
+        raise ProfileError("ref_schemes must name at least one scheme to calibrate the proxy")
+
+    t = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    net, tok = loaded.model, loaded.tokenizer
+    t = lap("load", t)
+    fp = fingerprint(net)
+    t = lap("fingerprint", t)
+
+    layers, skipped = find_layers(net, include, exclude, quantize_tied=quantize_tied)
+    say(f"{len(layers)} layers selected, {len(skipped)} skipped")
+    for s in skipped:
+        say(f"skipped {s}")
+
+    if calibration is None:
+        calibration = CalibrationSpec()
+    if isinstance(calibration, CalibrationSpec):
+        calib_desc = calibration.describe()
+        what = "sentences" if loaded.kind == "encoder" else calibration.source
+        say(f"calibration: {what}, {calibration.n_samples} x {calibration.seq_len} tokens (seed {calibration.seed})")
+        data = load_calibration(calibration, net, tok, loaded.kind)
+    else:
+        data = calibration
+        calib_desc = {"source": "provided"}
+    ids = data["input_ids"] if isinstance(data, dict) else data
+    calib_desc.update(tokens=int(ids.numel()), shape=list(ids.shape), tokens_sha256=tokens_sha256(data))
+    t = lap("calibration", t)
+
+    acts = sorted({s.act for s in scheme_objs if s.act != "a16"})
+    stats = collect_input_statistics(net, layers, data, progress, batch_size=batch_size, dtype=hessian_dtype, act_formats=acts)
+    t = lap("hessians", t)
+    say(f"hessians: {len({id(a) for a in stats.values()})} distinct layer inputs in {walls['hessians']:.1f} s")
+
+    proxy = proxy_table(net, layers, stats, scheme_objs, progress, act_stats=stats if acts else None)
+    t = lap("proxy", t)
+    say(f"proxy: {len(layers)} layers x {len(names)} schemes in {walls['proxy']:.1f} s; measuring {', '.join(refs)}")
+
+    kl_data = data
+    if kl_samples is not None:
+        kl_data = {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
+    reference = compute_reference(net, layers, as_batches(kl_data, batch_size), None, progress, batch_size=batch_size)
+    metric_name = reference.metric.name
+    kl = np.stack(
+        [measure_kl_deltas(net, layers, None, reference, r, progress, hessians=stats) for r in refs], axis=1
+    )
+    replay = reference.replay
+    reference.free()
+    t = lap("measure", t)
+
+    table, scales = calibrate_proxy(proxy, kl, [names.index(r) for r in refs])
+    costs = cost_table(layers, scheme_objs)
+    other_bits, other_params = other_parameter_bits(net, layers)
+    walls["total"] = round(time.perf_counter() - t_start, 3)
+    del stats
+
+    metadata = {
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "bitalloc_version": _bitalloc_version(),
+        "torch_version": torch.__version__,
+        "wall_s": walls,
+        "metric": metric_name,
+        "loss_units": "nats/token (KL vs unquantized)" if metric_name == "kl" else f"{metric_name} delta",
+        "options": {
+            "include": list(include),
+            "exclude": list(exclude),
+            "quantize_tied": quantize_tied,
+            "batch_size": batch_size,
+            "kl_samples": kl_samples,
+            "hessian_dtype": str(hessian_dtype).replace("torch.", ""),
+            "block_replay": replay,
+            "quantizer": "rtn",
+        },
+    }
+    return SensitivityProfile(
+        model={"spec": loaded.spec, "kind": loaded.kind, "description": loaded.description, "fingerprint": fp},
+        calibration=calib_desc,
+        layers=list(layers),
+        skipped=list(skipped),
+        schemes=names,
+        cost_bits=costs,
+        tables={"all": table},
+        proxy=proxy,
+        kl_ref=kl,
+        ref_schemes=refs,
+        scales=scales,
+        other_bits=other_bits,
+        other_params=other_params,
+        metadata=metadata,
+    )
