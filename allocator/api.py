@@ -95,6 +95,7 @@ def profile(
     seq_len: int = 256,
     seed: int = 0,
     kl_samples: int | None = 4,
+    kl_stride: int = 4,
     schemes: Sequence[str] = DEFAULT_SCHEMES,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -108,7 +109,7 @@ def profile(
     calibration: "generated" (``n_samples`` x ``seq_len`` tokens sampled from the model,
     seeded) or a text file path. The Hessians use all calibration rows; the end-to-end KL
     measurements (one forward per layer and reference scheme) use the first
-    ``kl_samples`` rows (None: all). Saves to ``out`` (JSON) when given.
+    ``kl_samples`` rows (None: all), scored at every ``kl_stride``-th position. Saves to ``out`` (JSON) when given.
     """
     from sensitivity.calibration import CalibrationSpec
     from sensitivity.profile import build_profile
@@ -120,9 +121,10 @@ def profile(
         spec = CalibrationSpec("file", str(calibration), n_samples, seq_len, seed)
     prof = build_profile(
         loaded, schemes=list(schemes), calibration=spec, include=list(include), exclude=list(exclude),
-        ref_schemes=list(ref_schemes), progress=progress, kl_samples=kl_samples, log_fn=log,
+        ref_schemes=list(ref_schemes), progress=progress, kl_samples=kl_samples, kl_stride=kl_stride,
+        log_fn=log,
     )
-    prof.metadata["request"] = _request(loaded.spec, schemes, spec, kl_samples, include, exclude, ref_schemes)
+    prof.metadata["request"] = _request(loaded.spec, schemes, spec, (kl_samples, kl_stride), include, exclude, ref_schemes)
     if out is not None:
         prof.save(out)
     return prof
@@ -227,7 +229,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
         t0 = time.perf_counter()
         c = cfg.calibration
         prof = profile(loaded, calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
-                       kl_samples=c.kl_samples,
+                       kl_samples=c.kl_samples, kl_stride=c.kl_stride,
                        schemes=cfg.profile.schemes, include=cfg.profile.include, exclude=cfg.profile.exclude,
                        ref_schemes=cfg.profile.ref_schemes, out=prof_path, progress=progress, log=log)
         timings["profile_s"] = time.perf_counter() - t0
@@ -303,7 +305,7 @@ def _reuse_profile(path: Path, cfg: RunConfig, log):
     c = cfg.calibration
     calib = CalibrationSpec("generated" if c.source == "generated" else "file",
                             None if c.source == "generated" else c.source, c.n_samples, c.seq_len, c.seed)
-    want = _request(cfg.model.spec, cfg.profile.schemes, calib, c.kl_samples, cfg.profile.include,
+    want = _request(cfg.model.spec, cfg.profile.schemes, calib, (c.kl_samples, c.kl_stride), cfg.profile.include,
                     cfg.profile.exclude, cfg.profile.ref_schemes)
     want = json.loads(json.dumps(want))
     have = prof.metadata.get("request")

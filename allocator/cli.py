@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--kl-samples", type=int, default=4,
                     help="calibration rows used for the per-layer KL measurements (default 4)")
+    sp.add_argument("--kl-stride", type=int, default=4,
+                    help="score the KL at every N-th position of those rows (default 4)")
     sp.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
                     help=f"comma-separated candidate schemes (default {','.join(DEFAULT_SCHEMES)})")
     sp.add_argument("--ref-schemes", type=_csv, default=["w3g128z"],
@@ -117,7 +119,7 @@ def _cmd_profile(a) -> int:
     from . import api
 
     prof = api.profile(a.model, calibration=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed,
-                       kl_samples=a.kl_samples, schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
+                       kl_samples=a.kl_samples, kl_stride=a.kl_stride, schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
                        out=a.out, progress=not a.quiet)
     print(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes -> {a.out}")
     return 0

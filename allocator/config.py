@@ -13,6 +13,7 @@ typo must not silently fall back to a default).
     seq_len = 256
     seed = 0
     kl_samples = 4                   # rows used for the per-layer KL measurements
+    kl_stride = 4                    # ... scored at every 4th position (LM head + KL cost / 4)
     [profile]
     schemes = ["w2g64z", ...]        # candidate schemes
     include = []                     # layer name patterns (glob, or re:<regex>)
@@ -66,6 +67,7 @@ class CalibrationCfg:
     seq_len: int = 256
     seed: int = 0
     kl_samples: int = 4
+    kl_stride: int = 4
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class RunConfig:
             raise ConfigError(f"[solve] method must be ilp, dp or lagrangian, got {self.solve.method!r}")
         if self.solve.backend not in ("highs", "cbc"):
             raise ConfigError(f"[solve] backend must be highs or cbc, got {self.solve.backend!r}")
-        for sec, key in ((self.calibration, "n_samples"), (self.calibration, "seq_len"), (self.calibration, "kl_samples"),
+        for sec, key in ((self.calibration, "n_samples"), (self.calibration, "seq_len"), (self.calibration, "kl_samples"), (self.calibration, "kl_stride"),
                          (self.eval, "n_windows"), (self.eval, "seq_len")):
             v = getattr(sec, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

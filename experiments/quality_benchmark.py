@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--kl-samples", type=int, default=4, help="calibration rows for the per-layer KL measurements")
+    ap.add_argument("--kl-stride", type=int, default=2, help="score KL at every N-th position")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "quality"))
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         budgets, windows = ("3bpw", "4bpw", "5bpw"), 8
     cfg = RunConfig(
         calibration=CalibrationCfg(source=str(valid), n_samples=a.calib_samples, seq_len=a.calib_len, seed=0,
-                                   kl_samples=a.kl_samples),
+                                   kl_samples=a.kl_samples, kl_stride=a.kl_stride),
         profile=ProfileCfg(),
         solve=SolveCfg(budgets=budgets),
         eval=EvalCfg(text=str(test), n_windows=windows, seq_len=a.seq_len, baselines=True),

@@ -271,7 +271,7 @@ def _as_dict(item: Any) -> dict[str, torch.Tensor]:
         ids = item if item.dim() == 2 else item.reshape(1, -1)
         return {"input_ids": ids}
     if isinstance(item, dict) or hasattr(item, "keys"):
-        d = {k: item[k] for k in item.keys() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        d = {k: item[k] for k in item.keys() if k in ("input_ids", "attention_mask", "token_type_ids", "logits_to_keep")}
         if "input_ids" not in d:
             raise CalibrationError("a calibration batch dict needs 'input_ids'")
         return d
