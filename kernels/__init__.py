@@ -20,6 +20,7 @@ from .formats import (
     parse_scheme,
     plane_words,
 )
+from .gptq import GPTQ, GPTQError, gptq_fake_quantize_weight, gptq_quantize, gptq_quantize_weight
 from .packing import pack_codes, plane_layout, unpack_codes
 from .qlinear import QuantLinear
 from .quant import (
@@ -42,6 +43,8 @@ __all__ = [
     "INT_BITS",
     "Format",
     "FormatError",
+    "GPTQ",
+    "GPTQError",
     "Scheme",
     "bit_planes",
     "index_bits",
@@ -50,6 +53,9 @@ __all__ = [
     "parse_format",
     "parse_scheme",
     "plane_words",
+    "gptq_fake_quantize_weight",
+    "gptq_quantize",
+    "gptq_quantize_weight",
     "pack_codes",
     "plane_layout",
     "unpack_codes",

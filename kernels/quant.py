@@ -102,36 +102,59 @@ def _fp4_index(mag: torch.Tensor) -> torch.Tensor:
     return idx.to(torch.int64)
 
 
+def _group_params(wg: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero-point of each group of wg (out, G, g) float32, by the RTN rules above.
+
+    Returns (scale (out, G, 1) float32 holding the float16 value, zero (out, G, 1) int64 or
+    None). Zero padding of a partial group changes neither (absmax, min <= 0 <= max).
+    """
+    if fmt.kind == "int":
+        b = fmt.bits
+        if fmt.symmetric:
+            qmax = 2 ** (b - 1) - 1
+            return _fp16_scale(wg.abs().amax(dim=-1, keepdim=True) / qmax), None  # (out, G, 1)
+        qmax = 2**b - 1
+        lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)  # (out, G, 1), min <= 0
+        hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)  # (out, G, 1), max >= 0
+        scale = _fp16_scale((hi - lo) / qmax)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+        return scale, zero.to(torch.int64)
+    if fmt.kind == "fp8_e4m3":
+        return _fp16_scale(wg.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX), None
+    if fmt.kind == "fp4_e2m1":
+        return _fp16_scale(wg.abs().amax(dim=-1, keepdim=True) / FP4_E2M1_VALUES[-1]), None
+    raise ValueError(f"format {fmt.name} has no codes (kind {fmt.kind!r})")
+
+
+def _encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: Format) -> torch.Tensor:
+    """Nearest codes (int64, unsigned) of wg (out, G, g) float32 with given scale / zero (out, G, 1)."""
+    if fmt.kind == "int":
+        b = fmt.bits
+        if fmt.symmetric:
+            qmax = 2 ** (b - 1) - 1
+            q = torch.round(wg / scale).clamp(-qmax - 1, qmax)
+            return q.to(torch.int64) + 2 ** (b - 1)
+        qmax = 2**b - 1
+        code = (torch.round(wg / scale) + zero).clamp(0, qmax)
+        return code.to(torch.int64)
+    if fmt.kind == "fp8_e4m3":
+        x = (wg / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        return x.view(torch.uint8).to(torch.int64)
+    if fmt.kind == "fp4_e2m1":
+        x = wg / scale
+        idx = _fp4_index(x.abs().clamp(max=FP4_E2M1_VALUES[-1]))
+        return idx | ((x < 0).to(torch.int64) << 3)
+    raise ValueError(f"format {fmt.name} has no codes (kind {fmt.kind!r})")
+
+
 def _rtn(wg: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest on groups wg (out, G, g) float32.
 
     Returns (codes (out, G, g) int64 unsigned codes, scale (out, G, 1) float32 holding the
     float16 value, zero (out, G, 1) int64 or None).
     """
-    if fmt.kind == "int":
-        b = fmt.bits
-        if fmt.symmetric:
-            qmax = 2 ** (b - 1) - 1
-            scale = _fp16_scale(wg.abs().amax(dim=-1, keepdim=True) / qmax)  # (out, G, 1)
-            q = torch.round(wg / scale).clamp(-qmax - 1, qmax)
-            return q.to(torch.int64) + 2 ** (b - 1), scale, None
-        qmax = 2**b - 1
-        lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)  # (out, G, 1), min <= 0
-        hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)  # (out, G, 1), max >= 0
-        scale = _fp16_scale((hi - lo) / qmax)
-        zero = torch.round(-lo / scale).clamp(0, qmax)
-        code = (torch.round(wg / scale) + zero).clamp(0, qmax)
-        return code.to(torch.int64), scale, zero.to(torch.int64)
-    if fmt.kind == "fp8_e4m3":
-        scale = _fp16_scale(wg.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX)
-        x = (wg / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        return x.view(torch.uint8).to(torch.int64), scale, None
-    if fmt.kind == "fp4_e2m1":
-        scale = _fp16_scale(wg.abs().amax(dim=-1, keepdim=True) / FP4_E2M1_VALUES[-1])
-        x = wg / scale
-        idx = _fp4_index(x.abs().clamp(max=FP4_E2M1_VALUES[-1]))
-        return idx | ((x < 0).to(torch.int64) << 3), scale, None
-    raise ValueError(f"format {fmt.name} has no codes (kind {fmt.kind!r})")
+    scale, zero = _group_params(wg, fmt)
+    return _encode(wg, scale, zero, fmt), scale, zero
 
 
 def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: Format) -> torch.Tensor:

@@ -10,6 +10,12 @@ Typical use::
     low, high = achievable_range(problem)
     solution = solve(problem, capacity)          # ILP with HiGHS, or exact DP
     frontier = pareto_frontier(problem, n_points=20)
+
+With pairwise (same-block) interaction terms::
+
+    qp = QuadraticProblem(problem, pairs={(0, 1): P01})   # P01 (K, K)
+    exact = solve_qp_milp(qp, capacity)                    # linearised MILP
+    fast = solve_qp_relaxation(qp, capacity)               # cvxpy relaxation + repair
 """
 
 from .dispatch import METHODS, solve
@@ -27,6 +33,7 @@ from .problem import (
     with_forbidden,
     with_pinned,
 )
+from .qp import QuadraticProblem, solve_qp_milp, solve_qp_relaxation, solve_separable
 from .sweep import frontier_capacities, pareto_frontier, sweep
 
 __all__ = [
@@ -39,6 +46,7 @@ __all__ = [
     "METHODS",
     "OPTIMAL",
     "ProblemError",
+    "QuadraticProblem",
     "Solution",
     "SolverError",
     "achievable_range",
@@ -51,6 +59,9 @@ __all__ = [
     "solve_dp",
     "solve_ilp",
     "solve_lagrangian",
+    "solve_qp_milp",
+    "solve_qp_relaxation",
+    "solve_separable",
     "sweep",
     "with_forbidden",
     "with_pinned",

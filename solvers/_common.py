@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -53,20 +54,28 @@ def build_solution(
     *,
     optimal_gap: float,
     info: dict | None = None,
+    objective_of: Callable[[np.ndarray], float] | None = None,
 ) -> Solution:
     """Build a Solution, recomputing objective and cost exactly from the choice.
 
     ``lower_bound`` is clipped to the objective (a float bound computed in a
     different summation order can overshoot by an ulp); the status is
-    ``"optimal"`` when the relative gap is at most ``optimal_gap``.
+    ``"optimal"`` when the relative gap is at most ``optimal_gap``. A NaN
+    ``lower_bound`` means "no valid bound": the gap is NaN and the status
+    ``"feasible"``; ``-inf`` gives an infinite gap. ``objective_of`` replaces
+    ``problem.loss_of`` (e.g. a quadratic objective, see ``solvers.qp``).
     """
     choice = problem.grouped.expand(group_choice)
-    objective = problem.loss_of(choice)
+    objective = (objective_of or problem.loss_of)(choice)
     cost = problem.cost_of(choice)
     if cost > capacity:  # a bug, never a tolerance issue: all checks are in integers
         raise SolverError(f"{solver}: internal error, solution costs {cost} bits > capacity {capacity}")
-    lower_bound = min(float(lower_bound), objective)
-    gap = relative_gap(objective, lower_bound)
+    lower_bound = float(lower_bound)
+    if math.isnan(lower_bound):
+        return Solution(choice, objective, cost, FEASIBLE, math.nan, math.nan, solver,
+                        time.perf_counter() - started, capacity, info or {})
+    lower_bound = min(lower_bound, objective)
+    gap = math.inf if lower_bound == -math.inf else relative_gap(objective, lower_bound)
     status = OPTIMAL if gap <= optimal_gap else FEASIBLE
     if status == OPTIMAL:
         lower_bound, gap = objective, 0.0

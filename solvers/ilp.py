@@ -101,7 +101,7 @@ def _solve_within_budgets(model: _Model, backend: str, deadline: float | None, m
     happened. Falls back to the warm start (feasible for the original budgets)
     when the solver stops without a solution.
     """
-    objective = _Objective.for_problem(model.grouped, start)
+    objective = _Objective.for_model(model, start)
     fallback = start
     first_bound, tightened = None, False
     for _ in range(_MAX_TIGHTENINGS + 1):
@@ -118,7 +118,7 @@ def _solve_within_budgets(model: _Model, backend: str, deadline: float | None, m
             first_bound = result.bound
         tighter = model.overshoot(result.choice)
         if tighter is None:
-            return _no_worse_than(result, fallback, model.grouped), first_bound, tightened
+            return _no_worse_than(result, fallback, model), first_bound, tightened
         model, tightened = tighter, True
         if start is not None and model.cost[np.arange(len(start)), start].sum() > model.capacity:
             start = None
@@ -128,11 +128,11 @@ def _solve_within_budgets(model: _Model, backend: str, deadline: float | None, m
     raise SolverError(f"ilp/{backend}: rounded solutions kept violating a budget after {_MAX_TIGHTENINGS} tightenings")
 
 
-def _no_worse_than(result: _Result, fallback: np.ndarray | None, grouped: GroupedProblem) -> _Result:
+def _no_worse_than(result: _Result, fallback: np.ndarray | None, model: _Model) -> _Result:
     """Guard against solver bugs: never return worse than the (feasible) warm start."""
     if fallback is None:
         return result
-    found, known = grouped.group_loss(result.choice), grouped.group_loss(fallback)
+    found, known = model.value(result.choice), model.value(fallback)
     if found - known <= 1e-12 * max(abs(found), abs(known)):
         return result
     return _Result("feasible", fallback, None, f"{result.message}; the solver's answer was worse than the warm start")
@@ -151,7 +151,7 @@ def build_ilp(problem: AllocationProblem, capacity: int, *, extra: Sequence[Cons
     capacity, scaled = prepare(problem, capacity)
     rows = _extra_rows(problem, tuple(extra))
     model = _Model(problem.grouped, scaled.cost, scaled.capacity, rows)
-    prob, _ = _build(model, pulp, None, _Objective.for_problem(problem.grouped, None))
+    prob, _, _ = _build(model, pulp, None, _Objective.for_problem(problem.grouped, None))
     return prob
 
 
@@ -283,12 +283,21 @@ class _Model:
     rows: tuple[_Row, ...]
     rhs: tuple[float, ...] = ()  # per extra row (possibly tightened); defaults to row.rhs
     original_capacity: int | None = None
+    # Pairwise terms of a quadratic objective (solvers.qp): (g, h, P) with g < h and
+    # P (K, K) float, 0 where an option is not allowed; adds P[choice[g], choice[h]].
+    pairs: tuple[tuple[int, int, np.ndarray], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.rhs:
             object.__setattr__(self, "rhs", tuple(r.rhs for r in self.rows))
         if self.original_capacity is None:
             object.__setattr__(self, "original_capacity", self.capacity)
+
+    def value(self, group_choice: np.ndarray) -> float:
+        """The (unscaled) objective of a group choice, pairwise terms included."""
+        terms = self.grouped.loss[np.arange(self.grouped.num_groups), group_choice].tolist()
+        terms += [float(P[group_choice[g], group_choice[h]]) for g, h, P in self.pairs]
+        return math.fsum(terms)
 
     def overshoot(self, group_choice: np.ndarray) -> _Model | None:
         """None if the choice meets every original constraint, else a tightened model."""
@@ -320,6 +329,8 @@ class _Result:
 class _Objective:
     """The MIP objective ``(loss - floor_g) / scale``, which has the same minimisers.
 
+    Pairwise terms (``_Model.pairs``) are divided by ``scale`` too.
+
     MIP solvers compare objectives with absolute tolerances (CBC ignores
     improvements below its cutoff increment, 1e-5 by default; HiGHS prunes
     with absolute tolerances too). Losses are often ~1e-6 while the part that
@@ -340,15 +351,40 @@ class _Objective:
             scale = float(excess[np.arange(grouped.num_groups), reference].sum())
         return cls(floor, scale if scale > 0 else float(excess.max()) or 1.0)
 
+    @classmethod
+    def for_model(cls, model: _Model, reference: np.ndarray | None) -> _Objective:
+        """As ``for_problem``; with pairwise terms the scale is the warm start's linear excess
+        plus the magnitude of its pair terms (pair terms can be negative, so their sum alone
+        could cancel to ~0), falling back to the largest coefficient."""
+        if not model.pairs:
+            return cls.for_problem(model.grouped, reference)
+        grouped = model.grouped
+        floor = grouped.loss.min(axis=1)  # (G,)
+        excess = np.where(grouped.mask, grouped.loss - floor[:, None], 0.0)  # (G, K)
+        scale = 0.0
+        if reference is not None:
+            scale = float(excess[np.arange(grouped.num_groups), reference].sum())
+            scale += sum(abs(float(P[reference[g], reference[h]])) for g, h, P in model.pairs)
+        if not scale > 0:
+            scale = max(float(excess.max()), max(float(np.abs(P).max()) for _, _, P in model.pairs))
+        return cls(floor, scale if scale > 0 else 1.0)
+
     def coef(self, loss: float, g: int) -> float:
         return (loss - float(self.floor[g])) / self.scale
+
+    def pair_coef(self, value: float) -> float:
+        return float(value) / self.scale
 
     def unscale(self, value: float) -> float:
         return value * self.scale + math.fsum(self.floor)
 
 
 def _build(model: _Model, pulp, start: np.ndarray | None, objective_map: _Objective):
-    """The PuLP problem and its binaries, one {option: variable} dict per group."""
+    """The PuLP problem and its binaries, one {option: variable} dict per group.
+
+    With pairwise terms (``model.pairs``) it also adds the linearised products, see
+    ``_add_pairs``; their variables are returned as a third item (empty otherwise).
+    """
     grouped = model.grouped
     prob = pulp.LpProblem("bitalloc_mckp", pulp.LpMinimize)
     objective, variables = [], []
@@ -361,11 +397,41 @@ def _build(model: _Model, pulp, start: np.ndarray | None, objective_map: _Object
         if start is not None:
             for k, x in xs.items():
                 x.setInitialValue(1 if k == start[g] else 0)
+    pair_variables = _add_pairs(prob, pulp, model, variables, objective, objective_map, start)
     prob.setObjective(pulp.LpAffineExpression(objective))
     prob.addConstraint(_row_expr(pulp, variables, model.cost) <= model.capacity, "budget_bits")
     for row, rhs in zip(model.rows, model.rhs):
         prob.addConstraint(_extra_constraint(pulp, variables, row, rhs), f"extra_{row.ident}")
-    return prob, variables
+    return prob, variables, pair_variables
+
+
+def _add_pairs(prob, pulp, model: _Model, variables, objective: list, objective_map: _Objective, start):
+    """Linearise each pairwise product ``x_gk · x_hl`` into a continuous ``y_g_h_k_l`` in [0, 1].
+
+    For two one-hot groups the products form a transport polytope: ``Σ_l y_g_h_k_l = x_gk``
+    (``pair_<g>_<h>_row_<k>``) and ``Σ_k y_g_h_k_l = x_hl`` (``pair_<g>_<h>_col_<l>``). With
+    ``y >= 0`` these imply the standard McCormick inequalities (``y <= x_gk``, ``y <= x_hl``,
+    ``y >= x_gk + x_hl - 1``) and give a much tighter LP relaxation; with binary ``x`` they
+    force ``y_g_h_k_l = x_gk · x_hl`` exactly. A pair gets a y for every allowed (k, l), so
+    that the equalities hold; pairs whose terms are all zero are never passed here.
+    Returns one {(k, l): variable} dict per pair, in ``model.pairs`` order.
+    """
+    out = []
+    for g, h, P in model.pairs:
+        ks, ls = list(variables[g]), list(variables[h])
+        ys = {(k, l): prob.add_variable(f"y_{g}_{h}_{k}_{l}", lowBound=0, upBound=1) for k in ks for l in ls}
+        objective += [(y, objective_map.pair_coef(P[k, l])) for (k, l), y in ys.items() if P[k, l] != 0]
+        for k in ks:
+            terms = [(ys[k, l], 1) for l in ls] + [(variables[g][k], -1)]
+            prob.addConstraint(pulp.LpAffineExpression(terms) == 0, f"pair_{g}_{h}_row_{k}")
+        for l in ls:
+            terms = [(ys[k, l], 1) for k in ks] + [(variables[h][l], -1)]
+            prob.addConstraint(pulp.LpAffineExpression(terms) == 0, f"pair_{g}_{h}_col_{l}")
+        if start is not None:
+            for (k, l), y in ys.items():
+                y.setInitialValue(1 if (k, l) == (start[g], start[h]) else 0)
+        out.append(ys)
+    return out
 
 
 def _binary(prob, pulp, name: str):
@@ -401,9 +467,10 @@ def _run(model: _Model, backend: str, deadline: float | None, mip_gap: float, st
     import pulp
 
     remaining = None if deadline is None else max(deadline - time.perf_counter(), 0.01)
-    prob, variables = _build(model, pulp, start if backend == "cbc" else None, objective)
+    prob, variables, pair_variables = _build(model, pulp, start if backend == "cbc" else None, objective)
     if backend == "highs":
-        solver = _highs_solver_class(pulp)(start=_start_values(variables, start), msg=False, timeLimit=remaining,
+        start_values = _start_values(variables, start, model.pairs, pair_variables)
+        solver = _highs_solver_class(pulp)(start=start_values, msg=False, timeLimit=remaining,
                                            gapRel=mip_gap, gapAbs=0.0, mip_feasibility_tolerance=1e-9)
         _solve_or_raise(prob, solver, backend)
         status, bound, message = solver.outcome
@@ -450,10 +517,13 @@ def _solve_or_raise(prob, solver, backend: str) -> None:
         raise SolverError(f"ilp/{backend}: {exc}") from exc
 
 
-def _start_values(variables, start) -> dict[str, float] | None:
+def _start_values(variables, start, pairs=(), pair_variables=()) -> dict[str, float] | None:
     if start is None:
         return None
-    return {x.name: float(k == start[g]) for g, xs in enumerate(variables) for k, x in xs.items()}
+    values = {x.name: float(k == start[g]) for g, xs in enumerate(variables) for k, x in xs.items()}
+    for (g, h, _), ys in zip(pairs, pair_variables):
+        values.update({y.name: float((k, l) == (start[g], start[h])) for (k, l), y in ys.items()})
+    return values
 
 
 def _read_choice(variables) -> np.ndarray:
