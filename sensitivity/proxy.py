@@ -566,6 +566,10 @@ def calibrate_proxy(
     A layer whose reference proxy is ≈ 0 (``≤ rel_eps · max|proxy|``) or that has no
     finite measurement cannot be fitted and gets the median scale of the fitted layers.
 
+    With two or more references the table follows each layer's measured points exactly
+    (a piecewise power law in log-log, see :func:`_loglog_interpolate`); ``c`` is still
+    the least-squares linear scale, for reporting.
+
     Returns (scaled table ``(L, S)`` = expected loss in the metric's units, e.g.
     nats/token; ``c`` ``(L,)``).
     """
@@ -592,4 +596,39 @@ def calibrate_proxy(
     if (~fitted).any():
         fill = float(np.median(c[fitted])) if fitted.any() else 0.0
         c[~fitted] = fill
-    return c[:, None] * P, c
+    table = c[:, None] * P
+    if len(idx) >= 2:
+        table = _loglog_interpolate(P, K, Pr, use & (K > 0), table)
+    return table, c
+
+
+def _loglog_interpolate(P: np.ndarray, K: np.ndarray, Pr: np.ndarray, ok: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """With two or more measured references per layer: piecewise power law through them.
+
+    KL is quadratic in the output perturbation only while it is small; at 2-3 bits it
+    grows faster than the proxy (errors push probabilities through the softmax's
+    non-linearity). With references at several bit-widths, each layer's row follows the
+    measured points exactly: log KL is interpolated linearly in log proxy between them;
+    below the smallest measured proxy the row is linear through the origin (the small-
+    perturbation regime), above the largest it extends the last segment's slope (clipped
+    to [1, 3]). Layers with fewer than two usable points keep the linear fit.
+    """
+    out = table.copy()
+    for i in range(P.shape[0]):
+        pts = sorted((float(Pr[i, r]), float(K[i, r])) for r in range(Pr.shape[1]) if ok[i, r])
+        if len(pts) < 2:
+            continue
+        lx = np.log([p for p, _ in pts])
+        ly = np.log([k for _, k in pts])
+        if np.any(np.diff(lx) <= 0):
+            continue
+        x = P[i]
+        pos = x > 0
+        lxi = np.log(np.where(pos, x, 1.0))
+        y = np.interp(lxi, lx, ly)  # inside: piecewise linear in log-log
+        slope = float(np.clip((ly[-1] - ly[-2]) / (lx[-1] - lx[-2]), 1.0, 3.0))
+        y = np.where(lxi > lx[-1], ly[-1] + slope * (lxi - lx[-1]), y)
+        row = np.exp(y)
+        row = np.where(lxi < lx[0], x * (pts[0][1] / pts[0][0]), row)  # linear below the smallest point
+        out[i] = np.where(pos, row, 0.0)
+    return out

@@ -203,3 +203,21 @@ def test_calibrate_proxy_guards():
         calibrate_proxy(P, K, 5)
     with pytest.raises(ValueError, match="kl_measured"):
         calibrate_proxy(P, K[:2], 1)
+
+
+def test_two_references_follow_a_power_law_through_the_measured_points():
+    """With references at two bit-widths the row passes through both measurements exactly,
+    is a power law between them, and linear through the origin below the smaller one."""
+    import numpy as np
+
+    from sensitivity.proxy import calibrate_proxy
+
+    P = np.array([[1.0, 2.0, 4.0, 8.0, 16.0, 0.0]])
+    K = np.array([[4.0, 32.0]])  # measured at P=2 and P=8: slope 1.5 in log-log
+    table, _ = calibrate_proxy(P, K, [1, 3])
+    row = table[0]
+    assert row[1] == pytest.approx(4.0) and row[3] == pytest.approx(32.0)
+    assert row[2] == pytest.approx(4.0 * 2**1.5)  # between: power law
+    assert row[0] == pytest.approx(2.0)  # below: linear through the origin
+    assert row[4] == pytest.approx(32.0 * 2**1.5)  # above: last segment's slope
+    assert row[5] == 0.0
