@@ -6,10 +6,7 @@ mask, tie groups); everything about names, patterns and units lives here.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
-import json
-import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,7 +15,7 @@ import numpy as np
 from kernels.formats import FormatError, parse_scheme
 
 from .budget import Budget, parse_budget
-from .plan import LayerPlan, Plan
+from .plan import LayerPlan, Plan, _match
 
 __all__ = ["AllocationError", "InfeasibleBudget", "build_problem", "solve", "sweep", "plan_from_choice"]
 
@@ -33,12 +30,6 @@ class InfeasibleBudget(AllocationError):
     def __init__(self, msg: str, min_bpw: float, max_bpw: float):
         super().__init__(msg)
         self.min_bpw, self.max_bpw = min_bpw, max_bpw
-
-
-def _match(pattern: str, fqn: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], fqn) is not None
-    return fnmatch.fnmatchcase(fqn, pattern)
 
 
 def _scheme_index(profile, name: str) -> int:
