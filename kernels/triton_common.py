@@ -165,6 +165,23 @@ class Segment:
 
 
 @triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row/column offsets of this program's output tile: a 1-D grid over (M/BM) x (N/BN)
+    tiles walked in GROUP_M super-rows, so neighbouring programs reuse the same W tiles in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_n)
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    return offs_m, offs_n
+
+
+@triton.jit
 def _pow2(e):
     """2**e for an int32 tensor e in [-126, 127], exact (built from the float32 exponent bits)."""
     return ((e + 127) << 23).to(tl.float32, bitcast=True)

@@ -31,6 +31,7 @@ from .triton_common import (
     launch_opts,
     next_pow2,
     pick_config,
+    tile_offsets,
 )
 
 __all__ = ["gemm", "MAX_M"]
@@ -103,16 +104,7 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """1-D grid over (M/BM) x (N/BN) tiles in GROUP_M super-rows; y tile written in OUT_DTYPE."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_n)
-    first_m = group_id * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # (BM,), (BN,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _gemm_segment(
         acc, x_ptr, stride_xm, 0, offs_m, offs_n, M, N,
