@@ -31,25 +31,9 @@ def _log_default(msg: str) -> None:
     print(msg, flush=True)
 
 
-def round_to_16bit(model):
-    """Round every floating parameter to float16 values (dtype kept).
-
-    The reference model ("the 16-bit model") and the parts of a quantized model that are
-    not quantized are then exactly what a 16-bit checkpoint holds, so a saved quantized
-    model reloads to the same logits and size accounting at 16 bits is true.
-    """
-    import torch
-
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and p.dtype != torch.float16:
-                p.copy_(p.to(torch.float16).to(p.dtype))
-    return model
-
-
 def load(spec: str = "smollm2", *, log: Callable[[str], None] | None = _log_default):
     """Load a model by spec (see ``sensitivity.models``), rounded to 16-bit values."""
-    from sensitivity.models import load_model
+    from sensitivity.models import load_model, round_to_16bit
 
     t0 = time.perf_counter()
     loaded = load_model(spec)
@@ -71,20 +55,6 @@ def load_profile(path: str | Path):
 
 def _as_profile(profile):
     return (load_profile(profile), Path(profile)) if isinstance(profile, (str, Path)) else (profile, None)
-
-
-def calibration_batches(loaded, source: str = "generated", n_samples: int = 8, seq_len: int = 256, seed: int = 0,
-                        progress: bool = True):
-    """(ids (n, T), description dict): from a text file, or sampled from the model itself."""
-    from sensitivity import calibration as C
-
-    if source == "generated":
-        ids = C.generate_calibration(loaded.model, loaded.tokenizer, n_samples, seq_len, seed=seed)
-        spec = C.CalibrationSpec("generated", None, n_samples, seq_len, seed)
-    else:
-        ids = C.calibration_from_file(loaded.tokenizer, source, n_samples, seq_len, seed=seed)
-        spec = C.CalibrationSpec("file", str(source), n_samples, seq_len, seed)
-    return ids, spec
 
 
 def profile(
@@ -111,14 +81,10 @@ def profile(
     measurements (one forward per layer and reference scheme) use the first
     ``kl_samples`` rows (None: all), scored at every ``kl_stride``-th position. Saves to ``out`` (JSON) when given.
     """
-    from sensitivity.calibration import CalibrationSpec
     from sensitivity.profile import build_profile
 
     loaded = _as_loaded(model)
-    if calibration == "generated":
-        spec = CalibrationSpec("generated", None, n_samples, seq_len, seed)
-    else:
-        spec = CalibrationSpec("file", str(calibration), n_samples, seq_len, seed)
+    spec = _calibration_spec(calibration, n_samples, seq_len, seed)
     prof = build_profile(
         loaded, schemes=list(schemes), calibration=spec, include=list(include), exclude=list(exclude),
         ref_schemes=list(ref_schemes), progress=progress, kl_samples=kl_samples, kl_stride=kl_stride,
@@ -128,6 +94,15 @@ def profile(
     if out is not None:
         prof.save(out)
     return prof
+
+
+def _calibration_spec(source: str, n_samples: int, seq_len: int, seed: int):
+    """"generated" or a text file path -> the CalibrationSpec recorded in the profile."""
+    from sensitivity.calibration import CalibrationSpec
+
+    if source == "generated":
+        return CalibrationSpec("generated", None, n_samples, seq_len, seed)
+    return CalibrationSpec("file", str(source), n_samples, seq_len, seed)
 
 
 def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes) -> dict:
@@ -176,14 +151,23 @@ def eval_windows(loaded, text: str = "generated", n_windows: int = 8, seq_len: i
 def evaluate(model, plans: Sequence[Plan] | Mapping[str, Plan] = (), *, text: str = "generated", n_windows: int = 8,
              seq_len: int = 256, batch_size: int = 4, progress: bool = True):
     """Perplexity and KL against the 16-bit model for each plan (and the 16-bit model itself)."""
-    from .evaluate import evaluate_models
-
     loaded = _as_loaded(model)
     windows, _ = eval_windows(loaded, text, n_windows, seq_len)
     if not isinstance(plans, Mapping):
         plans = {(p.label or f"plan{i}"): p for i, p in enumerate(plans)}
-    models = {k: apply(loaded, p) for k, p in plans.items()}
-    return evaluate_models(loaded.model, models, windows, batch_size=batch_size, progress=progress)
+    return _evaluate_plans(loaded, plans, windows, batch_size=batch_size, progress=progress)
+
+
+def _evaluate_plans(loaded, plans: Mapping[str, Plan], windows, **kw):
+    """Apply every plan to the model (fingerprint checked, computed once) and score them in one pass."""
+    from sensitivity.models import fingerprint
+
+    from .evaluate import evaluate_models
+    from .executor import apply as _apply
+
+    fp = fingerprint(loaded.model)
+    models = {k: _apply(loaded.model, p, fingerprint=fp) for k, p in plans.items()}
+    return evaluate_models(loaded.model, models, windows, **kw)
 
 
 @dataclass
@@ -210,7 +194,6 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
         log: Callable[[str], None] | None = _log_default) -> RunResult:
     """The whole batch pipeline: profile (or reuse a matching saved one), sweep budgets,
     baselines, evaluation in one pass, table, plot and plans in the output folder."""
-    from .evaluate import evaluate_models
     from .report import RESULT_COLUMNS, format_table, plot_ppl_vs_bpw, write_results
     from . import baselines
 
@@ -262,13 +245,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
         key = json.dumps({k: v.scheme for k, v in plan.layers.items()}, sort_keys=True)
         unique.setdefault(key, plan)
         keys.append(key)
-    from sensitivity.models import fingerprint
-
-    fp = fingerprint(loaded.model)
-    from .executor import apply as _apply
-
-    models = {k: _apply(loaded.model, p, fingerprint=fp) for k, p in unique.items()}
-    results = evaluate_models(loaded.model, models, windows, progress=progress)
+    results = _evaluate_plans(loaded, unique, windows, progress=progress)
     timings["eval_s"] = time.perf_counter() - t0
 
     ref = results["fp16"]
@@ -300,11 +277,8 @@ def _reuse_profile(path: Path, cfg: RunConfig, log):
     except ProfileError as e:
         log(f"not reusing {path}: {e}")
         return None
-    from sensitivity.calibration import CalibrationSpec
-
     c = cfg.calibration
-    calib = CalibrationSpec("generated" if c.source == "generated" else "file",
-                            None if c.source == "generated" else c.source, c.n_samples, c.seq_len, c.seed)
+    calib = _calibration_spec(c.source, c.n_samples, c.seq_len, c.seed)
     want = _request(cfg.model.spec, cfg.profile.schemes, calib, (c.kl_samples, c.kl_stride), cfg.profile.include,
                     cfg.profile.exclude, cfg.profile.ref_schemes)
     want = json.loads(json.dumps(want))

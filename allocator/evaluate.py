@@ -94,7 +94,7 @@ def evaluate_models(
     nll = {k: 0.0 for k in labels}
     kl = {k: 0.0 for k in labels}
     agree = {k: 0 for k in labels}
-    secs = {k: 0.0 for k in labels}
+    secs = {k: 0.0 for k in ["fp16", *models]}
     count = 0
     bar = tqdm(total=n, desc=f"eval {len(models)} model(s)", unit="win", disable=not progress)
     for start in range(0, n, batch_size):
@@ -102,7 +102,7 @@ def evaluate_models(
         tgt = ids[:, 1:].reshape(-1)  # (B*(T-1),)
         t0 = time.perf_counter()
         ref_lp = F.log_softmax(_logits(ref_model, ids)[:, :-1].float(), -1).flatten(0, 1)  # (N, V)
-        secs["fp16"] = secs.get("fp16", 0.0) + time.perf_counter() - t0
+        secs["fp16"] += time.perf_counter() - t0
         ref_top = ref_lp.argmax(-1)
         if include_reference:
             nll["fp16"] += -ref_lp.gather(1, tgt[:, None]).sum().item()

@@ -350,7 +350,7 @@ def save_quantized(model: torch.nn.Module, plan: Plan, out_dir: str | Path, *, s
                 elif name in params:
                     raise ExecutorError(
                         f"parameter {name} ({_dtype_name(t.dtype)}) holds values float16 cannot represent; "
-                        "round the model to 16-bit first (allocator.load does; or allocator.api.round_to_16bit)"
+                        "round the model to 16-bit first (allocator.load does; or sensitivity.models.round_to_16bit)"
                     )
                 # a float buffer that is not fp16-exact is kept at its dtype (lossless)
         if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
@@ -426,9 +426,7 @@ def _read_meta(meta_p: Path) -> dict:
 
 
 def _load_base(spec: str, plan: Plan, check_fingerprint: bool):
-    from sensitivity.models import fingerprint, load_model
-
-    from .api import round_to_16bit
+    from sensitivity.models import fingerprint, load_model, round_to_16bit
 
     try:
         loaded = load_model(spec)

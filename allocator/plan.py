@@ -12,14 +12,13 @@ version, a corrupt file, or applying a plan to a different model is a clear erro
 from __future__ import annotations
 
 import datetime as _dt
-import fnmatch
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kernels.formats import FormatError, Scheme, parse_scheme
+from sensitivity.patterns import match_pattern
 
 __all__ = ["Plan", "PlanError", "LayerPlan", "PLAN_SCHEMA"]
 
@@ -97,7 +96,7 @@ class Plan:
         if fqn in self.layers:
             return parse_scheme(self.layers[fqn].scheme)
         for pat, sch in self.rules:
-            if _match(pat, fqn):
+            if match_pattern(pat, fqn):
                 return parse_scheme(sch)
         return parse_scheme(self.default) if self.default else None
 
@@ -182,12 +181,6 @@ class Plan:
                 f"plan was made for a different model (weights sha256 {want[:12]}…, "
                 f"{self.model.get('spec', '?')}); this model is {got[:12]}…"
             )
-
-
-def _match(pattern: str, fqn: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], fqn) is not None
-    return fnmatch.fnmatchcase(fqn, pattern)
 
 
 def _now() -> str:

@@ -13,9 +13,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from kernels.formats import FormatError, parse_scheme
+from sensitivity.patterns import match_pattern
 
 from .budget import Budget, parse_budget
-from .plan import LayerPlan, Plan, _match
+from .plan import LayerPlan, Plan
 
 __all__ = ["AllocationError", "InfeasibleBudget", "build_problem", "solve", "sweep", "plan_from_choice"]
 
@@ -43,7 +44,7 @@ def _scheme_index(profile, name: str) -> int:
 
 
 def _layers_matching(profile, pattern: str) -> list[int]:
-    idx = [i for i, l in enumerate(profile.layers) if _match(pattern, l.fqn)]
+    idx = [i for i, l in enumerate(profile.layers) if match_pattern(pattern, l.fqn)]
     if not idx:
         raise AllocationError(f"pattern {pattern!r} matches no layer of the profile")
     return idx

@@ -15,7 +15,6 @@ profile counts the shared weight's bits once).
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .models import _storage_key
+from .patterns import match_pattern
 
 __all__ = ["LayerInfo", "Skipped", "LayerSelectionError", "find_layers", "get_weight", "match_pattern"]
 
@@ -121,13 +121,6 @@ def block_of(fqn: str) -> tuple[str | None, int | None]:
         if part.isdigit():
             return ".".join(parts[: i + 1]), int(part)
     return None, None
-
-
-def match_pattern(pattern: str, fqn: str) -> bool:
-    """fnmatch-style glob on the whole fqn, or ``re:<regex>`` (``re.search``: use ^/$ to anchor)."""
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], fqn) is not None
-    return fnmatch.fnmatchcase(fqn, pattern)
 
 
 def _check_patterns(patterns: Sequence[str], field: str) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "round_to_16bit",
     "ModelSpecError",
     "LoadedModel",
     "ByteTokenizer",
@@ -363,3 +364,17 @@ def fingerprint(model: torch.nn.Module) -> dict:
         "tied": dict(aliases),
         "sha256": h.hexdigest(),
     }
+
+
+def round_to_16bit(model):
+    """Round every floating parameter to float16 values (dtype kept).
+
+    The reference model ("the 16-bit model") and the parts of a quantized model that are
+    not quantized are then exactly what a 16-bit checkpoint holds, so a saved quantized
+    model reloads to the same logits and size accounting at 16 bits is true.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.float16:
+                p.copy_(p.to(torch.float16).to(p.dtype))
+    return model

@@ -631,7 +631,7 @@ def _repair(gqp: _GroupedQP, cost: np.ndarray, capacity: int, choice: np.ndarray
     choice = np.array(choice, dtype=np.int64, copy=True)
     rows = np.arange(gqp.num_groups)
     tol = 1e-12 * gqp.magnitude
-    while (excess := int(cost[rows, choice].sum()) - capacity) > 0:
+    while int(cost[rows, choice].sum()) > capacity:
         local = gqp.local(choice)
         penalty = local - local[rows, choice][:, None]  # (G, K), +inf where not allowed
         saving = cost[rows, choice][:, None] - cost
