@@ -104,6 +104,7 @@ def evaluate_models(
         ref_lp = F.log_softmax(_logits(ref_model, ids)[:, :-1].float(), -1).flatten(0, 1)  # (N, V)
         secs["fp16"] += time.perf_counter() - t0
         ref_top = ref_lp.argmax(-1)
+        ref_p = ref_lp.exp() if models else None  # once per batch, shared by every model
         if include_reference:
             nll["fp16"] += -ref_lp.gather(1, tgt[:, None]).sum().item()
             agree["fp16"] += tgt.numel()
@@ -112,7 +113,7 @@ def evaluate_models(
             lp = F.log_softmax(_logits(m, ids)[:, :-1].float(), -1).flatten(0, 1)  # (N, V)
             secs[k] += time.perf_counter() - t0
             nll[k] += -lp.gather(1, tgt[:, None]).sum().item()
-            kl[k] += (ref_lp.exp() * (ref_lp - lp)).sum().item()
+            kl[k] += (ref_p * (ref_lp - lp)).sum().item()
             agree[k] += (lp.argmax(-1) == ref_top).sum().item()
             del lp
         count += tgt.numel()
