@@ -17,7 +17,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # flags pass through
 
 
 def base_module_for(model: torch.nn.Module, fqns: Sequence[str]) -> tuple[torch.nn.Module, str]:

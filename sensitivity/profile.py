@@ -354,6 +354,7 @@ def build_profile(
     kl_stride: int = 1,
     hessian_dtype: torch.dtype = torch.float32,
     log_fn: Callable[[str], None] | None = None,
+    groups: Any = None,
 ) -> SensitivityProfile:
     """Profile a model: layers, calibration data, Hessians, proxy, reference KL, costs.
 
@@ -370,6 +371,10 @@ def build_profile(
     matrices per input for the exact activation-error proxy), the reference log-probs
     (tokens × vocab × 4 bytes, 0.4 GB) and one cached block output per block (0.14 GB).
 
+    ``groups`` (:mod:`sensitivity.groups`: patterns + metric per group, every layer in
+    exactly one) measures each layer's ref schemes with its group's metric (all groups'
+    metrics from one forward) and gives one table per group (other groups' rows 0).
+
     A plain local loop; the per-(layer, scheme) work item is :func:`measure_item`.
     """
     from .calibration import CalibrationSpec, as_batches, load_calibration, tokens_sha256
@@ -377,6 +382,7 @@ def build_profile(
     from .layers import find_layers
     from .models import LoadedModel, fingerprint, load_model
     from .proxy import as_scheme, calibrate_proxy, compute_reference, measure_kl_deltas, proxy_table
+    from .groups import measure_ref_columns, setup_grouping
 
     say = log_fn or log.info
     t_start = time.perf_counter()
@@ -406,6 +412,7 @@ def build_profile(
 
     layers, skipped = find_layers(net, include, exclude, quantize_tied=quantize_tied)
     say(f"{len(layers)} layers selected, {len(skipped)} skipped")
+    grouping = setup_grouping(groups, layers)  # GroupError (one line) if they do not partition the layers
     for s in skipped:
         say(f"skipped {s}")
 
@@ -436,11 +443,10 @@ def build_profile(
     if kl_samples is not None:
         kl_data = {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
     kl_batches = _strided(net, as_batches(kl_data, batch_size), kl_stride)
-    reference = compute_reference(net, layers, kl_batches, None, progress, batch_size=batch_size)
+    metric_set = grouping.metric_set if grouping is not None else None
+    reference = compute_reference(net, layers, kl_batches, metric_set, progress, batch_size=batch_size)
     metric_name = reference.metric.name
-    kl = np.stack(
-        [measure_kl_deltas(net, layers, None, reference, r, progress, hessians=stats) for r in refs], axis=1
-    )
+    kl = measure_ref_columns(net, layers, reference, refs, progress, stats, grouping)
     replay = reference.replay
     reference.free()
     t = lap("measure", t)
@@ -470,6 +476,8 @@ def build_profile(
             "quantizer": "rtn",
         },
     }
+    if grouping is not None:
+        metadata.update(grouping.metadata())
     return SensitivityProfile(
         model={"spec": loaded.spec, "kind": loaded.kind, "description": loaded.description, "fingerprint": fp},
         calibration=calib_desc,
@@ -477,7 +485,7 @@ def build_profile(
         skipped=list(skipped),
         schemes=names,
         cost_bits=costs,
-        tables={"all": table},
+        tables=grouping.split(table, [layer.fqn for layer in layers]) if grouping is not None else {"all": table},
         proxy=proxy,
         kl_ref=kl,
         ref_schemes=refs,

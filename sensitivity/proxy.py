@@ -43,6 +43,7 @@ __all__ = [
     "Metric",
     "KLMetric",
     "CosineMetric",
+    "MetricSet",
     "Reference",
     "compute_reference",
     "measure_item",
@@ -173,117 +174,9 @@ def proxy_table(
 
 
 # ---------------------------------------------------------------------------------------
-# metrics
+# metrics: in sensitivity.metrics (re-exported here so existing imports keep working)
 
-
-class Metric:
-    """How a measurement compares a perturbed forward with the reference one.
-
-    ``reference(outputs, batch)`` returns what to keep of the unperturbed outputs for one
-    batch; ``score(ref, outputs, batch)`` returns ``(sum of per-item losses, item count)``;
-    the measured value is the sum over batches divided by the count (per token / item).
-    """
-
-    name = "metric"
-
-    def reference(self, outputs: Any, batch: dict) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def score(self, ref: Any, outputs: Any, batch: dict) -> tuple[float, int]:  # pragma: no cover
-        raise NotImplementedError
-
-
-def _primary(outputs: Any, key: str) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    v = getattr(outputs, key, None)
-    if v is None and isinstance(outputs, dict):
-        v = outputs.get(key)
-    if v is None:
-        v = outputs[0]
-    return v
-
-
-def _token_mask(batch: dict, shape: tuple[int, ...], device) -> torch.Tensor | None:
-    m = batch.get("attention_mask")
-    if m is None or tuple(m.shape) != tuple(shape):
-        return None
-    return m.to(device=device, dtype=torch.bool).reshape(-1)
-
-
-class KLMetric(Metric):
-    """Mean per-token ``KL(p_ref ‖ p_quant)`` of next-token distributions (nats/token).
-
-    The reference log-probs of every calibration token are kept in ``ref_dtype``: float32
-    by default, ``tokens × vocab × 4`` bytes (400 MB for 8 × 256 tokens of SmolLM2's
-    49152-word vocabulary; use fewer ``kl_samples`` to bound it further). float16 halves
-    that, but its rounding of log-probs (~|log p|·2⁻¹¹) puts a floor of roughly 1e-7–1e-6
-    nats/token under every measurement (renormalised, so it enters at second order): fine
-    for 2–4-bit references, too coarse for 8-bit schemes. KL is computed elementwise
-    (``Σ p (log p − log q)``, no cancellation) in chunks of ``chunk_tokens`` tokens.
-    Padded tokens (attention mask 0) are not counted.
-    """
-
-    name = "kl"
-
-    def __init__(self, ref_dtype: torch.dtype = torch.float32, chunk_tokens: int = 512) -> None:
-        self.ref_dtype = ref_dtype
-        self.chunk_tokens = int(chunk_tokens)
-
-    def reference(self, outputs: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs in ``ref_dtype`` (N, V), their float32 log-normaliser (N,))."""
-        logits = _primary(outputs, "logits").detach()
-        flat = logits.reshape(-1, logits.shape[-1])
-        parts, norms = [], []
-        for i in range(0, flat.shape[0], self.chunk_tokens):
-            lp = torch.log_softmax(flat[i : i + self.chunk_tokens].float(), -1).to(self.ref_dtype)
-            parts.append(lp)
-            norms.append(torch.logsumexp(lp.float(), -1))  # ~0: renormalises the rounded values
-        return torch.cat(parts, 0), torch.cat(norms, 0)
-
-    def score(self, ref: tuple[torch.Tensor, torch.Tensor], outputs: Any, batch: dict) -> tuple[float, int]:
-        ref_lp, ref_norm = ref
-        logits = _primary(outputs, "logits").detach()
-        flat = logits.reshape(-1, logits.shape[-1])
-        mask = _token_mask(batch, tuple(logits.shape[:-1]), flat.device)
-        total = torch.zeros((), dtype=torch.float64, device=flat.device)
-        for i in range(0, flat.shape[0], self.chunk_tokens):
-            sl = slice(i, i + self.chunk_tokens)
-            lr = ref_lp[sl].to(device=flat.device, dtype=torch.float32, copy=True)  # modified in place below
-            lr.sub_(ref_norm[sl].to(flat.device).unsqueeze(-1))  # log p_ref, renormalised
-            lq = torch.log_softmax(flat[sl].float(), -1)
-            p = lr.exp()
-            kl = lr.sub_(lq).mul_(p).sum(-1)  # Σ p (log p − log q), elementwise first: no cancellation
-            if mask is not None:
-                kl = kl[mask[sl]]
-            total += kl.sum(dtype=torch.float64)
-        count = int(mask.sum()) if mask is not None else flat.shape[0]
-        return float(total), count
-
-
-class CosineMetric(Metric):
-    """Mean ``1 − cos`` between mean-pooled embeddings (encoders; per sentence)."""
-
-    name = "cosine"
-
-    @staticmethod
-    def _pooled(outputs: Any, batch: dict) -> torch.Tensor:
-        h = _primary(outputs, "last_hidden_state").detach().double()  # (b, s, d)
-        m = batch.get("attention_mask")
-        if m is None or tuple(m.shape) != tuple(h.shape[:2]):
-            pooled = h.mean(1)
-        else:
-            m = m.to(device=h.device, dtype=h.dtype).unsqueeze(-1)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled, dim=-1)
-
-    def reference(self, outputs: Any, batch: dict) -> torch.Tensor:
-        return self._pooled(outputs, batch)
-
-    def score(self, ref: torch.Tensor, outputs: Any, batch: dict) -> tuple[float, int]:
-        e = self._pooled(outputs, batch)
-        cos = (e * ref.to(e.device)).sum(-1)
-        return float((1 - cos).clamp(min=0).sum()), int(e.shape[0])
+from .metrics import CosineMetric, KLMetric, Metric, MetricSet, _primary, _token_mask  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------
@@ -348,7 +241,7 @@ def _digest(outputs: Any, key: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _default_key(metric: Metric) -> str:
-    return "logits" if isinstance(metric, KLMetric) else "last_hidden_state"
+    return getattr(metric, "output_key", None) or ("logits" if isinstance(metric, KLMetric) else "last_hidden_state")
 
 
 @torch.no_grad()
@@ -365,10 +258,13 @@ def compute_reference(
     """Run the unperturbed model once over the batches and keep what measurements need.
 
     ``metric`` defaults to :class:`KLMetric` for models with logits, else
-    :class:`CosineMetric`. With ``replay`` the outputs of the blocks just before the
+    :class:`CosineMetric`; a :class:`MetricSet` keeps the state of each of its metrics (one
+    forward for all). With ``replay`` the outputs of the blocks just before the
     layers' blocks are cached (tokens × hidden × 4 bytes each) and replay is verified.
     """
     batches = as_batches(batches, batch_size)
+    if metric is not None and getattr(metric, "needs_hidden_states", False):
+        batches = [{**b, "output_hidden_states": True} for b in batches]  # the final hidden state of a causal LM
     blocks = _blocks_of(model, layers) if replay else None
     needed = sorted({layer.block_index - 1 for layer in layers if layer.block_index})
     if blocks is not None:
@@ -429,8 +325,11 @@ def measure_item(
     scheme: Any,
     reference: Reference,
     hessian: Any = None,
-) -> float:
+) -> float | dict[str, float]:
     """Metric delta (reference metric units) of quantizing ``layer`` alone with ``scheme``.
+
+    With a :class:`MetricSet` reference the result is ``{metric name: delta}``, every
+    metric scored from the same forward passes; with a single metric, a float.
 
     Idempotent and self-contained (one work item of a distributed runner, keyed by
     ``(layer.fqn, scheme name)``): the weight is fake-quantized in place (split channels by
@@ -446,8 +345,9 @@ def measure_item(
     w = get_weight(module, layer.module_type).detach()
     H = _hessian_tensor(hessian) if hessian is not None else None
     wq = quantize_layer_weight(w.to(torch.float32), scheme, H).to(param.dtype)
+    multi = isinstance(reference.metric, MetricSet)
     if scheme.act == "a16" and torch.equal(wq, w):
-        return 0.0
+        return {k: 0.0 for k in reference.metric.metrics} if multi else 0.0
     backup = param.detach().clone()
     handle = None
     try:
@@ -461,15 +361,18 @@ def measure_item(
                 return None
 
             handle = module.register_forward_pre_hook(act_hook, with_kwargs=True)
-        total, count = 0.0, 0
+        totals: dict[str, list[float]] = {}
         for i, batch in enumerate(reference.batches):
             with _replay_prefix(reference, layer.block_index, i):
                 out = forward(model, batch)
-            s, c = reference.metric.score(reference.states[i], out, batch)
+            scored = reference.metric.score(reference.states[i], out, batch)
             del out
-            total += s
-            count += c
-        return total / max(count, 1)
+            for k, (s, c) in (scored.items() if multi else (("", scored),)):
+                acc = totals.setdefault(k, [0.0, 0.0])
+                acc[0] += s
+                acc[1] += c
+        values = {k: (s / c if c > 0 else 0.0) for k, (s, c) in totals.items()}
+        return values if multi else values[""]
     finally:
         param.copy_(backup)
         if handle is not None:
