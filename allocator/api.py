@@ -73,8 +73,19 @@ def profile(
     out: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = _log_default,
+    measured: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    checkpoint_dir: str | Path | None = None,
 ):
     """Profile a model: Hessian proxy for every (layer, scheme), calibrated by measured KL.
+
+    ``measured=True`` measures every (layer, scheme) end to end instead (the expensive,
+    exact table; it becomes the solver's table): in-process by default, on a local Ray
+    instance with ``workers=N``, or on an existing cluster with ``ray_address`` (or the
+    ``RAY_ADDRESS`` environment variable). Finished items are appended to
+    ``<checkpoint_dir>/<out stem>.measure-checkpoint.jsonl`` (default folder: beside
+    ``out``; no checkpoint without either), and the same call again resumes from it.
 
     calibration: "generated" (``n_samples`` x ``seq_len`` tokens sampled from the model,
     seeded) or a text file path. The Hessians use all calibration rows; the end-to-end KL
@@ -83,14 +94,24 @@ def profile(
     """
     from sensitivity.profile import build_profile
 
+    if not measured and (workers is not None or ray_address or checkpoint_dir is not None):
+        raise ValueError("workers, ray_address and checkpoint_dir are for the measured profile (measured=True)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    ckpt = measure_checkpoint_path(out, checkpoint_dir) if measured else None
+    if ray_address:
+        from sensitivity.runner import check_ray_address
+
+        check_ray_address(ray_address)  # before the (long) model load and Hessians
     loaded = _as_loaded(model)
     spec = _calibration_spec(calibration, n_samples, seq_len, seed)
     prof = build_profile(
         loaded, schemes=list(schemes), calibration=spec, include=list(include), exclude=list(exclude),
         ref_schemes=list(ref_schemes), progress=progress, kl_samples=kl_samples, kl_stride=kl_stride,
-        log_fn=log,
+        log_fn=log, measured=measured, workers=workers, ray_address=ray_address, checkpoint=ckpt,
     )
-    prof.metadata["request"] = _request(loaded.spec, schemes, spec, (kl_samples, kl_stride), include, exclude, ref_schemes)
+    prof.metadata["request"] = _request(loaded.spec, schemes, spec, (kl_samples, kl_stride), include, exclude, ref_schemes,
+                                        measured=measured)
     if out is not None:
         prof.save(out)
     return prof
@@ -105,10 +126,23 @@ def _calibration_spec(source: str, n_samples: int, seq_len: int, seed: int):
     return CalibrationSpec("file", str(source), n_samples, seq_len, seed)
 
 
-def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes) -> dict:
+def measure_checkpoint_path(out: str | Path | None, checkpoint_dir: str | Path | None = None) -> Path | None:
+    """Where a measured profile keeps its checkpoint: ``<dir>/<out stem>.measure-checkpoint.jsonl``
+    (dir: ``checkpoint_dir``, else the folder of ``out``; None when neither is given)."""
+    if checkpoint_dir is None and out is None:
+        return None
+    stem = Path(out).stem if out is not None else "profile"
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(out).parent
+    return folder / f"{stem}.measure-checkpoint.jsonl"
+
+
+def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, measured: bool = False) -> dict:
     """What a profile was asked for; a saved profile is reused only for the same request."""
-    return {"spec": spec, "schemes": list(schemes), "calibration": calib.describe(), "kl_samples": kl_samples,
-            "include": list(include), "exclude": list(exclude), "ref_schemes": list(ref_schemes)}
+    req = {"spec": spec, "schemes": list(schemes), "calibration": calib.describe(), "kl_samples": kl_samples,
+           "include": list(include), "exclude": list(exclude), "ref_schemes": list(ref_schemes)}
+    if measured:
+        req["table"] = "measured"
+    return req
 
 
 def solve(profile, budget, **kw) -> Plan:
@@ -214,7 +248,8 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
         prof = profile(loaded, calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
                        kl_samples=c.kl_samples, kl_stride=c.kl_stride,
                        schemes=cfg.profile.schemes, include=cfg.profile.include, exclude=cfg.profile.exclude,
-                       ref_schemes=cfg.profile.ref_schemes, out=prof_path, progress=progress, log=log)
+                       ref_schemes=cfg.profile.ref_schemes, out=prof_path, progress=progress, log=log,
+                       **_measured_kw(cfg))
         timings["profile_s"] = time.perf_counter() - t0
         log(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes in {timings['profile_s']:.1f}s -> {prof_path}")
 
@@ -266,6 +301,14 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     return RunResult(rows=rows, out_dir=out, plans=plan_paths, table=table, plot=plot, timings=timings)
 
 
+def _measured_kw(cfg: RunConfig) -> dict:
+    """The measured-profile arguments of a run configuration ([profile] measured/workers/ray_address)."""
+    p = cfg.profile
+    if not p.measured:
+        return {}
+    return {"measured": True, "workers": p.workers or None, "ray_address": p.ray_address or None}
+
+
 def _reuse_profile(path: Path, cfg: RunConfig, log):
     """A saved profile in the output folder is reused when it was made with the same settings."""
     if not path.is_file():
@@ -280,7 +323,7 @@ def _reuse_profile(path: Path, cfg: RunConfig, log):
     c = cfg.calibration
     calib = _calibration_spec(c.source, c.n_samples, c.seq_len, c.seed)
     want = _request(cfg.model.spec, cfg.profile.schemes, calib, (c.kl_samples, c.kl_stride), cfg.profile.include,
-                    cfg.profile.exclude, cfg.profile.ref_schemes)
+                    cfg.profile.exclude, cfg.profile.ref_schemes, measured=cfg.profile.measured)
     want = json.loads(json.dumps(want))
     have = prof.metadata.get("request")
     if have != want:

@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--include", action="append", default=[], help="layer name pattern to include (repeatable)")
     sp.add_argument("--exclude", action="append", default=[], help="layer name pattern to exclude (repeatable)")
     sp.add_argument("--out", default="profile.json", help="where to write the profile (default profile.json)")
+    sp.add_argument("--measured", action="store_true",
+                    help="measure every (layer, scheme) end to end (the expensive table; resumable)")
+    sp.add_argument("--workers", type=int, default=None,
+                    help="with --measured: run on a local Ray instance with N workers (default in-process)")
+    sp.add_argument("--ray-address", default=None,
+                    help="with --measured: run on an existing Ray cluster (default: $RAY_ADDRESS if set)")
+    sp.add_argument("--checkpoint-dir", default=None,
+                    help="with --measured: folder of the resumable checkpoint (default: beside --out)")
 
     def solve_args(sp):
         sp.add_argument("profile", help="a profile JSON written by `bitalloc profile`")
@@ -120,8 +128,13 @@ def _cmd_profile(a) -> int:
 
     prof = api.profile(a.model, calibration=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed,
                        kl_samples=a.kl_samples, kl_stride=a.kl_stride, schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
-                       out=a.out, progress=not a.quiet)
-    print(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes -> {a.out}")
+                       out=a.out, progress=not a.quiet, measured=a.measured, workers=a.workers,
+                       ray_address=a.ray_address, checkpoint_dir=a.checkpoint_dir)
+    how = ""
+    if a.measured:
+        m = prof.metadata.get("measure", {})
+        how = f" (measured, {m.get('mode')}: {m.get('computed')} computed, {m.get('resumed')} from the checkpoint)"
+    print(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes{how} -> {a.out}")
     return 0
 
 

@@ -19,6 +19,9 @@ typo must not silently fall back to a default).
     include = []                     # layer name patterns (glob, or re:<regex>)
     exclude = []
     ref_schemes = ["w3g128z"]        # schemes measured end to end to calibrate the proxy
+    measured = false                 # true: measure every (layer, scheme) (the expensive table)
+    workers = 0                      # measured on a local Ray instance with N workers (0: in-process)
+    ray_address = ""                 # or on an existing Ray cluster ("" : RAY_ADDRESS or none)
     [solve]
     budgets = ["2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw"]
     method = "ilp"                   # ilp | dp | lagrangian
@@ -46,8 +49,8 @@ __all__ = ["RunConfig", "ConfigError", "DEFAULT_SCHEMES", "DEFAULT_BUDGETS", "lo
 
 # Candidate schemes: 2..8-bit integer formats with integer zero-points, and 16-bit.
 # No float-minimum format (it would reproduce SmolLM2's GGUF Q4_1 storage exactly).
-DEFAULT_SCHEMES = ("w2g64z", "w2g32z", "w3g128z", "w3g64z", "w3g32z", "w4g128z", "w4g64z", "w4g32z",
-                   "w5g128z", "w6g128z", "w8", "fp16")
+DEFAULT_SCHEMES = ("w2g64z", "w2g32z", "w3", "w3g128", "w3g128z", "w3g64z", "w3g32z", "w4", "w4g128", "w4g128z",
+                   "w4g64z", "w4g32z", "w5g128z", "w6g128z", "w8", "fp16")
 DEFAULT_BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
 
 
@@ -76,6 +79,9 @@ class ProfileCfg:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     ref_schemes: tuple[str, ...] = ("w3g128z",)
+    measured: bool = False
+    workers: int = 0
+    ray_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,15 @@ class RunConfig:
         missing = [s for s in self.profile.ref_schemes if s not in self.profile.schemes]
         if missing:
             raise ConfigError(f"[profile] ref_schemes {missing} must also be in schemes")
+        if not isinstance(self.profile.measured, bool):
+            raise ConfigError(f"[profile] measured must be true or false, got {self.profile.measured!r}")
+        w = self.profile.workers
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise ConfigError(f"[profile] workers must be an integer >= 0 (0: in-process), got {w!r}")
+        if not isinstance(self.profile.ray_address, str):
+            raise ConfigError(f"[profile] ray_address must be a string, got {self.profile.ray_address!r}")
+        if (w or self.profile.ray_address) and not self.profile.measured:
+            raise ConfigError("[profile] workers and ray_address need measured = true")
         for b in self.solve.budgets:
             parse_budget(b)  # BudgetError names the budget
         if self.solve.method not in ("ilp", "dp", "lagrangian"):

@@ -43,19 +43,9 @@ __all__ = [
 
 PROFILE_SCHEMA = "bitalloc.profile/1"
 DEFAULT_SCHEMES = (
-    "w2g64z",
-    "w3g128z",
-    "w3g64z",
-    "w4g128",
-    "w4g128z",
-    "w4g64z",
-    "w5g128z",
-    "w6g128z",
-    "w8g128",
-    "w8",
-    "fp8g128",
-    "fp16",
-)
+    "w2g64z", "w2g32z", "w3", "w3g128", "w3g128z", "w3g64z", "w3g32z", "w4", "w4g128", "w4g128z",
+    "w4g64z", "w4g32z", "w5g128z", "w6g128z", "w8", "fp16",
+)  # fmt: skip
 DEFAULT_REF_SCHEMES = ("w3g128z",)
 
 log = logging.getLogger("bitalloc.sensitivity")
@@ -355,6 +345,10 @@ def build_profile(
     hessian_dtype: torch.dtype = torch.float32,
     log_fn: Callable[[str], None] | None = None,
     groups: Any = None,
+    measured: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> SensitivityProfile:
     """Profile a model: layers, calibration data, Hessians, proxy, reference KL, costs.
 
@@ -375,7 +369,12 @@ def build_profile(
     exactly one) measures each layer's ref schemes with its group's metric (all groups'
     metrics from one forward) and gives one table per group (other groups' rows 0).
 
-    A plain local loop; the per-(layer, scheme) work item is :func:`measure_item`.
+    ``measured=True``: every (layer, scheme) is measured end to end
+    (:mod:`sensitivity.runner`; in-process, or on Ray with ``workers`` / ``ray_address``,
+    results appended to the JSONL ``checkpoint`` and resumed from it); the measured table
+    is the solver's table and its ref-scheme columns calibrate the proxy (``scales``).
+    Otherwise a plain local loop measures the ref schemes only; the per-(layer, scheme)
+    work item is :func:`measure_item` either way.
     """
     from .calibration import CalibrationSpec, as_batches, load_calibration, tokens_sha256
     from .hessian import collect_input_statistics
@@ -413,6 +412,8 @@ def build_profile(
     layers, skipped = find_layers(net, include, exclude, quantize_tied=quantize_tied)
     say(f"{len(layers)} layers selected, {len(skipped)} skipped")
     grouping = setup_grouping(groups, layers)  # GroupError (one line) if they do not partition the layers
+    if measured and grouping is not None:
+        raise ProfileError("a measured profile with metric groups is not supported yet (the runner measures one metric)")
     for s in skipped:
         say(f"skipped {s}")
 
@@ -439,19 +440,29 @@ def build_profile(
     t = lap("proxy", t)
     say(f"proxy: {len(layers)} layers x {len(names)} schemes in {walls['proxy']:.1f} s; measuring {', '.join(refs)}")
 
-    kl_data = data
-    if kl_samples is not None:
-        kl_data = {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
-    kl_batches = _strided(net, as_batches(kl_data, batch_size), kl_stride)
-    metric_set = grouping.metric_set if grouping is not None else None
-    reference = compute_reference(net, layers, kl_batches, metric_set, progress, batch_size=batch_size)
-    metric_name = reference.metric.name
-    kl = measure_ref_columns(net, layers, reference, refs, progress, stats, grouping)
-    replay = reference.replay
-    reference.free()
+    measure_info = None
+    if measured:
+        measured_table, measure_info, metric_name, replay = _measure_all(
+            loaded, layers, names, data, calib_desc, fp, stats, progress, say,
+            kl_samples=kl_samples, kl_stride=kl_stride, batch_size=batch_size, include=include, exclude=exclude,
+            quantize_tied=quantize_tied, workers=workers, ray_address=ray_address, checkpoint=checkpoint)
+        kl = measured_table[:, [names.index(r) for r in refs]]
+    else:
+        kl_data = data
+        if kl_samples is not None:
+            kl_data = {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
+        kl_batches = _strided(net, as_batches(kl_data, batch_size), kl_stride)
+        metric_set = grouping.metric_set if grouping is not None else None
+        reference = compute_reference(net, layers, kl_batches, metric_set, progress, batch_size=batch_size)
+        metric_name = reference.metric.name
+        kl = measure_ref_columns(net, layers, reference, refs, progress, stats, grouping)
+        replay = reference.replay
+        reference.free()
     t = lap("measure", t)
 
     table, scales = calibrate_proxy(proxy, kl, [names.index(r) for r in refs])
+    if measured:
+        table = measured_table
     costs = cost_table(layers, scheme_objs)
     other_bits, other_params = other_parameter_bits(net, layers)
     walls["total"] = round(time.perf_counter() - t_start, 3)
@@ -473,9 +484,12 @@ def build_profile(
             "kl_stride": kl_stride,
             "hessian_dtype": str(hessian_dtype).replace("torch.", ""),
             "block_replay": replay,
-            "quantizer": "rtn",
+            "quantizer": "rtn-clip",  # round-to-nearest with the per-group clip search (kernels.quant)
         },
+        "table": "measured" if measured else "calibrated-proxy",
     }
+    if measure_info is not None:
+        metadata["measure"] = measure_info
     if grouping is not None:
         metadata.update(grouping.metadata())
     return SensitivityProfile(
@@ -494,3 +508,55 @@ def build_profile(
         other_params=other_params,
         metadata=metadata,
     )
+
+
+def _is_16bit(net: torch.nn.Module) -> bool:
+    """Whether every floating parameter already holds a float16 value."""
+    with torch.no_grad():
+        return all(
+            p.dtype == torch.float16 or torch.equal(p, p.to(torch.float16).to(p.dtype))
+            for p in net.parameters() if p.is_floating_point()
+        )
+
+
+def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, say, *, kl_samples, kl_stride,
+                 batch_size, include, exclude, quantize_tied, workers, ray_address, checkpoint):
+    """The measured (L, S) table through :mod:`sensitivity.runner` (in-process or on Ray)."""
+    from .runner import WorkerContext, WorkerSetup, checkpoint_header, run_items
+
+    ids = data["input_ids"] if isinstance(data, dict) else data
+    calib = {k: v for k, v in calib_desc.items() if k not in ("tokens", "shape", "tokens_sha256")}
+    setup = WorkerSetup(
+        model=loaded.spec,
+        calibration=calib,
+        tokens=ids.tolist(),
+        attention_mask=data["attention_mask"].tolist() if isinstance(data, dict) and "attention_mask" in data else None,
+        tokens_sha256=calib_desc["tokens_sha256"],
+        fingerprint_sha256=fp["sha256"],
+        weights="16bit" if _is_16bit(loaded.model) else "as-loaded",
+        kl_samples=kl_samples,
+        kl_stride=kl_stride,
+        batch_size=batch_size,
+        metric="cosine" if loaded.kind == "encoder" else "kl",
+        include=tuple(include),
+        exclude=tuple(exclude),
+        quantize_tied=quantize_tied,
+    )
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    context = None
+    if not address and not workers:
+        context = WorkerContext(setup, loaded=loaded, data=data, hessians=stats)
+    fqns = [layer.fqn for layer in layers]
+    items = [(f, s) for f in fqns for s in names]
+    say(f"measuring {len(items)} items ({len(fqns)} layers x {len(names)} schemes)"
+        + (f" on Ray ({'cluster ' + address if address else f'{workers} local workers'})" if context is None else " in-process")
+        + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+    header = checkpoint_header(setup, names)
+    res = run_items(setup, items, checkpoint=checkpoint, header=header, workers=workers, address=address,
+                    context=context, progress=progress, log_fn=say)
+    replay = bool(context.reference.replay) if context is not None else bool(
+        (res.info.get("worker_info") or [{}])[0].get("block_replay", False))
+    if context is not None:
+        context.reference.free()
+    return res.table(fqns, names, setup.metric), res.info, setup.metric, replay
+
