@@ -7,6 +7,7 @@ mask, tie groups); everything about names, patterns and units lives here.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -50,8 +51,13 @@ def _layers_matching(profile, pattern: str) -> list[int]:
     return idx
 
 
-def loss_table(profile, group_weights: Mapping[str, float] | None = None) -> np.ndarray:
-    """Expected loss (L, S): the weighted sum of the profile's metric-group tables."""
+def loss_table(profile, group_weights: Mapping[str, float] | None = None, normalize: str = "none") -> np.ndarray:
+    """Expected loss (L, S): the weighted sum of the profile's metric-group tables, each
+    divided by its normaliser (``normalize``: see :mod:`allocator.policy`; "none": raw)."""
+    if normalize != "none":
+        from .policy import GroupPolicy, combined_loss
+
+        return combined_loss(profile, GroupPolicy(weights=group_weights, normalize=normalize))[0]
     tables = profile.tables
     weights = dict(group_weights or {g: 1.0 for g in tables})
     unknown = set(weights) - set(tables)
@@ -70,6 +76,7 @@ def build_problem(
     pins: Mapping[str, str] | None = None,
     forbid: Mapping[str, Sequence[str]] | None = None,
     group_weights: Mapping[str, float] | None = None,
+    normalize: str = "none",
 ):
     """The solver's arrays for a profile.
 
@@ -78,7 +85,7 @@ def build_problem(
     """
     from solvers import AllocationProblem
 
-    loss = loss_table(profile, group_weights)  # (L, S)
+    loss = loss_table(profile, group_weights, normalize)  # (L, S)
     cost = np.asarray(profile.cost_bits, dtype=np.int64)  # (L, S)
     L, S = cost.shape
     allowed = np.ones((L, S), dtype=bool)
@@ -195,19 +202,48 @@ def solve(
     pins: Mapping[str, str] | None = None,
     forbid: Mapping[str, Sequence[str]] | None = None,
     group_weights: Mapping[str, float] | None = None,
+    group_limits: Mapping[str, float] | None = None,
+    group_shares: Mapping[str, float] | None = None,
+    group_norm: str = "auto",
+    policy=None,
     profile_path: str | Path | None = None,
 ) -> Plan:
-    """Solve for the assignment with the least expected loss whose exact size fits the budget."""
+    """Solve for the assignment with the least expected loss whose exact size fits the budget.
+
+    Metric groups (:mod:`allocator.policy`): ``group_weights`` and ``group_norm`` shape the
+    one objective over all groups, ``group_limits`` add "group loss <= eps" constraints,
+    ``group_shares`` split the bit budget between groups solved independently; or pass a
+    ready ``policy`` (:class:`allocator.policy.GroupPolicy`).
+    """
     import solvers
 
+    from .policy import GroupPolicy, group_scales, limit_constraints
+
     budget = parse_budget(budget)
-    problem = build_problem(profile, schemes=schemes, pins=pins, forbid=forbid, group_weights=group_weights)
+    if policy is None:
+        policy = GroupPolicy(weights=group_weights, normalize=group_norm, limits=group_limits, shares=group_shares)
+    elif group_weights or group_limits or group_shares or group_norm != "auto":
+        raise AllocationError("give either policy= or the group_* options, not both")
+    policy.check(profile)
+    mode = policy.mode(profile)
+    problem = build_problem(profile, schemes=schemes, pins=pins, forbid=forbid, group_weights=policy.weights,
+                            normalize=mode)
     capacity = _capacity(profile, budget)
     lo, hi = solvers.achievable_range(problem)
     if capacity < lo:
         raise _infeasible(profile, budget, capacity, lo, hi)
     kw = {"backend": backend, "time_limit_s": time_limit_s} if method == "ilp" else {}
-    sol = solvers.solve(problem, capacity, method=method, **kw)
+    group_info = {"policy": policy.to_dict(), "normalize": mode, "scales": group_scales(profile, mode)}
+    if policy.shares:
+        sol, group_info["shares"] = _solve_shares(profile, problem, capacity, policy, method, kw, budget)
+    else:
+        extra = limit_constraints(profile, policy)
+        try:
+            sol = solvers.solve(problem, capacity, method=method, extra=extra, **kw)
+        except solvers.InfeasibleError as e:
+            if not extra:
+                raise
+            raise AllocationError(f"group limits {dict(policy.limits)} cannot be met at budget {budget.name}: {e}") from None
     assert sol.cost <= capacity, f"solver returned {sol.cost} bits over the capacity {capacity}"
     info = {
         "method": method, "backend": backend if method == "ilp" else None, "solver": sol.solver,
@@ -215,10 +251,64 @@ def solve(
         "solve_time_s": sol.solve_time_s, "capacity_bits": capacity, "used_bits": int(sol.cost),
         "options": {"schemes": list(schemes) if schemes else None, "pins": dict(pins or {}),
                     "forbid": {k: list(v) for k, v in (forbid or {}).items()},
-                    "group_weights": dict(group_weights) if group_weights else None},
+                    "group_weights": dict(policy.weights) if policy.weights else None},
     }
+    if len(profile.tables) > 1 or not policy.is_default:
+        info["groups"] = group_info
     return plan_from_choice(profile, sol.choice, budget=budget, solver=info, label=f"bitalloc@{budget.name}",
                             profile_path=profile_path, capacity=capacity)
+
+
+class _Combined:
+    """The per-group solutions of a shares solve, put together (quacks like a Solution)."""
+
+    def __init__(self, choice, cost, objective, statuses, solvers_used, time_s):
+        self.choice, self.cost, self.objective = choice, cost, objective
+        self.status = "optimal" if all(s == "optimal" for s in statuses) else "feasible"
+        self.solver = "+".join(sorted(set(solvers_used)))
+        self.gap, self.lower_bound, self.solve_time_s = None, None, time_s
+
+
+def _solve_shares(profile, problem, capacity: int, policy, method: str, kw: dict, budget: Budget):
+    """MixDQ-style: each group gets ``floor(share · capacity)`` bits and is solved alone."""
+    import solvers
+    from solvers import AllocationProblem
+
+    from .policy import group_rows, limit_constraints
+
+    rows = group_rows(profile)
+    where = {int(i): g for g, idx in rows.items() for i in idx}
+    for tie in problem.ties:
+        gs = {where[i] for i in tie}
+        if len(gs) > 1:
+            raise AllocationError(f"tied layers {[profile.layers[i].fqn for i in tie]} are in different metric groups "
+                                  f"({', '.join(sorted(gs))}); group_shares cannot split them")
+    choice = np.zeros(len(profile.layers), dtype=np.int64)
+    used, objective, statuses, names, t = 0, 0.0, [], [], 0.0
+    report = {}
+    for g, idx in rows.items():
+        cap_g = int(math.floor(policy.shares[g] * capacity))
+        pos = {int(i): k for k, i in enumerate(idx)}
+        ties = tuple(tuple(pos[i] for i in tie) for tie in problem.ties if int(tie[0]) in pos)
+        sub = AllocationProblem(loss=problem.loss[idx], cost=problem.cost[idx], allowed=problem.allowed[idx],
+                                ties=ties, names=tuple(problem.names[i] for i in idx))
+        lo, hi = solvers.achievable_range(sub)
+        if cap_g < lo:
+            raise AllocationError(f"metric group {g!r}: its share {policy.shares[g]:g} of budget {budget.name} is "
+                                  f"{cap_g} bits, below its smallest achievable {lo} bits (share >= {lo / capacity:.4f})")
+        extra = limit_constraints(profile, policy, idx, only=g)
+        try:
+            sol = solvers.solve(sub, cap_g, method=method, extra=extra, **kw)
+        except solvers.InfeasibleError as e:
+            raise AllocationError(f"metric group {g!r}: limit {policy.limits[g]:g} cannot be met within its share: {e}") from None
+        choice[idx] = sol.choice
+        used += int(sol.cost)
+        objective += float(sol.objective)
+        statuses.append(sol.status)
+        names.append(sol.solver)
+        t += float(sol.solve_time_s or 0.0)
+        report[g] = {"share": policy.shares[g], "capacity_bits": cap_g, "used_bits": int(sol.cost), "status": sol.status}
+    return _Combined(choice, used, objective, statuses, names, t), report
 
 
 def sweep(profile, budgets: Sequence[str | float | Budget], **kw) -> list[Plan]:
