@@ -20,9 +20,12 @@ from .plan import Plan
 
 __all__ = ["UNIFORM_FAMILY", "uniform_plan", "nearest_uniform", "rule_mix", "use_more_bits"]
 
-# Standard grouped formats people deploy (asymmetric, integer zero-point), small to large.
-UNIFORM_FAMILY = ("w2g64z", "w2g32z", "w3g128z", "w3g64z", "w3g32z", "w4g128z", "w4g64z", "w4g32z",
-                  "w5g128z", "w6g128z", "w8")
+# Standard grouped formats people deploy (GPTQ-style symmetric g128, AWQ-style asymmetric with an
+# integer zero-point at g128/64/32), small to large. Per-channel 3/4-bit (``w3``, ``w4``) are
+# candidates for the allocator but not uniform baselines: as a whole-model format they are far
+# worse than g128, and picking them would make the "nearest size" baseline a strawman.
+UNIFORM_FAMILY = ("w2g64z", "w2g32z", "w3g128", "w3g128z", "w3g64z", "w3g32z", "w4g128", "w4g128z", "w4g64z",
+                  "w4g32z", "w5g128z", "w6g128z", "w8")
 RULE_TARGETS = ("self_attn.v_proj", "mlp.down_proj", "attn.c_attn", "mlp.c_proj", "attention.self.value", "output.dense")
 
 

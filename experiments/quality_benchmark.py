@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--kl-samples", type=int, default=4, help="calibration rows for the per-layer KL measurements")
-    ap.add_argument("--kl-stride", type=int, default=2, help="score KL at every N-th position")
-    ap.add_argument("--ref-schemes", default="w2g64z,w3g128z",
+    ap.add_argument("--kl-stride", type=int, default=4, help="score KL at every N-th position")
+    ap.add_argument("--ref-schemes", default="w2g64z,w3g128z,w4g128z",
                     help="schemes measured end to end per layer to calibrate the proxy")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)

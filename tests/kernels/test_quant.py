@@ -78,7 +78,7 @@ def test_stored_dtypes_and_shapes():
 def test_int_symmetric_codes_and_scales(bits):
     w = _w(4, 256, seed=bits)
     fmt = Format("int", bits, 64, True)
-    qt = quantize(w, fmt)
+    qt = quantize(w, fmt, clip_search=False)
     qmax = 2 ** (bits - 1) - 1
     absmax = w.view(4, 4, 64).abs().amax(-1)
     assert torch.equal(qt.scales, (absmax / qmax).half())  # fp16 first, then quantize with it
@@ -96,7 +96,7 @@ def test_int_asymmetric_codes_zeros(bits):
     w = _w(4, 256, seed=bits) + 0.7  # shifted: min and max of different size
     w[0, :64] = w[0, :64].abs() + 0.1  # one all-positive group: min clamps to 0, zero = 0
     fmt = Format("int", bits, 64, False)
-    qt = quantize(w, fmt)
+    qt = quantize(w, fmt, clip_search=False)
     qmax = 2**bits - 1
     g = w.view(4, 4, 64)
     lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
@@ -124,7 +124,7 @@ def test_fp4_grid_sign_and_ties_to_even():
     # scale = 6/6 = 1: values land on / between grid points exactly
     row = [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.6, -6.0, 0.0, 2.9]
     w = torch.tensor([row])
-    qt = quantize(w, parse_format("fp4"))
+    qt = quantize(w, parse_format("fp4"), clip_search=False)
     assert qt.scales.item() == 1.0
     codes = unpack_codes(qt.qweight, 4, len(row))[0].tolist()
     assert codes == [7, 0, 2, 2, 4, 4, 6, 6, 8 | 1, 8 | 7, 0, 5]
@@ -140,7 +140,7 @@ def test_fp4_matches_brute_force_nearest():
     # values on a fine grid incl. every midpoint; scale 1 via a 6.0 in each row
     x = torch.cat([torch.arange(0, 6.001, 0.0625), -torch.arange(0, 6.001, 0.0625)]).view(2, -1)
     x[:, 0] = 6.0
-    codes = unpack_codes(quantize(x, parse_format("fp4")).qweight, 4, x.shape[1]).to(torch.int64)
+    codes = unpack_codes(quantize(x, parse_format("fp4"), clip_search=False).qweight, 4, x.shape[1]).to(torch.int64)
     grid = torch.tensor(FP4_E2M1_VALUES)
     dist = (x.abs()[..., None] - grid).abs()  # (2, n, 8)
     best = dist.min(-1, keepdim=True).values
@@ -148,6 +148,32 @@ def test_fp4_matches_brute_force_nearest():
     even_first = torch.where(cand % 2 == 0, cand, cand + 100).min(-1).values % 100
     assert torch.equal(codes & 7, even_first)
     assert torch.equal(codes >> 3, (x < 0).to(torch.int64))
+
+
+@pytest.mark.parametrize("name", ["w2g64z", "w3g128", "w3g64z", "w4g128z", "w4", "fp4g32"])
+def test_clip_search_never_worse_than_minmax_per_group(name):
+    from kernels.quant import CLIP_GRID, _group_params, _minmax_params, _to_groups
+
+    w = _w(8, 320, seed=3)
+    w[0, 5] = 9.0  # an outlier: clipping it pays
+    fmt = parse_format(name)
+    g = fmt.group_size or 320
+    err = lambda d: torch.nn.functional.pad((d - w).pow(2), (0, (-320) % g)).view(8, -1, g).sum(-1)  # (8, G)
+    e_clip = err(dequantize(quantize(w, fmt)))
+    e_mm = err(dequantize(quantize(w, fmt, clip_search=False)))
+    assert (e_clip <= e_mm).all(), "clip search picked a range worse than min-max"
+    assert e_clip.sum() < 0.95 * e_mm.sum(), (name, float(e_clip.sum() / e_mm.sum()))
+    # every chosen scale is one of the grid's candidates
+    wg = _to_groups(w, fmt)
+    scale, _ = _group_params(wg, fmt)
+    cands = torch.stack([_minmax_params(wg, fmt, a)[0] for a in CLIP_GRID])  # (A, out, G, 1)
+    assert (cands == scale).any(0).all()
+
+
+def test_clip_search_off_for_8_bit_and_fp8():
+    w = _w(4, 128, seed=1)
+    for name in ("w8", "fp8g128"):
+        assert torch.equal(quantize(w, name).scales, quantize(w, name, clip_search=False).scales)
 
 
 @pytest.mark.parametrize("name", ["w4g32", "w3g32z", "fp8g32", "fp4g32", "w8"])
