@@ -12,6 +12,8 @@ name       loss (units)
            ``‖h_q − h‖² / ‖h‖²`` (dimensionless; SQNR in dB is ``−10·log10`` of it,
            see :func:`nsr_to_db`). Causal LMs: the last entry of ``hidden_states``
            (after the final norm in transformers' models), requested automatically.
+           Blind to the LM head (it comes after that state): put the head in a
+           logit-metric group.
 ``cosine`` mean ``1 − cos`` between pooled sentence embeddings (encoders; per sentence;
            attention-mask mean pooling, as sentence-transformers does for MiniLM)
 ``top1``   ``1 −`` top-1 agreement of next-token predictions (fraction of tokens)
