@@ -77,8 +77,13 @@ def profile(
     workers: int | None = None,
     ray_address: str | None = None,
     checkpoint_dir: str | Path | None = None,
+    groups=None,
 ):
     """Profile a model: Hessian proxy for every (layer, scheme), calibrated by measured KL.
+
+    ``groups``: metric groups (:mod:`sensitivity.groups`; a list of ``{name, match, metric,
+    ...options}`` or :class:`MetricGroup`): each layer's references are measured with its
+    group's metric and the profile holds one table per group.
 
     ``measured=True`` measures every (layer, scheme) end to end instead (the expensive,
     exact table; it becomes the solver's table): in-process by default, on a local Ray
@@ -98,6 +103,8 @@ def profile(
         raise ValueError("workers, ray_address and checkpoint_dir are for the measured profile (measured=True)")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if measured and groups:
+        raise ValueError("metric groups are not supported with measured=True yet")
     ckpt = measure_checkpoint_path(out, checkpoint_dir) if measured else None
     if ray_address:
         from sensitivity.runner import check_ray_address
@@ -108,10 +115,10 @@ def profile(
     prof = build_profile(
         loaded, schemes=list(schemes), calibration=spec, include=list(include), exclude=list(exclude),
         ref_schemes=list(ref_schemes), progress=progress, kl_samples=kl_samples, kl_stride=kl_stride,
-        log_fn=log, measured=measured, workers=workers, ray_address=ray_address, checkpoint=ckpt,
+        log_fn=log, measured=measured, workers=workers, ray_address=ray_address, checkpoint=ckpt, groups=groups,
     )
     prof.metadata["request"] = _request(loaded.spec, schemes, spec, (kl_samples, kl_stride), include, exclude, ref_schemes,
-                                        measured=measured)
+                                        measured=measured, groups=groups)
     if out is not None:
         prof.save(out)
     return prof
@@ -136,12 +143,16 @@ def measure_checkpoint_path(out: str | Path | None, checkpoint_dir: str | Path |
     return folder / f"{stem}.measure-checkpoint.jsonl"
 
 
-def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, measured: bool = False) -> dict:
+def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, measured: bool = False, groups=None) -> dict:
     """What a profile was asked for; a saved profile is reused only for the same request."""
     req = {"spec": spec, "schemes": list(schemes), "calibration": calib.describe(), "kl_samples": kl_samples,
            "include": list(include), "exclude": list(exclude), "ref_schemes": list(ref_schemes)}
     if measured:
         req["table"] = "measured"
+    if groups:
+        from sensitivity.groups import parse_groups
+
+        req["groups"] = {g.name: g.describe() for g in parse_groups(list(groups) if isinstance(groups, tuple) else groups)}
     return req
 
 
@@ -249,7 +260,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
                        kl_samples=c.kl_samples, kl_stride=c.kl_stride,
                        schemes=cfg.profile.schemes, include=cfg.profile.include, exclude=cfg.profile.exclude,
                        ref_schemes=cfg.profile.ref_schemes, out=prof_path, progress=progress, log=log,
-                       **_measured_kw(cfg))
+                       groups=list(cfg.profile.groups) or None, **_measured_kw(cfg))
         timings["profile_s"] = time.perf_counter() - t0
         log(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes in {timings['profile_s']:.1f}s -> {prof_path}")
 
@@ -258,7 +269,8 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     plan_paths = {}
     for b in cfg.solve.budgets:
         bname = parse_budget(b).name
-        plan = _solve.solve(prof, b, method=cfg.solve.method, backend=cfg.solve.backend, profile_path=prof_path)
+        plan = _solve.solve(prof, b, method=cfg.solve.method, backend=cfg.solve.backend, profile_path=prof_path,
+                            policy=cfg.group_policy())
         entries.append((bname, "bitalloc", plan))
         if cfg.eval.baselines:
             entries.append((bname, "uniform", baselines.nearest_uniform(prof, b)))
@@ -323,7 +335,8 @@ def _reuse_profile(path: Path, cfg: RunConfig, log):
     c = cfg.calibration
     calib = _calibration_spec(c.source, c.n_samples, c.seq_len, c.seed)
     want = _request(cfg.model.spec, cfg.profile.schemes, calib, (c.kl_samples, c.kl_stride), cfg.profile.include,
-                    cfg.profile.exclude, cfg.profile.ref_schemes, measured=cfg.profile.measured)
+                    cfg.profile.exclude, cfg.profile.ref_schemes, measured=cfg.profile.measured,
+                    groups=list(cfg.profile.groups) or None)
     want = json.loads(json.dumps(want))
     have = prof.metadata.get("request")
     if have != want:

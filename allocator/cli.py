@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--schemes", type=_csv, default=None, help="restrict candidates to these schemes")
         sp.add_argument("--pin", action="append", help="PATTERN=SCHEME: force matching layers (repeatable)")
         sp.add_argument("--forbid", action="append", help="PATTERN=SCHEME: forbid a scheme there (repeatable)")
+        sp.add_argument("--group-weight", action="append", metavar="GROUP=W",
+                        help="weight of a metric group's normalised loss (repeatable; default 1)")
+        sp.add_argument("--group-norm", choices=("auto", "ref", "range", "none"), default="auto",
+                        help="how group tables are normalised before weighting (auto: ref with several groups)")
+        sp.add_argument("--group-limit", action="append", metavar="GROUP=EPS",
+                        help="constraint: predicted loss of a group <= EPS in its metric's units (repeatable)")
+        sp.add_argument("--group-share", action="append", metavar="GROUP=FRACTION",
+                        help="MixDQ-style: the group gets this fraction of the bit budget (give every group)")
 
     sp = sub.add_parser("solve", help="solve one budget: profile -> plan JSON")
     solve_args(sp)
@@ -143,8 +151,24 @@ def _solve_kw(a) -> dict:
     for k, v in _kv(a.forbid, "--forbid").items():
         forbid.setdefault(k, []).append(v)
     kw = dict(method=a.method, backend=a.backend, time_limit_s=a.time_limit, schemes=a.schemes,
-              pins=_kv(a.pin, "--pin"), forbid=forbid)
+              pins=_kv(a.pin, "--pin"), forbid=forbid, group_norm=a.group_norm,
+              group_weights=_group_numbers(a.group_weight, "--group-weight"),
+              group_limits=_group_numbers(a.group_limit, "--group-limit"),
+              group_shares=_group_numbers(a.group_share, "--group-share"))
     return kw
+
+
+def _group_numbers(items: list[str] | None, what: str) -> dict[str, float] | None:
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        try:
+            if not sep or not k.strip():
+                raise ValueError
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise ValueError(f"{what} {it!r} must look like GROUP=NUMBER") from None
+    return out or None
 
 
 def _cmd_solve(a) -> int:

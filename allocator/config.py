@@ -82,6 +82,7 @@ class ProfileCfg:
     measured: bool = False
     workers: int = 0
     ray_address: str = ""
+    groups: tuple = ()               # metric groups: [[profile.groups]] tables (sensitivity.groups)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,10 @@ class SolveCfg:
     budgets: tuple[str, ...] = DEFAULT_BUDGETS
     method: str = "ilp"
     backend: str = "highs"
+    group_weights: dict | None = None   # {group = weight}, see allocator.policy
+    group_norm: str = "auto"            # auto | ref | range | none
+    group_limits: dict | None = None    # {group = max predicted loss}
+    group_shares: dict | None = None    # {group = fraction of the bit budget}
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,19 @@ class RunConfig:
             raise ConfigError(f"[profile] ray_address must be a string, got {self.profile.ray_address!r}")
         if (w or self.profile.ray_address) and not self.profile.measured:
             raise ConfigError("[profile] workers and ray_address need measured = true")
+        if self.profile.groups:
+            from sensitivity.groups import parse_groups
+
+            try:
+                parse_groups(list(self.profile.groups), "[profile] groups")
+            except ValueError as e:
+                raise ConfigError(f"[profile] {e}") from None
+            if self.profile.measured:
+                raise ConfigError("[profile] metric groups are not supported with measured = true yet")
+        try:
+            self.group_policy()
+        except ValueError as e:
+            raise ConfigError(f"[solve] {e}") from None
         for b in self.solve.budgets:
             parse_budget(b)  # BudgetError names the budget
         if self.solve.method not in ("ilp", "dp", "lagrangian"):
@@ -142,6 +160,13 @@ class RunConfig:
             v = getattr(sec, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+
+    def group_policy(self):
+        """The [solve] group_* keys as an :class:`allocator.policy.GroupPolicy`."""
+        from .policy import GroupPolicy
+
+        s = self.solve
+        return GroupPolicy(weights=s.group_weights, normalize=s.group_norm, limits=s.group_limits, shares=s.group_shares)
 
     def to_dict(self) -> dict:
         return {f.name: {g.name: _plain(getattr(getattr(self, f.name), g.name)) for g in fields(getattr(self, f.name))}

@@ -108,3 +108,28 @@ def test_single_group_profile_unchanged():
     plan = S.solve(one, "3.5bpw")
     assert "groups" not in plan.solver
     assert S.loss_table(one).tolist() == one.tables["all"].tolist()
+
+
+def test_cli_and_config_group_policies(tmp_path, capsys):
+    from allocator.cli import main
+    from allocator.config import ConfigError, RunConfig
+
+    path = _profile().save(tmp_path / "p.json")
+    assert main(["--quiet", "solve", str(path), "--budget", "4bpw", "--group-share", "a=0.6", "--group-share", "b=0.4",
+                 "--out", str(tmp_path / "plan.json")]) == 0
+    assert main(["--quiet", "solve", str(path), "--budget", "3.5bpw", "--group-limit", "a=1e-9",
+                 "--out", str(tmp_path / "plan2.json")]) == 2
+    assert "cannot be met" in capsys.readouterr().err
+    assert main(["--quiet", "sweep", str(path), "--budgets", "3bpw,4bpw", "--group-weight", "a=3", "--group-norm", "range",
+                 "--out-dir", str(tmp_path / "plans")]) == 0
+    assert main(["--quiet", "solve", str(path), "--budget", "4bpw", "--group-weight", "a"]) == 2
+    assert "GROUP=NUMBER" in capsys.readouterr().err
+    cfg = RunConfig.from_dict({"profile": {"groups": [{"name": "attn", "match": ["*.self_attn.*"], "metric": "kl",
+                                                       "exclude_positions": [0]},
+                                                      {"name": "mlp", "match": ["*.mlp.*"], "metric": "sqnr"}]},
+                               "solve": {"group_weights": {"attn": 2.0}, "group_norm": "range"}})
+    assert cfg.group_policy().weights == {"attn": 2.0} and cfg.to_dict()["profile"]["groups"][0]["name"] == "attn"
+    with pytest.raises(ConfigError, match="unknown metric 'klx'"):
+        RunConfig.from_dict({"profile": {"groups": [{"name": "a", "match": ["*"], "metric": "klx"}]}})
+    with pytest.raises(ConfigError, match=r"\[solve\] group_shares sum"):
+        RunConfig.from_dict({"solve": {"group_shares": {"a": 0.8, "b": 0.8}}})
