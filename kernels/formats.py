@@ -46,6 +46,9 @@ __all__ = [
     "INT_BITS",
     "GROUP_SIZES",
     "ACTIVATIONS",
+    "DEFAULT_RATIOS",
+    "split_family",
+    "split_families",
 ]
 
 INT_BITS = (2, 3, 4, 5, 6, 8)
@@ -296,3 +299,54 @@ def parse_scheme(name: str) -> Scheme:
         except FormatError as e:
             raise FormatError(f"unknown scheme {name!r}: high part: {e}") from None
     return Scheme(weight, act, high, ratio)
+
+
+DEFAULT_RATIOS = (0.0, 0.02, 0.05, 0.10, 0.15, 0.20)
+
+
+def split_family(low: str | Format = "w2g64z", high_bits: int | None = None,
+                 ratios=DEFAULT_RATIOS) -> list[Scheme]:
+    """The high-impact split schemes for one low format: one scheme per ratio.
+
+    ``low`` is the low part's format (name or :class:`Format`, an integer format);
+    ``high_bits`` the high part's width (default ``low.bits + 1``: 3 bits over a 2-bit
+    low part, 4 over 3-bit, as in Pham et al. 2025; 16 keeps those channels in fp16);
+    the high part shares the low part's group size and symmetry (what ``parse_scheme``
+    reads from ``w2g64z+h3r0.05``). Ratio 0 gives the plain low scheme. Ratios must be
+    distinct and in [0, 1); the result is in the order given.
+
+    >>> [s.name for s in split_family("w2g64z", ratios=(0, 0.05))]
+    ['w2g64z', 'w2g64z+h3r0.05']
+    """
+    fmt = parse_format(low) if isinstance(low, str) else low
+    if not isinstance(fmt, Format) or fmt.kind != "int":
+        raise FormatError(f"split_family: the low part must be an integer format, got {low!r}")
+    hb = fmt.bits + 1 if high_bits is None else int(high_bits)
+    if hb != 16 and hb <= fmt.bits:
+        raise FormatError(f"split_family: high_bits ({hb}) must exceed the low part's {fmt.bits} bits (or be 16)")
+    high = FP16 if hb == 16 else Format("int", hb, fmt.group_size, fmt.symmetric)
+    rs = [float(r) for r in ratios]
+    if len(set(rs)) != len(rs):
+        raise FormatError(f"split_family: ratios contain duplicates: {rs}")
+    out = []
+    for r in rs:
+        if not 0 <= r < 1:
+            raise FormatError(f"split_family: ratio must be in [0, 1), got {r}")
+        out.append(Scheme(fmt) if r == 0 else Scheme(fmt, "a16", high, r))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise FormatError(f"split_family: ratios {rs} give duplicate scheme names {names} (4 decimals are kept)")
+    return out
+
+
+def split_families(lows=("w2g64z", "w3g64z"), high_bits=None, ratios=DEFAULT_RATIOS) -> list[Scheme]:
+    """:func:`split_family` for several low formats, concatenated (``high_bits``: one value
+    for all, a sequence per low format, or None for low bits + 1)."""
+    if high_bits is None or isinstance(high_bits, int):
+        high_bits = [high_bits] * len(lows)
+    if len(high_bits) != len(lows):
+        raise FormatError(f"split_families: {len(high_bits)} high_bits for {len(lows)} low formats")
+    out: list[Scheme] = []
+    for lo, hb in zip(lows, high_bits):
+        out += split_family(lo, hb, ratios)
+    return out

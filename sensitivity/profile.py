@@ -111,6 +111,10 @@ class SensitivityProfile:
     other_params: int
     metadata: dict = field(default_factory=dict)
     schema_version: str = PROFILE_SCHEMA
+    # optional (older profiles have neither): per-layer input-channel saliency (fqn -> (in,)),
+    # the method in metadata["saliency"]; and measured pair terms (see sensitivity.pairs)
+    saliency: dict | None = None
+    pairs: dict | None = None
 
     def __post_init__(self) -> None:
         if self.schema_version != PROFILE_SCHEMA:
@@ -147,6 +151,24 @@ class SensitivityProfile:
             raise ProfileError("profile other_bits/other_params must be non-negative")
         object.__setattr__(self, "other_bits", int(self.other_bits))
         object.__setattr__(self, "other_params", int(self.other_params))
+        if self.saliency is not None:
+            if not isinstance(self.saliency, dict):
+                raise ProfileError("profile field 'saliency' must be an object of layer -> vector")
+            sal = {}
+            for layer in self.layers:
+                if layer.fqn in self.saliency:
+                    v = _array(self.saliency[layer.fqn], np.float64, f"saliency.{layer.fqn}", (layer.in_features,))
+                    if not np.isfinite(v).all():
+                        raise ProfileError(f"profile field 'saliency.{layer.fqn}' has NaN or inf entries")
+                    sal[layer.fqn] = v
+            extra = set(self.saliency) - set(fqns)
+            if extra:
+                raise ProfileError(f"profile saliency names unknown layer(s): {sorted(extra)[:3]}")
+            object.__setattr__(self, "saliency", sal)
+        if self.pairs is not None:
+            from .pairs import check_pairs
+
+            object.__setattr__(self, "pairs", check_pairs(self.pairs, fqns, self.schemes))
 
     # -- access ----------------------------------------------------------------------
     @property
@@ -196,6 +218,8 @@ class SensitivityProfile:
             "kl_ref": _jsonable(self.kl_ref),
             "scales": _jsonable(self.scales),
             "metadata": self.metadata,
+            **({"saliency": {f: _jsonable(v) for f, v in self.saliency.items()}} if self.saliency is not None else {}),
+            **({"pairs": self.pairs} if self.pairs is not None else {}),
         }
 
     @classmethod
@@ -235,6 +259,8 @@ class SensitivityProfile:
             other_params=d["other_params"],
             metadata=d.get("metadata") or {},
             schema_version=version,
+            saliency=d.get("saliency"),
+            pairs=d.get("pairs"),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -349,6 +375,11 @@ def build_profile(
     workers: int | None = None,
     ray_address: str | None = None,
     checkpoint: str | os.PathLike | None = None,
+    saliency: str = "hessian",
+    quantizer: str = "rtn",
+    pairs: str | None = None,
+    pair_schemes: Sequence[Any] | None = None,
+    pair_ref: Any = None,
 ) -> SensitivityProfile:
     """Profile a model: layers, calibration data, Hessians, proxy, reference KL, costs.
 
@@ -375,6 +406,17 @@ def build_profile(
     is the solver's table and its ref-scheme columns calibrate the proxy (``scales``).
     Otherwise a plain local loop measures the ref schemes only; the per-(layer, scheme)
     work item is :func:`measure_item` either way.
+
+    ``saliency`` (``"hessian"``, ``"obq"`` or ``"fisher"``, :mod:`sensitivity.saliency`)
+    chooses the channels split schemes keep high, in the proxy and the measurements alike;
+    the vectors are stored in the profile (``saliency``) so a plan records the same channels.
+    ``quantizer`` (``"rtn"`` or ``"gptq"``, reusing the collected Hessians) quantizes the
+    weights of the proxy and measured tables; recorded in ``metadata["options"]["quantizer"]``.
+
+    ``pairs`` (``"full"`` or ``"reduced"``, needs ``measured=True``): also measure the
+    same-block pair interactions (:mod:`sensitivity.pairs`) as joint items of the same run
+    and checkpoint, over ``pair_schemes`` (default: all schemes; reduced: at ``pair_ref``,
+    default the first pair scheme); stored in the profile's ``pairs`` field.
     """
     from .calibration import CalibrationSpec, as_batches, load_calibration, tokens_sha256
     from .hessian import collect_input_statistics
@@ -412,6 +454,8 @@ def build_profile(
     layers, skipped = find_layers(net, include, exclude, quantize_tied=quantize_tied)
     say(f"{len(layers)} layers selected, {len(skipped)} skipped")
     grouping = setup_grouping(groups, layers)  # GroupError (one line) if they do not partition the layers
+    if pairs is not None and not measured:
+        raise ProfileError("pair terms need the measured table (measured=True): M's diagonal is measured")
     if measured and grouping is not None:
         raise ProfileError("a measured profile with metric groups is not supported yet (the runner measures one metric)")
     for s in skipped:
@@ -436,16 +480,36 @@ def build_profile(
     t = lap("hessians", t)
     say(f"hessians: {len({id(a) for a in stats.values()})} distinct layer inputs in {walls['hessians']:.1f} s")
 
-    proxy = proxy_table(net, layers, stats, scheme_objs, progress, act_stats=stats if acts else None)
+    from .proxy import QUANTIZERS
+    from .saliency import SALIENCY_METHODS, fisher_diagonals, layer_saliencies
+
+    if saliency not in SALIENCY_METHODS:
+        raise ProfileError(f"saliency must be one of {SALIENCY_METHODS}, got {saliency!r}")
+    if quantizer not in QUANTIZERS:
+        raise ProfileError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+    if quantizer != "rtn" and grouping is not None:
+        raise ProfileError("metric groups with quantizer 'gptq' are not supported yet")
+    fisher = fisher_diagonals(net, layers, data, batch_size=batch_size, progress=progress) if saliency == "fisher" else None
+    sal = layer_saliencies(net, layers, saliency, hessians=stats, fisher=fisher)
+    del fisher
+    t = lap("saliency", t)
+    proxy = proxy_table(net, layers, stats, scheme_objs, progress, act_stats=stats if acts else None,
+                        quantizer=quantizer, saliency=sal)
     t = lap("proxy", t)
     say(f"proxy: {len(layers)} layers x {len(names)} schemes in {walls['proxy']:.1f} s; measuring {', '.join(refs)}")
 
     measure_info = None
+    pair_field = None
     if measured:
         measured_table, measure_info, metric_name, replay = _measure_all(
             loaded, layers, names, data, calib_desc, fp, stats, progress, say,
             kl_samples=kl_samples, kl_stride=kl_stride, batch_size=batch_size, include=include, exclude=exclude,
-            quantize_tied=quantize_tied, workers=workers, ray_address=ray_address, checkpoint=checkpoint)
+            quantize_tied=quantize_tied, workers=workers, ray_address=ray_address, checkpoint=checkpoint,
+            quantizer=quantizer, saliency=(saliency, sal),
+            pairs=(pairs, [as_scheme(x).name for x in (pair_schemes or names)],
+                   None if pair_ref is None else ([as_scheme(pair_ref).name] * 2 if isinstance(pair_ref, str)
+                                                  else [as_scheme(x).name for x in pair_ref])) if pairs else None)
+        pair_field = measure_info.pop("pairs_field", None)
         kl = measured_table[:, [names.index(r) for r in refs]]
     else:
         kl_data = data
@@ -455,7 +519,13 @@ def build_profile(
         metric_set = grouping.metric_set if grouping is not None else None
         reference = compute_reference(net, layers, kl_batches, metric_set, progress, batch_size=batch_size)
         metric_name = reference.metric.name
-        kl = measure_ref_columns(net, layers, reference, refs, progress, stats, grouping)
+        if quantizer == "rtn" and saliency == "hessian":
+            kl = measure_ref_columns(net, layers, reference, refs, progress, stats, grouping)
+        else:  # the same items with this quantizer / these split channels (no metric groups here)
+            from .proxy import measure_item
+
+            kl = np.array([[measure_item(net, layer, r, reference, stats.get(layer.fqn), quantizer=quantizer,
+                                         saliency=sal[layer.fqn]) for r in refs] for layer in layers], dtype=np.float64)
         replay = reference.replay
         reference.free()
     t = lap("measure", t)
@@ -484,8 +554,11 @@ def build_profile(
             "kl_stride": kl_stride,
             "hessian_dtype": str(hessian_dtype).replace("torch.", ""),
             "block_replay": replay,
-            "quantizer": "rtn-clip",  # round-to-nearest with the per-group clip search (kernels.quant)
+            # "rtn": round-to-nearest with the per-group clip search (kernels.quant); "gptq": kernels.gptq
+            "quantizer": "rtn-clip" if quantizer == "rtn" else quantizer,
         },
+        "quantizer": quantizer,
+        "saliency": saliency,
         "table": "measured" if measured else "calibrated-proxy",
     }
     if measure_info is not None:
@@ -507,6 +580,8 @@ def build_profile(
         other_bits=other_bits,
         other_params=other_params,
         metadata=metadata,
+        saliency={f: v.numpy().astype(np.float64) for f, v in sal.items()},
+        pairs=pair_field,
     )
 
 
@@ -520,7 +595,8 @@ def _is_16bit(net: torch.nn.Module) -> bool:
 
 
 def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, say, *, kl_samples, kl_stride,
-                 batch_size, include, exclude, quantize_tied, workers, ray_address, checkpoint):
+                 batch_size, include, exclude, quantize_tied, workers, ray_address, checkpoint,
+                 quantizer="rtn", saliency=("hessian", None), pairs=None):
     """The measured (L, S) table through :mod:`sensitivity.runner` (in-process or on Ray)."""
     from .runner import WorkerContext, WorkerSetup, checkpoint_header, run_items
 
@@ -541,22 +617,45 @@ def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, s
         include=tuple(include),
         exclude=tuple(exclude),
         quantize_tied=quantize_tied,
+        quantizer=quantizer,
+        saliency=saliency[0],
+        saliency_values={f: v.tolist() for f, v in saliency[1].items()} if saliency[1] is not None else None,
     )
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
     context = None
     if not address and not workers:
-        context = WorkerContext(setup, loaded=loaded, data=data, hessians=stats)
+        context = WorkerContext(setup, loaded=loaded, data=data, hessians=stats, saliency=saliency[1])
     fqns = [layer.fqn for layer in layers]
     items = [(f, s) for f in fqns for s in names]
+    pair_list = None
+    if pairs is not None:
+        from .pairs import block_pairs, pair_items
+
+        model_kind, pair_names, ref = pairs
+        bad = [x for x in pair_names + list(ref or []) if x not in names]
+        if bad:
+            raise ProfileError(f"pair scheme {bad[0]!r} is not one of the schemes")
+        pair_list = block_pairs(layers)
+        joint = pair_items(pair_list, pair_names, model_kind, ref)
+        say(f"pair terms ({model_kind}): {len(pair_list)} same-block pairs -> {len(joint)} joint items")
+        items += joint
     say(f"measuring {len(items)} items ({len(fqns)} layers x {len(names)} schemes)"
         + (f" on Ray ({'cluster ' + address if address else f'{workers} local workers'})" if context is None else " in-process")
         + (f"; checkpoint {checkpoint}" if checkpoint else ""))
-    header = checkpoint_header(setup, names)
+    header = checkpoint_header(setup, names, quantizer=quantizer)
     res = run_items(setup, items, checkpoint=checkpoint, header=header, workers=workers, address=address,
                     context=context, progress=progress, log_fn=say)
     replay = bool(context.reference.replay) if context is not None else bool(
         (res.info.get("worker_info") or [{}])[0].get("block_replay", False))
     if context is not None:
         context.reference.free()
+    if pair_list is not None:
+        from .pairs import SEP, pairs_from_values
+
+        single = {k: v[setup.metric] for k, v in res.values.items() if SEP not in k[0]}
+        joint_v = {k: v[setup.metric] for k, v in res.values.items() if SEP in k[0]}
+        res.info["pairs_field"] = pairs_from_values(pair_list, pair_names, single, joint_v, model_kind, ref,
+                                                    setup.metric)
+        res.info["pair_items"] = len(joint_v)
     return res.table(fqns, names, setup.metric), res.info, setup.metric, replay
 

@@ -82,14 +82,33 @@ def hessian_saliency(w: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
     return torch.diagonal(H).to(torch.float32).to(energy.device) * energy
 
 
-def quantize_layer_weight(w: torch.Tensor, scheme: Any, H: torch.Tensor | None = None) -> torch.Tensor:
-    """RTN fake-quantized ``w (out, in)`` for a scheme; a split keeps the ``k`` channels of
-    highest Hessian saliency (:func:`hessian_saliency`) in the high format. Same dtype as w."""
+QUANTIZERS = ("rtn", "gptq")
+
+
+def quantize_layer_weight(w: torch.Tensor, scheme: Any, H: torch.Tensor | None = None, *, quantizer: str = "rtn",
+                          saliency: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake-quantized ``w (out, in)`` for a scheme, same dtype as w.
+
+    ``quantizer``: ``"rtn"`` (round-to-nearest, kernels.quant) or ``"gptq"`` (kernels.gptq,
+    needs ``H``). A split keeps the ``k`` channels of highest ``saliency`` (an (in,)
+    vector, see :mod:`sensitivity.saliency`; default :func:`hessian_saliency`) high.
+    """
     from kernels.quant import select_high_channels
 
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
     scheme = as_scheme(scheme)
     k = scheme.n_high(w.shape[1])
-    idx = select_high_channels(hessian_saliency(w, H), k) if k else None
+    idx = None
+    if k:
+        sal = saliency if saliency is not None else hessian_saliency(w, H)
+        idx = select_high_channels(torch.as_tensor(sal).to(torch.float64).cpu(), k)
+    if quantizer == "gptq" and scheme.is_quantized:
+        if H is None:
+            raise ValueError("quantizer 'gptq' needs the layer's Hessian")
+        from kernels.gptq import gptq_fake_quantize_weight
+
+        return gptq_fake_quantize_weight(w, scheme, H.to(device=w.device, dtype=torch.float32), idx)
     return _fake_quantize_weight()(w, scheme, idx)
 
 
@@ -125,6 +144,8 @@ def proxy_table(
     progress: bool = True,
     *,
     act_stats: dict[str, Any] | None = None,
+    quantizer: str = "rtn",
+    saliency: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """``(L, S)`` float64 table of output errors ``tr(ΔW H ΔWᵀ)``, ``ΔW = Q_s(W) − W``.
 
@@ -149,15 +170,22 @@ def proxy_table(
         H = _hessian_tensor(hessians[layer.fqn])
         w = get_weight(_module(model, layer.fqn), layer.module_type).detach().to(torch.float32)
         H = H.to(device=w.device, dtype=torch.float32)
-        saliency = None
+        sal = saliency.get(layer.fqn) if saliency else None
         for j, s in enumerate(schemes):
             k = s.n_high(w.shape[1])
             idx = None
             if k:
-                if saliency is None:
-                    saliency = hessian_saliency(w, H)
-                idx = select_high_channels(saliency, k)
-            wq = w.to(torch.float16).to(torch.float32) if not s.is_quantized else fq(w, s, idx)
+                if sal is None:
+                    sal = hessian_saliency(w, H)
+                idx = select_high_channels(torch.as_tensor(sal).to(torch.float64).cpu(), k)
+            if not s.is_quantized:
+                wq = w.to(torch.float16).to(torch.float32)
+            elif quantizer == "gptq":
+                from kernels.gptq import gptq_fake_quantize_weight
+
+                wq = gptq_fake_quantize_weight(w, s, H, idx)
+            else:
+                wq = fq(w, s, idx)
             d = wq - w
             err = ((d @ H) * d).sum(dtype=torch.float64)
             if s.act != "a16":
@@ -325,6 +353,9 @@ def measure_item(
     scheme: Any,
     reference: Reference,
     hessian: Any = None,
+    *,
+    quantizer: str = "rtn",
+    saliency: Any = None,
 ) -> float | dict[str, float]:
     """Metric delta (reference metric units) of quantizing ``layer`` alone with ``scheme``.
 
@@ -344,7 +375,7 @@ def measure_item(
     param = module.weight
     w = get_weight(module, layer.module_type).detach()
     H = _hessian_tensor(hessian) if hessian is not None else None
-    wq = quantize_layer_weight(w.to(torch.float32), scheme, H).to(param.dtype)
+    wq = quantize_layer_weight(w.to(torch.float32), scheme, H, quantizer=quantizer, saliency=saliency).to(param.dtype)
     multi = isinstance(reference.metric, MetricSet)
     if scheme.act == "a16" and torch.equal(wq, w):
         return {k: 0.0 for k in reference.metric.metrics} if multi else 0.0

@@ -59,7 +59,8 @@ IN_FLIGHT_PER_ACTOR = 2
 
 log = logging.getLogger("bitalloc.sensitivity")
 
-Key = tuple[str, str]  # (layer fqn, scheme name)
+Key = tuple[str, str]  # (layer fqn, scheme name); a joint item: ("a|b", "sa|sb")
+PAIR_SEP = "|"
 
 
 class RunnerError(ValueError):
@@ -105,6 +106,11 @@ class WorkerSetup:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     quantize_tied: bool = False
+    # how split channels are chosen and weights quantized (sensitivity.saliency, proxy.QUANTIZERS);
+    # saliency_values: fqn -> (in,) list, the driver's vectors (workers then use exactly those)
+    quantizer: str = "rtn"
+    saliency: str = "hessian"
+    saliency_values: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -142,7 +148,8 @@ class WorkerContext:
     which avoids loading and computing them twice. Measurement is the same either way.
     """
 
-    def __init__(self, setup: WorkerSetup, *, loaded: Any = None, data: Any = None, hessians: dict | None = None) -> None:
+    def __init__(self, setup: WorkerSetup, *, loaded: Any = None, data: Any = None, hessians: dict | None = None,
+                 saliency: dict | None = None) -> None:
         import torch
 
         from .calibration import CalibrationSpec, load_calibration, tokens_sha256
@@ -189,12 +196,15 @@ class WorkerContext:
         batches = _strided(net, as_batches(kl_data, setup.batch_size), setup.kl_stride)
         self.reference = compute_reference(net, self.layers, batches, _metric(setup.metric), False, batch_size=setup.batch_size)
         self.metric_name = setup.metric
+        self._saliency = saliency if saliency is not None else (
+            {f: torch.tensor(v, dtype=torch.float64) for f, v in setup.saliency_values.items()}
+            if setup.saliency_values is not None else None)
         self.setup_s = time.perf_counter() - t0
         self.n_items = 0
 
     def _hessian(self, fqn: str, scheme) -> Any:
         layer = self.by_fqn[fqn]
-        if not scheme.n_high(layer.in_features):
+        if not scheme.n_high(layer.in_features) and (self.setup.quantizer == "rtn" or not scheme.is_quantized):
             return None
         if self.hessians is None:
             from .hessian import collect_input_statistics
@@ -203,14 +213,67 @@ class WorkerContext:
                 self.loaded.model, self.layers, self.data, False, batch_size=self.setup.batch_size)
         return self.hessians.get(fqn)
 
+    def saliency_of(self, fqn: str):
+        """The layer's split-channel saliency: the driver's vector, else computed by ``setup.saliency``."""
+        if self._saliency is None:
+            self._saliency = {}
+        if fqn not in self._saliency:
+            from .saliency import fisher_diagonals, layer_saliencies
+
+            layer = self.by_fqn[fqn]
+            if self.setup.saliency == "hessian":
+                return None  # measure_item's default (diag(H)·‖W_j‖²)
+            fisher = None
+            if self.setup.saliency == "fisher":
+                if not hasattr(self, "_fisher"):
+                    self._fisher = fisher_diagonals(self.loaded.model, self.layers, self.data,
+                                                    batch_size=self.setup.batch_size)
+                fisher = self._fisher
+            hs = {fqn: self._hessian_any(fqn)} if self.setup.saliency == "obq" else None
+            self._saliency[fqn] = layer_saliencies(self.loaded.model, [layer], self.setup.saliency,
+                                                   hessians=hs, fisher=fisher)[fqn]
+        return self._saliency[fqn]
+
+    def _hessian_any(self, fqn: str):
+        if self.hessians is None:
+            from .hessian import collect_input_statistics
+
+            self.hessians = collect_input_statistics(
+                self.loaded.model, self.layers, self.data, False, batch_size=self.setup.batch_size)
+        return self.hessians.get(fqn)
+
     def evaluate(self, fqn: str, scheme: str) -> dict[str, float]:
-        """The item's values: ``{metric name: measured delta}``."""
+        """The item's values: ``{metric name: measured delta}``.
+
+        A pair item (:mod:`sensitivity.pairs`) joins layers and schemes with ``|``
+        (``"a|b"``, ``"sa|sb"``): those layers quantized together.
+        """
         from .proxy import as_scheme, measure_item
 
+        if PAIR_SEP in fqn or PAIR_SEP in scheme:
+            return self._evaluate_joint(fqn, scheme)
         if fqn not in self.by_fqn:
             raise RunnerError(f"layer {fqn!r} is not among the worker's selected layers")
         s = as_scheme(scheme)
-        v = measure_item(self.loaded.model, self.by_fqn[fqn], s, self.reference, self._hessian(fqn, s))
+        v = measure_item(self.loaded.model, self.by_fqn[fqn], s, self.reference, self._hessian(fqn, s),
+                         quantizer=self.setup.quantizer, saliency=self.saliency_of(fqn))
+        self.n_items += 1
+        return v if isinstance(v, dict) else {self.metric_name: float(v)}
+
+    def _evaluate_joint(self, fqn: str, scheme: str) -> dict[str, float]:
+        from .pairs import measure_joint
+        from .proxy import as_scheme
+
+        fqns, schemes = fqn.split(PAIR_SEP), scheme.split(PAIR_SEP)
+        if len(fqns) != len(schemes):
+            raise RunnerError(f"joint item {fqn!r} / {scheme!r}: {len(fqns)} layers but {len(schemes)} schemes")
+        parts = []
+        for f, sn in zip(fqns, schemes):
+            if f not in self.by_fqn:
+                raise RunnerError(f"layer {f!r} is not among the worker's selected layers")
+            s = as_scheme(sn)
+            parts.append((self.by_fqn[f], s, self._hessian(f, s), self.saliency_of(f)))
+        v = measure_joint(self.loaded.model, parts, self.reference, quantizer=self.setup.quantizer)
         self.n_items += 1
         return v if isinstance(v, dict) else {self.metric_name: float(v)}
 
@@ -249,6 +312,8 @@ def checkpoint_header(setup: WorkerSetup, schemes: Sequence[str], *, quantizer: 
         "weights": setup.weights,
         "quantizer": quantizer,
     }
+    if setup.saliency != "hessian":  # only when not the default, so older checkpoints keep their hash
+        config["saliency"] = setup.saliency
     return {
         "schema": CHECKPOINT_SCHEMA,
         "model": {"spec": setup.model, "fingerprint_sha256": model_sha256 or setup.fingerprint_sha256},
