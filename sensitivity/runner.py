@@ -277,6 +277,13 @@ class WorkerContext:
         self.n_items += 1
         return v if isinstance(v, dict) else {self.metric_name: float(v)}
 
+    def warmup(self) -> None:
+        """One throw-away measurement (lazy imports, allocator warm-up) so item timings are steady."""
+        if self.layers:
+            from .proxy import measure_item
+
+            measure_item(self.loaded.model, self.layers[0], "w8", self.reference, None)
+
     def info(self) -> dict:
         import torch
 
@@ -578,6 +585,7 @@ def _actor_class(ray):
 
             torch.set_num_threads(max(1, int(threads)))
             self.ctx = WorkerContext(WorkerSetup.from_dict(setup))
+            self.ctx.warmup()
 
         def ready(self) -> dict:
             return self.ctx.info()
@@ -608,6 +616,7 @@ def _run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wo
     except ImportError:  # pragma: no cover - ray is a dependency
         raise RunnerError("the Ray runner needs the 'ray' package (pip install ray)") from None
     started = False
+    t_init = time.perf_counter()
     if not ray.is_initialized():
         try:
             if address:
@@ -618,6 +627,7 @@ def _run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wo
         except Exception as e:  # noqa: BLE001 - any failure to start/connect is one error line
             raise RunnerError(f"cannot start or connect to Ray{f' at {address!r}' if address else ''}: {_first_line(e)}") from None
         started = True
+    info["ray_init_s"] = round(time.perf_counter() - t_init, 3)
     try:
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -668,6 +678,7 @@ def _run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wo
             spawn()  # a replacement; it joins when (if) the cluster has room for it
 
         t_start = time.perf_counter()
+        t_first = None
         for _ in range(workers):
             spawn()
         last_progress = time.monotonic()
@@ -680,6 +691,8 @@ def _run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wo
                         continue
                     in_flight[actors[aid].evaluate.remote(*key)] = (aid, key)
                     load[aid] += 1
+                    if t_first is None:
+                        t_first = time.perf_counter()
             waiting = list(ready_refs) + list(in_flight)
             if not waiting:
                 raise RunnerError("no Ray workers left to run the remaining items")
@@ -726,6 +739,7 @@ def _run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wo
                 remaining.discard(key)
                 record(key, v)
                 bar.update()
+        info["measure_s"] = round(time.perf_counter() - (t_first or t_start), 3)  # first item out to last back
         # per-worker statistics (peak RSS etc.) from the workers still alive
         refs = {aid: actors[aid].info.remote() for aid in live}
         for aid, r in refs.items():

@@ -252,12 +252,13 @@ def test_worker_node_removed_mid_run(setup, items, baseline, tmp_path):
     seen = []
     try:
         res = run_items(setup, items, address=cluster.address, workers=2, threads_per_worker=1, progress=False,
-                        checkpoint=tmp_path / "c.jsonl", stall_timeout_s=120,
+                        checkpoint=tmp_path / "c.jsonl", stall_timeout_s=120, wait_all_ready=True,
                         on_result=lambda k, v: (seen.append(k), kill_one(k, v)))
     finally:
         cluster.shutdown()
     assert removed, "the node was never removed"
     assert res.info["mode"] == "ray-cluster" and res.info["actor_failures"] >= 1
+    assert res.info["resubmitted"] >= 1  # the lost node's in-flight items ran elsewhere
     assert res.info["computed"] == len(items) and len(set(seen)) == len(items) == len(seen)
     assert len(_item_lines(tmp_path / "c.jsonl")) == len(items)
     assert np.array_equal(_table(res, items), _table(baseline, items))
