@@ -97,7 +97,7 @@ def main() -> None:
                          log_fn=lambda m: None)
     t_profile = time.perf_counter() - tp
     groups_two = [{"name": "attn", "match": ["*.attention.*"], "metric": "cosine"},
-                  {"name": "ffn", "match": ["*.intermediate.dense", "*.output.dense"], "metric": "sqnr"}]
+                  {"name": "ffn", "match": ["*.intermediate.dense", r"re:layer\.\d+\.output\.dense$"], "metric": "sqnr"}]
     tp = time.perf_counter()
     prof2 = build_profile(loaded, SCHEMES, data, ref_schemes=["w3g128z"], progress=False, groups=groups_two,
                           log_fn=lambda m: None)
