@@ -78,6 +78,11 @@ def profile(
     ray_address: str | None = None,
     checkpoint_dir: str | Path | None = None,
     groups=None,
+    saliency: str = "hessian",
+    quantizer: str = "rtn",
+    pairs: str | None = None,
+    pair_schemes: Sequence[str] | None = None,
+    pair_ref=None,
 ):
     """Profile a model: Hessian proxy for every (layer, scheme), calibrated by measured KL.
 
@@ -96,6 +101,10 @@ def profile(
     seeded) or a text file path. The Hessians use all calibration rows; the end-to-end KL
     measurements (one forward per layer and reference scheme) use the first
     ``kl_samples`` rows (None: all), scored at every ``kl_stride``-th position. Saves to ``out`` (JSON) when given.
+
+    ``saliency`` ("hessian", "obq", "fisher") picks split channels; ``quantizer`` ("rtn",
+    "gptq") quantizes the profiled weights; ``pairs`` ("full", "reduced"; measured only)
+    adds same-block pair terms for ``method="qp"`` (see :func:`sensitivity.build_profile`).
     """
     from sensitivity.profile import build_profile
 
@@ -116,6 +125,8 @@ def profile(
         loaded, schemes=list(schemes), calibration=spec, include=list(include), exclude=list(exclude),
         ref_schemes=list(ref_schemes), progress=progress, kl_samples=kl_samples, kl_stride=kl_stride,
         log_fn=log, measured=measured, workers=workers, ray_address=ray_address, checkpoint=ckpt, groups=groups,
+        saliency=saliency, quantizer=quantizer, pairs=pairs, pair_schemes=pair_schemes, pair_ref=pair_ref,
+        hessians_out=(Path(out).with_suffix(".hessians.safetensors") if out is not None and quantizer == "gptq" else None),
     )
     prof.metadata["request"] = _request(loaded.spec, schemes, spec, (kl_samples, kl_stride), include, exclude, ref_schemes,
                                         measured=measured, groups=groups)
@@ -167,8 +178,11 @@ def sweep(profile, budgets: Sequence, **kw) -> list[Plan]:
     return _solve.sweep(prof, budgets, profile_path=kw.pop("profile_path", path), **kw)
 
 
-def apply(model, plan: Plan | str | Path, *, inplace: bool = False, check_fingerprint: bool = True):
-    """The model with the plan's layers quantized and packed (QuantLinear)."""
+def apply(model, plan: Plan | str | Path, *, inplace: bool = False, check_fingerprint: bool = True, hessians=None):
+    """The model with the plan's layers quantized and packed (QuantLinear).
+
+    ``hessians`` (a GPTQ plan needs them): ``fqn -> H`` or a file from
+    :func:`sensitivity.hessian_store.save_hessians`."""
     from sensitivity.models import fingerprint
 
     from .executor import apply as _apply
@@ -177,7 +191,7 @@ def apply(model, plan: Plan | str | Path, *, inplace: bool = False, check_finger
     net = loaded.model if hasattr(loaded, "model") else loaded
     plan = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
     fp = fingerprint(net) if check_fingerprint else None
-    return _apply(net, plan, inplace=inplace, fingerprint=fp)
+    return _apply(net, plan, inplace=inplace, fingerprint=fp, hessians=hessians)
 
 
 def eval_windows(loaded, text: str = "generated", n_windows: int = 8, seq_len: int = 256, seed: int = 1234):

@@ -81,10 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --measured: run on an existing Ray cluster (default: $RAY_ADDRESS if set)")
     sp.add_argument("--checkpoint-dir", default=None,
                     help="with --measured: folder of the resumable checkpoint (default: beside --out)")
+    sp.add_argument("--saliency", choices=("hessian", "obq", "fisher"), default="hessian",
+                    help="input-channel saliency choosing the high-impact channels of split schemes")
+    sp.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
+                    help="quantizer of the profiled weights (gptq reuses the calibration Hessians)")
+    sp.add_argument("--pairs", choices=("full", "reduced"), default=None,
+                    help="with --measured: same-block pair terms for `solve --method qp`")
+    sp.add_argument("--pair-schemes", type=_csv, default=None, help="schemes the pair terms cover (default all)")
+    sp.add_argument("--pair-ref", default=None, help="reduced pairs: the scheme both layers take (default the first)")
 
     def solve_args(sp):
         sp.add_argument("profile", help="a profile JSON written by `bitalloc profile`")
-        sp.add_argument("--method", choices=("ilp", "dp", "lagrangian"), default="ilp")
+        sp.add_argument("--method", choices=("ilp", "dp", "lagrangian", "qp", "qp-relax", "separable"), default="ilp",
+                        help="qp: exact MILP with the profile's pair terms; qp-relax: cvxpy relaxation + repair; "
+                             "separable: the ILP ignoring pairs (scored with them)")
         sp.add_argument("--backend", choices=("highs", "cbc"), default="highs", help="ILP backend")
         sp.add_argument("--time-limit", type=float, default=None, help="ILP time limit in seconds")
         sp.add_argument("--schemes", type=_csv, default=None, help="restrict candidates to these schemes")
@@ -116,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(sp)
     sp.add_argument("--plan", required=True)
     sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--hessians", default=None,
+                    help="Hessian safetensors file (sensitivity.hessian_store), needed by a plan made with --quantizer gptq")
 
     sp = sub.add_parser("eval", help="perplexity and KL against the 16-bit model, for plans or a saved model")
     model_arg(sp)
@@ -137,7 +149,8 @@ def _cmd_profile(a) -> int:
     prof = api.profile(a.model, calibration=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed,
                        kl_samples=a.kl_samples, kl_stride=a.kl_stride, schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
                        out=a.out, progress=not a.quiet, measured=a.measured, workers=a.workers,
-                       ray_address=a.ray_address, checkpoint_dir=a.checkpoint_dir)
+                       ray_address=a.ray_address, checkpoint_dir=a.checkpoint_dir, saliency=a.saliency,
+                       quantizer=a.quantizer, pairs=a.pairs, pair_schemes=a.pair_schemes, pair_ref=a.pair_ref)
     how = ""
     if a.measured:
         m = prof.metadata.get("measure", {})
@@ -216,7 +229,7 @@ def _cmd_apply(a) -> int:
 
     plan = Plan.load(a.plan)
     loaded = api.load(a.model)
-    qmodel = api.apply(loaded, plan)
+    qmodel = api.apply(loaded, plan, hessians=a.hessians)
     out = save_quantized(qmodel, plan, a.out, spec=a.model)
     print(f"quantized {len(plan.layers)} layers: packed weights {packed_weight_bytes(qmodel, plan)} bytes "
           f"(plan predicts {plan.quantized_bits // 8}) -> {out}")

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,13 +151,20 @@ def _is_fp16_exact(t: torch.Tensor) -> bool:
 # apply
 
 
-def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerprint: dict | None = None) -> torch.nn.Module:
+def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerprint: dict | None = None,
+          hessians: Any = None) -> torch.nn.Module:
     """Return the model with every planned layer replaced by a packed ``QuantLinear``.
 
     inplace=False copies the module tree but shares every tensor with the original model
     (nothing is modified in place), so a sweep of plans does not multiply the weights.
     fingerprint: the model's fingerprint, to check the plan was made for this model.
     Raises :class:`ExecutorError` when the plan does not fit the model.
+
+    A plan with ``quantization.quantizer == "gptq"`` needs ``hessians``: ``fqn -> H``
+    (tensors or accumulators) or the path of a file written by
+    :func:`sensitivity.hessian_store.save_hessians` (checked against the plan's recorded
+    ``quantization.hessians.sha256`` when there is one). Split layers use the plan's
+    ``high_idx`` (the profile's saliency-chosen channels).
     """
     from kernels.formats import parse_scheme
     from kernels.qlinear import QuantLinear
@@ -191,6 +199,11 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
         model = copy.deepcopy(model, memo)  # new modules, same tensors
         targets = _planned_modules(model, plan)
 
+    gptq = plan.quantizer == "gptq"
+    if plan.quantizer not in ("rtn", "gptq"):
+        raise ExecutorError(f"plan quantizer {plan.quantizer!r} is not one of ('rtn', 'gptq')")
+    if gptq:
+        hessians = _plan_hessians(plan, hessians, [fqn for fqn, _ in targets if schemes[fqn].is_quantized])
     quantized: dict[str, QuantLinear] = {}
     for fqn, module in targets:
         lp, scheme = plan.layers[fqn], schemes[fqn]
@@ -199,7 +212,17 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
         high_idx = torch.tensor(lp.high_idx, dtype=torch.long) if lp.high_idx is not None else None
         try:
             with torch.no_grad():
-                q = QuantLinear.from_module(module, scheme, high_idx=high_idx)
+                if gptq:
+                    from kernels.gptq import gptq_quantize_weight
+
+                    w = module.weight.detach()
+                    w = w if isinstance(module, torch.nn.Linear) else w.t()
+                    H = hessians[fqn]
+                    H = (H.H if hasattr(H, "H") and not isinstance(H, torch.Tensor) else H).to(torch.float32)
+                    qw = gptq_quantize_weight(w.to(torch.float32), scheme, H.to(w.device), high_idx)
+                    q = QuantLinear.from_quantized(qw, module.bias)
+                else:
+                    q = QuantLinear.from_module(module, scheme, high_idx=high_idx)
         except (TypeError, ValueError) as e:
             raise ExecutorError(f"{fqn}: cannot quantize with {lp.scheme}: {_one_line(e)}") from None
         got = q.weight_nbytes() * 8
@@ -217,6 +240,29 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
         ties.update(derived)
         setattr(model, TIES_ATTR, ties)
     return model
+
+
+def _plan_hessians(plan: Plan, hessians: Any, fqns: list[str]) -> dict:
+    """The Hessians a GPTQ plan needs, from a dict or a saved file; a clear error when missing."""
+    rec = dict(plan.quantization.get("hessians") or {})
+    if hessians is None and rec.get("path") and Path(rec["path"]).is_file():
+        hessians = rec["path"]  # the file saved beside the profile (checked against its sha256 below)
+    if hessians is None:
+        where = f" (the plan records {rec['path']!r})" if rec.get("path") else ""
+        raise ExecutorError("this plan was made with quantizer 'gptq': apply it with hessians= (a dict or the "
+                            f"Hessian file saved beside the profile){where}")
+    if isinstance(hessians, (str, os.PathLike)):
+        from sensitivity.hessian_store import HessianStoreError, load_hessians
+
+        try:
+            hessians = load_hessians(hessians, sha256=rec.get("sha256"),
+                                     tokens_sha256=plan.quantization.get("calibration_tokens_sha256"))
+        except HessianStoreError as e:
+            raise ExecutorError(str(e)) from None
+    missing = [f for f in fqns if f not in hessians]
+    if missing:
+        raise ExecutorError(f"GPTQ plan: no Hessian for {len(missing)} layer(s), e.g. {missing[0]}")
+    return hessians
 
 
 def _tie_derived(model: torch.nn.Module, derived: dict[str, str], quantized: dict, transposed: set) -> None:

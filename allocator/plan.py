@@ -77,6 +77,12 @@ class Plan:
     label: str = ""
     created_at: str = ""
     schema: str = PLAN_SCHEMA
+    # how the executor quantizes: {"quantizer": "rtn" | "gptq", "saliency": method, "hessians": {...}}
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantizer(self) -> str:
+        return str(self.quantization.get("quantizer", "rtn"))
 
     def __post_init__(self) -> None:
         for pat, sch in self.rules:
@@ -132,6 +138,7 @@ class Plan:
             "rules": [list(r) for r in self.rules],
             "default": self.default,
             "layers": {k: v.to_dict() for k, v in self.layers.items()},
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -155,6 +162,7 @@ class Plan:
                 solver=d.get("solver", {}), profile=d.get("profile", {}),
                 rules=tuple(tuple(r) for r in d.get("rules", [])), default=d.get("default"),
                 label=d.get("label", ""), created_at=d.get("created_at", ""), schema=d["schema"],
+                quantization=dict(d.get("quantization") or {}),
             )
         except PlanError as e:
             raise PlanError(f"{source}: {e}") from None

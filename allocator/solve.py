@@ -19,7 +19,13 @@ from sensitivity.patterns import match_pattern
 from .budget import Budget, parse_budget
 from .plan import LayerPlan, Plan
 
-__all__ = ["AllocationError", "InfeasibleBudget", "build_problem", "solve", "sweep", "plan_from_choice"]
+__all__ = ["AllocationError", "InfeasibleBudget", "build_problem", "build_qp", "solve", "sweep", "plan_from_choice",
+           "METHODS"]
+
+# "qp": exact linearised MILP with the profile's pair terms; "qp-relax": cvxpy relaxation + repair;
+# "separable": the ILP ignoring the pairs, scored with them (the baseline the pairs must beat)
+QP_METHODS = ("qp", "qp-relax", "separable")
+METHODS = ("ilp", "dp", "lagrangian") + QP_METHODS
 
 
 class AllocationError(ValueError):
@@ -156,9 +162,46 @@ def profile_ref(profile, path: str | Path | None) -> dict:
     return ref
 
 
+def build_qp(profile, problem):
+    """A :class:`solvers.QuadraticProblem`: ``problem`` (the diagonal) plus the profile's pair terms."""
+    from sensitivity.pairs import pair_matrices
+    from solvers import QuadraticProblem
+
+    if not getattr(profile, "pairs", None):
+        raise AllocationError("method 'qp' needs pair terms in the profile (profile with pairs='full' or 'reduced'); "
+                              "use method 'ilp' for a profile without them")
+    return QuadraticProblem(problem, pair_matrices(profile, problem.loss))
+
+
+def _high_idx(profile, i: int, scheme_name: str):
+    """The split channels of layer i in a scheme, from the profile's stored saliency (None: no split or no saliency)."""
+    sal = getattr(profile, "saliency", None)
+    layer = profile.layers[i]
+    scheme = parse_scheme(scheme_name)
+    if not sal or not scheme.n_high(layer.in_features) or layer.fqn not in sal:
+        return None
+    from sensitivity.saliency import select_split_channels
+
+    return tuple(int(x) for x in select_split_channels(sal[layer.fqn], scheme, layer.in_features).tolist())
+
+
+def quantization_of(profile) -> dict:
+    """What the plan's executor must reproduce: the profile's quantizer and split-channel saliency."""
+    md = getattr(profile, "metadata", {}) or {}
+    out = {"quantizer": md.get("quantizer", "rtn"), "saliency": md.get("saliency", "hessian"),
+           "calibration_tokens_sha256": (getattr(profile, "calibration", {}) or {}).get("tokens_sha256")}
+    if md.get("hessians"):
+        out["hessians"] = {k: md["hessians"].get(k) for k in ("path", "sha256")}
+    return out
+
+
 def plan_from_choice(profile, choice: Sequence[int], *, budget: Budget | None = None, solver: dict | None = None,
                      label: str = "", profile_path=None, capacity: int | None = None) -> Plan:
-    """A Plan from one chosen scheme index per profile layer, with exact predicted bytes and losses."""
+    """A Plan from one chosen scheme index per profile layer, with exact predicted bytes and losses.
+
+    Split layers get their high-impact channels from the profile's stored saliency (the
+    channels the profile measured), so the executor quantizes exactly what was profiled.
+    """
     choice = np.asarray(choice, dtype=np.int64)
     cost = np.asarray(profile.cost_bits, dtype=np.int64)
     layers = {}
@@ -168,7 +211,8 @@ def plan_from_choice(profile, choice: Sequence[int], *, budget: Budget | None = 
         loss = {g: float(np.asarray(t)[i, k]) for g, t in profile.tables.items()}
         for g, v in loss.items():
             per_group[g] += v
-        layers[l.fqn] = LayerPlan(l.fqn, profile.schemes[k], (l.out_features, l.in_features), int(cost[i, k]), loss)
+        layers[l.fqn] = LayerPlan(l.fqn, profile.schemes[k], (l.out_features, l.in_features), int(cost[i, k]), loss,
+                                  _high_idx(profile, i, profile.schemes[k]))
     qbits = int(sum(lp.bits for lp in layers.values()))
     n = _n_weights(profile)
     other = _other_bits(profile)
@@ -188,6 +232,7 @@ def plan_from_choice(profile, choice: Sequence[int], *, budget: Budget | None = 
     return Plan(
         model=dict(profile.model), layers=layers, budget=budget.to_dict() if budget else {},
         predicted=predicted, solver=solver or {}, profile=profile_ref(profile, profile_path), label=label,
+        quantization=quantization_of(profile),
     )
 
 
@@ -232,6 +277,13 @@ def solve(
     lo, hi = solvers.achievable_range(problem)
     if capacity < lo:
         raise _infeasible(profile, budget, capacity, lo, hi)
+    if method not in METHODS:
+        raise AllocationError(f"method must be one of {METHODS}, got {method!r}")
+    if method in QP_METHODS:
+        if policy.shares or policy.limits:
+            raise AllocationError(f"method {method!r} does not support group_shares / group_limits")
+        return _solve_qp(profile, problem, budget, capacity, method, backend, time_limit_s, schemes, pins, forbid,
+                         profile_path)
     kw = {"backend": backend, "time_limit_s": time_limit_s} if method == "ilp" else {}
     group_info = {"policy": policy.to_dict(), "normalize": mode, "scales": group_scales(profile, mode)}
     if policy.shares:
@@ -256,6 +308,38 @@ def solve(
     if len(profile.tables) > 1 or not policy.is_default:
         info["groups"] = group_info
     return plan_from_choice(profile, sol.choice, budget=budget, solver=info, label=f"bitalloc@{budget.name}",
+                            profile_path=profile_path, capacity=capacity)
+
+
+def _solve_qp(profile, problem, budget, capacity, method, backend, time_limit_s, schemes, pins, forbid, profile_path):
+    import solvers
+
+    qp = build_qp(profile, problem)
+    try:
+        if method == "qp":
+            sol = solvers.solve_qp_milp(qp, capacity, backend=backend, time_limit_s=time_limit_s)
+        elif method == "qp-relax":
+            sol = solvers.solve_qp_relaxation(qp, capacity, time_limit_s=time_limit_s)
+        else:
+            sol = solvers.solve_separable(qp, capacity, backend=backend, time_limit_s=time_limit_s)
+    except solvers.InfeasibleError as e:
+        raise AllocationError(f"method {method!r} at budget {budget.name}: {e}") from None
+    except solvers.SolverError as e:
+        raise AllocationError(f"method {method!r} at budget {budget.name}: the solver failed: {e}") from None
+    assert sol.cost <= capacity, f"solver returned {sol.cost} bits over the capacity {capacity}"
+    pr = profile.pairs
+    info = {
+        "method": method, "backend": backend if method != "qp-relax" else "cvxpy", "solver": sol.solver,
+        "status": sol.status, "objective": sol.objective, "gap": sol.gap, "lower_bound": sol.lower_bound,
+        "solve_time_s": sol.solve_time_s, "capacity_bits": capacity, "used_bits": int(sol.cost),
+        "time_limit_s": time_limit_s,
+        "interaction": qp.interaction_of(sol.choice), "diagonal": float(problem.loss_of(sol.choice)),
+        "pairs": {"model": pr.get("model"), "n_pairs": len(qp.pairs), "items": pr.get("items")},
+        "options": {"schemes": list(schemes) if schemes else None, "pins": dict(pins or {}),
+                    "forbid": {k: list(v) for k, v in (forbid or {}).items()}},
+        "info": {k: v for k, v in (sol.info or {}).items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+    return plan_from_choice(profile, sol.choice, budget=budget, solver=info, label=f"bitalloc-{method}@{budget.name}",
                             profile_path=profile_path, capacity=capacity)
 
 

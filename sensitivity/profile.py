@@ -380,6 +380,7 @@ def build_profile(
     pairs: str | None = None,
     pair_schemes: Sequence[Any] | None = None,
     pair_ref: Any = None,
+    hessians_out: str | os.PathLike | None = None,
 ) -> SensitivityProfile:
     """Profile a model: layers, calibration data, Hessians, proxy, reference KL, costs.
 
@@ -417,6 +418,8 @@ def build_profile(
     same-block pair interactions (:mod:`sensitivity.pairs`) as joint items of the same run
     and checkpoint, over ``pair_schemes`` (default: all schemes; reduced: at ``pair_ref``,
     default the first pair scheme); stored in the profile's ``pairs`` field.
+    ``hessians_out``: save the Hessians there (:mod:`sensitivity.hessian_store`; what a
+    GPTQ plan is applied with), recorded with its sha256 in ``metadata["hessians"]``.
     """
     from .calibration import CalibrationSpec, as_batches, load_calibration, tokens_sha256
     from .hessian import collect_input_statistics
@@ -535,6 +538,11 @@ def build_profile(
         table = measured_table
     costs = cost_table(layers, scheme_objs)
     other_bits, other_params = other_parameter_bits(net, layers)
+    hess_rec = None
+    if hessians_out is not None:
+        from .hessian_store import save_hessians
+
+        hess_rec = save_hessians(hessians_out, stats, tokens_sha256=calib_desc.get("tokens_sha256"))
     walls["total"] = round(time.perf_counter() - t_start, 3)
     del stats
 
@@ -559,6 +567,7 @@ def build_profile(
         },
         "quantizer": quantizer,
         "saliency": saliency,
+        **({"hessians": hess_rec} if hess_rec else {}),
         "table": "measured" if measured else "calibrated-proxy",
     }
     if measure_info is not None:
