@@ -85,6 +85,7 @@ def test_values_are_metric_dicts(baseline, items):
     assert np.isfinite(t).all() and (t[:, 0] >= t[:, 2]).all()  # 2-bit hurts at least as much as 4-bit
 
 
+@pytest.mark.slow
 def test_ray_not_imported_in_process(setup, ctx, items):
     code = textwrap.dedent(f"""
         import sys
