@@ -305,8 +305,9 @@ def checkpoint_header(setup: WorkerSetup, schemes: Sequence[str], *, quantizer: 
 
     ``config`` holds everything a value depends on besides the layer: the calibration
     tokens (sha256) and description, the candidate schemes, the metric, the KL options and
-    the quantizer; ``config_sha256`` hashes it. Layer selection is not part of it (items
-    are keyed by layer), nor are the runner mode and worker count (results are identical).
+    the quantizer, and the layer selection (it decides which blocks the reference caches
+    for prefix replay); ``config_sha256`` hashes it. The runner mode and worker count are
+    not part of it (results are identical).
     """
     config = {
         "calibration": {k: v for k, v in setup.calibration.items()},
@@ -317,6 +318,7 @@ def checkpoint_header(setup: WorkerSetup, schemes: Sequence[str], *, quantizer: 
         "kl_stride": setup.kl_stride,
         "batch_size": setup.batch_size,
         "weights": setup.weights,
+        "layers": {"include": list(setup.include), "exclude": list(setup.exclude), "quantize_tied": setup.quantize_tied},
         "quantizer": quantizer,
     }
     if setup.saliency != "hessian":  # only when not the default, so older checkpoints keep their hash
