@@ -457,10 +457,10 @@ def build_profile(
     layers, skipped = find_layers(net, include, exclude, quantize_tied=quantize_tied)
     say(f"{len(layers)} layers selected, {len(skipped)} skipped")
     grouping = setup_grouping(groups, layers)  # GroupError (one line) if they do not partition the layers
+    if pairs is not None and grouping is not None:
+        raise ProfileError("pair terms with metric groups are not supported: pairs are measured in one metric")
     if pairs is not None and not measured:
         raise ProfileError("pair terms need the measured table (measured=True): M's diagonal is measured")
-    if measured and grouping is not None:
-        raise ProfileError("a measured profile with metric groups is not supported yet (the runner measures one metric)")
     for s in skipped:
         say(f"skipped {s}")
 
@@ -508,7 +508,7 @@ def build_profile(
             loaded, layers, names, data, calib_desc, fp, stats, progress, say,
             kl_samples=kl_samples, kl_stride=kl_stride, batch_size=batch_size, include=include, exclude=exclude,
             quantize_tied=quantize_tied, workers=workers, ray_address=ray_address, checkpoint=checkpoint,
-            quantizer=quantizer, saliency=(saliency, sal),
+            quantizer=quantizer, saliency=(saliency, sal), grouping=grouping,
             pairs=(pairs, [as_scheme(x).name for x in (pair_schemes or names)],
                    None if pair_ref is None else ([as_scheme(pair_ref).name] * 2 if isinstance(pair_ref, str)
                                                   else [as_scheme(x).name for x in pair_ref])) if pairs else None)
@@ -605,8 +605,13 @@ def _is_16bit(net: torch.nn.Module) -> bool:
 
 def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, say, *, kl_samples, kl_stride,
                  batch_size, include, exclude, quantize_tied, workers, ray_address, checkpoint,
-                 quantizer="rtn", saliency=("hessian", None), pairs=None):
-    """The measured (L, S) table through :mod:`sensitivity.runner` (in-process or on Ray)."""
+                 quantizer="rtn", saliency=("hessian", None), pairs=None, grouping=None):
+    """The measured (L, S) table through :mod:`sensitivity.runner` (in-process or on Ray).
+
+    With metric groups every item scores every group's metric from one forward; the table
+    holds each layer's value in its own group's metric (``grouping.split`` makes the
+    per-group tables). Groups reach Ray workers as JSON (patterns and built-in metric
+    names); groups with callables run in-process only."""
     from .runner import WorkerContext, WorkerSetup, checkpoint_header, run_items
 
     ids = data["input_ids"] if isinstance(data, dict) else data
@@ -629,11 +634,15 @@ def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, s
         quantizer=quantizer,
         saliency=saliency[0],
         saliency_values={f: v.tolist() for f, v in saliency[1].items()} if saliency[1] is not None else None,
+        groups=_groups_json(grouping),
     )
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
     context = None
     if not address and not workers:
-        context = WorkerContext(setup, loaded=loaded, data=data, hessians=stats, saliency=saliency[1])
+        context = WorkerContext(setup, loaded=loaded, data=data, hessians=stats, saliency=saliency[1], grouping=grouping)
+    elif grouping is not None and setup.groups is None:
+        raise ProfileError("metric groups with callables (layer matchers or metric functions) cannot be shipped to "
+                           "Ray workers; use name patterns and built-in metric names, or measure in-process")
     fqns = [layer.fqn for layer in layers]
     items = [(f, s) for f in fqns for s in names]
     pair_list = None
@@ -666,5 +675,22 @@ def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, s
         res.info["pairs_field"] = pairs_from_values(pair_list, pair_names, single, joint_v, model_kind, ref,
                                                     setup.metric)
         res.info["pair_items"] = len(joint_v)
+    if grouping is not None:
+        own = grouping.group_of()
+        table = np.array([[res.values[(f, s)][own[f]] for s in names] for f in fqns], dtype=np.float64)
+        return table, res.info, "groups", replay
     return res.table(fqns, names, setup.metric), res.info, setup.metric, replay
+
+
+def _groups_json(grouping) -> list | None:
+    """The groups as JSON for workers (None if there are none or one is not expressible)."""
+    if grouping is None:
+        return None
+    out = []
+    for g in grouping.groups:
+        if callable(g.match) or not isinstance(g.metric, str):
+            return None
+        out.append({"name": g.name, "match": list(g.match), "metric": g.metric, "options": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in g.options.items()}})
+    return out
 

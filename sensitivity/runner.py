@@ -111,6 +111,9 @@ class WorkerSetup:
     quantizer: str = "rtn"
     saliency: str = "hessian"
     saliency_values: Any = None
+    # metric groups (sensitivity.groups): [{name, match: [patterns], metric, options}], JSON only;
+    # every item then measures each group's metric from one forward ({group: value})
+    groups: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -149,7 +152,7 @@ class WorkerContext:
     """
 
     def __init__(self, setup: WorkerSetup, *, loaded: Any = None, data: Any = None, hessians: dict | None = None,
-                 saliency: dict | None = None) -> None:
+                 saliency: dict | None = None, grouping: Any = None) -> None:
         import torch
 
         from .calibration import CalibrationSpec, load_calibration, tokens_sha256
@@ -194,7 +197,13 @@ class WorkerContext:
         from .calibration import as_batches
 
         batches = _strided(net, as_batches(kl_data, setup.batch_size), setup.kl_stride)
-        self.reference = compute_reference(net, self.layers, batches, _metric(setup.metric), False, batch_size=setup.batch_size)
+        if grouping is None and setup.groups:
+            from .groups import setup_grouping
+
+            grouping = setup_grouping(setup.groups, self.layers)
+        self.grouping = grouping
+        metric = grouping.metric_set if grouping is not None else _metric(setup.metric)
+        self.reference = compute_reference(net, self.layers, batches, metric, False, batch_size=setup.batch_size)
         self.metric_name = setup.metric
         self._saliency = saliency if saliency is not None else (
             {f: torch.tensor(v, dtype=torch.float64) for f, v in setup.saliency_values.items()}
@@ -313,13 +322,15 @@ def checkpoint_header(setup: WorkerSetup, schemes: Sequence[str], *, quantizer: 
         "calibration": {k: v for k, v in setup.calibration.items()},
         "tokens_sha256": setup.tokens_sha256,
         "schemes": list(schemes),
-        "metric": {"name": setup.metric},
+        "metric": {"name": setup.metric} if not setup.groups else {"groups": setup.groups},
         "kl_samples": setup.kl_samples,
         "kl_stride": setup.kl_stride,
         "batch_size": setup.batch_size,
         "weights": setup.weights,
         "layers": {"include": list(setup.include), "exclude": list(setup.exclude), "quantize_tied": setup.quantize_tied},
-        "quantizer": quantizer,
+        # "rtn" is round-to-nearest with the per-group clip search since kernels.quant grew it:
+        # recorded as "rtn-clip" so checkpoints of plain min-max RTN never merge with these
+        "quantizer": "rtn-clip" if quantizer == "rtn" else quantizer,
     }
     if setup.saliency != "hessian":  # only when not the default, so older checkpoints keep their hash
         config["saliency"] = setup.saliency

@@ -156,3 +156,37 @@ def test_build_profile_with_groups(llama, ids, tmp_path):
     with pytest.raises(GroupError, match="in no metric group: lm_head"):
         build_profile(lm, ["w2g64z", "fp16"], ids, ref_schemes=["w2g64z"], progress=False, groups=[
             {"name": "attn", "match": ["*.self_attn.*"]}, groups[1]])
+
+
+def test_measured_profile_with_groups(llama, ids, tmp_path):
+    """Measured table with groups: each layer's row is its own group's metric, one forward per item,
+    and the checkpoint records the groups (a checkpoint of other groups is refused)."""
+    from sensitivity.models import LoadedModel
+    from sensitivity.profile import build_profile
+    from sensitivity.runner import CheckpointError
+
+    lm = LoadedModel(llama, None, "random:llama-tiny", "causal-lm", "tiny")
+    groups = [{"name": "attn", "match": ["*.self_attn.*"], "metric": "kl", "exclude_positions": [0]},
+              {"name": "mlp", "match": ["*.mlp.*"], "metric": "top1"}]
+    schemes = ["w2g64z", "w4g128z"]
+    ck = tmp_path / "m.jsonl"
+    p = build_profile(lm, schemes, ids, ref_schemes=["w2g64z"], progress=False, groups=groups, kl_stride=4,
+                      measured=True, checkpoint=ck, exclude=["lm_head"])
+    assert set(p.tables) == {"attn", "mlp"} and p.metadata["table"] == "measured"
+    attn = np.array([".self_attn." in f for f in p.fqns])
+    assert (p.tables["attn"][~attn] == 0).all() and (p.tables["mlp"][attn] == 0).all()
+    assert (p.tables["attn"][attn, 0] > 1e-6).any()
+    # the same numbers as one grouped measurement by hand
+    from sensitivity.groups import setup_grouping
+
+    layers = [l for l in p.layers]
+    g = setup_grouping(groups, layers)
+    batches = _strided(llama, as_batches(ids, 4), 4)
+    ref = compute_reference(llama, layers, batches, g.metric_set, False)
+    i = int(np.flatnonzero(~attn)[0])
+    v = measure_item(llama, layers[i], "w2g64z", ref, None)
+    assert set(v) == {"attn", "mlp"} and p.tables["mlp"][i, 0] == pytest.approx(v["mlp"], rel=1e-9, abs=1e-12)
+    with pytest.raises(CheckpointError, match="configuration"):
+        build_profile(lm, schemes, ids, ref_schemes=["w2g64z"], progress=False, kl_stride=4,
+                      groups=[dict(groups[0], metric="nll"), groups[1]], measured=True, checkpoint=ck,
+                      exclude=["lm_head"])
