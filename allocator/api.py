@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 
 from .budget import parse_budget
-from .config import DEFAULT_SCHEMES, RunConfig, load_config
+from .config import DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, RunConfig, load_config
 from .plan import Plan
 from . import solve as _solve
 
@@ -64,12 +64,12 @@ def profile(
     n_samples: int = 8,
     seq_len: int = 256,
     seed: int = 0,
-    kl_samples: int | None = 4,
-    kl_stride: int = 4,
+    kl_samples: int | None = DEFAULT_KL_SAMPLES,
+    kl_stride: int = DEFAULT_KL_STRIDE,
     schemes: Sequence[str] = DEFAULT_SCHEMES,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
-    ref_schemes: Sequence[str] = ("w3g128z",),
+    ref_schemes: Sequence[str] = DEFAULT_REF_SCHEMES,
     out: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = _log_default,

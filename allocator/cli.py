@@ -39,7 +39,7 @@ def _kv(items: list[str] | None, what: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_SCHEMES
+    from .config import DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES
 
     p = argparse.ArgumentParser(
         prog="bitalloc", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -62,14 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n-samples", type=int, default=8, help="calibration sequences (default 8)")
     sp.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--kl-samples", type=int, default=4,
-                    help="calibration rows used for the per-layer KL measurements (default 4)")
-    sp.add_argument("--kl-stride", type=int, default=4,
-                    help="score the KL at every N-th position of those rows (default 4)")
+    sp.add_argument("--kl-samples", type=int, default=DEFAULT_KL_SAMPLES,
+                    help=f"calibration rows used for the per-layer KL measurements (default {DEFAULT_KL_SAMPLES})")
+    sp.add_argument("--kl-stride", type=int, default=DEFAULT_KL_STRIDE,
+                    help=f"score the KL at every N-th position of those rows (default {DEFAULT_KL_STRIDE})")
     sp.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
                     help=f"comma-separated candidate schemes (default {','.join(DEFAULT_SCHEMES)})")
-    sp.add_argument("--ref-schemes", type=_csv, default=["w3g128z"],
-                    help="schemes measured end to end per layer to calibrate the proxy (default w3g128z)")
+    sp.add_argument("--ref-schemes", type=_csv, default=list(DEFAULT_REF_SCHEMES),
+                    help=f"schemes measured end to end per layer to calibrate the proxy (default {','.join(DEFAULT_REF_SCHEMES)})")
     sp.add_argument("--include", action="append", default=[], help="layer name pattern to include (repeatable)")
     sp.add_argument("--exclude", action="append", default=[], help="layer name pattern to exclude (repeatable)")
     sp.add_argument("--out", default="profile.json", help="where to write the profile (default profile.json)")

@@ -52,6 +52,12 @@ __all__ = ["RunConfig", "ConfigError", "DEFAULT_SCHEMES", "DEFAULT_BUDGETS", "lo
 DEFAULT_SCHEMES = ("w2g64z", "w2g32z", "w3", "w3g128", "w3g128z", "w3g64z", "w3g32z", "w4", "w4g128", "w4g128z",
                    "w4g64z", "w4g32z", "w5g128z", "w6g128z", "w8", "fp16")
 DEFAULT_BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
+# Proxy calibration: each layer measured end to end at a 2-, 3- and 4-bit reference (the rows
+# follow those points; one reference alone under-predicts the 2-bit rows), on the first
+# DEFAULT_KL_SAMPLES calibration rows scored at every DEFAULT_KL_STRIDE-th position.
+DEFAULT_REF_SCHEMES = ("w2g64z", "w3g128z", "w4g128z")
+DEFAULT_KL_SAMPLES = 2
+DEFAULT_KL_STRIDE = 2
 
 
 class ConfigError(ValueError):
@@ -69,8 +75,8 @@ class CalibrationCfg:
     n_samples: int = 8
     seq_len: int = 256
     seed: int = 0
-    kl_samples: int = 4
-    kl_stride: int = 4
+    kl_samples: int = DEFAULT_KL_SAMPLES
+    kl_stride: int = DEFAULT_KL_STRIDE
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ class ProfileCfg:
     schemes: tuple[str, ...] = DEFAULT_SCHEMES
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    ref_schemes: tuple[str, ...] = ("w3g128z",)
+    ref_schemes: tuple[str, ...] = DEFAULT_REF_SCHEMES
     measured: bool = False
     workers: int = 0
     ray_address: str = ""

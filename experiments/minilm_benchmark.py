@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-DATA = Path("/work/shared/data")
+DATA = ROOT.parent / "shared" / "data"
 SCHEMES = ("w2g64z", "w2g32z", "w3g128z", "w3g64z", "w3g32z", "w4g128z", "w4g64z", "w4g32z",
            "w5g128z", "w6g128z", "w8", "fp16")
 
