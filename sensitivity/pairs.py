@@ -7,9 +7,10 @@ For layers ``a``, ``b`` of the same block and schemes ``s``, ``t``::
 with ``Δ`` the measured metric change (KL against the 16-bit model) and zero across blocks.
 Two models of it:
 
-* ``"full"``: every pair is measured at every combination of the pair schemes —
-  ``n_pairs · K²`` joint items (SmolLM2: 30 blocks × 21 pairs × 12² = 90 720 with the
-  two 6-ratio families; × 6² = 22 680 with one family).
+* ``"full"``: every pair is measured at every combination of the K pair schemes —
+  ``n_pairs · K²`` joint items (SmolLM2, 30 blocks × 21 same-block pairs = 630 pairs:
+  630 × 6² = 22 680 for one 6-ratio family; 630 × 13² = 106 470 for the benchmark's 13
+  options), on top of the ``L · K`` single items (210 × 13 = 2 730).
 * ``"reduced"``: every pair is measured once, at the reference combination
   ``(ref_a, ref_b)``; the interaction at other combinations is scaled by the diagonal::
 
@@ -182,6 +183,9 @@ def measure_joint(model: torch.nn.Module, parts: Sequence[tuple[Any, Any, Any, A
                   quantizer: str = "rtn") -> float | dict[str, float]:
     """Metric delta of quantizing several layers together: ``parts`` = [(layer, scheme, hessian, saliency)].
 
+    A part may carry a fifth element, the ready fake-quantized (out, in) weight (a cache of
+    the caller's: the same layer and scheme recur in many pairs).
+
     The joint counterpart of :func:`sensitivity.proxy.measure_item` (same weights for the
     same layer and scheme, prefix replay from the first changed block, weights restored
     bit for bit). Activation-quantized schemes are not supported here.
@@ -193,7 +197,7 @@ def measure_joint(model: torch.nn.Module, parts: Sequence[tuple[Any, Any, Any, A
     backups = []
     multi = isinstance(reference.metric, MetricSet)
     try:
-        for layer, scheme, hessian, sal in parts:
+        for layer, scheme, hessian, sal, *ready in parts:
             scheme = as_scheme(scheme)
             if scheme.act != "a16":
                 raise PairError(f"joint items do not support activation-quantized schemes ({scheme.name})")
@@ -201,7 +205,10 @@ def measure_joint(model: torch.nn.Module, parts: Sequence[tuple[Any, Any, Any, A
             param = module.weight
             w = get_weight(module, layer.module_type).detach()
             H = _hessian_tensor(hessian) if hessian is not None else None
-            wq = quantize_layer_weight(w.to(torch.float32), scheme, H, quantizer=quantizer, saliency=sal).to(param.dtype)
+            if ready and ready[0] is not None:
+                wq = ready[0].to(param.dtype)
+            else:
+                wq = quantize_layer_weight(w.to(torch.float32), scheme, H, quantizer=quantizer, saliency=sal).to(param.dtype)
             backups.append((param, param.detach().clone()))
             param.copy_(wq.t() if layer.module_type == "Conv1D" else wq)
         blocks = [layer.block_index for layer, *_ in parts]

@@ -281,7 +281,7 @@ class WorkerContext:
             if f not in self.by_fqn:
                 raise RunnerError(f"layer {f!r} is not among the worker's selected layers")
             s = as_scheme(sn)
-            parts.append((self.by_fqn[f], s, self._hessian(f, s), self.saliency_of(f)))
+            parts.append((self.by_fqn[f], s, self._hessian(f, s), self.saliency_of(f), self._joint_weight(f, s)))
         v = measure_joint(self.loaded.model, parts, self.reference, quantizer=self.setup.quantizer)
         self.n_items += 1
         return v if isinstance(v, dict) else {self.metric_name: float(v)}
@@ -292,6 +292,30 @@ class WorkerContext:
             from .proxy import measure_item
 
             measure_item(self.loaded.model, self.layers[0], "w8", self.reference, None)
+
+    JOINT_CACHE_BYTES = 1 << 30  # fake-quantized weights kept for joint items (a layer recurs in 6 pairs per block)
+
+    def _joint_weight(self, fqn: str, scheme) -> Any:
+        """The (out, in) fake-quantized weight of a layer in a scheme, cached up to JOINT_CACHE_BYTES."""
+        import torch
+
+        from .layers import get_weight
+        from .proxy import _hessian_tensor, _module, quantize_layer_weight
+
+        cache = self.__dict__.setdefault("_wcache", {})
+        key = (fqn, scheme.name)
+        if key not in cache:
+            layer = self.by_fqn[fqn]
+            w = get_weight(_module(self.loaded.model, fqn), layer.module_type).detach().to(torch.float32)
+            h = self._hessian(fqn, scheme)
+            wq = quantize_layer_weight(w, scheme, _hessian_tensor(h) if h is not None else None,
+                                       quantizer=self.setup.quantizer, saliency=self.saliency_of(fqn))
+            size = wq.numel() * wq.element_size()
+            used = sum(t.numel() * t.element_size() for t in cache.values())
+            if used + size > self.JOINT_CACHE_BYTES:
+                return wq
+            cache[key] = wq
+        return cache[key]
 
     def info(self) -> dict:
         import torch

@@ -116,3 +116,14 @@ def test_gptq_profile_saves_hessians_and_plan_finds_them(tmp_path):
     (tmp_path / "p.hessians.safetensors").unlink()
     with pytest.raises(ExecutorError, match="hessians="):
         apply(lm.model, plan)
+
+
+def test_cli_solve_method_qp(prof, tmp_path, capsys):
+    from allocator.cli import main
+
+    path = prof.save(tmp_path / "p.json")
+    out = tmp_path / "plan.json"
+    assert main(["solve", str(path), "--budget", "3.2bpw", "--method", "qp", "--time-limit", "20",
+                 "--out", str(out)]) == 0
+    plan = Plan.load(out)
+    assert plan.solver["method"] == "qp" and plan.solver["status"] == "optimal"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.formats import FormatError, parse_scheme, split_families, split_family
+from kernels.formats import split_family
 from sensitivity.calibration import CalibrationSpec
 from sensitivity.pairs import block_pairs, pair_item_count, pair_items, pair_matrices, pairs_from_values
 from sensitivity.profile import ProfileError, SensitivityProfile, build_profile
@@ -12,19 +12,6 @@ from sensitivity.saliency import SaliencyError, channel_saliency, fisher_diagona
 
 CAL = CalibrationSpec(n_samples=2, seq_len=16)
 ONE_BLOCK = ["re:layers\\.0\\.(self_attn\\.(q|o)_proj|mlp\\.down_proj)"]
-
-
-def test_split_family_names_round_trip():
-    fam = split_family("w2g64z")
-    assert [s.name for s in fam] == ["w2g64z", "w2g64z+h3r0.02", "w2g64z+h3r0.05", "w2g64z+h3r0.1",
-                                     "w2g64z+h3r0.15", "w2g64z+h3r0.2"]
-    assert all(parse_scheme(s.name) == s for s in split_families())
-    assert split_family("w3g64z", ratios=(0.05,))[0].name == "w3g64z+h4r0.05"
-    assert split_family("w2g64", 16, ratios=(0.1,))[0].name == "w2g64+h16r0.1"
-    with pytest.raises(FormatError):
-        split_family("w3g64z", 2)
-    with pytest.raises(FormatError):
-        split_family("fp4g32")
 
 
 def test_saliency_forms():
