@@ -7,6 +7,8 @@ functions load what they need on first use.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -15,6 +17,23 @@ _OTHER = {"Plan": ".plan", "PlanError": ".plan", "Budget": ".budget", "parse_bud
           "BudgetError": ".budget", "RunConfig": ".config", "load_config": ".config"}
 
 __all__ = sorted(_API | set(_OTHER))
+
+
+class _Package(types.ModuleType):
+    """``allocator.solve`` and ``allocator.evaluate`` are API functions, but also the names of
+    submodules (allocator/solve.py, allocator/evaluate.py). Importing a submodule makes Python
+    set it as an attribute of the package, which would shadow the function (``allocator.solve``
+    became a module once ``allocator.api`` had been imported). The API names are never
+    overwritten by a submodule; the submodules stay importable (``from allocator.solve import
+    plan_from_choice``, ``importlib.import_module("allocator.solve")``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

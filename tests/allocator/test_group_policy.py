@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from allocator import solve as S
+import importlib
+
+S = importlib.import_module("allocator.solve")  # the module (allocator.solve is the API function)
 from allocator.policy import GroupPolicy, group_scales
 from sensitivity.layers import LayerInfo
 from sensitivity.profile import SensitivityProfile
