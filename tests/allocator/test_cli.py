@@ -140,3 +140,38 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "allocator.cli", "solve", str(tmp_path / "x.json"), "--budget", "4bpw"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("bitalloc: error:")
+
+
+def _group_config(tmp_path, groups: str) -> "Path":
+    c = tmp_path / "groups.toml"
+    c.write_text(
+        '[model]\nspec = "random:llama-tiny"\n'
+        '[calibration]\nn_samples = 2\nseq_len = 16\nkl_samples = 2\nkl_stride = 1\n'
+        '[profile]\nschemes = ["w2g64z", "w4g128z", "fp16"]\nref_schemes = ["w2g64z"]\n'
+        + groups + f'[output]\ndir = "{(tmp_path / "out").as_posix()}"\n')
+    return c
+
+
+@pytest.mark.parametrize("groups, match", [
+    ('[[profile.groups]]\nname = "a"\nmatch = ["*"]\n[[profile.groups]]\nname = "b"\nmatch = ["*.nothing_here"]\n',
+     "matches no profiled layer"),
+    ('[[profile.groups]]\nname = "a"\nmatch = ["*"]\n[[profile.groups]]\nname = "b"\nmatch = ["*.mlp.*"]\n',
+     "in several metric groups"),
+    ('[[profile.groups]]\nname = "a"\nmatch = ["*"]\nmetric = "perplexity-ish"\n', "unknown metric"),
+    ('[[profile.groups]]\nname = "a"\nmatch = ["*.self_attn.*"]\n', "in no metric group"),
+])
+def test_bad_metric_groups(capsys, tmp_path, groups, match):
+    rc, _, err = run_cli(capsys, "run", _group_config(tmp_path, groups))
+    assert_clean_error(rc, err, match)
+
+
+def test_checkpoint_of_another_configuration_is_refused(capsys, tmp_path):
+    base = ["profile", "--model", "random:llama-tiny", "--n-samples", "2", "--seq-len", "16", "--kl-stride", "1",
+            "--schemes", "w2g64z,fp16", "--ref-schemes", "w2g64z", "--measured", "--out", tmp_path / "p.json"]
+    rc, _, _ = run_cli(capsys, *base, "--kl-samples", "2")
+    assert rc == 0
+    ck = next(tmp_path.glob("*.jsonl"))
+    before = ck.read_bytes()
+    rc, _, err = run_cli(capsys, *base, "--kl-samples", "1")
+    assert_clean_error(rc, err, "kl_samples")
+    assert ck.read_bytes() == before, "a mismatching checkpoint must not be touched"
