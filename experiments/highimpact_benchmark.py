@@ -1,0 +1,261 @@
+"""High-impact channel ratios by quadratic optimisation (issue 5) on SmolLM2-135M.
+
+Candidates per layer: the split families ``w2g64z+h3r{r}`` and ``w3g64z+h4r{r}`` for
+r in {0, 0.02, 0.05, 0.10, 0.15, 0.20} (r = 0 is the plain low format) plus ``w4g64z``
+(13 options), channels chosen by ``--saliency``. For each quantizer (RTN, GPTQ) one
+measured profile: KL against the 16-bit model for every (layer, option) (the diagonal of
+M) and the same-block pair interactions (``--pairs reduced``: each pair once at
+w2g64z/w2g64z, scaled to other options by ρ·sqrt(D_a D_b); ``full``: every combination),
+all through the resumable runner (checkpoints under --out). At each budget:
+
+* (a) qp:        min δᵀMδ, exact linearised MILP (HiGHS; ``--time-limit``), plus the cvxpy
+                 relaxation's solve time/objective for comparison (``qp-relax``)
+* (b) separable: the ILP over the same options ignoring the pairs
+* (c) fixed-r:   every split layer at the same ratio ``--fixed-ratio`` (ILP over
+                 {w2g64z+h3r, w3g64z+h4r, w4g64z})
+* (d) no-split:  layer-level allocation only (ILP over {w2g64z, w3g64z, w4g64z})
+* (e) uniform:   the smallest uniform standard format not below the budget
+
+WikiText-2 test perplexity (and KL vs 16-bit) on ``--windows`` windows of ``--seq-len``
+tokens; calibration from WikiText-2 validation. Budgets are exact bpw over the quantized
+layers, with scales, zero-points and channel indices counted. Results:
+``<out>/results.json`` and a printed table.
+
+    python experiments/highimpact_benchmark.py                      # full run (hours on 2 CPU cores)
+    python experiments/highimpact_benchmark.py --layers 're:layers\\.(0|1)\\.' --windows 4 \\
+        --calib-samples 4 --calib-len 128 --kl-samples 1 --quantizers rtn   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+
+def _uniform_plan(profile, scheme: str, label: str, quantization: dict):
+    """Every layer of the profile in one scheme (need not be a profiled scheme)."""
+    from allocator.plan import LayerPlan, Plan
+    from kernels.formats import parse_scheme
+
+    s = parse_scheme(scheme)
+    layers = {l.fqn: LayerPlan(l.fqn, s.name, (l.out_features, l.in_features),
+                               s.storage_bits(l.out_features, l.in_features)) for l in profile.layers}
+    bits = sum(lp.bits for lp in layers.values())
+    n = sum(l.out_features * l.in_features for l in profile.layers)
+    return Plan(model=dict(profile.model), layers=layers, predicted={"bpw": bits / n, "quantized_bits": bits},
+                solver={"method": "uniform", "status": "rule"}, label=label, quantization=quantization)
+
+
+def _dense(qmodel):
+    """The applied model with each (16-bit-activation) QuantLinear as an nn.Linear holding its
+    dequantized weight: what the CPU reference path computes (the same F.linear on the same
+    weight), without unpacking the codes in every forward. The packed bytes were checked
+    against the plan by ``apply``."""
+    import torch
+
+    from kernels.qlinear import QuantLinear
+
+    for name, m in list(qmodel.named_modules()):
+        if isinstance(m, QuantLinear) and m.scheme.act == "a16":
+            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                lin.weight = torch.nn.Parameter(m.dequantized_weight(), requires_grad=False)
+                if m.bias is not None:
+                    lin.bias = torch.nn.Parameter(m.bias.detach().float(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(qmodel.get_submodule(parent) if parent else qmodel, child, lin)
+    return qmodel
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data", default=str(DATA), help="folder with wikitext2-valid.txt and wikitext2-test.txt")
+    ap.add_argument("--budgets", default="2.5,3.0,3.5", help="bits per weight over the quantized layers")
+    ap.add_argument("--quantizers", default="rtn,gptq")
+    ap.add_argument("--lows", default="w2g64z,w3g64z", help="low formats of the split families")
+    ap.add_argument("--high-bits", default="3,4", help="high-part bits per low format")
+    ap.add_argument("--ratios", default="0,0.02,0.05,0.1,0.15,0.2")
+    ap.add_argument("--extra", default="w4g64z", help="other candidate schemes (no split)")
+    ap.add_argument("--saliency", default="hessian", choices=("hessian", "obq", "fisher"))
+    ap.add_argument("--pairs", default="reduced", choices=("reduced", "full"))
+    ap.add_argument("--fixed-ratio", type=float, default=0.05)
+    ap.add_argument("--uniform", default="w2g64z,w2g32z,w3g128z,w3g64z,w3g32z,w4g128z,w4g64z",
+                    help="uniform baseline family (the smallest not below the budget is used)")
+    ap.add_argument("--layers", action="append", default=[], help="include pattern (repeatable; default all)")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--kl-samples", type=int, default=4, help="calibration rows for each measured item")
+    ap.add_argument("--kl-stride", type=int, default=4, help="score KL at every N-th position")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--time-limit", type=float, default=120.0, help="MILP time limit per solve (s)")
+    ap.add_argument("--workers", type=int, default=None, help="local Ray workers for the measured items")
+    ap.add_argument("--packed-eval", action="store_true",
+                    help="evaluate through QuantLinear (packed codes) instead of the dequantized weights")
+    ap.add_argument("--eval-chunk", type=int, default=6, help="models evaluated per pass over the windows")
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "highimpact"))
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from allocator import api
+    from allocator.evaluate import evaluate_models, windows_from_file
+    from allocator.executor import apply
+    from allocator.solve import quantization_of, solve
+    from kernels.formats import split_families
+    from sensitivity.calibration import CalibrationSpec, load_calibration
+    from sensitivity.hessian import collect_input_statistics
+    from sensitivity.layers import find_layers
+    from sensitivity.pairs import block_pairs, pair_item_count
+    from sensitivity.profile import SensitivityProfile, build_profile
+
+    data = Path(a.data)
+    valid, test = data / "wikitext2-valid.txt", data / "wikitext2-test.txt"
+    for f in (valid, test):
+        if not f.is_file():
+            print(f"missing {f}: the benchmark needs the WikiText-2 files", file=sys.stderr)
+            return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lows = [x for x in a.lows.split(",") if x]
+    hbits = [int(x) for x in a.high_bits.split(",")]
+    ratios = [float(x) for x in a.ratios.split(",")]
+    fams = split_families(lows, hbits, ratios)
+    extra = [x for x in a.extra.split(",") if x]
+    options = [s.name for s in fams] + extra
+    plain = [s.name for s in fams if s.ratio == 0] + extra
+    fixed = [s.name for s in fams if abs(s.ratio - a.fixed_ratio) < 1e-9] + extra
+    if len(fixed) == len(extra):
+        print(f"--fixed-ratio {a.fixed_ratio} is not one of --ratios", file=sys.stderr)
+        return 2
+    budgets = [f"{float(b):g}bpw" for b in a.budgets.split(",")]
+    t_all = time.perf_counter()
+
+    loaded = api.load(a.model)
+    net = loaded.model
+    spec = CalibrationSpec("file", str(valid), a.calib_samples, a.calib_len, 0)
+    calib = load_calibration(spec, net, loaded.tokenizer, loaded.kind)
+    windows = windows_from_file(loaded.tokenizer, test, a.seq_len, a.windows)
+    layers, _ = find_layers(net, a.layers, ())
+    n_pairs = len(block_pairs(layers))
+    counts = {"layers": len(layers), "options": len(options), "single_items": len(layers) * len(options),
+              "pairs": n_pairs, "pair_items_reduced": pair_item_count(n_pairs, len(options), "reduced"),
+              "pair_items_full": pair_item_count(n_pairs, len(options), "full")}
+    print(f"{len(layers)} layers, {len(options)} options ({', '.join(options)}); items per quantizer: "
+          f"{counts['single_items']} single + {counts['pair_items_' + a.pairs]} pair ({a.pairs}; "
+          f"full would be {counts['pair_items_full']})", flush=True)
+    t = time.perf_counter()
+    hessians = collect_input_statistics(net, layers, calib, False)
+    t_hess = time.perf_counter() - t
+
+    rows, solves, walls = [], [], {"hessians_s": round(t_hess, 1)}
+
+    def write_results() -> dict:
+        walls["total_s"] = round(time.perf_counter() - t_all, 1)
+        result = {
+            "model": a.model, "options": options, "saliency": a.saliency, "pairs": a.pairs, "counts": counts,
+            "calibration": {"file": str(valid), "samples": a.calib_samples, "len": a.calib_len,
+                            "kl_samples": a.kl_samples, "kl_stride": a.kl_stride},
+            "eval": {"file": str(test), "windows": a.windows, "seq_len": a.seq_len,
+                     "weights": "packed QuantLinear" if a.packed_eval else "dequantized"},
+            "layers": a.layers, "rows": rows, "solves": solves, "wall": walls,
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "torch_threads": torch.get_num_threads(),
+        }
+        (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
+        return result
+
+    for quantizer in [q for q in a.quantizers.split(",") if q]:
+        ppath = out / f"profile-{quantizer}.json"
+        t = time.perf_counter()
+        prof = build_profile(
+            loaded, schemes=options, calibration=spec, include=a.layers, ref_schemes=[lows[0]], progress=True,
+            kl_samples=a.kl_samples, kl_stride=a.kl_stride, measured=True, workers=a.workers,
+            checkpoint=out / f"checkpoint-{quantizer}-{a.saliency}-{a.pairs}.jsonl", saliency=a.saliency,
+            quantizer=quantizer, pairs=a.pairs, pair_ref=lows[0])
+        prof.save(ppath)
+        walls[f"profile_{quantizer}_s"] = round(time.perf_counter() - t, 1)
+        quant = quantization_of(prof)
+        plans = {}
+        for b in budgets:
+            for method, kw in (("qp", dict(method="qp")), ("qp-relax", dict(method="qp-relax")),
+                               ("separable", dict(method="separable")),
+                               (f"fixed-r{a.fixed_ratio:g}", dict(method="separable", schemes=fixed)),
+                               ("no-split", dict(method="separable", schemes=plain))):
+                try:
+                    plan = solve(prof, b, time_limit_s=a.time_limit, profile_path=ppath, **kw)
+                except ValueError as e:
+                    print(f"{quantizer} {b} {method}: {e}", flush=True)
+                    continue
+                s = plan.solver
+                solves.append({"quantizer": quantizer, "budget": b, "method": method, "status": s["status"],
+                               "objective": s["objective"], "diagonal": s.get("diagonal"),
+                               "interaction": s.get("interaction"), "gap": s["gap"], "solve_time_s": s["solve_time_s"],
+                               "bpw": plan.predicted["bpw"], "schemes": plan.scheme_counts()})
+                plans[b, method] = plan
+            fam = [x for x in a.uniform.split(",") if x]
+            from kernels.formats import parse_scheme
+
+            n = sum(l.out_features * l.in_features for l in prof.layers)
+            cap = float(b[:-3]) * n
+            sizes = sorted((sum(parse_scheme(u).storage_bits(l.out_features, l.in_features) for l in prof.layers), u)
+                           for u in fam)
+            pick = next((u for c, u in sizes if c >= cap), sizes[-1][1])
+            plans[b, "uniform"] = _uniform_plan(prof, pick, f"uniform {pick}", quant)
+        # evaluate: identical choices are evaluated once (qp-relax often equals qp); models are
+        # built per chunk so only eval_chunk dequantized copies exist at a time
+        todo, key_of, seen = {}, {}, {}
+        for (b, method), plan in plans.items():
+            sig = tuple(lp.scheme for lp in plan.layers.values())
+            if sig in seen:
+                key_of[b, method] = seen[sig]
+                continue
+            label = f"{b}/{method}"
+            seen[sig] = key_of[b, method] = label
+            todo[label] = plan
+            plan.save(out / "plans" / f"{quantizer}-{b}-{method}.json")
+        t = time.perf_counter()
+        res = {}
+        labels = list(todo)
+        for i in range(0, len(labels), max(1, a.eval_chunk)):
+            chunk = {}
+            for k in labels[i:i + a.eval_chunk]:
+                q = apply(net, todo[k], hessians=hessians if quantizer == "gptq" else None)
+                chunk[k] = q if a.packed_eval else _dense(q)
+            res.update(evaluate_models(net, chunk, windows, progress=True))
+            del chunk
+        walls[f"eval_{quantizer}_s"] = round(time.perf_counter() - t, 1)
+        if not rows:
+            rows.append({"quantizer": "-", "budget": "-", "method": "fp16", "bpw": 16.0, "ppl": res["fp16"].ppl,
+                         "kl": 0.0})
+        for (b, method), plan in plans.items():
+            r = res[key_of[b, method]]
+            srow = next((s for s in solves if s["quantizer"] == quantizer and s["budget"] == b
+                         and s["method"] == method), {})
+            rows.append({"quantizer": quantizer, "budget": b, "method": method, "label": plan.label,
+                         "bpw": plan.predicted["bpw"], "ppl": r.ppl, "kl": r.kl, "top1": r.top1_agree,
+                         "objective": srow.get("objective"), "gap": srow.get("gap"),
+                         "solve_time_s": srow.get("solve_time_s"), "status": srow.get("status")})
+        write_results()  # after each quantizer: a partial run leaves its rows
+    write_results()
+    print(f"\n{'quant':>5} {'budget':>7} {'method':>14} {'bpw':>7} {'ppl':>9} {'KL':>8} {'objective':>10} "
+          f"{'gap':>8} {'solve s':>8}")
+    for r in rows:
+        f = lambda v, p: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
+        print(f"{r['quantizer']:>5} {r['budget']:>7} {r['method']:>14} {r['bpw']:7.3f} {r['ppl']:9.3f} "
+              f"{f(r['kl'], 4):>8} {f(r.get('objective'), 5):>10} {f(r.get('gap'), 4):>8} {f(r.get('solve_time_s'), 3):>8}")
+    print(f"\nwall: {walls}; results in {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
