@@ -185,7 +185,8 @@ def test_smaller_groups_help(gauss):
 def test_symmetric_grid_is_odd_and_asymmetric_fits_one_sided_data(gauss):
     for name in ("w4g128", "w3", "fp8g64", "fp4g32"):
         f = parse_format(name)
-        assert torch.equal(fake_quantize(-gauss, f), -fake_quantize(gauss, f)), name
+        # min-max: the grid is odd. (The clip search may clip one sign to -2**(b-1) and not the other.)
+        assert torch.equal(fake_quantize(-gauss, f, clip_search=False), -fake_quantize(gauss, f, clip_search=False)), name
     pos = gauss.abs()  # one-sided weights: the asymmetric grid spends no codes on negatives
     for b in (2, 3, 4):
         assert _rel_err(pos, Format("int", b, 128, False)) < 0.5 * _rel_err(pos, Format("int", b, 128, True))
@@ -209,7 +210,7 @@ def test_partial_last_group_has_its_own_scale(gauss):
     w = gauss.clone()
     w[:, 0] = 100.0  # an outlier in the first group must not touch the last (64-wide) group
     f = parse_format("w4g128")
-    qt = quantize(w, f)
+    qt = quantize(w, f, clip_search=False)
     assert qt.scales.shape == (64, 5)
     expect = (w[:, 512:].abs().amax(1) / 7).to(torch.float16)
     assert torch.equal(qt.scales[:, 4], expect)

@@ -203,7 +203,8 @@ def test_measured_profile_api_and_config(tmp_path):
     assert len(ck.read_text().splitlines()) == 1 + prof.n_layers * 4
     t = prof.table()
     assert (t[:, 3] == 0).all() and (t[:, 0] > 0).all()
-    assert np.array_equal(prof.kl_ref[:, 0], t[:, 1])  # the ref column calibrates the proxy
+    assert prof.ref_schemes == ["w2g64z", "w3g128z", "w4g128z"]  # the defaults
+    assert np.array_equal(prof.kl_ref, t[:, :3])  # the ref columns calibrate the proxy
     again = allocator.profile("random:llama-tiny", n_samples=2, seq_len=16, kl_samples=2, kl_stride=1,
                               schemes=["w2g64z", "w3g128z", "w4g128z", "fp16"], measured=True, out=out,
                               progress=False, log=None)
