@@ -69,7 +69,7 @@ def profile(
     schemes: Sequence[str] = DEFAULT_SCHEMES,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
-    ref_schemes: Sequence[str] = DEFAULT_REF_SCHEMES,
+    ref_schemes: Sequence[str] | None = None,
     out: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = _log_default,
@@ -108,12 +108,15 @@ def profile(
     """
     from sensitivity.profile import build_profile
 
+    from .config import default_ref_schemes
+
+    if not ref_schemes:  # the 2/3/4-bit defaults among the schemes
+        ref_schemes = default_ref_schemes(schemes)
+
     if not measured and (workers is not None or ray_address or checkpoint_dir is not None):
         raise ValueError("workers, ray_address and checkpoint_dir are for the measured profile (measured=True)")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    if measured and groups:
-        raise ValueError("metric groups are not supported with measured=True yet")
     ckpt = measure_checkpoint_path(out, checkpoint_dir) if measured else None
     if ray_address:
         from sensitivity.runner import check_ray_address

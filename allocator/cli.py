@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"score the KL at every N-th position of those rows (default {DEFAULT_KL_STRIDE})")
     sp.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
                     help=f"comma-separated candidate schemes (default {','.join(DEFAULT_SCHEMES)})")
-    sp.add_argument("--ref-schemes", type=_csv, default=list(DEFAULT_REF_SCHEMES),
-                    help=f"schemes measured end to end per layer to calibrate the proxy (default {','.join(DEFAULT_REF_SCHEMES)})")
+    sp.add_argument("--ref-schemes", type=_csv, default=None,
+                    help="schemes measured end to end per layer to calibrate the proxy (default: "
+                         f"{','.join(DEFAULT_REF_SCHEMES)} among --schemes, else the first quantized one)")
     sp.add_argument("--include", action="append", default=[], help="layer name pattern to include (repeatable)")
     sp.add_argument("--exclude", action="append", default=[], help="layer name pattern to exclude (repeatable)")
     sp.add_argument("--out", default="profile.json", help="where to write the profile (default profile.json)")

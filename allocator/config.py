@@ -12,13 +12,14 @@ typo must not silently fall back to a default).
     n_samples = 8
     seq_len = 256
     seed = 0
-    kl_samples = 4                   # rows used for the per-layer KL measurements
-    kl_stride = 4                    # ... scored at every 4th position (LM head + KL cost / 4)
+    kl_samples = 2                   # rows used for the per-layer KL measurements
+    kl_stride = 2                    # ... scored at every 2nd position (LM head + KL cost / 2)
     [profile]
     schemes = ["w2g64z", ...]        # candidate schemes
     include = []                     # layer name patterns (glob, or re:<regex>)
     exclude = []
-    ref_schemes = ["w3g128z"]        # schemes measured end to end to calibrate the proxy
+    ref_schemes = ["w2g64z", "w3g128z", "w4g128z"]   # measured end to end to calibrate the proxy
+                                     # (default: these, among the schemes)
     measured = false                 # true: measure every (layer, scheme) (the expensive table)
     workers = 0                      # measured on a local Ray instance with N workers (0: in-process)
     ray_address = ""                 # or on an existing Ray cluster ("" : RAY_ADDRESS or none)
@@ -60,6 +61,19 @@ DEFAULT_KL_SAMPLES = 2
 DEFAULT_KL_STRIDE = 2
 
 
+def default_ref_schemes(schemes) -> tuple[str, ...]:
+    """The references when none are named: the defaults among ``schemes``, else the first
+    quantized scheme (a profile over other candidates still gets a calibrated proxy)."""
+    from kernels.formats import parse_scheme
+
+    names = [parse_scheme(s).name for s in schemes]
+    picked = tuple(r for r in DEFAULT_REF_SCHEMES if r in names)
+    if picked:
+        return picked
+    quantized = [n for n in names if parse_scheme(n).is_quantized]
+    return (quantized[0],) if quantized else tuple(names[:1])
+
+
 class ConfigError(ValueError):
     """The run configuration is malformed; the message names the key."""
 
@@ -84,7 +98,7 @@ class ProfileCfg:
     schemes: tuple[str, ...] = DEFAULT_SCHEMES
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    ref_schemes: tuple[str, ...] = DEFAULT_REF_SCHEMES
+    ref_schemes: tuple[str, ...] = ()  # () = default_ref_schemes(schemes)
     measured: bool = False
     workers: int = 0
     ray_address: str = ""
@@ -125,6 +139,14 @@ class RunConfig:
     output: OutputCfg = field(default_factory=OutputCfg)
 
     def __post_init__(self) -> None:
+        if not self.profile.ref_schemes:
+            import dataclasses
+
+            try:
+                refs = default_ref_schemes(self.profile.schemes)
+            except FormatError as e:
+                raise ConfigError(f"[profile] {e}") from None
+            object.__setattr__(self, "profile", dataclasses.replace(self.profile, ref_schemes=refs))
         for s in self.profile.schemes + self.profile.ref_schemes:
             try:
                 parse_scheme(s)
