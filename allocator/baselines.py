@@ -25,7 +25,7 @@ __all__ = ["UNIFORM_FAMILY", "uniform_plan", "nearest_uniform", "rule_mix", "use
 # candidates for the allocator but not uniform baselines: as a whole-model format they are far
 # worse than g128, and picking them would make the "nearest size" baseline a strawman.
 UNIFORM_FAMILY = ("w2g64z", "w2g32z", "w3g128", "w3g128z", "w3g64z", "w3g32z", "w4g128", "w4g128z", "w4g64z",
-                  "w4g32z", "w5g128z", "w6g128z", "w8")
+                  "w4g32z", "w5g128", "w5g128z", "w6g128z", "w8")
 RULE_TARGETS = ("self_attn.v_proj", "mlp.down_proj", "attn.c_attn", "mlp.c_proj", "attention.self.value", "output.dense")
 
 

@@ -44,7 +44,7 @@ __all__ = [
 PROFILE_SCHEMA = "bitalloc.profile/1"
 DEFAULT_SCHEMES = (
     "w2g64z", "w2g32z", "w3", "w3g128", "w3g128z", "w3g64z", "w3g32z", "w4", "w4g128", "w4g128z",
-    "w4g64z", "w4g32z", "w5g128z", "w6g128z", "w8", "fp16",
+    "w4g64z", "w4g32z", "w5g128z", "w6g128z", "w8", "fp16", "w5", "w5g128",
 )  # fmt: skip
 DEFAULT_REF_SCHEMES = ("w2g64z", "w3g128z", "w4g128z")
 
