@@ -105,7 +105,7 @@ def test_load_errors(profile, tmp_path):
 
 
 def test_build_profile_argument_errors():
-    with pytest.raises(ProfileError, match="ref scheme 'w3g128z' is not one of the schemes"):
+    with pytest.raises(ProfileError, match="ref scheme 'w2g64z' is not one of the schemes"):
         build_profile("random:llama-tiny", ["w4g32", "fp16"], CAL, progress=False)
     with pytest.raises(ProfileError, match="duplicates"):
         build_profile("random:llama-tiny", ["w4g32", "w4g32"], CAL, ref_schemes=["w4g32"], progress=False)
