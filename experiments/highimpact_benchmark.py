@@ -118,12 +118,12 @@ def main(argv=None) -> int:
     from sensitivity.pairs import block_pairs, pair_item_count
     from sensitivity.profile import SensitivityProfile, build_profile
 
-    data = Path(a.data)
-    valid, test = data / "wikitext2-valid.txt", data / "wikitext2-test.txt"
-    for f in (valid, test):
-        if not f.is_file():
-            print(f"missing {f}: the benchmark needs the WikiText-2 files", file=sys.stderr)
-            return 2
+    from _data import wikitext_files
+
+    files = wikitext_files(a.data)
+    if files is None:
+        return 2
+    valid, test = files
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     lows = [x for x in a.lows.split(",") if x]

@@ -52,11 +52,12 @@ def main(argv=None) -> int:
     from allocator.evaluate import windows_from_file
     from sensitivity.proxy import calibrate_proxy
 
-    valid, test = Path(a.data) / "wikitext2-valid.txt", Path(a.data) / "wikitext2-test.txt"
-    for f in (valid, test):
-        if not f.is_file():
-            print(f"missing {f}: the benchmark needs the WikiText-2 files", file=sys.stderr)
-            return 2
+    from _data import wikitext_files
+
+    files = wikitext_files(a.data)
+    if files is None:
+        return 2
+    valid, test = files
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     schemes = a.schemes.split(",")

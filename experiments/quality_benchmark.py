@@ -48,12 +48,12 @@ def main(argv=None) -> int:
     from allocator import api
     from allocator.config import (CalibrationCfg, EvalCfg, OutputCfg, ProfileCfg, RunConfig, SolveCfg)
 
-    data = Path(a.data)
-    valid, test = data / "wikitext2-valid.txt", data / "wikitext2-test.txt"
-    for f in (valid, test):
-        if not f.is_file():
-            print(f"missing {f}: the benchmark needs the WikiText-2 files", file=sys.stderr)
-            return 2
+    from _data import wikitext_files
+
+    files = wikitext_files(a.data)
+    if files is None:
+        return 2
+    valid, test = files
     budgets = tuple(a.budgets.split(","))
     windows = a.windows
     if a.quick:

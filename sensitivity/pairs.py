@@ -190,12 +190,10 @@ def measure_joint(model: torch.nn.Module, parts: Sequence[tuple[Any, Any, Any, A
     same layer and scheme, prefix replay from the first changed block, weights restored
     bit for bit). Activation-quantized schemes are not supported here.
     """
-    from ._forward import forward
     from .layers import get_weight
-    from .proxy import MetricSet, _hessian_tensor, _module, _replay_prefix, as_scheme, quantize_layer_weight
+    from .proxy import _hessian_tensor, _module, as_scheme, quantize_layer_weight, score_batches
 
     backups = []
-    multi = isinstance(reference.metric, MetricSet)
     try:
         for layer, scheme, hessian, sal, *ready in parts:
             scheme = as_scheme(scheme)
@@ -213,18 +211,7 @@ def measure_joint(model: torch.nn.Module, parts: Sequence[tuple[Any, Any, Any, A
             param.copy_(wq.t() if layer.module_type == "Conv1D" else wq)
         blocks = [layer.block_index for layer, *_ in parts]
         first = None if any(b is None for b in blocks) else min(blocks)
-        totals: dict[str, list[float]] = {}
-        for i, batch in enumerate(reference.batches):
-            with _replay_prefix(reference, first, i):
-                out = forward(model, batch)
-            scored = reference.metric.score(reference.states[i], out, batch)
-            del out
-            for k, (s, c) in (scored.items() if multi else (("", scored),)):
-                acc = totals.setdefault(k, [0.0, 0.0])
-                acc[0] += s
-                acc[1] += c
-        values = {k: (s / c if c > 0 else 0.0) for k, (s, c) in totals.items()}
-        return values if multi else values[""]
+        return score_batches(model, reference, first)
     finally:
         for param, b in reversed(backups):
             param.copy_(b)

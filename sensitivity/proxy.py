@@ -392,22 +392,32 @@ def measure_item(
                 return None
 
             handle = module.register_forward_pre_hook(act_hook, with_kwargs=True)
-        totals: dict[str, list[float]] = {}
-        for i, batch in enumerate(reference.batches):
-            with _replay_prefix(reference, layer.block_index, i):
-                out = forward(model, batch)
-            scored = reference.metric.score(reference.states[i], out, batch)
-            del out
-            for k, (s, c) in (scored.items() if multi else (("", scored),)):
-                acc = totals.setdefault(k, [0.0, 0.0])
-                acc[0] += s
-                acc[1] += c
-        values = {k: (s / c if c > 0 else 0.0) for k, (s, c) in totals.items()}
-        return values if multi else values[""]
+        return score_batches(model, reference, layer.block_index)
     finally:
         param.copy_(backup)
         if handle is not None:
             handle.remove()
+
+
+def score_batches(model: torch.nn.Module, reference: Reference, first_block: int | None) -> float | dict[str, float]:
+    """Run the reference batches on the (perturbed) model and score them against the reference.
+
+    Blocks before ``first_block`` are replayed from the cache. Returns the metric per
+    token / item, or ``{name: value}`` for a :class:`MetricSet`. Shared by single-layer and
+    joint (pair) measurements."""
+    multi = isinstance(reference.metric, MetricSet)
+    totals: dict[str, list[float]] = {}
+    for i, batch in enumerate(reference.batches):
+        with _replay_prefix(reference, first_block, i):
+            out = forward(model, batch)
+        scored = reference.metric.score(reference.states[i], out, batch)
+        del out
+        for k, (s, c) in (scored.items() if multi else (("", scored),)):
+            acc = totals.setdefault(k, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += c
+    values = {k: (s / c if c > 0 else 0.0) for k, (s, c) in totals.items()}
+    return values if multi else values[""]
 
 
 def _schemes_for(scheme_per_layer: Any, n: int) -> list:
