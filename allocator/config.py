@@ -43,20 +43,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from kernels.formats import FormatError, parse_scheme
+from sensitivity.defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES
 
 from .budget import parse_budget
 
 __all__ = ["RunConfig", "ConfigError", "DEFAULT_SCHEMES", "DEFAULT_BUDGETS", "load_config"]
 
-# Candidate schemes: 2..8-bit integer formats with integer zero-points, and 16-bit.
-# No float-minimum format (it would reproduce SmolLM2's GGUF Q4_1 storage exactly).
-DEFAULT_SCHEMES = ("w2g64z", "w2g32z", "w3", "w3g128", "w3g128z", "w3g64z", "w3g32z", "w4", "w4g128", "w4g128z",
-                   "w4g64z", "w4g32z", "w5g128z", "w6g128z", "w8", "fp16", "w5", "w5g128")
+# Candidate and reference schemes: sensitivity.defaults.
 DEFAULT_BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
 # Proxy calibration: each layer measured end to end at a 2-, 3- and 4-bit reference (the rows
 # follow those points; one reference alone under-predicts the 2-bit rows), on the first
 # DEFAULT_KL_SAMPLES calibration rows scored at every DEFAULT_KL_STRIDE-th position.
-DEFAULT_REF_SCHEMES = ("w2g64z", "w3g128z", "w4g128z")
 DEFAULT_KL_SAMPLES = 2
 DEFAULT_KL_STRIDE = 2
 

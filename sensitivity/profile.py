@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES  # re-exported
 from .layers import LayerInfo, Skipped
 
 __all__ = [
@@ -42,11 +43,6 @@ __all__ = [
 ]
 
 PROFILE_SCHEMA = "bitalloc.profile/1"
-DEFAULT_SCHEMES = (
-    "w2g64z", "w2g32z", "w3", "w3g128", "w3g128z", "w3g64z", "w3g32z", "w4", "w4g128", "w4g128z",
-    "w4g64z", "w4g32z", "w5g128z", "w6g128z", "w8", "fp16", "w5", "w5g128",
-)  # fmt: skip
-DEFAULT_REF_SCHEMES = ("w2g64z", "w3g128z", "w4g128z")
 
 log = logging.getLogger("bitalloc.sensitivity")
 

@@ -1,0 +1,12 @@
+"""Default candidate and reference schemes (no torch: the CLI and config read them too)."""
+
+from __future__ import annotations
+
+# 2..8-bit integer formats (per-channel, symmetric g128, integer zero-points) and 16-bit.
+# No float-minimum format (it would reproduce SmolLM2's GGUF Q4_1 storage exactly).
+DEFAULT_SCHEMES = (
+    "w2g64z", "w2g32z", "w3", "w3g128", "w3g128z", "w3g64z", "w3g32z", "w4", "w4g128", "w4g128z",
+    "w4g64z", "w4g32z", "w5g128z", "w6g128z", "w8", "fp16", "w5", "w5g128",
+)  # fmt: skip
+# Each layer measured end to end at a 2-, 3- and 4-bit reference to calibrate the proxy.
+DEFAULT_REF_SCHEMES = ("w2g64z", "w3g128z", "w4g128z")
