@@ -474,11 +474,6 @@ def build_profile(
     calib_desc.update(tokens=int(ids.numel()), shape=list(ids.shape), tokens_sha256=tokens_sha256(data))
     t = lap("calibration", t)
 
-    acts = sorted({s.act for s in scheme_objs if s.act != "a16"})
-    stats = collect_input_statistics(net, layers, data, progress, batch_size=batch_size, dtype=hessian_dtype, act_formats=acts)
-    t = lap("hessians", t)
-    say(f"hessians: {len({id(a) for a in stats.values()})} distinct layer inputs in {walls['hessians']:.1f} s")
-
     from .proxy import QUANTIZERS
     from .saliency import SALIENCY_METHODS, fisher_diagonals, layer_saliencies
 
@@ -488,6 +483,21 @@ def build_profile(
         raise ProfileError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
     if quantizer != "rtn" and grouping is not None:
         raise ProfileError("metric groups with quantizer 'gptq' are not supported yet")
+    if measured and checkpoint is not None:
+        # refuse a mismatched checkpoint now, not after minutes of Hessians and proxy
+        from .runner import Checkpoint, checkpoint_header
+
+        early = _worker_setup(loaded, data, calib_desc, fp, kl_samples=kl_samples, kl_stride=kl_stride,
+                              batch_size=batch_size, include=include, exclude=exclude, quantize_tied=quantize_tied,
+                              quantizer=quantizer, saliency=(saliency, None), grouping=grouping)
+        Checkpoint(checkpoint, checkpoint_header(early, names, quantizer=quantizer)).check()
+        del early
+
+    acts = sorted({s.act for s in scheme_objs if s.act != "a16"})
+    stats = collect_input_statistics(net, layers, data, progress, batch_size=batch_size, dtype=hessian_dtype, act_formats=acts)
+    t = lap("hessians", t)
+    say(f"hessians: {len({id(a) for a in stats.values()})} distinct layer inputs in {walls['hessians']:.1f} s")
+
     fisher = fisher_diagonals(net, layers, data, batch_size=batch_size, progress=progress) if saliency == "fisher" else None
     sal = layer_saliencies(net, layers, saliency, hessians=stats, fisher=fisher)
     del fisher
@@ -608,30 +618,11 @@ def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, s
     holds each layer's value in its own group's metric (``grouping.split`` makes the
     per-group tables). Groups reach Ray workers as JSON (patterns and built-in metric
     names); groups with callables run in-process only."""
-    from .runner import WorkerContext, WorkerSetup, checkpoint_header, run_items
+    from .runner import WorkerContext, checkpoint_header, run_items
 
-    ids = data["input_ids"] if isinstance(data, dict) else data
-    calib = {k: v for k, v in calib_desc.items() if k not in ("tokens", "shape", "tokens_sha256")}
-    setup = WorkerSetup(
-        model=loaded.spec,
-        calibration=calib,
-        tokens=ids.tolist(),
-        attention_mask=data["attention_mask"].tolist() if isinstance(data, dict) and "attention_mask" in data else None,
-        tokens_sha256=calib_desc["tokens_sha256"],
-        fingerprint_sha256=fp["sha256"],
-        weights="16bit" if _is_16bit(loaded.model) else "as-loaded",
-        kl_samples=kl_samples,
-        kl_stride=kl_stride,
-        batch_size=batch_size,
-        metric="cosine" if loaded.kind == "encoder" else "kl",
-        include=tuple(include),
-        exclude=tuple(exclude),
-        quantize_tied=quantize_tied,
-        quantizer=quantizer,
-        saliency=saliency[0],
-        saliency_values={f: v.tolist() for f, v in saliency[1].items()} if saliency[1] is not None else None,
-        groups=_groups_json(grouping),
-    )
+    setup = _worker_setup(loaded, data, calib_desc, fp, kl_samples=kl_samples, kl_stride=kl_stride,
+                          batch_size=batch_size, include=include, exclude=exclude, quantize_tied=quantize_tied,
+                          quantizer=quantizer, saliency=saliency, grouping=grouping)
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
     context = None
     if not address and not workers:
@@ -676,6 +667,35 @@ def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, s
         table = np.array([[res.values[(f, s)][own[f]] for s in names] for f in fqns], dtype=np.float64)
         return table, res.info, "groups", replay
     return res.table(fqns, names, setup.metric), res.info, setup.metric, replay
+
+
+def _worker_setup(loaded, data, calib_desc, fp, *, kl_samples, kl_stride, batch_size, include, exclude,
+                  quantize_tied, quantizer, saliency=("hessian", None), grouping=None):
+    """What every measuring worker needs (and what the checkpoint header hashes)."""
+    from .runner import WorkerSetup
+
+    ids = data["input_ids"] if isinstance(data, dict) else data
+    calib = {k: v for k, v in calib_desc.items() if k not in ("tokens", "shape", "tokens_sha256")}
+    return WorkerSetup(
+        model=loaded.spec,
+        calibration=calib,
+        tokens=ids.tolist(),
+        attention_mask=data["attention_mask"].tolist() if isinstance(data, dict) and "attention_mask" in data else None,
+        tokens_sha256=calib_desc["tokens_sha256"],
+        fingerprint_sha256=fp["sha256"],
+        weights="16bit" if _is_16bit(loaded.model) else "as-loaded",
+        kl_samples=kl_samples,
+        kl_stride=kl_stride,
+        batch_size=batch_size,
+        metric="cosine" if loaded.kind == "encoder" else "kl",
+        include=tuple(include),
+        exclude=tuple(exclude),
+        quantize_tied=quantize_tied,
+        quantizer=quantizer,
+        saliency=saliency[0],
+        saliency_values={f: v.tolist() for f, v in saliency[1].items()} if saliency[1] is not None else None,
+        groups=_groups_json(grouping),
+    )
 
 
 def _groups_json(grouping) -> list | None:

@@ -398,6 +398,25 @@ class Checkpoint:
             return f"it was made with another configuration (differs in: {', '.join(diff) or 'config hash'})"
         return None
 
+    def check(self) -> None:
+        """Raise :class:`CheckpointError` now if an existing file was made for another model or
+        configuration (reads the header line only; creates nothing). Lets a run refuse a
+        mismatched checkpoint before it spends minutes on statistics it would then discard."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb") as f:
+            first = f.readline()
+        try:
+            rec = json.loads(first) if first.endswith(b"\n") else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = None
+        if not isinstance(rec, dict):
+            raise CheckpointError(f"checkpoint {str(self.path)!r} has no valid header line; delete it or choose another checkpoint folder")
+        why = self._mismatch(rec)
+        if why:
+            raise CheckpointError(f"checkpoint {str(self.path)!r} does not match this run: {why}; "
+                                  "delete it or choose another checkpoint folder")
+
     def load(self) -> dict[Key, dict]:
         """Read (or create) the file; returns the finished items. Opens it for appending."""
         done: dict[Key, dict] = {}

@@ -219,6 +219,27 @@ def test_measured_profile_api_and_config(tmp_path):
         RunConfig.from_dict({"profile": {"workers": 2}})
 
 
+def test_mismatched_checkpoint_refused_before_statistics(tmp_path, monkeypatch):
+    """A checkpoint of another configuration is refused before the Hessians are collected
+    (minutes on a real model), not after; the file is left untouched."""
+    import allocator
+    import sensitivity.hessian as hessian
+
+    kw = dict(n_samples=2, seq_len=16, kl_samples=2, schemes=["w2g64z", "w4g128z"], ref_schemes=["w2g64z"],
+              measured=True, out=tmp_path / "p.json", progress=False, log=None)
+    allocator.profile("random:llama-tiny", kl_stride=1, **kw)
+    ck = tmp_path / "p.measure-checkpoint.jsonl"
+    before = ck.read_bytes()
+
+    def boom(*a, **k):
+        raise AssertionError("statistics collected before the checkpoint was checked")
+
+    monkeypatch.setattr(hessian, "collect_input_statistics", boom)
+    with pytest.raises(CheckpointError, match="another configuration.*kl_stride"):
+        allocator.profile("random:llama-tiny", kl_stride=2, **kw)
+    assert ck.read_bytes() == before
+
+
 # ---------------------------------------------------------------------------------------
 # real Ray (slow)
 
