@@ -159,12 +159,12 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
     gs = list(grouping)
     print(f"\n{'budget':>7} {'policy':34} {'bpw':>6} {'ppl':>9} {'KL':>7} "
-          + " ".join(f"{g + ' bpw':>9}" for g in gs) + " " + " ".join(f"{'pred ' + g:>10}" for g in gs))
+          + " ".join(f"{g + ' bpw':>9}" for g in gs) + " " + " ".join(f"{'pred ' + g:>10}" for g in gs) + f" {'pred 1grp':>10}")
     for r in rows[1:]:
         pl = r["predicted_loss"]
         print(f"{r['budget']:>7} {r['policy']:34} {r['bpw']:6.3f} {r['ppl']:9.3f} {r['kl']:7.4f} "
               + " ".join(f"{r['group_bpw'][g]:9.3f}" for g in gs) + " "
-              + " ".join(f"{pl.get(g, float('nan')):10.4g}" for g in gs))
+              + " ".join(f"{pl.get(g, float('nan')):10.4g}" for g in gs) + (f" {next(iter(pl.values())):10.4g}" if len(pl) == 1 else f" {'-':>10}"))
     print(f"fp16 ppl {rows[0]['ppl']:.3f}; wall {result['wall_s']}; -> {out / 'results.json'}")
     return 0
 
