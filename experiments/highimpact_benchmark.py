@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quantizers", default="rtn,gptq")
     ap.add_argument("--lows", default="w2g64z,w3g64z", help="low formats of the split families")
     ap.add_argument("--high-bits", default="3,4", help="high-part bits per low format")
+    ap.add_argument("--high-formats", default=None,
+                    help="high-part formats per low format (e.g. w3,w4: per-channel symmetric); default: "
+                         "--high-bits with the low part's groups and zero-points")
     ap.add_argument("--ratios", default="0,0.02,0.05,0.1,0.15,0.2")
     ap.add_argument("--extra", default="w4g64z", help="other candidate schemes (no split)")
     ap.add_argument("--saliency", default="hessian", choices=("hessian", "obq", "fisher"))
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
     lows = [x for x in a.lows.split(",") if x]
     hbits = [int(x) for x in a.high_bits.split(",")]
     ratios = [float(x) for x in a.ratios.split(",")]
-    fams = split_families(lows, hbits, ratios)
+    highs = [x for x in a.high_formats.split(",")] if a.high_formats else None
+    fams = split_families(lows, hbits, ratios, highs=highs)
     extra = [x for x in a.extra.split(",") if x]
     options = [s.name for s in fams] + extra
     plain = [s.name for s in fams if s.ratio == 0] + extra

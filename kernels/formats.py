@@ -229,8 +229,7 @@ class Scheme:
         if self.act != "a16":
             s += self.act
         if self.high is not None:
-            hb = 16 if self.high.kind == "fp16" else self.high.bits
-            s += f"+h{hb}r{_fmt_ratio(self.ratio)}"
+            s += f"+h{_high_spec(self.high, self.weight)}r{_fmt_ratio(self.ratio)}"
         return s
 
     def __str__(self) -> str:
@@ -259,24 +258,43 @@ class Scheme:
         return self.storage_bits(out_features, in_features) / (out_features * in_features)
 
 
+def _high_spec(high: Format, low: Format) -> str:
+    """The high part in a scheme name: its bits, then its grouping (``g<N>``, or ``c`` per
+    channel) and symmetry (``s`` / ``z``) only where they differ from the low part's."""
+    if high.kind == "fp16":
+        return "16"
+    spec = str(high.bits)
+    if high.group_size != low.group_size:
+        spec += "c" if high.group_size is None else f"g{high.group_size}"
+    if high.symmetric != low.symmetric:
+        spec += "s" if high.symmetric else "z"
+    return spec
+
+
 def _fmt_ratio(r: float) -> str:
     return f"{r:.4f}".rstrip("0").rstrip(".") if r else "0"
 
 
-_SCHEME_RE = re.compile(r"^(?P<w>[a-z0-9]+?)(?P<act>a8|af8|a16)?(?:\+h(?P<hb>\d+)r(?P<r>[0-9.]+))?$")
+_SCHEME_RE = re.compile(
+    r"^(?P<w>[a-z0-9]+?)(?P<act>a8|af8|a16)?"
+    r"(?:\+h(?P<hb>\d+)(?:g(?P<hg>\d+)|(?P<hc>c))?(?P<hs>[sz])?r(?P<r>[0-9.]+))?$")
 
 
 def parse_scheme(name: str) -> Scheme:
     """Parse a scheme name such as ``w4g128``, ``w8a8``, ``w4g128af8``, ``w2g64z+h4r0.05``, ``fp16``.
 
-    The high part of a split (``+h<bits>r<ratio>``) is an integer format of ``bits`` with
-    the low part's group size and symmetry (``h16`` keeps those channels in fp16).
+    The high part of a split (``+h<bits>[g<group>|c][s|z]r<ratio>``) is an integer format
+    of ``bits`` with the low part's group size and symmetry unless given: ``g<group>`` or
+    ``c`` (one scale per output channel), ``s`` (symmetric) or ``z`` (zero-points). So
+    ``w2g64z+h3r0.05`` keeps 5 % of the channels in ``w3g64z``, ``w2g64z+h3csr0.05`` in
+    ``w3`` (per-channel, symmetric: no per-group scales for a few channels). ``h16`` keeps
+    those channels in fp16.
     """
     if not isinstance(name, str) or not name.strip():
         raise FormatError(f"unknown scheme {name!r}: empty name")
     m = _SCHEME_RE.match(name.strip())
     if not m:
-        raise FormatError(f"unknown scheme {name!r}: expected <format>[a8|af8][+h<bits>r<ratio>]")
+        raise FormatError(f"unknown scheme {name!r}: expected <format>[a8|af8][+h<bits>[g<group>|c][s|z]r<ratio>]")
     try:
         weight = parse_format(m["w"])
     except FormatError as e:
@@ -290,12 +308,16 @@ def parse_scheme(name: str) -> Scheme:
     except ValueError:
         raise FormatError(f"unknown scheme {name!r}: bad ratio {m['r']!r}") from None
     if hb == 16:
+        if m["hg"] or m["hc"] or m["hs"]:
+            raise FormatError(f"unknown scheme {name!r}: an fp16 high part (h16) has no group size or zero-point")
         high = FP16
     else:
         if weight.kind != "int":
             raise FormatError(f"unknown scheme {name!r}: a split needs an integer low part")
+        group = None if m["hc"] else (int(m["hg"]) if m["hg"] else weight.group_size)
+        symmetric = weight.symmetric if not m["hs"] else m["hs"] == "s"
         try:
-            high = Format("int", hb, weight.group_size, weight.symmetric)
+            high = Format("int", hb, group, symmetric)
         except FormatError as e:
             raise FormatError(f"unknown scheme {name!r}: high part: {e}") from None
     return Scheme(weight, act, high, ratio)
@@ -305,26 +327,38 @@ DEFAULT_RATIOS = (0.0, 0.02, 0.05, 0.10, 0.15, 0.20)
 
 
 def split_family(low: str | Format = "w2g64z", high_bits: int | None = None,
-                 ratios=DEFAULT_RATIOS) -> list[Scheme]:
+                 ratios=DEFAULT_RATIOS, high: str | Format | None = None) -> list[Scheme]:
     """The high-impact split schemes for one low format: one scheme per ratio.
 
     ``low`` is the low part's format (name or :class:`Format`, an integer format);
     ``high_bits`` the high part's width (default ``low.bits + 1``: 3 bits over a 2-bit
     low part, 4 over 3-bit, as in Pham et al. 2025; 16 keeps those channels in fp16);
     the high part shares the low part's group size and symmetry (what ``parse_scheme``
-    reads from ``w2g64z+h3r0.05``). Ratio 0 gives the plain low scheme. Ratios must be
-    distinct and in [0, 1); the result is in the order given.
+    reads from ``w2g64z+h3r0.05``) unless ``high`` names its whole format (``"w3"``:
+    per-channel symmetric, ``w2g64z+h3csr0.05``; it overrides ``high_bits``). Ratio 0 gives
+    the plain low scheme. Ratios must be distinct and in [0, 1); the result is in the
+    order given.
 
     >>> [s.name for s in split_family("w2g64z", ratios=(0, 0.05))]
     ['w2g64z', 'w2g64z+h3r0.05']
+    >>> split_family("w2g64z", ratios=(0.05,), high="w3")[0].name
+    'w2g64z+h3csr0.05'
     """
     fmt = parse_format(low) if isinstance(low, str) else low
     if not isinstance(fmt, Format) or fmt.kind != "int":
         raise FormatError(f"split_family: the low part must be an integer format, got {low!r}")
-    hb = fmt.bits + 1 if high_bits is None else int(high_bits)
+    if high is not None:
+        hfmt = parse_format(high) if isinstance(high, str) else high
+        if not isinstance(hfmt, Format) or hfmt.kind not in ("int", "fp16"):
+            raise FormatError(f"split_family: the high part must be an integer format or fp16, got {high!r}")
+        hb = hfmt.bits
+    else:
+        hb = fmt.bits + 1 if high_bits is None else int(high_bits)
     if hb != 16 and hb <= fmt.bits:
         raise FormatError(f"split_family: high_bits ({hb}) must exceed the low part's {fmt.bits} bits (or be 16)")
-    high = FP16 if hb == 16 else Format("int", hb, fmt.group_size, fmt.symmetric)
+    if high is None:
+        hfmt = FP16 if hb == 16 else Format("int", hb, fmt.group_size, fmt.symmetric)
+    high = hfmt
     rs = [float(r) for r in ratios]
     if len(set(rs)) != len(rs):
         raise FormatError(f"split_family: ratios contain duplicates: {rs}")
@@ -339,14 +373,18 @@ def split_family(low: str | Format = "w2g64z", high_bits: int | None = None,
     return out
 
 
-def split_families(lows=("w2g64z", "w3g64z"), high_bits=None, ratios=DEFAULT_RATIOS) -> list[Scheme]:
+def split_families(lows=("w2g64z", "w3g64z"), high_bits=None, ratios=DEFAULT_RATIOS, highs=None) -> list[Scheme]:
     """:func:`split_family` for several low formats, concatenated (``high_bits``: one value
-    for all, a sequence per low format, or None for low bits + 1)."""
+    for all, a sequence per low format, or None for low bits + 1; ``highs``: None, or one
+    high-part format per low format, None entries inheriting as ``high_bits`` says)."""
     if high_bits is None or isinstance(high_bits, int):
         high_bits = [high_bits] * len(lows)
     if len(high_bits) != len(lows):
         raise FormatError(f"split_families: {len(high_bits)} high_bits for {len(lows)} low formats")
+    highs = [None] * len(lows) if highs is None else list(highs)
+    if len(highs) != len(lows):
+        raise FormatError(f"split_families: {len(highs)} high formats for {len(lows)} low formats")
     out: list[Scheme] = []
-    for lo, hb in zip(lows, high_bits):
-        out += split_family(lo, hb, ratios)
+    for lo, hb, hf in zip(lows, high_bits, highs):
+        out += split_family(lo, hb, ratios, high=hf)
     return out

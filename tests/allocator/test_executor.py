@@ -461,3 +461,27 @@ def test_smollm2_mixed_plan_roundtrip(tmp_path):
     assert torch.equal(_logits(m2, ids), ref)
     assert m2.lm_head.weight is m2.model.embed_tokens.weight
     assert p2.layers == plan.layers
+
+
+def test_split_with_its_own_high_format():
+    """A split whose high part names its own format (per-channel symmetric, another group
+    size) runs through profile, plan and executor: bytes equal the plan's prediction, and
+    each layer computes with its dequantized weight."""
+    loaded = allocator.load("random:llama-tiny", log=None)
+    schemes = ["w2g64z+h3csr0.05", "w3g64z+h4g128r0.1", "w2g64z"]
+    prof = allocator.profile(loaded, n_samples=2, seq_len=16, kl_samples=1, schemes=schemes,
+                             ref_schemes=["w2g64z"], progress=False, log=None)
+    assert prof.schemes == schemes
+    plan = plan_from_choice(prof, [i % 2 for i in range(len(prof.layers))], label="own-high")
+    q = apply(loaded.model, plan)
+    assert packed_weight_bytes(q, plan) == plan.predicted["quantized_bytes"]
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    seen = set()
+    for fqn, lp in plan.layers.items():
+        m = q.get_submodule(fqn)
+        assert isinstance(m, QuantLinear) and m.scheme.name == lp.scheme
+        seen.add(lp.scheme)
+        xi = x[:, : m.in_features] if m.in_features <= 64 else torch.randn(3, m.in_features)
+        ref = torch.nn.functional.linear(xi, m.dequantized_weight(), None if m.bias is None else m.bias.float())
+        torch.testing.assert_close(m(xi).float(), ref, rtol=2e-2, atol=2e-2)
+    assert seen == set(schemes[:2])

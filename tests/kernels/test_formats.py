@@ -111,13 +111,21 @@ def test_scheme_names_round_trip():
             if f.kind != "int":
                 continue
             for hb in (8, 16) if f.bits < 8 else (16,):
-                high = FP16 if hb == 16 else Format("int", hb, f.group_size, f.symmetric)
-                for r in (0.01, 0.05, 0.125, 0.5):
-                    s = Scheme(f, act, high, r)
-                    assert parse_scheme(s.name) == s, s.name
-                    n += 1
+                highs = [FP16] if hb == 16 else [Format("int", hb, g, sym) for g in (None, *GROUP_SIZES)
+                                                 for sym in (True, False)]
+                for high in highs:
+                    for r in (0.01, 0.05, 0.125, 0.5):
+                        s = Scheme(f, act, high, r)
+                        assert parse_scheme(s.name) == s, s.name
+                        n += 1
     assert n > 500
     assert parse_scheme("w3g64z+h4r0.05").name == "w3g64z+h4r0.05"
+    # the high part inherits the low part's grouping and symmetry unless it names its own
+    assert parse_scheme("w3g64z+h4r0.05").high == parse_format("w4g64z")
+    assert parse_scheme("w2g64z+h3csr0.05").high == parse_format("w3")
+    assert parse_scheme("w2g64z+h3g128r0.05").high == parse_format("w3g128z")
+    assert parse_scheme("w4g128+h8zr0.05").high == parse_format("w8g128z")
+    assert parse_scheme("w2g64z+h3g64zr0.05").name == "w2g64z+h3r0.05"  # canonical: only what differs
     assert parse_scheme(" w8a8 ") == Scheme(parse_format("w8"), "a8")
     assert str(parse_scheme("w4g128af8")) == "w4g128af8"
 

@@ -204,7 +204,8 @@ def test_bad_weights_rejected():
 # -- split schemes ----------------------------------------------------------------------
 
 
-SPLITS = ["w4g128+h8r0.05", "w3g64z+h8r0.1", "w2g32z+h4r0.02", "w4g128+h16r0.05", "w3g64z+h16r0.25"]
+SPLITS = ["w4g128+h8r0.05", "w3g64z+h8r0.1", "w2g32z+h4r0.02", "w4g128+h16r0.05", "w3g64z+h16r0.25",
+          "w2g64z+h3csr0.05", "w3g64z+h4g128r0.1", "w4g128+h8zr0.05"]  # high parts with their own format
 
 
 @pytest.mark.parametrize("name", SPLITS + ["w4g128", "fp16", "w8a8"])
