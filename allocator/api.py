@@ -220,16 +220,38 @@ def evaluate(model, plans: Sequence[Plan] | Mapping[str, Plan] = (), *, text: st
     return _evaluate_plans(loaded, plans, windows, batch_size=batch_size, progress=progress)
 
 
-def _evaluate_plans(loaded, plans: Mapping[str, Plan], windows, **kw):
-    """Apply every plan to the model (fingerprint checked, computed once) and score them in one pass."""
+def _allocation_key(plan: Plan) -> tuple:
+    """What decides the quantized model: each layer's scheme and high channels, and the quantizer."""
+    import json
+
+    layers = tuple(sorted((f, lp.scheme, tuple(lp.high_idx or ())) for f, lp in plan.layers.items()))
+    return layers, json.dumps(plan.quantization or {}, sort_keys=True, default=str)
+
+
+def _evaluate_plans(loaded, plans: Mapping[str, Plan], windows, *, chunk: int | None = None, **kw):
+    """Apply every plan to the model (fingerprint checked, computed once) and score them.
+
+    Plans with identical layer choices are applied and scored once (their results are
+    shared). ``chunk`` bounds how many quantized copies exist at a time (one pass over the
+    windows per chunk); None scores all in one pass."""
     from sensitivity.models import fingerprint
 
     from .evaluate import evaluate_models
     from .executor import apply as _apply
 
     fp = fingerprint(loaded.model)
-    models = {k: _apply(loaded.model, p, fingerprint=fp) for k, p in plans.items()}
-    return evaluate_models(loaded.model, models, windows, **kw)
+    first: dict[tuple, str] = {}
+    alias = {k: first.setdefault(_allocation_key(p), k) for k, p in plans.items()}
+    distinct = [k for k, v in alias.items() if k == v]
+    step = chunk or max(1, len(distinct))
+    res: dict = {}
+    for i in range(0, len(distinct), step):
+        models = {k: _apply(loaded.model, plans[k], fingerprint=fp) for k in distinct[i:i + step]}
+        res.update(evaluate_models(loaded.model, models, windows, include_reference=i == 0, **kw))
+        del models
+    if not distinct:
+        res.update(evaluate_models(loaded.model, {}, windows, **kw))
+    return {**res, **{k: res[v] for k, v in alias.items()}}
 
 
 @dataclass

@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     import torch
 
     import allocator
-    from allocator.evaluate import evaluate_models, windows_from_file
+    from allocator import api
+    from allocator.evaluate import windows_from_file
     from sensitivity.calibration import CalibrationSpec
     from sensitivity.profile import build_profile
 
@@ -128,21 +129,11 @@ def main(argv=None) -> int:
 
     windows = windows_from_file(loaded.tokenizer, test, a.seq_len, a.windows)
     t = time.perf_counter()
-    # identical allocations (policies often agree) are evaluated once
-    res, keyed, alias, seen = {}, {}, {}, {}
-    for (b, m), plan in plans.items():
-        sig = tuple(lp.scheme for lp in plan.layers.values())
-        alias[f"{b}/{m}"] = seen.setdefault(sig, f"{b}/{m}")
-        if alias[f"{b}/{m}"] == f"{b}/{m}":
-            keyed[f"{b}/{m}"] = plan
-    labels = list(keyed)
-    print(f"{len(plans)} plans, {len(labels)} distinct allocations to evaluate", flush=True)
-    for i in range(0, len(labels), 6):  # at most 6 quantized copies in memory at a time
-        chunk = {k: allocator.apply(loaded, keyed[k]) for k in labels[i:i + 6]}
-        res.update(evaluate_models(loaded.model, chunk, windows, progress=False, include_reference=not res))
-        del chunk
-    for k, v in alias.items():
-        res[k] = res[v]
+    keyed = {f"{b}/{m}": plan for (b, m), plan in plans.items()}
+    alias = {k: api._allocation_key(p) for k, p in keyed.items()}
+    print(f"{len(plans)} plans, {len(set(alias.values()))} distinct allocations to evaluate", flush=True)
+    # identical allocations are scored once; at most 6 quantized copies in memory at a time
+    res = api._evaluate_plans(loaded, keyed, windows, chunk=6, progress=False)
     t_eval = time.perf_counter() - t
 
     rows = [{"budget": "-", "policy": "fp16", "bpw": 16.0, "ppl": res["fp16"].ppl, "kl": 0.0}]
@@ -150,7 +141,8 @@ def main(argv=None) -> int:
         r = res[f"{b}/{m}"]
         loss = {k: float(v) for k, v in plan.predicted.get("loss", {}).items()} if isinstance(
             plan.predicted.get("loss"), dict) else {"kl": float(plan.predicted.get("loss", 0.0))}
-        rows.append({"budget": b, "policy": m, "same_allocation_as": alias[f"{b}/{m}"] if alias[f"{b}/{m}"] != f"{b}/{m}" else None,
+        same = next(k for k, v in alias.items() if v == alias[f"{b}/{m}"])
+        rows.append({"budget": b, "policy": m, "same_allocation_as": same if same != f"{b}/{m}" else None,
                      "bpw": plan.predicted["bpw"], "ppl": r.ppl, "kl": r.kl,
                      "top1": r.top1_agree, "predicted_loss": loss, "group_bpw": _group_bits(plan, grouping),
                      "schemes": plan.scheme_counts()})

@@ -14,6 +14,7 @@ a plan is ``cost_bits[chosen].sum() + other_bits``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -483,15 +484,17 @@ def build_profile(
         raise ProfileError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
     if quantizer != "rtn" and grouping is not None:
         raise ProfileError("metric groups with quantizer 'gptq' are not supported yet")
-    if measured and checkpoint is not None:
-        # refuse a mismatched checkpoint now, not after minutes of Hessians and proxy
+    setup = None
+    if measured:
+        # the workers' setup (saliency values are added once computed); a mismatched
+        # checkpoint is refused now, not after minutes of Hessians and proxy
         from .runner import Checkpoint, checkpoint_header
 
-        early = _worker_setup(loaded, data, calib_desc, fp, kl_samples=kl_samples, kl_stride=kl_stride,
+        setup = _worker_setup(loaded, data, calib_desc, fp, kl_samples=kl_samples, kl_stride=kl_stride,
                               batch_size=batch_size, include=include, exclude=exclude, quantize_tied=quantize_tied,
-                              quantizer=quantizer, saliency=(saliency, None), grouping=grouping)
-        Checkpoint(checkpoint, checkpoint_header(early, names, quantizer=quantizer)).check()
-        del early
+                              quantizer=quantizer, saliency=saliency, grouping=grouping)
+        if checkpoint is not None:
+            Checkpoint(checkpoint, checkpoint_header(setup, names, quantizer=quantizer)).check()
 
     acts = sorted({s.act for s in scheme_objs if s.act != "a16"})
     stats = collect_input_statistics(net, layers, data, progress, batch_size=batch_size, dtype=hessian_dtype, act_formats=acts)
@@ -511,10 +514,8 @@ def build_profile(
     pair_field = None
     if measured:
         measured_table, measure_info, metric_name, replay = _measure_all(
-            loaded, layers, names, data, calib_desc, fp, stats, progress, say,
-            kl_samples=kl_samples, kl_stride=kl_stride, batch_size=batch_size, include=include, exclude=exclude,
-            quantize_tied=quantize_tied, workers=workers, ray_address=ray_address, checkpoint=checkpoint,
-            quantizer=quantizer, saliency=(saliency, sal), grouping=grouping,
+            loaded, setup, layers, names, data, stats, progress, say,
+            workers=workers, ray_address=ray_address, checkpoint=checkpoint, saliency=sal, grouping=grouping,
             pairs=(pairs, [as_scheme(x).name for x in (pair_schemes or names)],
                    None if pair_ref is None else ([as_scheme(pair_ref).name] * 2 if isinstance(pair_ref, str)
                                                   else [as_scheme(x).name for x in pair_ref])) if pairs else None)
@@ -609,24 +610,23 @@ def _is_16bit(net: torch.nn.Module) -> bool:
         )
 
 
-def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, say, *, kl_samples, kl_stride,
-                 batch_size, include, exclude, quantize_tied, workers, ray_address, checkpoint,
-                 quantizer="rtn", saliency=("hessian", None), pairs=None, grouping=None):
+def _measure_all(loaded, setup, layers, names, data, stats, progress, say, *, workers, ray_address, checkpoint,
+                 saliency=None, pairs=None, grouping=None):
     """The measured (L, S) table through :mod:`sensitivity.runner` (in-process or on Ray).
 
+    ``setup`` (from :func:`_worker_setup`) gets the per-layer ``saliency`` values here.
     With metric groups every item scores every group's metric from one forward; the table
     holds each layer's value in its own group's metric (``grouping.split`` makes the
     per-group tables). Groups reach Ray workers as JSON (patterns and built-in metric
     names); groups with callables run in-process only."""
     from .runner import WorkerContext, checkpoint_header, run_items
 
-    setup = _worker_setup(loaded, data, calib_desc, fp, kl_samples=kl_samples, kl_stride=kl_stride,
-                          batch_size=batch_size, include=include, exclude=exclude, quantize_tied=quantize_tied,
-                          quantizer=quantizer, saliency=saliency, grouping=grouping)
+    if saliency is not None:
+        setup = dataclasses.replace(setup, saliency_values={f: v.tolist() for f, v in saliency.items()})
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
     context = None
     if not address and not workers:
-        context = WorkerContext(setup, loaded=loaded, data=data, hessians=stats, saliency=saliency[1], grouping=grouping)
+        context = WorkerContext(setup, loaded=loaded, data=data, hessians=stats, saliency=saliency, grouping=grouping)
     elif grouping is not None and setup.groups is None:
         raise ProfileError("metric groups with callables (layer matchers or metric functions) cannot be shipped to "
                            "Ray workers; use name patterns and built-in metric names, or measure in-process")
@@ -647,7 +647,7 @@ def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, s
     say(f"measuring {len(items)} items ({len(fqns)} layers x {len(names)} schemes)"
         + (f" on Ray ({'cluster ' + address if address else f'{workers} local workers'})" if context is None else " in-process")
         + (f"; checkpoint {checkpoint}" if checkpoint else ""))
-    header = checkpoint_header(setup, names, quantizer=quantizer)
+    header = checkpoint_header(setup, names, quantizer=setup.quantizer)
     res = run_items(setup, items, checkpoint=checkpoint, header=header, workers=workers, address=address,
                     context=context, progress=progress, log_fn=say)
     replay = bool(context.reference.replay) if context is not None else bool(
@@ -670,8 +670,9 @@ def _measure_all(loaded, layers, names, data, calib_desc, fp, stats, progress, s
 
 
 def _worker_setup(loaded, data, calib_desc, fp, *, kl_samples, kl_stride, batch_size, include, exclude,
-                  quantize_tied, quantizer, saliency=("hessian", None), grouping=None):
-    """What every measuring worker needs (and what the checkpoint header hashes)."""
+                  quantize_tied, quantizer, saliency="hessian", grouping=None):
+    """What every measuring worker needs (and what the checkpoint header hashes); the
+    saliency values are added by :func:`_measure_all` once they are computed."""
     from .runner import WorkerSetup
 
     ids = data["input_ids"] if isinstance(data, dict) else data
@@ -692,8 +693,7 @@ def _worker_setup(loaded, data, calib_desc, fp, *, kl_samples, kl_stride, batch_
         exclude=tuple(exclude),
         quantize_tied=quantize_tied,
         quantizer=quantizer,
-        saliency=saliency[0],
-        saliency_values={f: v.tolist() for f, v in saliency[1].items()} if saliency[1] is not None else None,
+        saliency=saliency,
         groups=_groups_json(grouping),
     )
 

@@ -398,6 +398,16 @@ class Checkpoint:
             return f"it was made with another configuration (differs in: {', '.join(diff) or 'config hash'})"
         return None
 
+    def _validate_header(self, rec: Any) -> None:
+        """Raise :class:`CheckpointError` unless ``rec`` (the parsed first line, None if
+        missing or torn) is a header for this model and configuration."""
+        if not isinstance(rec, dict):
+            raise CheckpointError(f"checkpoint {str(self.path)!r} has no valid header line; delete it or choose another checkpoint folder")
+        why = self._mismatch(rec)
+        if why:
+            raise CheckpointError(f"checkpoint {str(self.path)!r} does not match this run: {why}; "
+                                  "delete it or choose another checkpoint folder")
+
     def check(self) -> None:
         """Raise :class:`CheckpointError` now if an existing file was made for another model or
         configuration (reads the header line only; creates nothing). Lets a run refuse a
@@ -410,12 +420,7 @@ class Checkpoint:
             rec = json.loads(first) if first.endswith(b"\n") else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             rec = None
-        if not isinstance(rec, dict):
-            raise CheckpointError(f"checkpoint {str(self.path)!r} has no valid header line; delete it or choose another checkpoint folder")
-        why = self._mismatch(rec)
-        if why:
-            raise CheckpointError(f"checkpoint {str(self.path)!r} does not match this run: {why}; "
-                                  "delete it or choose another checkpoint folder")
+        self._validate_header(rec)
 
     def load(self) -> dict[Key, dict]:
         """Read (or create) the file; returns the finished items. Opens it for appending."""
@@ -440,12 +445,7 @@ class Checkpoint:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 rec = False
             if n == 0:
-                if not isinstance(rec, dict) or not complete:
-                    raise CheckpointError(f"checkpoint {str(self.path)!r} has no valid header line; delete it or choose another checkpoint folder")
-                why = self._mismatch(rec)
-                if why:
-                    raise CheckpointError(f"checkpoint {str(self.path)!r} does not match this run: {why}; "
-                                          "delete it or choose another checkpoint folder")
+                self._validate_header(rec if complete else None)
                 good_end = end
             elif rec is None and not line.strip():
                 if complete:

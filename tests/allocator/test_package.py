@@ -34,3 +34,28 @@ def test_import_is_light():
         assert r.returncode == 0, r.stderr[-2000:]
         got = json.loads(r.stdout.strip().splitlines()[-1])
         assert set(got) <= set(allowed), f"importing {pkg} pulled in {got}"
+
+
+def test_evaluate_plans_scores_identical_allocations_once(monkeypatch):
+    """Plans with the same layer choices are applied and scored once; chunks bound the copies
+    in memory and give the same results as one pass."""
+    import torch
+
+    import allocator
+    from allocator import api
+    from allocator import executor
+
+    loaded = allocator.load("random:llama-tiny", log=None)
+    prof = allocator.profile(loaded, n_samples=2, seq_len=16, kl_samples=1, schemes=["w2g64z", "w4g128z"],
+                             ref_schemes=["w2g64z"], progress=False, log=None)
+    a, b = allocator.solve(prof, "3bpw"), allocator.solve(prof, "16bpw")
+    plans = {"a": a, "a-again": a, "b": b}
+    applied = []
+    real = executor.apply
+    monkeypatch.setattr(executor, "apply", lambda *x, **k: applied.append(1) or real(*x, **k))
+    windows = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    res = api._evaluate_plans(loaded, plans, windows, chunk=1, progress=False)
+    assert len(applied) == 2
+    assert res["a-again"] is res["a"] and set(res) == {"fp16", "a", "a-again", "b"}
+    one = api._evaluate_plans(loaded, plans, windows, progress=False)
+    assert {k: v.ppl for k, v in one.items()} == {k: v.ppl for k, v in res.items()}
