@@ -25,7 +25,7 @@ class _Package(types.ModuleType):
     set it as an attribute of the package, which would shadow the function (``allocator.solve``
     became a module once ``allocator.api`` had been imported). The API names are never
     overwritten by a submodule; the submodules stay importable (``from allocator.solve import
-    plan_from_choice``, ``importlib.import_module("allocator.solve")``)."""
+    plan_from_choice``, ``importlib.import_module("bitalloc.allocator.solve")``)."""
 
     def __setattr__(self, name: str, value) -> None:
         if name in _API and isinstance(value, types.ModuleType):

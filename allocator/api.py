@@ -1,12 +1,12 @@
 """The Python API; the CLI is a thin layer over these functions.
 
-    import allocator
-    prof = allocator.profile("smollm2")                      # expensive: once
-    plan = allocator.solve(prof, "3.5bpw")                   # cheap: per budget
-    plans = allocator.sweep(prof, ["3bpw", "4bpw"])
-    qmodel = allocator.apply("smollm2", plan)
-    results = allocator.evaluate("smollm2", plans, text="wiki.txt")
-    allocator.run("config.toml")                             # the whole batch pipeline
+    import bitalloc
+    prof = bitalloc.profile("smollm2")                      # expensive: once
+    plan = bitalloc.solve(prof, "3.5bpw")                   # cheap: per budget
+    plans = bitalloc.sweep(prof, ["3bpw", "4bpw"])
+    qmodel = bitalloc.apply("smollm2", plan)
+    results = bitalloc.evaluate("smollm2", plans, text="wiki.txt")
+    bitalloc.run("config.toml")                             # the whole batch pipeline
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _log_default(msg: str) -> None:
 
 def load(spec: str = "smollm2", *, log: Callable[[str], None] | None = _log_default):
     """Load a model by spec (see ``sensitivity.models``), rounded to 16-bit values."""
-    from sensitivity.models import load_model, round_to_16bit
+    from bitalloc.sensitivity.models import load_model, round_to_16bit
 
     t0 = time.perf_counter()
     loaded = load_model(spec)
@@ -48,7 +48,7 @@ def _as_loaded(model):
 
 
 def load_profile(path: str | Path):
-    from sensitivity.profile import SensitivityProfile
+    from bitalloc.sensitivity.profile import SensitivityProfile
 
     return SensitivityProfile.load(path)
 
@@ -106,7 +106,7 @@ def profile(
     "gptq") quantizes the profiled weights; ``pairs`` ("full", "reduced"; measured only)
     adds same-block pair terms for ``method="qp"`` (see :func:`sensitivity.build_profile`).
     """
-    from sensitivity.profile import build_profile
+    from bitalloc.sensitivity.profile import build_profile
 
     from .config import default_ref_schemes
 
@@ -119,7 +119,7 @@ def profile(
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     ckpt = measure_checkpoint_path(out, checkpoint_dir) if measured else None
     if ray_address:
-        from sensitivity.runner import check_ray_address
+        from bitalloc.sensitivity.runner import check_ray_address
 
         check_ray_address(ray_address)  # before the (long) model load and Hessians
     loaded = _as_loaded(model)
@@ -140,7 +140,7 @@ def profile(
 
 def _calibration_spec(source: str, n_samples: int, seq_len: int, seed: int):
     """"generated" or a text file path -> the CalibrationSpec recorded in the profile."""
-    from sensitivity.calibration import CalibrationSpec
+    from bitalloc.sensitivity.calibration import CalibrationSpec
 
     if source == "generated":
         return CalibrationSpec("generated", None, n_samples, seq_len, seed)
@@ -164,14 +164,14 @@ def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, me
     if measured:
         req["table"] = "measured"
     if groups:
-        from sensitivity.groups import parse_groups
+        from bitalloc.sensitivity.groups import parse_groups
 
         req["groups"] = {g.name: g.describe() for g in parse_groups(list(groups) if isinstance(groups, tuple) else groups)}
     return req
 
 
 def solve(profile, budget, **kw) -> Plan:
-    """A plan for one budget (``3.5bpw``, ``120MB``, ``layers:90MB``). See allocator.solve.solve."""
+    """A plan for one budget (``3.5bpw``, ``120MB``, ``layers:90MB``). See bitalloc.solve.solve."""
     prof, path = _as_profile(profile)
     return _solve.solve(prof, budget, profile_path=kw.pop("profile_path", path), **kw)
 
@@ -186,7 +186,7 @@ def apply(model, plan: Plan | str | Path, *, inplace: bool = False, check_finger
 
     ``hessians`` (a GPTQ plan needs them): ``fqn -> H`` or a file from
     :func:`sensitivity.hessian_store.save_hessians`."""
-    from sensitivity.models import fingerprint
+    from bitalloc.sensitivity.models import fingerprint
 
     from .executor import apply as _apply
 
@@ -202,7 +202,7 @@ def eval_windows(loaded, text: str = "generated", n_windows: int = 8, seq_len: i
     from .evaluate import windows_from_file
 
     if text == "generated":
-        from sensitivity.calibration import generate_calibration
+        from bitalloc.sensitivity.calibration import generate_calibration
 
         return generate_calibration(loaded.model, loaded.tokenizer, n_windows, seq_len, seed=seed), {
             "source": "generated", "seed": seed, "n_windows": n_windows, "seq_len": seq_len}
@@ -234,7 +234,7 @@ def _evaluate_plans(loaded, plans: Mapping[str, Plan], windows, *, chunk: int | 
     Plans with identical layer choices are applied and scored once (their results are
     shared). ``chunk`` bounds how many quantized copies exist at a time (one pass over the
     windows per chunk); None scores all in one pass."""
-    from sensitivity.models import fingerprint
+    from bitalloc.sensitivity.models import fingerprint
 
     from .evaluate import evaluate_models
     from .executor import apply as _apply
@@ -364,7 +364,7 @@ def _reuse_profile(path: Path, cfg: RunConfig, log):
     """A saved profile in the output folder is reused when it was made with the same settings."""
     if not path.is_file():
         return None
-    from sensitivity.profile import ProfileError, SensitivityProfile
+    from bitalloc.sensitivity.profile import ProfileError, SensitivityProfile
 
     try:
         prof = SensitivityProfile.load(path)

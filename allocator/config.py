@@ -42,8 +42,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from kernels.formats import FormatError, parse_scheme
-from sensitivity.defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES
+from bitalloc.kernels.formats import FormatError, parse_scheme
+from bitalloc.sensitivity.defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES
 
 from .budget import parse_budget
 
@@ -61,7 +61,7 @@ DEFAULT_KL_STRIDE = 2
 def default_ref_schemes(schemes) -> tuple[str, ...]:
     """The references when none are named: the defaults among ``schemes``, else the first
     quantized scheme (a profile over other candidates still gets a calibrated proxy)."""
-    from kernels.formats import parse_scheme
+    from bitalloc.kernels.formats import parse_scheme
 
     names = [parse_scheme(s).name for s in schemes]
     picked = tuple(r for r in DEFAULT_REF_SCHEMES if r in names)
@@ -162,7 +162,7 @@ class RunConfig:
         if (w or self.profile.ray_address) and not self.profile.measured:
             raise ConfigError("[profile] workers and ray_address need measured = true")
         if self.profile.groups:
-            from sensitivity.groups import parse_groups
+            from bitalloc.sensitivity.groups import parse_groups
 
             try:
                 parse_groups(list(self.profile.groups), "[profile] groups")

@@ -60,7 +60,7 @@ def _one_line(e: BaseException | str) -> str:
 
 
 def _storage_key(t: torch.Tensor):
-    from sensitivity.models import _storage_key as key
+    from bitalloc.sensitivity.models import _storage_key as key
 
     return key(t)
 
@@ -121,7 +121,7 @@ def _check_rules(model, plan: Plan) -> None:
 
 
 def _check_layer(fqn: str, module: torch.nn.Module, lp) -> None:
-    from kernels.qlinear import QuantLinear
+    from bitalloc.kernels.qlinear import QuantLinear
 
     if isinstance(module, QuantLinear):
         raise ExecutorError(f"{fqn}: already a QuantLinear ({module.scheme.name}); apply a plan to the unquantized model")
@@ -166,8 +166,8 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
     ``quantization.hessians.sha256`` when there is one). Split layers use the plan's
     ``high_idx`` (the profile's saliency-chosen channels).
     """
-    from kernels.formats import parse_scheme
-    from kernels.qlinear import QuantLinear
+    from bitalloc.kernels.formats import parse_scheme
+    from bitalloc.kernels.qlinear import QuantLinear
 
     if not isinstance(plan, Plan):
         raise ExecutorError(f"plan must be a Plan, got {type(plan).__name__}")
@@ -213,7 +213,7 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
         try:
             with torch.no_grad():
                 if gptq:
-                    from kernels.gptq import gptq_quantize_weight
+                    from bitalloc.kernels.gptq import gptq_quantize_weight
 
                     w = module.weight.detach()
                     w = w if isinstance(module, torch.nn.Linear) else w.t()
@@ -252,7 +252,7 @@ def _plan_hessians(plan: Plan, hessians: Any, fqns: list[str]) -> dict:
         raise ExecutorError("this plan was made with quantizer 'gptq': apply it with hessians= (a dict or the "
                             f"Hessian file saved beside the profile){where}")
     if isinstance(hessians, (str, os.PathLike)):
-        from sensitivity.hessian_store import HessianStoreError, load_hessians
+        from bitalloc.sensitivity.hessian_store import HessianStoreError, load_hessians
 
         try:
             hessians = load_hessians(hessians, sha256=rec.get("sha256"),
@@ -291,7 +291,7 @@ def _tie_derived(model: torch.nn.Module, derived: dict[str, str], quantized: dic
 
 def packed_weight_bytes(model: torch.nn.Module, plan: Plan) -> int:
     """Bytes the planned layers occupy in the model: packed buffers, or 16-bit for fp16 layers."""
-    from kernels.qlinear import QuantLinear
+    from bitalloc.kernels.qlinear import QuantLinear
 
     total = 0
     for fqn, module in _planned_modules(model, plan):
@@ -308,8 +308,8 @@ def packed_weight_bytes(model: torch.nn.Module, plan: Plan) -> int:
 
 def _check_applied(model: torch.nn.Module, plan: Plan) -> None:
     """The model is what apply(model, plan) makes: right module, scheme and packed bytes per layer."""
-    from kernels.formats import parse_scheme
-    from kernels.qlinear import QuantLinear
+    from bitalloc.kernels.formats import parse_scheme
+    from bitalloc.kernels.qlinear import QuantLinear
 
     for fqn, module in _planned_modules(model, plan):
         lp = plan.layers[fqn]
@@ -349,7 +349,7 @@ def save_quantized(model: torch.nn.Module, plan: Plan, out_dir: str | Path, *, s
     """
     from safetensors.torch import save_file
 
-    from kernels.qlinear import PACKED_NAMES, QuantLinear
+    from bitalloc.kernels.qlinear import PACKED_NAMES, QuantLinear
 
     if not isinstance(plan, Plan):
         raise ExecutorError(f"plan must be a Plan, got {type(plan).__name__}")
@@ -472,7 +472,7 @@ def _read_meta(meta_p: Path) -> dict:
 
 
 def _load_base(spec: str, plan: Plan, check_fingerprint: bool):
-    from sensitivity.models import fingerprint, load_model, round_to_16bit
+    from bitalloc.sensitivity.models import fingerprint, load_model, round_to_16bit
 
     try:
         loaded = load_model(spec)
@@ -502,8 +502,8 @@ def load_quantized(path: str | Path, *, loaded=None, device=None, check_fingerpr
     """
     from safetensors import SafetensorError, safe_open
 
-    from kernels.formats import parse_scheme
-    from kernels.qlinear import PACKED_NAMES, QuantLinear
+    from bitalloc.kernels.formats import parse_scheme
+    from bitalloc.kernels.qlinear import PACKED_NAMES, QuantLinear
 
     d = Path(path)
     if not d.is_dir():
@@ -530,7 +530,7 @@ def load_quantized(path: str | Path, *, loaded=None, device=None, check_fingerpr
     if loaded is None:
         loaded = _load_base(meta["spec"], plan, check_fingerprint)
     elif check_fingerprint:
-        from sensitivity.models import fingerprint
+        from bitalloc.sensitivity.models import fingerprint
 
         try:
             plan.check_model(fingerprint(loaded.model if hasattr(loaded, "model") else loaded))

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels.formats import FormatError, Scheme, parse_scheme
-from sensitivity.patterns import match_pattern
+from bitalloc.kernels.formats import FormatError, Scheme, parse_scheme
+from bitalloc.sensitivity.patterns import match_pattern
 
 __all__ = ["Plan", "PlanError", "LayerPlan", "PLAN_SCHEMA"]
 

@@ -176,7 +176,7 @@ def combined_loss(profile, policy: GroupPolicy) -> tuple[np.ndarray, dict[str, f
 def limit_constraints(profile, policy: GroupPolicy, rows: np.ndarray | None = None, only: str | None = None) -> list:
     """Solver constraints ``Σ_i T_g[i, choice_i] ≤ eps_g`` (restricted to ``rows`` and to
     group ``only`` if given)."""
-    from solvers import Constraint
+    from bitalloc.solvers import Constraint
 
     out = []
     for g, eps in (policy.limits or {}).items():

@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from kernels.formats import FormatError, parse_scheme
-from sensitivity.patterns import match_pattern
+from bitalloc.kernels.formats import FormatError, parse_scheme
+from bitalloc.sensitivity.patterns import match_pattern
 
 from .budget import Budget, parse_budget
 from .plan import LayerPlan, Plan
@@ -89,7 +89,7 @@ def build_problem(
     schemes: restrict the candidates to these (default: all profiled schemes).
     pins: {pattern: scheme} forces matching layers to a scheme. forbid: {pattern: [schemes]}.
     """
-    from solvers import AllocationProblem
+    from bitalloc.solvers import AllocationProblem
 
     loss = loss_table(profile, group_weights, normalize)  # (L, S)
     cost = np.asarray(profile.cost_bits, dtype=np.int64)  # (L, S)
@@ -164,8 +164,8 @@ def profile_ref(profile, path: str | Path | None) -> dict:
 
 def build_qp(profile, problem):
     """A :class:`solvers.QuadraticProblem`: ``problem`` (the diagonal) plus the profile's pair terms."""
-    from sensitivity.pairs import pair_matrices
-    from solvers import QuadraticProblem
+    from bitalloc.sensitivity.pairs import pair_matrices
+    from bitalloc.solvers import QuadraticProblem
 
     if not getattr(profile, "pairs", None):
         raise AllocationError("method 'qp' needs pair terms in the profile (profile with pairs='full' or 'reduced'); "
@@ -180,7 +180,7 @@ def _high_idx(profile, i: int, scheme_name: str):
     scheme = parse_scheme(scheme_name)
     if not sal or not scheme.n_high(layer.in_features) or layer.fqn not in sal:
         return None
-    from sensitivity.saliency import select_split_channels
+    from bitalloc.sensitivity.saliency import select_split_channels
 
     return tuple(int(x) for x in select_split_channels(sal[layer.fqn], scheme, layer.in_features).tolist())
 
@@ -260,7 +260,7 @@ def solve(
     ``group_shares`` split the bit budget between groups solved independently; or pass a
     ready ``policy`` (:class:`allocator.policy.GroupPolicy`).
     """
-    import solvers
+    from bitalloc import solvers
 
     from .policy import GroupPolicy, group_scales, limit_constraints
 
@@ -312,7 +312,7 @@ def solve(
 
 
 def _solve_qp(profile, problem, budget, capacity, method, backend, time_limit_s, schemes, pins, forbid, profile_path):
-    import solvers
+    from bitalloc import solvers
 
     qp = build_qp(profile, problem)
     try:
@@ -355,8 +355,8 @@ class _Combined:
 
 def _solve_shares(profile, problem, capacity: int, policy, method: str, kw: dict, budget: Budget):
     """MixDQ-style: each group gets ``floor(share · capacity)`` bits and is solved alone."""
-    import solvers
-    from solvers import AllocationProblem
+    from bitalloc import solvers
+    from bitalloc.solvers import AllocationProblem
 
     from .policy import group_rows, limit_constraints
 

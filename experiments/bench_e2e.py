@@ -86,8 +86,8 @@ def mixed_scheme(fqn: str, n_layers: int) -> str:
 
 def make_plan(model, name: str):
     """'mixed' (see ROLE_SCHEMES) or a scheme name for a uniform plan, over every block linear (not lm_head)."""
-    from allocator.plan import LayerPlan, Plan
-    from kernels.formats import parse_scheme
+    from bitalloc.allocator.plan import LayerPlan, Plan
+    from bitalloc.kernels.formats import parse_scheme
 
     n_layers = model.config.num_hidden_layers
     layers = {}
@@ -112,7 +112,7 @@ def model_bytes(model) -> int:
 
 def linear_bytes(model) -> tuple[int, int]:
     """(bytes, weights) of the block linears: packed QuantLinear buffers or the dense weight."""
-    from kernels.qlinear import QuantLinear
+    from bitalloc.kernels.qlinear import QuantLinear
 
     nbytes = n = 0
     for fqn, m in model.named_modules():
@@ -264,8 +264,8 @@ def main(argv=None) -> int:
     if not smoke and not torch.cuda.is_available():
         print("no CUDA GPU")
         return 0
-    from allocator.executor import apply
-    from allocator.report import format_table
+    from bitalloc.allocator.executor import apply
+    from bitalloc.allocator.report import format_table
 
     device = torch.device("cpu") if smoke else torch.device("cuda")
     dtype = torch.float32 if smoke else torch.float16  # CPU: the reference path, float32

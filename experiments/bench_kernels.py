@@ -60,7 +60,7 @@ def _copies(n_bytes: int, l2_bytes: int, cap: int = 32) -> int:
 
 def _clone_qw(qw):
     """A deep copy of a QuantizedWeight (its own buffers)."""
-    from kernels.quant import QuantizedTensor
+    from bitalloc.kernels.quant import QuantizedTensor
 
     def ct(t):
         return None if t is None else t.clone()
@@ -79,7 +79,7 @@ def _gemlite_fn(qw, x, l2_bytes):
     try:
         from gemlite.core import DType, GemLiteLinear
 
-        from kernels.packing import unpack_codes
+        from bitalloc.kernels.packing import unpack_codes
 
         N, K = qw.shape
         g = fmt.group_size or K
@@ -102,9 +102,9 @@ def _gemlite_fn(qw, x, l2_bytes):
 def bench_case(scheme: str, N: int, K: int, M: int, device, timer=do_bench_median, l2_bytes: int = 0,
                copy_gbps: float | None = None, backend: str = "auto", weight=None) -> dict:
     """Time one (scheme, N, K, M) case; returns a result row."""
-    from kernels import ops
-    from kernels.formats import parse_scheme
-    from kernels.quant import quantize_weight
+    from bitalloc.kernels import ops
+    from bitalloc.kernels.formats import parse_scheme
+    from bitalloc.kernels.quant import quantize_weight
 
     s = parse_scheme(scheme)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU")
         return 0
-    from kernels.triton_common import cache_path, set_autotune
+    from bitalloc.kernels.triton_common import cache_path, set_autotune
 
     device = torch.device("cuda")
     set_autotune(not args.no_tune)

@@ -62,12 +62,12 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from allocator.api import _calibration_spec, load
-    from sensitivity.calibration import load_calibration, tokens_sha256
-    from sensitivity.layers import find_layers
-    from sensitivity.models import fingerprint
-    from sensitivity.proxy import as_scheme
-    from sensitivity.runner import WorkerSetup, run_items
+    from bitalloc.allocator.api import _calibration_spec, load
+    from bitalloc.sensitivity.calibration import load_calibration, tokens_sha256
+    from bitalloc.sensitivity.layers import find_layers
+    from bitalloc.sensitivity.models import fingerprint
+    from bitalloc.sensitivity.proxy import as_scheme
+    from bitalloc.sensitivity.runner import WorkerSetup, run_items
 
     schemes = [as_scheme(s).name for s in _csv(a.schemes)]
     worker_counts = [int(w) for w in _csv(a.workers)]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from kernels.formats import parse_format
-from kernels.gptq import GPTQ
-from kernels.quant import dequantize, fake_quantize
+from bitalloc.kernels.formats import parse_format
+from bitalloc.kernels.gptq import GPTQ
+from bitalloc.kernels.quant import dequantize, fake_quantize
 
 FORMATS = ("w2g32z", "w2g128z", "w3g128z", "w3g64z", "w4g128z", "w4g128", "fp4g32")
 

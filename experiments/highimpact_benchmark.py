@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 def _uniform_plan(profile, scheme: str, label: str, quantization: dict):
     """Every layer of the profile in one scheme (need not be a profiled scheme)."""
-    from allocator.plan import LayerPlan, Plan
-    from kernels.formats import parse_scheme
+    from bitalloc.allocator.plan import LayerPlan, Plan
+    from bitalloc.kernels.formats import parse_scheme
 
     s = parse_scheme(scheme)
     layers = {l.fqn: LayerPlan(l.fqn, s.name, (l.out_features, l.in_features),
@@ -61,7 +61,7 @@ def _dense(qmodel):
     against the plan by ``apply``."""
     import torch
 
-    from kernels.qlinear import QuantLinear
+    from bitalloc.kernels.qlinear import QuantLinear
 
     for name, m in list(qmodel.named_modules()):
         if isinstance(m, QuantLinear) and m.scheme.act == "a16":
@@ -110,16 +110,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    from allocator import api
-    from allocator.evaluate import evaluate_models, windows_from_file
-    from allocator.executor import apply
-    from allocator.solve import quantization_of, solve
-    from kernels.formats import split_families
-    from sensitivity.calibration import CalibrationSpec, load_calibration
-    from sensitivity.hessian import collect_input_statistics
-    from sensitivity.layers import find_layers
-    from sensitivity.pairs import block_pairs, pair_item_count
-    from sensitivity.profile import SensitivityProfile, build_profile
+    from bitalloc.allocator import api
+    from bitalloc.allocator.evaluate import evaluate_models, windows_from_file
+    from bitalloc.allocator.executor import apply
+    from bitalloc.allocator.solve import quantization_of, solve
+    from bitalloc.kernels.formats import split_families
+    from bitalloc.sensitivity.calibration import CalibrationSpec, load_calibration
+    from bitalloc.sensitivity.hessian import collect_input_statistics
+    from bitalloc.sensitivity.layers import find_layers
+    from bitalloc.sensitivity.pairs import block_pairs, pair_item_count
+    from bitalloc.sensitivity.profile import SensitivityProfile, build_profile
 
     from _data import wikitext_files
 
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
                                "bpw": plan.predicted["bpw"], "schemes": plan.scheme_counts()})
                 plans[b, method] = plan
             fam = [x for x in a.uniform.split(",") if x]
-            from kernels.formats import parse_scheme
+            from bitalloc.kernels.formats import parse_scheme
 
             n = sum(l.out_features * l.in_features for l in prof.layers)
             cap = float(b[:-3]) * n

@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "measured-vs-proxy"))
     a = ap.parse_args(argv)
 
-    from allocator import api
-    from allocator.evaluate import windows_from_file
-    from sensitivity.proxy import calibrate_proxy
+    from bitalloc.allocator import api
+    from bitalloc.allocator.evaluate import windows_from_file
+    from bitalloc.sensitivity.proxy import calibrate_proxy
 
     from _data import wikitext_files
 

@@ -13,7 +13,7 @@
   mean-pooled embeddings), proxy calibrated at w3g128z; a second profile with two groups
   (attention: cosine, feed-forward: sqnr) shows the group policies.
 * Plans at the budget: bitalloc, the nearest not-smaller uniform format
-  (allocator.baselines.nearest_uniform), and the uniform formats around it. Score: mean
+  (bitalloc.baselines.nearest_uniform), and the uniform formats around it. Score: mean
   (and worst) cosine similarity of each quantized model's sentence embeddings to the
   16-bit model's, on the held-out sentences.
 
@@ -75,13 +75,13 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-    import allocator
-    from allocator import baselines
-    from sensitivity.calibration import calibration_from_sentences
-    from sensitivity.profile import build_profile
+    import bitalloc
+    from bitalloc.allocator import baselines
+    from bitalloc.sensitivity.calibration import calibration_from_sentences
+    from bitalloc.sensitivity.profile import build_profile
 
     t0 = time.perf_counter()
-    loaded = allocator.load("minilm", log=None)
+    loaded = bitalloc.load("minilm", log=None)
     net, tok = loaded.model, loaded.tokenizer
     calib = sentences(DATA / "wikitext2-valid.txt", a.n_calib, seed=0)
     held = sentences(DATA / "wikitext2-test.txt", a.n_eval, seed=1)
@@ -105,30 +105,30 @@ def main() -> None:
     print(f"profiles: {prof.n_layers} layers x {len(prof.schemes)} schemes; one group {t_profile:.1f}s, "
           f"two groups {t_profile2:.1f}s")
 
-    plans = {"bitalloc (cosine)": allocator.solve(prof, a.budget)}
+    plans = {"bitalloc (cosine)": bitalloc.solve(prof, a.budget)}
     near = baselines.nearest_uniform(prof, a.budget)
     plans[f"uniform {near.layers[next(iter(near.layers))].scheme} (nearest not-smaller)"] = near
     for s in ("w3g32z", "w4g128z", "w4g64z", "w4g32z", "w5g128z"):
         key = f"uniform {s}"
         if not any(k.startswith(key) for k in plans):
             plans[key] = baselines.uniform_plan(prof, s)
-    free = allocator.solve(prof2, a.budget)
+    free = bitalloc.solve(prof2, a.budget)
     plans["2 groups: weighted (ref norm)"] = free
-    plans["2 groups: attn weight 4"] = allocator.solve(prof2, a.budget, group_weights={"attn": 4.0})
+    plans["2 groups: attn weight 4"] = bitalloc.solve(prof2, a.budget, group_weights={"attn": 4.0})
     eps = 0.5 * free.predicted["loss"]["attn"]
     try:
-        plans[f"2 groups: attn cosine <= {eps:.3g}"] = allocator.solve(prof2, a.budget, group_limits={"attn": eps})
+        plans[f"2 groups: attn cosine <= {eps:.3g}"] = bitalloc.solve(prof2, a.budget, group_limits={"attn": eps})
     except ValueError as e:
         print(f"limit plan: {e}")
     n_attn = sum(l.n_params for l in prof2.layers if ".attention." in l.fqn)
     frac = n_attn / sum(l.n_params for l in prof2.layers)
-    plans[f"2 groups: shares {frac:.2f}/{1 - frac:.2f}"] = allocator.solve(
+    plans[f"2 groups: shares {frac:.2f}/{1 - frac:.2f}"] = bitalloc.solve(
         prof2, a.budget, group_shares={"attn": frac, "ffn": 1 - frac})
 
     ref = embed(net, tok, held)
     rows = []
     for name, plan in plans.items():
-        q = allocator.apply(loaded, plan)
+        q = bitalloc.apply(loaded, plan)
         e = embed(q, tok, held)
         cos = (e * ref).sum(-1)
         p = plan.predicted

@@ -27,8 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budgets", default="2.5,3.0,3.5")
     a = ap.parse_args(argv)
-    from kernels.formats import split_families, parse_scheme
-    from solvers import QuadraticProblem, solve_qp_milp, solve_qp_relaxation, solve_separable
+    from bitalloc.kernels.formats import split_families, parse_scheme
+    from bitalloc.solvers import QuadraticProblem, solve_qp_milp, solve_qp_relaxation, solve_separable
 
     opts = split_families() + [parse_scheme("w4g64z")]
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down

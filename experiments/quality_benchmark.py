@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="8 windows, budgets 3/4/5 bpw (smoke test)")
     a = ap.parse_args(argv)
 
-    from allocator import api
-    from allocator.config import (CalibrationCfg, EvalCfg, OutputCfg, ProfileCfg, RunConfig, SolveCfg)
+    from bitalloc.allocator import api
+    from bitalloc.allocator.config import (CalibrationCfg, EvalCfg, OutputCfg, ProfileCfg, RunConfig, SolveCfg)
 
     from _data import wikitext_files
 

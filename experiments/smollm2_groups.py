@@ -71,11 +71,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    import allocator
-    from allocator import api
-    from allocator.evaluate import windows_from_file
-    from sensitivity.calibration import CalibrationSpec
-    from sensitivity.profile import build_profile
+    import bitalloc
+    from bitalloc.allocator import api
+    from bitalloc.allocator.evaluate import windows_from_file
+    from bitalloc.sensitivity.calibration import CalibrationSpec
+    from bitalloc.sensitivity.profile import build_profile
 
     from _data import wikitext_files
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     budgets = [f"{float(b):g}bpw" for b in a.budgets.split(",")]
     t0 = time.perf_counter()
 
-    loaded = allocator.load(a.model, log=None)
+    loaded = bitalloc.load(a.model, log=None)
     spec = CalibrationSpec("file", str(valid), a.calib_samples, a.calib_len, 0)
     common = dict(schemes=schemes, calibration=spec, include=a.layers, ref_schemes=refs, progress=False,
                   kl_samples=a.kl_samples, kl_stride=a.kl_stride, log_fn=lambda m: None)
@@ -111,20 +111,20 @@ def main(argv=None) -> int:
 
     plans, notes = {}, []
     for b in budgets:
-        plans[b, "1 group: kl"] = allocator.solve(prof1, b)
-        base = allocator.solve(prof2, b, group_norm="ref")
+        plans[b, "1 group: kl"] = bitalloc.solve(prof1, b)
+        base = bitalloc.solve(prof2, b, group_norm="ref")
         plans[b, "2 groups: ref norm"] = base
-        plans[b, "2 groups: range norm"] = allocator.solve(prof2, b, group_norm="range")
-        plans[b, f"2 groups: attn x{a.attn_weight:g}"] = allocator.solve(
+        plans[b, "2 groups: range norm"] = bitalloc.solve(prof2, b, group_norm="range")
+        plans[b, f"2 groups: attn x{a.attn_weight:g}"] = bitalloc.solve(
             prof2, b, group_norm="ref", group_weights={"attn": a.attn_weight, "mlp": 1.0})
         eps = 0.5 * float(base.predicted["loss"]["attn"])
         try:
-            plans[b, f"2 groups: attn loss <= {eps:.3g}"] = allocator.solve(
+            plans[b, f"2 groups: attn loss <= {eps:.3g}"] = bitalloc.solve(
                 prof2, b, group_norm="ref", group_limits={"attn": eps})
         except ValueError as e:
             notes.append(f"{b} limit: {e}")
             print(f"{b} limit: {e}", flush=True)
-        plans[b, "2 groups: shares " + "/".join(f"{frac[g]:.2f}" for g in grouping)] = allocator.solve(
+        plans[b, "2 groups: shares " + "/".join(f"{frac[g]:.2f}" for g in grouping)] = bitalloc.solve(
             prof2, b, group_shares=frac)
 
     windows = windows_from_file(loaded.tokenizer, test, a.seq_len, a.windows)

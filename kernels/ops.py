@@ -54,7 +54,7 @@ __all__ = [
 GEMV_MAX_M = 8  # M <= 8: dequant-GEMV
 GEMM_MAX_M = 128  # 8 < M <= 128: dequant-GEMM; above: dense dequant + torch.matmul
 BACKENDS = ("auto", "triton", "reference")
-_KERNEL_MODULES = ("kernels.triton_common", "kernels.triton_gemv", "kernels.triton_gemm", "kernels.triton_a8", "kernels.triton_dequant")
+_KERNEL_MODULES = tuple(f"{__package__}.{m}" for m in ("triton_common", "triton_gemv", "triton_gemm", "triton_a8", "triton_dequant"))
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -76,7 +76,7 @@ class HessianAccumulator:
         xf = x2.to(device=self._H.device, dtype=self.dtype)
         self._H.mul_(n / total).addmm_(xf.t(), xf, alpha=1.0 / total)
         if self.act_formats:
-            from kernels.quant import quantize_activation
+            from bitalloc.kernels.quant import quantize_activation
 
             for a in self.act_formats:
                 e = (quantize_activation(x2, a).to(self.dtype) - x2.to(self.dtype)).to(self._H.device)

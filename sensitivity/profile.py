@@ -116,7 +116,7 @@ class SensitivityProfile:
     def __post_init__(self) -> None:
         if self.schema_version != PROFILE_SCHEMA:
             raise ProfileError(f"unknown profile schema {self.schema_version!r}; this bitalloc reads {PROFILE_SCHEMA!r}")
-        from kernels.formats import FormatError, parse_scheme
+        from bitalloc.kernels.formats import FormatError, parse_scheme
 
         L, S = len(self.layers), len(self.schemes)
         if L == 0 or S == 0:

@@ -61,7 +61,7 @@ log = logging.getLogger("bitalloc.sensitivity")
 
 def as_scheme(s: Any):
     """A :class:`kernels.formats.Scheme` from a Scheme or a scheme name."""
-    from kernels.formats import Scheme, parse_scheme
+    from bitalloc.kernels.formats import Scheme, parse_scheme
 
     if isinstance(s, Scheme):
         return s
@@ -69,7 +69,7 @@ def as_scheme(s: Any):
 
 
 def _fake_quantize_weight():
-    from kernels.quant import fake_quantize_weight
+    from bitalloc.kernels.quant import fake_quantize_weight
 
     return fake_quantize_weight
 
@@ -93,7 +93,7 @@ def quantize_layer_weight(w: torch.Tensor, scheme: Any, H: torch.Tensor | None =
     needs ``H``). A split keeps the ``k`` channels of highest ``saliency`` (an (in,)
     vector, see :mod:`sensitivity.saliency`; default :func:`hessian_saliency`) high.
     """
-    from kernels.quant import select_high_channels
+    from bitalloc.kernels.quant import select_high_channels
 
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
@@ -106,7 +106,7 @@ def quantize_layer_weight(w: torch.Tensor, scheme: Any, H: torch.Tensor | None =
     if quantizer == "gptq" and scheme.is_quantized:
         if H is None:
             raise ValueError("quantizer 'gptq' needs the layer's Hessian")
-        from kernels.gptq import gptq_fake_quantize_weight
+        from bitalloc.kernels.gptq import gptq_fake_quantize_weight
 
         return gptq_fake_quantize_weight(w, scheme, H.to(device=w.device, dtype=torch.float32), idx)
     return _fake_quantize_weight()(w, scheme, idx)
@@ -160,7 +160,7 @@ def proxy_table(
     """
     schemes = [as_scheme(s) for s in schemes]
     fq = _fake_quantize_weight()
-    from kernels.quant import select_high_channels
+    from bitalloc.kernels.quant import select_high_channels
 
     out = np.zeros((len(layers), len(schemes)), dtype=np.float64)
     warned = False
@@ -181,7 +181,7 @@ def proxy_table(
             if not s.is_quantized:
                 wq = w.to(torch.float16).to(torch.float32)
             elif quantizer == "gptq":
-                from kernels.gptq import gptq_fake_quantize_weight
+                from bitalloc.kernels.gptq import gptq_fake_quantize_weight
 
                 wq = gptq_fake_quantize_weight(w, s, H, idx)
             else:
@@ -384,7 +384,7 @@ def measure_item(
     try:
         param.copy_(wq.t() if layer.module_type == "Conv1D" else wq)
         if scheme.act != "a16":
-            from kernels.quant import quantize_activation
+            from bitalloc.kernels.quant import quantize_activation
 
             def act_hook(mod, args, kwargs, _a=scheme.act):
                 if args and isinstance(args[0], torch.Tensor):

@@ -86,7 +86,7 @@ def channel_saliency(w: torch.Tensor, method: str = "hessian", *, H: torch.Tenso
 
 def select_split_channels(saliency: torch.Tensor | Sequence[float], scheme: Any, in_features: int | None = None):
     """The ascending int64 channels a split ``scheme`` keeps high, from a saliency vector (None: no split)."""
-    from kernels.quant import select_high_channels
+    from bitalloc.kernels.quant import select_high_channels
 
     from .proxy import as_scheme
 

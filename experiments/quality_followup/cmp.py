@@ -1,8 +1,8 @@
 import json, sys
 import pathlib; ROOT = pathlib.Path(__file__).resolve().parents[2]; sys.path.insert(0, str(ROOT))
-from allocator import api, baselines
-from allocator.plan import Plan
-from sensitivity.profile import SensitivityProfile
+from bitalloc.allocator import api, baselines
+from bitalloc.allocator.plan import Plan
+from bitalloc.sensitivity.profile import SensitivityProfile
 R = str(ROOT / "experiments/results/quality")
 p2 = SensitivityProfile.load(f"{R}/profile-ext5.json")
 need = {}

@@ -1,8 +1,8 @@
 import dataclasses, json, sys
 import pathlib; ROOT = pathlib.Path(__file__).resolve().parents[2]; sys.path.insert(0, str(ROOT))
-from allocator import api, baselines
-from allocator.evaluate import windows_from_file
-from sensitivity.profile import SensitivityProfile
+from bitalloc.allocator import api, baselines
+from bitalloc.allocator.evaluate import windows_from_file
+from bitalloc.sensitivity.profile import SensitivityProfile
 R = str(ROOT / "experiments/results/quality")
 p2 = SensitivityProfile.load(f"{R}/profile-ext5.json")
 loaded = api.load("smollm2")

@@ -3,13 +3,13 @@ measured references), solve 5bpw, evaluate against uniform w5g128z."""
 import dataclasses, json, sys, time
 import numpy as np
 import pathlib; ROOT = pathlib.Path(__file__).resolve().parents[2]; sys.path.insert(0, str(ROOT))
-from allocator import api
-from allocator import baselines
-from allocator.evaluate import windows_from_file
-from sensitivity.profile import SensitivityProfile, cost_table
-from sensitivity.calibration import CalibrationSpec, load_calibration, tokens_sha256
-from sensitivity.hessian import collect_input_statistics
-from sensitivity.proxy import proxy_table, calibrate_proxy, as_scheme
+from bitalloc.allocator import api
+from bitalloc.allocator import baselines
+from bitalloc.allocator.evaluate import windows_from_file
+from bitalloc.sensitivity.profile import SensitivityProfile, cost_table
+from bitalloc.sensitivity.calibration import CalibrationSpec, load_calibration, tokens_sha256
+from bitalloc.sensitivity.hessian import collect_input_statistics
+from bitalloc.sensitivity.proxy import proxy_table, calibrate_proxy, as_scheme
 
 R = str(ROOT / "experiments/results/quality")
 prof = SensitivityProfile.load(f"{R}/profile.json")

@@ -4,10 +4,10 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_profile(tmp_path_factory):
     """A real profile of the random-weight tiny Llama (plumbing only), saved to JSON."""
-    import allocator
+    import bitalloc
 
     d = tmp_path_factory.mktemp("tiny")
     path = d / "profile.json"
-    prof = allocator.profile("random:llama-tiny", n_samples=4, seq_len=32, kl_samples=2, out=path,
+    prof = bitalloc.profile("random:llama-tiny", n_samples=4, seq_len=32, kl_samples=2, out=path,
                              progress=False, log=None)
     return prof, path

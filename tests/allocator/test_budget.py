@@ -1,6 +1,6 @@
 import pytest
 
-from allocator.budget import Budget, BudgetError, parse_budget
+from bitalloc.allocator.budget import Budget, BudgetError, parse_budget
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from allocator.cli import main
+from bitalloc.allocator.cli import main
 
 
 def run_cli(capsys, *args):
@@ -137,7 +137,7 @@ def test_bad_config(capsys, tmp_path):
 
 def test_console_script_exit_code(tmp_path):
     """The real entry point, in a subprocess: exit status 2 and no traceback."""
-    r = subprocess.run([sys.executable, "-m", "allocator.cli", "solve", str(tmp_path / "x.json"), "--budget", "4bpw"],
+    r = subprocess.run([sys.executable, "-m", "bitalloc.allocator.cli", "solve", str(tmp_path / "x.json"), "--budget", "4bpw"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("bitalloc: error:")
 

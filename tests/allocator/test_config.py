@@ -1,7 +1,7 @@
 import pytest
 
-from allocator.budget import BudgetError
-from allocator.config import ConfigError, RunConfig, load_config
+from bitalloc.allocator.budget import BudgetError
+from bitalloc.allocator.config import ConfigError, RunConfig, load_config
 
 
 def test_default_is_valid():

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import allocator
-from allocator.executor import ExecutorError, apply, load_quantized, packed_weight_bytes, save_quantized
-from allocator.plan import LayerPlan, Plan, PlanError
-from allocator.solve import plan_from_choice
-from kernels.formats import parse_scheme
-from kernels.qlinear import QuantLinear
-from sensitivity.models import fingerprint
+import bitalloc
+from bitalloc.allocator.executor import ExecutorError, apply, load_quantized, packed_weight_bytes, save_quantized
+from bitalloc.allocator.plan import LayerPlan, Plan, PlanError
+from bitalloc.allocator.solve import plan_from_choice
+from bitalloc.kernels.formats import parse_scheme
+from bitalloc.kernels.qlinear import QuantLinear
+from bitalloc.sensitivity.models import fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMES = ["w2g64z+h4r0.05", "w8a8", "fp16", "w4g32z", "w3g64z"]
@@ -45,9 +45,9 @@ def _logits(model, ids) -> torch.Tensor:
 class Case:
     def __init__(self, spec: str):
         self.spec = spec
-        self.loaded = allocator.load(spec, log=None)
+        self.loaded = bitalloc.load(spec, log=None)
         self.fp = fingerprint(self.loaded.model)
-        prof = allocator.profile(self.loaded, n_samples=2, seq_len=16, kl_samples=1, schemes=SCHEMES,
+        prof = bitalloc.profile(self.loaded, n_samples=2, seq_len=16, kl_samples=1, schemes=SCHEMES,
                                  ref_schemes=["w3g64z"], progress=False, log=None)
         self.plan = plan_from_choice(prof, [i % len(SCHEMES) for i in range(len(prof.layers))], label="mixed")
         self.qmodel = apply(self.loaded.model, self.plan, fingerprint=self.fp)
@@ -266,7 +266,7 @@ def test_plan_high_idx_is_used(llama, tmp_path):
 def test_save_errors(llama, tmp_path):
     with pytest.raises(ExecutorError, match="not a QuantLinear"):
         save_quantized(llama.loaded.model, llama.plan, tmp_path / "a")
-    from sensitivity.models import load_model
+    from bitalloc.sensitivity.models import load_model
 
     raw = load_model("random:llama-tiny")  # float32 values, not rounded to 16-bit
     q = apply(raw.model, llama.plan)
@@ -288,7 +288,7 @@ def _rewrite_tensors(d: Path, fn, fix_checksum: bool = True) -> None:
     """Rewrite model.safetensors through fn(tensors) and (optionally) update quantized.json's checksum."""
     from safetensors.torch import load_file, save_file
 
-    from allocator.executor import _sha256_file
+    from bitalloc.allocator.executor import _sha256_file
 
     st = d / "model.safetensors"
     tensors = load_file(str(st))
@@ -310,7 +310,7 @@ def _corrupt_header(d: Path) -> None:
     b = bytearray(st.read_bytes())
     b[8:20] = b"\x00" * 12  # the JSON header starts at byte 8
     st.write_bytes(bytes(b))
-    from allocator.executor import _sha256_file
+    from bitalloc.allocator.executor import _sha256_file
 
     _edit_json(d / "quantized.json", lambda m: m["safetensors"].update(sha256=_sha256_file(st)))
 
@@ -389,7 +389,7 @@ def test_load_bad_input(copy, what):
 
 def test_load_into_other_model(llama_saved):
     """``loaded=``: a base model that is not the plan's is refused (unless told not to check)."""
-    gpt2 = allocator.load("random:gpt2-tiny", log=None)
+    gpt2 = bitalloc.load("random:gpt2-tiny", log=None)
     with pytest.raises(ExecutorError, match="different model"):
         load_quantized(llama_saved, loaded=gpt2)
     with pytest.raises(ExecutorError, match="does not have"):
@@ -435,9 +435,9 @@ def test_bench_e2e_without_gpu_exits_cleanly():
 @pytest.mark.slow
 def test_smollm2_mixed_plan_roundtrip(tmp_path):
     """SmolLM2 with a mixed plan: packed bytes == plan, saved and reloaded to identical logits, tie kept."""
-    from sensitivity.layers import find_layers
+    from bitalloc.sensitivity.layers import find_layers
 
-    loaded = allocator.load("smollm2", log=None)
+    loaded = bitalloc.load("smollm2", log=None)
     net = loaded.model
     fp = fingerprint(net)
     layers, skipped = find_layers(net)
@@ -467,9 +467,9 @@ def test_split_with_its_own_high_format():
     """A split whose high part names its own format (per-channel symmetric, another group
     size) runs through profile, plan and executor: bytes equal the plan's prediction, and
     each layer computes with its dequantized weight."""
-    loaded = allocator.load("random:llama-tiny", log=None)
+    loaded = bitalloc.load("random:llama-tiny", log=None)
     schemes = ["w2g64z+h3csr0.05", "w3g64z+h4g128r0.1", "w2g64z"]
-    prof = allocator.profile(loaded, n_samples=2, seq_len=16, kl_samples=1, schemes=schemes,
+    prof = bitalloc.profile(loaded, n_samples=2, seq_len=16, kl_samples=1, schemes=schemes,
                              ref_schemes=["w2g64z"], progress=False, log=None)
     assert prof.schemes == schemes
     plan = plan_from_choice(prof, [i % 2 for i in range(len(prof.layers))], label="own-high")

@@ -7,10 +7,10 @@ import pytest
 
 import importlib
 
-S = importlib.import_module("allocator.solve")  # the module (allocator.solve is the API function)
-from allocator.policy import GroupPolicy, group_scales
-from sensitivity.layers import LayerInfo
-from sensitivity.profile import SensitivityProfile
+S = importlib.import_module("bitalloc.allocator.solve")  # the module (allocator.solve is the API function)
+from bitalloc.allocator.policy import GroupPolicy, group_scales
+from bitalloc.sensitivity.layers import LayerInfo
+from bitalloc.sensitivity.profile import SensitivityProfile
 
 SCHEMES = ["w2g64z", "w3g128z", "w4g128z", "w8", "fp16"]
 
@@ -21,7 +21,7 @@ def _profile(scale_b: float = 1.0, n_a: int = 4, n_b: int = 4, tables=None) -> S
     layers = [LayerInfo(f"a.{i}", "Linear", 64, 64, 64 * 64, f"a.{i}", i) for i in range(n_a)]
     layers += [LayerInfo(f"b.{i}", "Linear", 64, 64, 64 * 64, f"b.{i}", i) for i in range(n_b)]
     L = len(layers)
-    from sensitivity.profile import cost_table
+    from bitalloc.sensitivity.profile import cost_table
 
     cost = cost_table(layers, SCHEMES)
     base = np.array([1.0, 0.25, 0.06, 0.001, 0.0])
@@ -113,8 +113,8 @@ def test_single_group_profile_unchanged():
 
 
 def test_cli_and_config_group_policies(tmp_path, capsys):
-    from allocator.cli import main
-    from allocator.config import ConfigError, RunConfig
+    from bitalloc.allocator.cli import main
+    from bitalloc.allocator.config import ConfigError, RunConfig
 
     path = _profile().save(tmp_path / "p.json")
     assert main(["--quiet", "solve", str(path), "--budget", "4bpw", "--group-share", "a=0.6", "--group-share", "b=0.4",

@@ -9,16 +9,17 @@ import sys
 
 def test_api_names_are_functions_after_submodule_imports():
     # allocator/solve.py and allocator/evaluate.py share names with API functions; importing
-    # them (as allocator.api does) must not turn allocator.solve into a module.
+    # them (as bitalloc.api does) must not turn bitalloc.solve into a module.
     code = (
-        "import allocator, allocator.api, importlib\n"
-        "importlib.import_module('allocator.evaluate'); importlib.import_module('allocator.solve')\n"
-        "from allocator.solve import plan_from_choice\n"
+        "import bitalloc, bitalloc.allocator as allocator, bitalloc.allocator.api as api, importlib\n"
+        "importlib.import_module('bitalloc.allocator.evaluate'); importlib.import_module('bitalloc.allocator.solve')\n"
+        "from bitalloc.allocator.solve import plan_from_choice\n"
         "import types\n"
         "for n in ('solve', 'evaluate', 'profile', 'sweep', 'apply', 'run', 'load'):\n"
-        "    f = getattr(allocator, n)\n"
-        "    assert callable(f) and not isinstance(f, types.ModuleType), (n, f)\n"
-        "    assert f is getattr(allocator.api, n), n\n"
+        "    for front in (bitalloc, allocator):\n"
+        "        f = getattr(front, n)\n"
+        "        assert callable(f) and not isinstance(f, types.ModuleType), (n, f)\n"
+        "        assert f is getattr(api, n), n\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -26,9 +27,10 @@ def test_api_names_are_functions_after_submodule_imports():
 
 
 def test_import_is_light():
-    """allocator, sensitivity and solvers import nothing heavy; kernels (the torch layer) only torch."""
+    """bitalloc, allocator, sensitivity and solvers import nothing heavy; kernels (the torch layer) only torch."""
     heavy = ("torch", "transformers", "pulp", "ray", "cvxpy", "triton")
-    for pkg, allowed in (("allocator", ()), ("sensitivity", ()), ("solvers", ()), ("kernels", ("torch",))):
+    for pkg, allowed in (("bitalloc", ()), ("bitalloc.allocator", ()), ("bitalloc.sensitivity", ()), ("bitalloc.solvers", ()),
+                         ("bitalloc.kernels.quant", ("torch",))):
         code = f"import json, sys, {pkg}; print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))"
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -41,14 +43,14 @@ def test_evaluate_plans_scores_identical_allocations_once(monkeypatch):
     in memory and give the same results as one pass."""
     import torch
 
-    import allocator
-    from allocator import api
-    from allocator import executor
+    import bitalloc
+    from bitalloc.allocator import api
+    from bitalloc.allocator import executor
 
-    loaded = allocator.load("random:llama-tiny", log=None)
-    prof = allocator.profile(loaded, n_samples=2, seq_len=16, kl_samples=1, schemes=["w2g64z", "w4g128z"],
+    loaded = bitalloc.load("random:llama-tiny", log=None)
+    prof = bitalloc.profile(loaded, n_samples=2, seq_len=16, kl_samples=1, schemes=["w2g64z", "w4g128z"],
                              ref_schemes=["w2g64z"], progress=False, log=None)
-    a, b = allocator.solve(prof, "3bpw"), allocator.solve(prof, "16bpw")
+    a, b = bitalloc.solve(prof, "3bpw"), bitalloc.solve(prof, "16bpw")
     plans = {"a": a, "a-again": a, "b": b}
     applied = []
     real = executor.apply

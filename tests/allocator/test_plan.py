@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from allocator.plan import PLAN_SCHEMA, LayerPlan, Plan, PlanError
-from kernels.formats import parse_scheme
+from bitalloc.allocator.plan import PLAN_SCHEMA, LayerPlan, Plan, PlanError
+from bitalloc.kernels.formats import parse_scheme
 
 
 def _plan(**kw):

@@ -1,13 +1,13 @@
-"""allocator.solve with method qp / qp-relax / separable, split channels in the plan, GPTQ plans (issue 5)."""
+"""bitalloc.allocator.solve with method qp / qp-relax / separable, split channels in the plan, GPTQ plans (issue 5)."""
 
 import pytest
 import torch
 
-from allocator.executor import ExecutorError, apply
-from allocator.plan import Plan
-from allocator.solve import AllocationError, InfeasibleBudget, solve
-from sensitivity.calibration import CalibrationSpec
-from sensitivity.profile import build_profile
+from bitalloc.allocator.executor import ExecutorError, apply
+from bitalloc.allocator.plan import Plan
+from bitalloc.allocator.solve import AllocationError, InfeasibleBudget, solve
+from bitalloc.sensitivity.calibration import CalibrationSpec
+from bitalloc.sensitivity.profile import build_profile
 
 CAL = CalibrationSpec(n_samples=2, seq_len=16)
 ONE_BLOCK = ["re:layers\\.0\\.(self_attn\\.(q|o)_proj|mlp\\.down_proj)"]
@@ -41,7 +41,7 @@ def test_qp_not_worse_than_separable(prof):
 
 
 def test_split_plan_records_profile_channels(prof):
-    from sensitivity.saliency import select_split_channels
+    from bitalloc.sensitivity.saliency import select_split_channels
 
     plan = solve(prof, "5bpw", method="qp", pins={"re:.*": "w2g32z+h3r0.1"})
     for fqn, lp in plan.layers.items():
@@ -63,10 +63,10 @@ def test_qp_errors(prof):
 
 
 def test_gptq_plan_needs_hessians(tmp_path):
-    from sensitivity.hessian import collect_input_statistics
-    from sensitivity.hessian_store import load_hessians, save_hessians
-    from sensitivity.layers import find_layers
-    from sensitivity.models import load_model, round_to_16bit
+    from bitalloc.sensitivity.hessian import collect_input_statistics
+    from bitalloc.sensitivity.hessian_store import load_hessians, save_hessians
+    from bitalloc.sensitivity.layers import find_layers
+    from bitalloc.sensitivity.models import load_model, round_to_16bit
 
     p = build_profile("random:llama-tiny", schemes=["w2g32z", "w2g32z+h3r0.1", "w4g32"], ref_schemes=["w2g32z"],
                       calibration=CAL, include=ONE_BLOCK, progress=False, quantizer="gptq", saliency="obq")
@@ -102,7 +102,7 @@ def dataclasses_replace_quant(plan, quantizer):
 
 
 def test_gptq_profile_saves_hessians_and_plan_finds_them(tmp_path):
-    from sensitivity.models import load_model, round_to_16bit
+    from bitalloc.sensitivity.models import load_model, round_to_16bit
 
     p = build_profile("random:llama-tiny", schemes=["w2g32z", "w4g32"], ref_schemes=["w2g32z"], calibration=CAL,
                       include=ONE_BLOCK, progress=False, quantizer="gptq", hessians_out=tmp_path / "p.hessians.safetensors")
@@ -119,7 +119,7 @@ def test_gptq_profile_saves_hessians_and_plan_finds_them(tmp_path):
 
 
 def test_cli_solve_method_qp(prof, tmp_path, capsys):
-    from allocator.cli import main
+    from bitalloc.allocator.cli import main
 
     path = prof.save(tmp_path / "p.json")
     out = tmp_path / "plan.json"

@@ -24,7 +24,7 @@ class KernelRef:
     @staticmethod
     def ref_matmul(x: torch.Tensor, *parts) -> torch.Tensor:
         """float64 x @ W_hat^T over consecutive K segments (QuantizedTensors), W_hat rounded to x.dtype."""
-        from kernels.quant import dequantize
+        from bitalloc.kernels.quant import dequantize
 
         out, k0 = 0, 0
         for qt in parts:
@@ -36,7 +36,7 @@ class KernelRef:
     @staticmethod
     def packed(fmt, n: int, k: int, seed: int = 0):
         """A random (n, k) weight quantized in ``fmt``."""
-        from kernels.quant import quantize
+        from bitalloc.kernels.quant import quantize
 
         return quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), fmt)
 

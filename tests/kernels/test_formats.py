@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from kernels.formats import (
+from bitalloc.kernels.formats import (
     FP16,
     GROUP_SIZES,
     INT_BITS,
@@ -20,7 +20,7 @@ from kernels.formats import (
     parse_format,
     parse_scheme,
 )
-from kernels.quant import fake_quantize, quantize
+from bitalloc.kernels.quant import fake_quantize, quantize
 
 
 def _rel_err(w, fmt):

@@ -3,16 +3,9 @@
 import pytest
 import torch
 
-from kernels import (
-    dequantize,
-    dequantize_weight,
-    fake_quantize,
-    parse_format,
-    parse_scheme,
-    quantize,
-    quantize_weight,
-)
-from kernels.gptq import GPTQ, GPTQError, gptq_fake_quantize_weight, gptq_quantize, gptq_quantize_weight
+from bitalloc.kernels.formats import parse_format, parse_scheme
+from bitalloc.kernels.quant import dequantize, dequantize_weight, fake_quantize, quantize, quantize_weight
+from bitalloc.kernels.gptq import GPTQ, GPTQError, gptq_fake_quantize_weight, gptq_quantize, gptq_quantize_weight
 
 OUT, IN, N = 64, 256, 2048
 

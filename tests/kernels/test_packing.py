@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.formats import INT_BITS, bit_planes, packed_words, plane_words
-from kernels.packing import pack_codes, plane_layout, unpack_codes
+from bitalloc.kernels.formats import INT_BITS, bit_planes, packed_words, plane_words
+from bitalloc.kernels.packing import pack_codes, plane_layout, unpack_codes
 
 
 def _pack_slow(codes: list[list[int]], bits: int) -> list[list[int]]:

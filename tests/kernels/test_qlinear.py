@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.formats import parse_scheme
-from kernels.qlinear import QuantLinear
-from kernels.quant import fake_quantize_weight, quantize_activation, quantize_weight
+from bitalloc.kernels.formats import parse_scheme
+from bitalloc.kernels.qlinear import QuantLinear
+from bitalloc.kernels.quant import fake_quantize_weight, quantize_activation, quantize_weight
 
 SCHEMES = [
     "w4g128",

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kernels.formats import FP16, GROUP_SIZES, INT_BITS, Format, parse_format, parse_scheme
-from kernels.packing import unpack_codes
-from kernels.quant import (
+from bitalloc.kernels.formats import FP16, GROUP_SIZES, INT_BITS, Format, parse_format, parse_scheme
+from bitalloc.kernels.packing import unpack_codes
+from bitalloc.kernels.quant import (
     FP4_E2M1_VALUES,
     QuantizedTensor,
     dequantize,
@@ -152,7 +152,7 @@ def test_fp4_matches_brute_force_nearest():
 
 @pytest.mark.parametrize("name", ["w2g64z", "w3g128", "w3g64z", "w4g128z", "w4", "fp4g32"])
 def test_clip_search_never_worse_than_minmax_per_group(name):
-    from kernels.quant import CLIP_GRID, _group_params, _minmax_params, _to_groups
+    from bitalloc.kernels.quant import CLIP_GRID, _group_params, _minmax_params, _to_groups
 
     w = _w(8, 320, seed=3)
     w[0, 5] = 9.0  # an outlier: clipping it pays

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kernels.formats import FormatError, parse_scheme, split_families, split_family
+from bitalloc.kernels.formats import FormatError, parse_scheme, split_families, split_family
 
 
 def test_split_family_names_round_trip():

@@ -9,10 +9,10 @@ the native fp8 tensor-core dot needs CUDA sm_89+ and is tested only there.
 import pytest
 import torch
 
-from kernels.formats import Format
-from kernels.quant import quantize, quantize_activation
-from kernels.triton_a8 import MODE_FP8, MODE_INT8, MODE_WIDE, a8_matmul, a8_matmul_quantized, dot_mode, quantize_tokens
-from kernels.triton_common import Segment
+from bitalloc.kernels.formats import Format
+from bitalloc.kernels.quant import quantize, quantize_activation
+from bitalloc.kernels.triton_a8 import MODE_FP8, MODE_INT8, MODE_WIDE, a8_matmul, a8_matmul_quantized, dot_mode, quantize_tokens
+from bitalloc.kernels.triton_common import Segment
 
 BOUND = 1e-5
 K, N = 576, 72
@@ -24,7 +24,7 @@ CASES = [  # (act, bits, group, sym): w8a8 per-channel, grouped, asymmetric, wid
 
 
 def _ref(x, act, *parts):
-    from kernels.quant import dequantize
+    from bitalloc.kernels.quant import dequantize
 
     xq = quantize_activation(x, act).double()
     out, k0 = 0, 0

@@ -24,10 +24,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import triton_a8, triton_dequant, triton_gemm, triton_gemv
-from kernels.formats import Format
-from kernels.quant import quantize
-from kernels.triton_common import Segment
+from bitalloc.kernels import triton_a8, triton_dequant, triton_gemm, triton_gemv
+from bitalloc.kernels.formats import Format
+from bitalloc.kernels.quant import quantize
+from bitalloc.kernels.triton_common import Segment
 
 calls = []
 

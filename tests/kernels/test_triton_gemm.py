@@ -7,10 +7,10 @@ Bounds (max |y - ref| / ||ref||_inf, ref float64 from the same inputs): float32 
 import pytest
 import torch
 
-from kernels.formats import Format
-from kernels.quant import quantize
-from kernels.triton_common import Segment
-from kernels.triton_gemm import gemm
+from bitalloc.kernels.formats import Format
+from bitalloc.kernels.quant import quantize
+from bitalloc.kernels.triton_common import Segment
+from bitalloc.kernels.triton_gemm import gemm
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 K, N = 576, 72  # partial last group for g128 / g256; N not a tile multiple

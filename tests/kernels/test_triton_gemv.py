@@ -9,11 +9,11 @@ float32 <= 1e-5 (observed ~5e-7), float16 <= 2e-3, bfloat16 <= 1e-2 (output roun
 import pytest
 import torch
 
-from kernels.formats import Format
-from kernels.quant import dequantize, quantize
-from kernels.triton_common import Segment
-from kernels.triton_dequant import dequantize_dense
-from kernels.triton_gemv import gemv
+from bitalloc.kernels.formats import Format
+from bitalloc.kernels.quant import dequantize, quantize
+from bitalloc.kernels.triton_common import Segment
+from bitalloc.kernels.triton_dequant import dequantize_dense
+from bitalloc.kernels.triton_gemv import gemv
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 K, N = 576, 72  # 576 = 4*128 + 64 = 2*256 + 64: partial last group for g128 / g256; N not a tile multiple

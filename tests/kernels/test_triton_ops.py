@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import ops
-from kernels.formats import parse_scheme
-from kernels.qlinear import QuantLinear
-from kernels.quant import quantize_weight
+from bitalloc.kernels import ops
+from bitalloc.kernels.formats import parse_scheme
+from bitalloc.kernels.qlinear import QuantLinear
+from bitalloc.kernels.quant import quantize_weight
 
 ROOT = Path(__file__).resolve().parents[2]
 IN, OUT = 320, 48
@@ -202,7 +202,7 @@ def test_act_needs_quantized_weight():
 
 # -- configs: fixed under the interpreter, tuned + cached per GPU -------------------------------
 def test_tuned_config_cache(tmp_path):
-    from kernels import triton_common as tc
+    from bitalloc.kernels import triton_common as tc
 
     path = tmp_path / "cfg.json"
     times = {32: 3.0, 64: 1.0, 128: 2.0}
@@ -232,7 +232,7 @@ def test_tuned_config_cache(tmp_path):
 
 
 def test_cache_path_is_per_gpu(monkeypatch, tmp_path):
-    from kernels import triton_common as tc
+    from bitalloc.kernels import triton_common as tc
 
     monkeypatch.setenv("BITALLOC_CACHE_DIR", str(tmp_path))
     p = tc.cache_path(torch.device("cpu"))

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.formats import split_family
-from sensitivity.calibration import CalibrationSpec
-from sensitivity.pairs import block_pairs, pair_item_count, pair_items, pair_matrices, pairs_from_values
-from sensitivity.profile import ProfileError, SensitivityProfile, build_profile
-from sensitivity.saliency import SaliencyError, channel_saliency, fisher_diagonals, select_split_channels
+from bitalloc.kernels.formats import split_family
+from bitalloc.sensitivity.calibration import CalibrationSpec
+from bitalloc.sensitivity.pairs import block_pairs, pair_item_count, pair_items, pair_matrices, pairs_from_values
+from bitalloc.sensitivity.profile import ProfileError, SensitivityProfile, build_profile
+from bitalloc.sensitivity.saliency import SaliencyError, channel_saliency, fisher_diagonals, select_split_channels
 
 CAL = CalibrationSpec(n_samples=2, seq_len=16)
 ONE_BLOCK = ["re:layers\\.0\\.(self_attn\\.(q|o)_proj|mlp\\.down_proj)"]
@@ -36,8 +36,8 @@ def test_saliency_forms():
 
 
 def test_fisher_diagonals_tiny_model():
-    from sensitivity.layers import find_layers
-    from sensitivity.models import load_model
+    from bitalloc.sensitivity.layers import find_layers
+    from bitalloc.sensitivity.models import load_model
 
     lm = load_model("random:llama-tiny")
     layers, _ = find_layers(lm.model, ONE_BLOCK)

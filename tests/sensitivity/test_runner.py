@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sensitivity.runner import (
+from bitalloc.sensitivity.runner import (
     CHECKPOINT_SCHEMA,
     Checkpoint,
     CheckpointError,
@@ -89,7 +89,7 @@ def test_values_are_metric_dicts(baseline, items):
 def test_ray_not_imported_in_process(setup, ctx, items):
     code = textwrap.dedent(f"""
         import sys
-        from sensitivity.runner import WorkerSetup, run_items
+        from bitalloc.sensitivity.runner import WorkerSetup, run_items
         s = WorkerSetup(model="random:llama-tiny", calibration=dict(source="generated", n_samples=1, seq_len=8, seed=0))
         run_items(s, [({items[0][0]!r}, "w4g128z")], progress=False)
         assert "ray" not in sys.modules, "ray imported"
@@ -176,7 +176,7 @@ def test_unreachable_address(setup, items):
 
 
 def test_cli_errors(capsys, tmp_path):
-    from allocator.cli import main
+    from bitalloc.allocator.cli import main
 
     for args, match in (
         (["--measured", "--ray-address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
@@ -191,11 +191,11 @@ def test_cli_errors(capsys, tmp_path):
 
 
 def test_measured_profile_api_and_config(tmp_path):
-    import allocator
-    from allocator.config import ConfigError, RunConfig
+    import bitalloc
+    from bitalloc.allocator.config import ConfigError, RunConfig
 
     out = tmp_path / "p.json"
-    prof = allocator.profile("random:llama-tiny", n_samples=2, seq_len=16, kl_samples=2, kl_stride=1,
+    prof = bitalloc.profile("random:llama-tiny", n_samples=2, seq_len=16, kl_samples=2, kl_stride=1,
                              schemes=["w2g64z", "w3g128z", "w4g128z", "fp16"], measured=True, out=out,
                              progress=False, log=None)
     assert prof.metadata["table"] == "measured" and prof.metadata["measure"]["mode"] == "in-process"
@@ -205,12 +205,12 @@ def test_measured_profile_api_and_config(tmp_path):
     assert (t[:, 3] == 0).all() and (t[:, 0] > 0).all()
     assert prof.ref_schemes == ["w2g64z", "w3g128z", "w4g128z"]  # the defaults
     assert np.array_equal(prof.kl_ref, t[:, :3])  # the ref columns calibrate the proxy
-    again = allocator.profile("random:llama-tiny", n_samples=2, seq_len=16, kl_samples=2, kl_stride=1,
+    again = bitalloc.profile("random:llama-tiny", n_samples=2, seq_len=16, kl_samples=2, kl_stride=1,
                               schemes=["w2g64z", "w3g128z", "w4g128z", "fp16"], measured=True, out=out,
                               progress=False, log=None)
     assert again.metadata["measure"]["computed"] == 0
     assert np.array_equal(again.table(), t)
-    from allocator import api
+    from bitalloc.allocator import api
 
     assert api.solve(prof, "4bpw").predicted["bpw"] <= 4.0
     cfg = RunConfig.from_dict({"profile": {"measured": True, "workers": 2}})
@@ -222,12 +222,12 @@ def test_measured_profile_api_and_config(tmp_path):
 def test_mismatched_checkpoint_refused_before_statistics(tmp_path, monkeypatch):
     """A checkpoint of another configuration is refused before the Hessians are collected
     (minutes on a real model), not after; the file is left untouched."""
-    import allocator
-    import sensitivity.hessian as hessian
+    import bitalloc
+    import bitalloc.sensitivity.hessian as hessian
 
     kw = dict(n_samples=2, seq_len=16, kl_samples=2, schemes=["w2g64z", "w4g128z"], ref_schemes=["w2g64z"],
               measured=True, out=tmp_path / "p.json", progress=False, log=None)
-    allocator.profile("random:llama-tiny", kl_stride=1, **kw)
+    bitalloc.profile("random:llama-tiny", kl_stride=1, **kw)
     ck = tmp_path / "p.measure-checkpoint.jsonl"
     before = ck.read_bytes()
 
@@ -236,7 +236,7 @@ def test_mismatched_checkpoint_refused_before_statistics(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hessian, "collect_input_statistics", boom)
     with pytest.raises(CheckpointError, match="another configuration.*kl_stride"):
-        allocator.profile("random:llama-tiny", kl_stride=2, **kw)
+        bitalloc.profile("random:llama-tiny", kl_stride=2, **kw)
     assert ck.read_bytes() == before
 
 
@@ -289,20 +289,20 @@ def test_worker_node_removed_mid_run(setup, items, baseline, tmp_path):
 
 SLOW_PROFILE = """
 import sys, time
-import sensitivity.proxy as proxy
+import bitalloc.sensitivity.proxy as proxy
 _measure = proxy.measure_item
 def slow(*a, **k):
     time.sleep(0.1)
     return _measure(*a, **k)
 proxy.measure_item = slow
-from allocator.cli import main
+from bitalloc.allocator.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 @pytest.mark.slow
 def test_killed_job_resumes(tmp_path):
-    import allocator
+    import bitalloc
 
     args = ["--quiet", "profile", "--model", "random:llama-tiny", "--n-samples", "2", "--seq-len", "16",
             "--kl-samples", "2", "--kl-stride", "1", "--schemes", ",".join(SCHEMES), "--measured",
@@ -325,15 +325,15 @@ def test_killed_job_resumes(tmp_path):
             proc.kill()
     n_done = len({(r["layer"], r["scheme"]) for r in _item_lines(ck)})
     assert 8 <= n_done
-    from allocator.cli import main
+    from bitalloc.allocator.cli import main
 
     assert main(args) == 0  # the same command again
-    prof = allocator.load_profile(tmp_path / "run" / "p.json")
+    prof = bitalloc.load_profile(tmp_path / "run" / "p.json")
     m = prof.metadata["measure"]
     total = prof.n_layers * len(SCHEMES)
     assert n_done < total
     assert m["resumed"] == n_done and m["computed"] == total - n_done
-    fresh = allocator.profile("random:llama-tiny", n_samples=2, seq_len=16, kl_samples=2, kl_stride=1, schemes=SCHEMES,
+    fresh = bitalloc.profile("random:llama-tiny", n_samples=2, seq_len=16, kl_samples=2, kl_stride=1, schemes=SCHEMES,
                               measured=True, progress=False, log=None)
     assert np.array_equal(prof.table(), fresh.table())
     assert np.array_equal(prof.kl_ref, fresh.kl_ref)

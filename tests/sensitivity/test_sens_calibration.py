@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sensitivity.calibration import (
+from bitalloc.sensitivity.calibration import (
     CalibrationError,
     CalibrationSpec,
     as_batches,
@@ -13,7 +13,7 @@ from sensitivity.calibration import (
     generate_calibration,
     load_calibration,
 )
-from sensitivity.models import ByteTokenizer
+from bitalloc.sensitivity.models import ByteTokenizer
 
 TOK = ByteTokenizer(256 + 3)
 TEXT = "".join(chr(ord("a") + int(v)) for v in torch.randint(0, 26, (1000,), generator=torch.Generator().manual_seed(0)))  # 1000 tokens

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sensitivity.calibration import as_batches
-from sensitivity.hessian import HessianAccumulator, collect_hessians, collect_input_statistics
-from sensitivity.layers import find_layers
+from bitalloc.sensitivity.calibration import as_batches
+from bitalloc.sensitivity.hessian import HessianAccumulator, collect_hessians, collect_input_statistics
+from bitalloc.sensitivity.layers import find_layers
 
 
 def _capture_inputs(model, fqns, batches):
@@ -102,7 +102,7 @@ def test_hooks_removed_on_error(llama, ids):
 
 
 def test_activation_statistics(llama, ids):
-    from kernels.quant import quantize_activation
+    from bitalloc.kernels.quant import quantize_activation
 
     layers, _ = find_layers(llama, include=["model.layers.1.mlp.down_proj"])
     acc = collect_input_statistics(llama, layers, ids, progress=False, dtype=torch.float64, act_formats=("a8",))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sensitivity.layers import LayerInfo, LayerSelectionError, find_layers
+from bitalloc.sensitivity.layers import LayerInfo, LayerSelectionError, find_layers
 
 
 def test_llama_counts_and_shapes(llama):

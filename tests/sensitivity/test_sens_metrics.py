@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from sensitivity.calibration import as_batches
-from sensitivity.groups import GroupError, MetricGroup, assign_groups, parse_groups
-from sensitivity.layers import find_layers
-from sensitivity.metrics import (
+from bitalloc.sensitivity.calibration import as_batches
+from bitalloc.sensitivity.groups import GroupError, MetricGroup, assign_groups, parse_groups
+from bitalloc.sensitivity.layers import find_layers
+from bitalloc.sensitivity.metrics import (
     METRICS, CosineMetric, KLMetric, MetricSet, NLLDeltaMetric, SQNRMetric, Top1Metric, TokenWeighting,
     as_metric, get_metric, kept_positions, nsr_to_db,
 )
-from sensitivity.profile import _strided
-from sensitivity.proxy import compute_reference, measure_item
+from bitalloc.sensitivity.profile import _strided
+from bitalloc.sensitivity.proxy import compute_reference, measure_item
 
 
 def _logits_out(x):
@@ -134,8 +134,8 @@ def test_groups_partition_and_errors():
 
 
 def test_build_profile_with_groups(llama, ids, tmp_path):
-    from sensitivity.models import LoadedModel
-    from sensitivity.profile import SensitivityProfile, build_profile
+    from bitalloc.sensitivity.models import LoadedModel
+    from bitalloc.sensitivity.profile import SensitivityProfile, build_profile
 
     lm = LoadedModel(llama, None, "random:llama-tiny", "causal-lm", "tiny")
     groups = [{"name": "attn", "match": ["*.self_attn.*", "lm_head"], "metric": "kl", "exclude_positions": [0]},
@@ -149,9 +149,9 @@ def test_build_profile_with_groups(llama, ids, tmp_path):
     assert p.metadata["groups"]["mlp"]["metric"] == "sqnr" and "lm_head" in p.metadata["groups"]["attn"]["layers"]
     q = SensitivityProfile.load(p.save(tmp_path / "p.json"))
     assert q.metadata["groups"] == p.metadata["groups"]
-    import allocator
+    import bitalloc
 
-    plan = allocator.solve(q, "4bpw")
+    plan = bitalloc.solve(q, "4bpw")
     assert set(plan.predicted["loss"]) == {"attn", "mlp"} and plan.solver["groups"]["normalize"] == "ref"
     with pytest.raises(GroupError, match="in no metric group: lm_head"):
         build_profile(lm, ["w2g64z", "fp16"], ids, ref_schemes=["w2g64z"], progress=False, groups=[
@@ -161,9 +161,9 @@ def test_build_profile_with_groups(llama, ids, tmp_path):
 def test_measured_profile_with_groups(llama, ids, tmp_path):
     """Measured table with groups: each layer's row is its own group's metric, one forward per item,
     and the checkpoint records the groups (a checkpoint of other groups is refused)."""
-    from sensitivity.models import LoadedModel
-    from sensitivity.profile import build_profile
-    from sensitivity.runner import CheckpointError
+    from bitalloc.sensitivity.models import LoadedModel
+    from bitalloc.sensitivity.profile import build_profile
+    from bitalloc.sensitivity.runner import CheckpointError
 
     lm = LoadedModel(llama, None, "random:llama-tiny", "causal-lm", "tiny")
     groups = [{"name": "attn", "match": ["*.self_attn.*"], "metric": "kl", "exclude_positions": [0]},
@@ -177,7 +177,7 @@ def test_measured_profile_with_groups(llama, ids, tmp_path):
     assert (p.tables["attn"][~attn] == 0).all() and (p.tables["mlp"][attn] == 0).all()
     assert (p.tables["attn"][attn, 0] > 1e-6).any()
     # the same numbers as one grouped measurement by hand
-    from sensitivity.groups import setup_grouping
+    from bitalloc.sensitivity.groups import setup_grouping
 
     layers = [l for l in p.layers]
     g = setup_grouping(groups, layers)

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from sensitivity import models
-from sensitivity.models import ByteTokenizer, ModelSpecError, fingerprint, load_model
+from bitalloc.sensitivity import models
+from bitalloc.sensitivity.models import ByteTokenizer, ModelSpecError, fingerprint, load_model
 
 from sens_helpers import ROOT, make_llama
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.formats import parse_scheme
-from sensitivity.calibration import CalibrationSpec
-from sensitivity.layers import LayerInfo, find_layers
-from sensitivity.models import fingerprint, load_model
-from sensitivity.profile import (
+from bitalloc.kernels.formats import parse_scheme
+from bitalloc.sensitivity.calibration import CalibrationSpec
+from bitalloc.sensitivity.layers import LayerInfo, find_layers
+from bitalloc.sensitivity.models import fingerprint, load_model
+from bitalloc.sensitivity.profile import (
     PROFILE_SCHEMA,
     ProfileError,
     SensitivityProfile,

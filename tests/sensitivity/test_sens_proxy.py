@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.formats import parse_scheme
-from kernels.quant import fake_quantize_weight, quantize_activation, select_high_channels
-from sensitivity.calibration import as_batches
-from sensitivity.hessian import collect_hessians, collect_input_statistics
-from sensitivity.layers import find_layers, get_weight
-from sensitivity.models import fingerprint
-from sensitivity.proxy import (
+from bitalloc.kernels.formats import parse_scheme
+from bitalloc.kernels.quant import fake_quantize_weight, quantize_activation, select_high_channels
+from bitalloc.sensitivity.calibration import as_batches
+from bitalloc.sensitivity.hessian import collect_hessians, collect_input_statistics
+from bitalloc.sensitivity.layers import find_layers, get_weight
+from bitalloc.sensitivity.models import fingerprint
+from bitalloc.sensitivity.proxy import (
     CosineMetric,
     KLMetric,
     calibrate_proxy,
@@ -57,7 +57,7 @@ def test_proxy_zero_when_scheme_reproduces_weight(llama, ids):
             w.copy_(w.half().float())
         q = mods[layers[0].fqn].weight
         # min-max grid (the clip search keeps a weight that min-max reproduces exactly: error 0 is never beaten)
-        from kernels.quant import fake_quantize
+        from bitalloc.kernels.quant import fake_quantize
 
         q.copy_(fake_quantize(q, "w4g32", clip_search=False))
     H = collect_hessians(llama, layers, ids, progress=False)
@@ -213,7 +213,7 @@ def test_two_references_follow_a_power_law_through_the_measured_points():
     is a power law between them, and linear through the origin below the smaller one."""
     import numpy as np
 
-    from sensitivity.proxy import calibrate_proxy
+    from bitalloc.sensitivity.proxy import calibrate_proxy
 
     P = np.array([[1.0, 2.0, 4.0, 8.0, 16.0, 0.0]])
     K = np.array([[4.0, 32.0]])  # measured at P=2 and P=8: slope 1.5 in log-log

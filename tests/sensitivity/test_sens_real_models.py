@@ -7,11 +7,11 @@ import importlib.util
 import pytest
 import torch
 
-from sensitivity.calibration import DEFAULT_SENTENCES, calibration_from_sentences
-from sensitivity.layers import find_layers
-from sensitivity.models import fingerprint, load_model
-from sensitivity.profile import other_parameter_bits
-from sensitivity.proxy import CosineMetric, compute_reference, measure_item
+from bitalloc.sensitivity.calibration import DEFAULT_SENTENCES, calibration_from_sentences
+from bitalloc.sensitivity.layers import find_layers
+from bitalloc.sensitivity.models import fingerprint, load_model
+from bitalloc.sensitivity.profile import other_parameter_bits
+from bitalloc.sensitivity.proxy import CosineMetric, compute_reference, measure_item
 
 pytestmark = pytest.mark.slow
 

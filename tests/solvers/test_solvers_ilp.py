@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-import solvers
-import solvers.dispatch
-import solvers.ilp
-from solvers import (
+from bitalloc import solvers
+import bitalloc.solvers.dispatch
+import bitalloc.solvers.ilp
+from bitalloc.solvers import (
     AllocationProblem,
     Constraint,
     InfeasibleBudgetError,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from solvers import (
+from bitalloc.solvers import (
     AllocationProblem,
     Constraint,
     InfeasibleBudgetError,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from solvers import (
+from bitalloc.solvers import (
     AllocationProblem,
     Constraint,
     InfeasibleBudgetError,

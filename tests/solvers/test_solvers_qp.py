@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from solvers import (
+from bitalloc.solvers import (
     AllocationProblem,
     InfeasibleBudgetError,
     ProblemError,
@@ -23,7 +23,7 @@ from solvers import (
     solve_qp_relaxation,
     solve_separable,
 )
-from solvers.ilp import ilp_backends
+from bitalloc.solvers.ilp import ilp_backends
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

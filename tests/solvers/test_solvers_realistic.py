@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from solvers import AllocationProblem, achievable_range, solve_dp, solve_ilp, solve_lagrangian
+from bitalloc.solvers import AllocationProblem, achievable_range, solve_dp, solve_ilp, solve_lagrangian
 
 REL = 1e-9
 TIME_LIMIT_S = 10.0  # generous: the machine is shared; typical times are well under 1 s
