@@ -14,6 +14,7 @@ Units: ``B``; decimal ``kB``/``KB``, ``MB``, ``GB`` (10³, 10⁶, 10⁹ bytes); 
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import math
 import re
@@ -33,7 +34,7 @@ UNITS = {
 SCOPES = ("total", "layers")
 
 
-class BudgetError(ValueError):
+class BudgetError(BitallocError, ValueError):
     """A budget string or value is malformed; the message names it."""
 
 

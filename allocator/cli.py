@@ -41,13 +41,13 @@ def _kv(items: list[str] | None, what: str) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bitalloc", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Mixed-precision bit allocation: profile layer sensitivity, solve for the best "
                     "per-layer formats under an exact memory budget, build and evaluate the model.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     def model_arg(sp):
@@ -274,22 +274,71 @@ COMMANDS = {"profile": _cmd_profile, "solve": _cmd_solve, "sweep": _cmd_sweep, "
             "eval": _cmd_eval, "run": _cmd_run}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``bitalloc: error: ...`` and exit 2, no usage block
+    (``bitalloc COMMAND --help`` shows it)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"bitalloc: error: {self.prog}: {message.strip().splitlines()[0]} (see {self.prog} --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _report_bug(e: BaseException) -> str:
+    """Write the traceback of an unexpected error to a file; returns its path."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="bitalloc-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    return path
+
+
+# import name -> pip distribution, where they differ
+_PIP_NAMES = {"llama_cpp": "llama-cpp-python", "yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow",
+              "highspy": "highspy", "google": "protobuf"}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from ..errors import BitallocError
+
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.quiet:  # progress bars of transformers / huggingface_hub too
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return COMMANDS[a.cmd](a)
-    except (ValueError, OSError) as e:
-        if a.debug:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"bitalloc: error: {msg}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("bitalloc: interrupted", file=sys.stderr)
         return 130
+    except (BitallocError, ValueError, OSError) as e:  # the user's to fix: one line, exit 2
+        if a.debug:
+            raise
+        print(f"bitalloc: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # a missing or broken dependency
+        if a.debug:
+            raise
+        name = (getattr(e, "name", None) or "?").split(".")[0]
+        print(f"bitalloc: error: a dependency could not be imported ({_one_line(e)}); "
+              f"install it with: pip install {_PIP_NAMES.get(name, name)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - anything else is our bug, still one line
+        if a.debug:
+            raise
+        path = _report_bug(e)
+        print(f"bitalloc: internal error (a bug in bitalloc, please report it): {type(e).__name__}: {_one_line(e)}; "
+              f"traceback written to {path}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ typo must not silently fall back to a default).
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -71,7 +72,7 @@ def default_ref_schemes(schemes) -> tuple[str, ...]:
     return (quantized[0],) if quantized else tuple(names[:1])
 
 
-class ConfigError(ValueError):
+class ConfigError(BitallocError, ValueError):
     """The run configuration is malformed; the message names the key."""
 
 

@@ -13,6 +13,7 @@ batch and every model is compared against it, so a sweep costs one reference pas
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import math
 import time
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 __all__ = ["EvalError", "EvalResult", "text_windows", "evaluate_models", "evaluate"]
 
 
-class EvalError(ValueError):
+class EvalError(BitallocError, ValueError):
     """Evaluation data is missing or too short; the message says what is needed."""
 
 

@@ -10,6 +10,7 @@ version, a corrupt file, or applying a plan to a different model is a clear erro
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import datetime as _dt
 import json
@@ -25,7 +26,7 @@ __all__ = ["Plan", "PlanError", "LayerPlan", "PLAN_SCHEMA"]
 PLAN_SCHEMA = "bitalloc.plan/1"
 
 
-class PlanError(ValueError):
+class PlanError(BitallocError, ValueError):
     """A plan file is unreadable, of an unknown version, or does not fit the model."""
 
 

@@ -5,6 +5,7 @@ mask, tie groups); everything about names, patterns and units lives here.
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import hashlib
 import math
@@ -28,7 +29,7 @@ QP_METHODS = ("qp", "qp-relax", "separable")
 METHODS = ("ilp", "dp", "lagrangian") + QP_METHODS
 
 
-class AllocationError(ValueError):
+class AllocationError(BitallocError, ValueError):
     """A solve request does not fit the profile (pattern matching nothing, unknown scheme, ...)."""
 
 

@@ -28,6 +28,7 @@ Storage layout (the numbers :meth:`Format.storage_bits` counts, bit for bit):
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import math
 import re
@@ -59,7 +60,7 @@ SCALE_BITS = 16  # float16 scales
 WORD_BITS = 32
 
 
-class FormatError(ValueError):
+class FormatError(BitallocError, ValueError):
     """A format or scheme name or field is not valid; the message names it."""
 
 

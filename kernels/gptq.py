@@ -50,6 +50,7 @@ Typical use::
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import math
 import warnings
@@ -80,7 +81,7 @@ __all__ = ["GPTQ", "GPTQError", "gptq_quantize", "gptq_quantize_weight", "gptq_f
 MAX_PERCDAMP = 1.0  # damping is raised x10 per Cholesky failure up to this fraction of mean(diag H)
 
 
-class GPTQError(ValueError):
+class GPTQError(BitallocError, ValueError):
     """GPTQ cannot run on the given inputs (bad Hessian, no Hessian, bad arguments)."""
 
 

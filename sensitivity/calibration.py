@@ -12,6 +12,7 @@ into mini-batches of dicts that the Hessian and measurement passes consume.
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import hashlib
 from collections.abc import Iterable, Sequence
@@ -38,7 +39,7 @@ __all__ = [
 SOURCES = ("generated", "file", "sentences")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(BitallocError, ValueError):
     """Calibration data cannot be built as asked; the message says why."""
 
 

@@ -26,6 +26,7 @@ records, per group, its metric description, patterns and layers.
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ __all__ = ["MetricGroup", "GroupError", "Grouping", "parse_groups", "assign_grou
 _WEIGHTING_KEYS = ("exclude_positions", "exclude_token_ids", "token_weights")
 
 
-class GroupError(ValueError):
+class GroupError(BitallocError, ValueError):
     """Metric groups are malformed or do not partition the layers; the message names them."""
 
 

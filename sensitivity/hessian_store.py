@@ -10,6 +10,7 @@ file does not.) SmolLM2-135M: about 0.4 GB in float32.
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import hashlib
 import json
@@ -22,7 +23,7 @@ import torch
 __all__ = ["HessianStoreError", "save_hessians", "load_hessians", "file_sha256"]
 
 
-class HessianStoreError(ValueError):
+class HessianStoreError(BitallocError, ValueError):
     """A Hessian file is missing, corrupt, or belongs to other calibration data."""
 
 

@@ -14,6 +14,7 @@ profile counts the shared weight's bits once).
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import re
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from .patterns import match_pattern
 __all__ = ["LayerInfo", "Skipped", "LayerSelectionError", "find_layers", "get_weight", "match_pattern"]
 
 
-class LayerSelectionError(ValueError):
+class LayerSelectionError(BitallocError, ValueError):
     """An include/exclude pattern matches nothing, or the selection is empty."""
 
 

@@ -16,6 +16,7 @@ Nothing here touches the network: every load is ``local_files_only``.
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import hashlib
 import importlib.util
@@ -47,7 +48,7 @@ VALID_SPECS = ("smollm2", "minilm", *RANDOM_SPECS, "<directory with config.json>
 RANDOM_SEED = 0
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(BitallocError, ValueError):
     """A model spec names no loadable model; the message lists the valid specs."""
 
 

@@ -26,6 +26,7 @@ into solver matrices by :func:`pair_matrices`.
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import math
 from collections.abc import Mapping, Sequence
@@ -42,7 +43,7 @@ PAIR_MODELS = ("full", "reduced")
 SEP = "|"
 
 
-class PairError(ValueError):
+class PairError(BitallocError, ValueError):
     """Pair terms are malformed or asked for in a way that cannot work."""
 
 

@@ -13,6 +13,7 @@ a plan is ``cost_bits[chosen].sum() + other_bits``.
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import dataclasses
 import datetime as _dt
@@ -48,7 +49,7 @@ PROFILE_SCHEMA = "bitalloc.profile/1"
 log = logging.getLogger("bitalloc.sensitivity")
 
 
-class ProfileError(ValueError):
+class ProfileError(BitallocError, ValueError):
     """A profile file or object is invalid; the message names the problem."""
 
 

@@ -26,6 +26,7 @@ run resumes from the checkpoint: the same command again skips every finished ite
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 import hashlib
 import json
@@ -63,7 +64,7 @@ Key = tuple[str, str]  # (layer fqn, scheme name); a joint item: ("a|b", "sa|sb"
 PAIR_SEP = "|"
 
 
-class RunnerError(ValueError):
+class RunnerError(BitallocError, ValueError):
     """The measured run cannot go on as asked (bad setup, unreachable cluster, ...)."""
 
 

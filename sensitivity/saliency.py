@@ -20,6 +20,7 @@ from the same stored vector. Saliency vectors are stored in the profile
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +33,7 @@ __all__ = ["SALIENCY_METHODS", "SaliencyError", "channel_saliency", "fisher_diag
 SALIENCY_METHODS = ("hessian", "obq", "fisher")
 
 
-class SaliencyError(ValueError):
+class SaliencyError(BitallocError, ValueError):
     """A saliency request is invalid (unknown method, missing Hessian/Fisher, bad shapes)."""
 
 

@@ -29,9 +29,14 @@ from ._grouping import GroupedProblem, ScaledCosts
 from .errors import ProblemError, SolverError
 from .problem import AllocationProblem, Constraint, Solution, relative_gap
 
-__all__ = ["solve_dp", "solve_lagrangian", "DEFAULT_MAX_FRONT"]
+__all__ = ["solve_dp", "solve_lagrangian", "DEFAULT_MAX_FRONT", "DEFAULT_MAX_BYTES"]
 
 DEFAULT_MAX_FRONT = 2_000_000
+# Memory the DP may hold: the back-pointers of every kept partial solution (all groups) plus
+# one step's candidates. At 10,000 layers x 16 options an unbounded front grew past 9 GB.
+DEFAULT_MAX_BYTES = 2 * 2**30
+_KEPT_BYTES = 8  # per kept partial solution: int32 parent + int32 option
+_CAND_BYTES = 48  # per candidate of one step: cost, loss, bound, index, sort keys
 LAGRANGIAN_OPTIMAL_GAP = 1e-12
 
 
@@ -66,6 +71,7 @@ def solve_dp(
     *,
     extra: Sequence[Constraint] = (),
     max_front: int = DEFAULT_MAX_FRONT,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Solution:
     """Exact optimum for the single-budget problem by a Pareto-front DP.
 
@@ -73,19 +79,23 @@ def solve_dp(
     with the number of near-equivalent partial solutions, so for thousands of
     layers prefer :func:`solve_ilp` or :func:`solve_lagrangian`. Raises
     :class:`SolverError` (suggesting those) if a front grows beyond
-    ``max_front`` partial solutions instead of silently approximating.
+    ``max_front`` partial solutions, or its memory (back-pointers of every kept partial
+    solution plus one step's candidates) would pass ``max_bytes``, instead of silently
+    approximating or running the machine out of memory.
     """
     started = time.perf_counter()
     reject_extra(extra, "solve_dp")
     if max_front < 1:
         raise ProblemError(f"max_front: must be >= 1, got {max_front}")
+    if max_bytes < 1:
+        raise ProblemError(f"max_bytes: must be >= 1, got {max_bytes}")
     capacity, scaled = prepare(problem, capacity)
     grouped = problem.grouped
     relax = relax_budget(grouped, scaled)
     incumbent = best_repair(grouped, scaled, relax)
     objective = grouped.group_loss(incumbent)
     if relative_gap(objective, relax.lower_bound) > 0.0:
-        found = _pareto_dp(grouped, scaled, relax, upper_bound=objective, max_front=max_front)
+        found = _pareto_dp(grouped, scaled, relax, upper_bound=objective, max_front=max_front, max_bytes=max_bytes)
         if found is not None and grouped.group_loss(found) < objective:
             incumbent = found
     objective = grouped.group_loss(incumbent)
@@ -237,6 +247,7 @@ def _pareto_dp(
     *,
     upper_bound: float,
     max_front: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> np.ndarray | None:
     """Exact search over non-dominated (cost, loss) partial solutions.
 
@@ -259,8 +270,11 @@ def _pareto_dp(
     front_loss = np.zeros(1, dtype=np.float64)  # (n,) strictly descending
     parents: list[np.ndarray] = []
     options: list[np.ndarray] = []
+    kept = 0  # partial solutions whose back-pointers are stored
     for g in range(grouped.num_groups):
         ks = np.flatnonzero(grouped.mask[g])  # (m,)
+        _check_memory(kept * _KEPT_BYTES + front_cost.size * ks.size * _CAND_BYTES, max_bytes, g, grouped.num_groups,
+                      kept, front_cost.size * ks.size)
         cand_cost = (front_cost[:, None] + cost[g, ks][None, :]).ravel()  # (n*m,)
         cand_loss = (front_loss[:, None] + loss[g, ks][None, :]).ravel()
         bound = cand_loss + remaining[g] - lam * (cap - cand_cost)
@@ -274,10 +288,20 @@ def _pareto_dp(
                 f"dp: Pareto front grew to {idx.size} partial solutions (> max_front={max_front}) "
                 f"at group {g} of {grouped.num_groups}; use solve_ilp (method='ilp') or solve_lagrangian"
             )
-        parents.append(idx // ks.size)
-        options.append(ks[idx % ks.size])
+        parents.append((idx // ks.size).astype(np.int32))
+        options.append(ks[idx % ks.size].astype(np.int32))
+        kept += idx.size
         front_cost, front_loss = cand_cost[idx], cand_loss[idx]
     return _backtrack(parents, options, int(np.argmin(front_loss)))
+
+
+def _check_memory(need: int, max_bytes: int, g: int, n_groups: int, kept: int, candidates: int) -> None:
+    """Refuse, naming the size, before a step whose memory would pass ``max_bytes``."""
+    if need > max_bytes:
+        raise SolverError(
+            f"dp: the Pareto front needs about {need / 2**30:.2f} GiB at group {g} of {n_groups} "
+            f"({kept} kept partial solutions, {candidates} candidates), over the limit of "
+            f"{max_bytes / 2**30:.2f} GiB; use method='ilp' or method='lagrangian' for a problem this size")
 
 
 def _non_dominated(sorted_loss: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ code 2; failures of the optimisation machinery itself are ``RuntimeError``.
 """
 
 from __future__ import annotations
+from ..errors import BitallocError
 
 __all__ = [
     "ProblemError",
@@ -15,7 +16,7 @@ __all__ = [
 ]
 
 
-class ProblemError(ValueError):
+class ProblemError(BitallocError, ValueError):
     """An allocation problem (or an argument describing one) is malformed.
 
     The message always starts with the offending field, e.g.
@@ -23,7 +24,7 @@ class ProblemError(ValueError):
     """
 
 
-class InfeasibleError(ValueError):
+class InfeasibleError(BitallocError, ValueError):
     """No choice of options satisfies every constraint."""
 
 
@@ -48,5 +49,5 @@ class InfeasibleBudgetError(InfeasibleError):
         return (type(self), (self.budget, self.min_achievable, self.max_achievable))
 
 
-class SolverError(RuntimeError):
+class SolverError(BitallocError, RuntimeError):
     """A solver failed, ran out of time without a solution, or hit a size limit."""

@@ -94,6 +94,6 @@ def test_byte_tokenizer():
 
 
 def test_import_is_light():
-    code = "import sys, sensitivity; sensitivity.LayerInfo; assert 'transformers' not in sys.modules, 'transformers imported'"
+    code = "import sys; from bitalloc import sensitivity; sensitivity.LayerInfo; assert 'transformers' not in sys.modules, 'transformers imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

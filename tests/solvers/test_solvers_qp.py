@@ -293,6 +293,6 @@ def test_ignored_entries_may_be_nan_and_are_stored_as_zero():
 
 
 def test_import_solvers_does_not_load_cvxpy_pulp_or_torch():
-    code = "import sys, solvers; print(','.join(m for m in ('cvxpy', 'pulp', 'torch') if m in sys.modules))"
+    code = "import sys; from bitalloc import solvers; print(','.join(m for m in ('cvxpy', 'pulp', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
