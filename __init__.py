@@ -20,7 +20,39 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import BitallocError, MissingDependencyError
+# -- the one base class of every user-facing error --------------------------------------
+# Defined here, before anything else, so every subpackage can derive from it
+# (``from .. import BitallocError``) without importing anything heavy; most user errors also
+# derive from ValueError, so ``except ValueError`` keeps working. The CLI turns each into
+# one line ``bitalloc: error: ...`` and exit code 2. (No root-level ``errors.py``: with the
+# clone's root on sys.path that would be importable as a generic top-level ``errors``.)
+
+
+class BitallocError(Exception):
+    """A problem the user can fix (bad input, an unreachable budget, a missing file or
+    package); the message says what and where, on one line."""
+
+
+class MissingDependencyError(BitallocError, ImportError):
+    """An optional or broken dependency; the message names the package to install."""
+
+    def __init__(self, package: str, needed_for: str, cause: BaseException | None = None):
+        detail = f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})" if cause and str(cause).strip() else ""
+        super().__init__(f"{needed_for} needs the Python package {package!r}, which could not be imported{detail}; "
+                         f"install it with: pip install {package}")
+        self.package = package
+
+
+def require(module: str, package: str | None = None, needed_for: str = "this step"):
+    """Import ``module`` or raise :class:`MissingDependencyError` naming the pip package."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(package or module, needed_for, e) from e
+
+
 
 # name -> module (relative to this package) that defines it; loaded on first use
 _EXPORTS = {
@@ -46,7 +78,7 @@ _EXPORTS = {
     "parse_scheme": ".kernels.formats",
 }
 
-__all__ = sorted([*_EXPORTS, "BitallocError", "MissingDependencyError", "__version__"])
+__all__ = sorted([*_EXPORTS, "BitallocError", "MissingDependencyError", "require", "__version__"])
 
 
 def _version() -> str:

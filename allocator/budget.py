@@ -14,7 +14,7 @@ Units: ``B``; decimal ``kB``/``KB``, ``MB``, ``GB`` (10³, 10⁶, 10⁹ bytes); 
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import math
 import re

@@ -308,7 +308,7 @@ _PIP_NAMES = {"llama_cpp": "llama-cpp-python", "yaml": "pyyaml", "sklearn": "sci
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from ..errors import BitallocError
+    from .. import BitallocError
 
     parser = build_parser()
     a = parser.parse_args(argv)

@@ -37,7 +37,7 @@ typo must not silently fall back to a default).
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import tomllib
 from dataclasses import dataclass, field, fields

@@ -13,7 +13,7 @@ batch and every model is compared against it, so a sweep costs one reference pas
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import math
 import time

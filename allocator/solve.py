@@ -5,7 +5,7 @@ mask, tie groups); everything about names, patterns and units lives here.
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import hashlib
 import math

@@ -28,7 +28,7 @@ Storage layout (the numbers :meth:`Format.storage_bits` counts, bit for bit):
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import math
 import re

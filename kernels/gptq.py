@@ -50,7 +50,7 @@ Typical use::
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import math
 import warnings

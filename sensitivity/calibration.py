@@ -12,7 +12,7 @@ into mini-batches of dicts that the Hessian and measurement passes consume.
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import hashlib
 from collections.abc import Iterable, Sequence

@@ -26,7 +26,7 @@ records, per group, its metric description, patterns and layers.
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field

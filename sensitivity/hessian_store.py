@@ -10,7 +10,7 @@ file does not.) SmolLM2-135M: about 0.4 GB in float32.
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import hashlib
 import json

@@ -14,7 +14,7 @@ profile counts the shared weight's bits once).
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import re
 from collections.abc import Sequence

@@ -16,7 +16,7 @@ Nothing here touches the network: every load is ``local_files_only``.
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import hashlib
 import importlib.util

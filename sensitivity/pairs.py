@@ -26,7 +26,7 @@ into solver matrices by :func:`pair_matrices`.
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import math
 from collections.abc import Mapping, Sequence

@@ -13,7 +13,7 @@ a plan is ``cost_bits[chosen].sum() + other_bits``.
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import dataclasses
 import datetime as _dt

@@ -26,7 +26,7 @@ run resumes from the checkpoint: the same command again skips every finished ite
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 import hashlib
 import json

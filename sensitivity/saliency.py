@@ -20,7 +20,7 @@ from the same stored vector. Saliency vectors are stored in the profile
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 from collections.abc import Sequence
 from typing import Any

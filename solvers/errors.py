@@ -6,7 +6,7 @@ code 2; failures of the optimisation machinery itself are ``RuntimeError``.
 """
 
 from __future__ import annotations
-from ..errors import BitallocError
+from .. import BitallocError
 
 __all__ = [
     "ProblemError",

@@ -39,7 +39,7 @@ def test_wheel_installs_only_bitalloc(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {t for t in map(_top_level, names) if t}
     assert tops == {"bitalloc"}, f"the wheel installs top-level names {sorted(tops)}"
-    assert "bitalloc/__init__.py" in names and "bitalloc/errors.py" in names
+    assert "bitalloc/__init__.py" in names
     for pkg in ("kernels/formats.py", "sensitivity/profile.py", "solvers/problem.py", "allocator/cli.py"):
         assert f"bitalloc/{pkg}" in names, pkg
     assert not any(n.startswith(("bitalloc/tests/", "bitalloc/experiments/")) for n in names)
