@@ -245,8 +245,9 @@ def _evaluate_plans(loaded, plans: Mapping[str, Plan], windows, *, chunk: int | 
     distinct = [k for k, v in alias.items() if k == v]
     step = chunk or max(1, len(distinct))
     res: dict = {}
+    cache: dict = {}  # (layer, scheme, channels, quantizer) -> packed layer, shared by the plans
     for i in range(0, len(distinct), step):
-        models = {k: _apply(loaded.model, plans[k], fingerprint=fp) for k in distinct[i:i + step]}
+        models = {k: _apply(loaded.model, plans[k], fingerprint=fp, cache=cache) for k in distinct[i:i + step]}
         res.update(evaluate_models(loaded.model, models, windows, include_reference=i == 0, **kw))
         del models
     if not distinct:

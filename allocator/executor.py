@@ -152,7 +152,7 @@ def _is_fp16_exact(t: torch.Tensor) -> bool:
 
 
 def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerprint: dict | None = None,
-          hessians: Any = None) -> torch.nn.Module:
+          hessians: Any = None, cache: dict | None = None) -> torch.nn.Module:
     """Return the model with every planned layer replaced by a packed ``QuantLinear``.
 
     inplace=False copies the module tree but shares every tensor with the original model
@@ -165,6 +165,10 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
     :func:`sensitivity.hessian_store.save_hessians` (checked against the plan's recorded
     ``quantization.hessians.sha256`` when there is one). Split layers use the plan's
     ``high_idx`` (the profile's saliency-chosen channels).
+
+    ``cache`` (a dict the caller keeps while applying several plans to one model) shares the
+    packed layers between plans that choose the same (layer, scheme, channels, quantizer):
+    each is quantized once. The modules are never modified after creation, so sharing is safe.
     """
     from bitalloc.kernels.formats import parse_scheme
     from bitalloc.kernels.qlinear import QuantLinear
@@ -209,6 +213,10 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
         lp, scheme = plan.layers[fqn], schemes[fqn]
         if not scheme.is_quantized:
             continue  # fp16: kept as it is (stored, and counted, at 16 bits)
+        key = (fqn, lp.scheme, tuple(lp.high_idx or ()), plan.quantizer, _storage_key(module.weight))
+        if cache is not None and key in cache:
+            quantized[fqn] = cache[key]
+            continue
         high_idx = torch.tensor(lp.high_idx, dtype=torch.long) if lp.high_idx is not None else None
         try:
             with torch.no_grad():
@@ -229,6 +237,8 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
         if got != lp.bits:
             raise ExecutorError(f"{fqn}: packed {got} bits but the plan predicts {lp.bits}")
         quantized[fqn] = q
+        if cache is not None:
+            cache[key] = q
 
     conv1d = _conv1d_class()
     transposed = {fqn for fqn, m in targets if conv1d is not None and isinstance(m, conv1d)}
