@@ -210,14 +210,45 @@ def eval_windows(loaded, text: str = "generated", n_windows: int = 8, seq_len: i
         "source": str(text), "n_windows": n_windows, "seq_len": seq_len}
 
 
-def evaluate(model, plans: Sequence[Plan] | Mapping[str, Plan] = (), *, text: str = "generated", n_windows: int = 8,
-             seq_len: int = 256, batch_size: int = 4, progress: bool = True):
-    """Perplexity and KL against the 16-bit model for each plan (and the 16-bit model itself)."""
+def evaluate(model, plans: Sequence[Plan] | Mapping[str, Plan] = (), *, quantized: Sequence[str | Path] = (),
+             text: str = "generated", n_windows: int = 8, seq_len: int = 256, batch_size: int = 4,
+             progress: bool = True):
+    """Perplexity and KL against the 16-bit model for each plan (and the 16-bit model itself).
+
+    ``quantized``: folders written by :func:`bitalloc.save_quantized`, loaded from disk and
+    scored against ``model`` under their folder name (a plan for another model is a
+    :class:`~allocator.plan.PlanError`)."""
     loaded = _as_loaded(model)
     windows, _ = eval_windows(loaded, text, n_windows, seq_len)
     if not isinstance(plans, Mapping):
         plans = {(p.label or f"plan{i}"): p for i, p in enumerate(plans)}
-    return _evaluate_plans(loaded, plans, windows, batch_size=batch_size, progress=progress)
+    saved = load_saved_models(loaded, quantized)
+    return _evaluate_plans(loaded, plans, windows, models=saved, batch_size=batch_size, progress=progress)
+
+
+def saved_model_spec(path: str | Path) -> str | None:
+    """The model spec a saved quantized folder was made from (None when unreadable)."""
+    try:
+        spec = json.loads((Path(path) / "quantized.json").read_text()).get("spec")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return spec if isinstance(spec, str) else None
+
+
+def load_saved_models(loaded, paths: Sequence[str | Path]) -> dict:
+    """``{folder name: model}`` of saved quantized models, each checked to be of ``loaded``'s model."""
+    from bitalloc.sensitivity.models import fingerprint
+
+    from .executor import load_quantized
+
+    out: dict = {}
+    fp = fingerprint(loaded.model) if paths else None
+    for p in paths:
+        qmodel, plan = load_quantized(p)
+        plan.check_model(fp)
+        name = Path(p).name or str(p)
+        out[name if name not in out else str(p)] = qmodel
+    return out
 
 
 def _allocation_key(plan: Plan) -> tuple:
@@ -228,12 +259,14 @@ def _allocation_key(plan: Plan) -> tuple:
     return layers, json.dumps(plan.quantization or {}, sort_keys=True, default=str)
 
 
-def _evaluate_plans(loaded, plans: Mapping[str, Plan], windows, *, chunk: int | None = None, **kw):
+def _evaluate_plans(loaded, plans: Mapping[str, Plan], windows, *, chunk: int | None = None,
+                    models: Mapping | None = None, **kw):
     """Apply every plan to the model (fingerprint checked, computed once) and score them.
 
     Plans with identical layer choices are applied and scored once (their results are
     shared). ``chunk`` bounds how many quantized copies exist at a time (one pass over the
-    windows per chunk); None scores all in one pass."""
+    windows per chunk); None scores all in one pass. ``models``: ready models (e.g. loaded
+    from disk) scored in the first pass too."""
     from bitalloc.sensitivity.models import fingerprint
 
     from .evaluate import evaluate_models
@@ -247,11 +280,13 @@ def _evaluate_plans(loaded, plans: Mapping[str, Plan], windows, *, chunk: int | 
     res: dict = {}
     cache: dict = {}  # (layer, scheme, channels, quantizer) -> packed layer, shared by the plans
     for i in range(0, len(distinct), step):
-        models = {k: _apply(loaded.model, plans[k], fingerprint=fp, cache=cache) for k in distinct[i:i + step]}
-        res.update(evaluate_models(loaded.model, models, windows, include_reference=i == 0, **kw))
-        del models
+        batch = {k: _apply(loaded.model, plans[k], fingerprint=fp, cache=cache) for k in distinct[i:i + step]}
+        if i == 0:
+            batch.update(models or {})
+        res.update(evaluate_models(loaded.model, batch, windows, include_reference=i == 0, **kw))
+        del batch
     if not distinct:
-        res.update(evaluate_models(loaded.model, {}, windows, **kw))
+        res.update(evaluate_models(loaded.model, dict(models or {}), windows, **kw))
     return {**res, **{k: res[v] for k, v in alias.items()}}
 
 
@@ -326,19 +361,15 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
 
     t0 = time.perf_counter()
     windows, wdesc = eval_windows(loaded, cfg.eval.text, cfg.eval.n_windows, cfg.eval.seq_len)
-    unique: dict[str, Plan] = {}
-    keys = []
-    for bname, method, plan in entries:  # identical baselines across budgets are evaluated once
-        key = json.dumps({k: v.scheme for k, v in plan.layers.items()}, sort_keys=True)
-        unique.setdefault(key, plan)
-        keys.append(key)
-    results = _evaluate_plans(loaded, unique, windows, progress=progress)
+    # identical plans (e.g. one uniform baseline at several budgets) are evaluated once there
+    keyed = {f"{method}@{bname}": plan for bname, method, plan in entries}
+    results = _evaluate_plans(loaded, keyed, windows, progress=progress)
     timings["eval_s"] = time.perf_counter() - t0
 
     ref = results["fp16"]
     rows = [{"budget": "-", "method": "fp16", "label": "16-bit", "bpw": 16.0, "ppl": ref.ppl, "kl": 0.0,
              "top1_agree": 1.0}]
-    rows += [_row(b, m, plan, results[k]) for (b, m, plan), k in zip(entries, keys)]
+    rows += [_row(b, m, plan, results[f"{m}@{b}"]) for b, m, plan in entries]
     for r in rows:
         r["eval"] = wdesc
     table = format_table(rows, RESULT_COLUMNS)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .budget import Budget, parse_budget
-from .solve import _capacity, plan_from_choice
+from .solve import capacity_bits, plan_from_choice
 from .plan import Plan
 
 __all__ = ["UNIFORM_FAMILY", "uniform_plan", "nearest_uniform", "rule_mix", "use_more_bits"]
@@ -44,7 +44,7 @@ def uniform_plan(profile, scheme: str, *, budget: Budget | None = None) -> Plan:
 def nearest_uniform(profile, budget, family=UNIFORM_FAMILY) -> Plan:
     """The uniform format of the smallest size not below the budget (or the largest if none is)."""
     budget = parse_budget(budget)
-    cap = _capacity(profile, budget)
+    cap = capacity_bits(profile, budget)
     cost = np.asarray(profile.cost_bits, dtype=np.int64)
     sizes = sorted((int(cost[:, profile.schemes.index(s)].sum()), s) for s in _family(profile, family))
     if not sizes:
@@ -73,7 +73,7 @@ def _rule_choice(profile, base: str, high: str) -> np.ndarray:
 def rule_mix(profile, budget, family=UNIFORM_FAMILY) -> Plan:
     """The llama.cpp-style (base, high) mix of the largest size not above the budget."""
     budget = parse_budget(budget)
-    cap = _capacity(profile, budget)
+    cap = capacity_bits(profile, budget)
     cost = np.asarray(profile.cost_bits, dtype=np.int64)
     fam = _family(profile, family)
     best = None

@@ -39,7 +39,12 @@ def _kv(items: list[str] | None, what: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bitalloc.sensitivity.defaults import PAIR_MODELS, QUANTIZERS, SALIENCY_METHODS
+    from bitalloc.solvers.ilp_backends import ILP_BACKENDS
+
     from .config import DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES
+    from .policy import NORMALIZE
+    from .solve import METHODS
 
     p = _Parser(
         prog="bitalloc", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -50,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def model_arg(sp):
-        sp.add_argument("--model", default="smollm2",
+    def model_arg(sp, default="smollm2"):
+        sp.add_argument("--model", default=default,
                         help="model spec: smollm2 (default), minilm, random:llama-tiny, random:gpt2-tiny, "
                              "a transformers model directory or a .gguf file")
 
@@ -62,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n-samples", type=int, default=8, help="calibration sequences (default 8)")
     sp.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--kl-samples", type=int, default=DEFAULT_KL_SAMPLES,
-                    help=f"calibration rows used for the per-layer KL measurements (default {DEFAULT_KL_SAMPLES})")
+    sp.add_argument("--metric-samples", "--kl-samples", dest="metric_samples", type=int, default=DEFAULT_KL_SAMPLES,
+                    help="calibration rows used for the per-layer metric (KL, ...) measurements "
+                         f"(default {DEFAULT_KL_SAMPLES}; --kl-samples is the old spelling)")
     sp.add_argument("--kl-stride", type=int, default=DEFAULT_KL_STRIDE,
                     help=f"score the KL at every N-th position of those rows (default {DEFAULT_KL_STRIDE})")
     sp.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
@@ -82,28 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --measured: run on an existing Ray cluster (default: $RAY_ADDRESS if set)")
     sp.add_argument("--checkpoint-dir", default=None,
                     help="with --measured: folder of the resumable checkpoint (default: beside --out)")
-    sp.add_argument("--saliency", choices=("hessian", "obq", "fisher"), default="hessian",
+    sp.add_argument("--saliency", choices=SALIENCY_METHODS, default="hessian",
                     help="input-channel saliency choosing the high-impact channels of split schemes")
-    sp.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
+    sp.add_argument("--quantizer", choices=QUANTIZERS, default="rtn",
                     help="quantizer of the profiled weights (gptq reuses the calibration Hessians)")
-    sp.add_argument("--pairs", choices=("full", "reduced"), default=None,
+    sp.add_argument("--pairs", choices=PAIR_MODELS, default=None,
                     help="with --measured: same-block pair terms for `solve --method qp`")
     sp.add_argument("--pair-schemes", type=_csv, default=None, help="schemes the pair terms cover (default all)")
     sp.add_argument("--pair-ref", default=None, help="reduced pairs: the scheme both layers take (default the first)")
 
     def solve_args(sp):
         sp.add_argument("profile", help="a profile JSON written by `bitalloc profile`")
-        sp.add_argument("--method", choices=("ilp", "dp", "lagrangian", "qp", "qp-relax", "separable"), default="ilp",
+        sp.add_argument("--method", choices=METHODS, default="ilp",
                         help="qp: exact MILP with the profile's pair terms; qp-relax: cvxpy relaxation + repair; "
                              "separable: the ILP ignoring pairs (scored with them)")
-        sp.add_argument("--backend", choices=("highs", "cbc"), default="highs", help="ILP backend")
+        sp.add_argument("--backend", choices=ILP_BACKENDS, default="highs", help="ILP backend")
         sp.add_argument("--time-limit", type=float, default=None, help="ILP time limit in seconds")
         sp.add_argument("--schemes", type=_csv, default=None, help="restrict candidates to these schemes")
         sp.add_argument("--pin", action="append", help="PATTERN=SCHEME: force matching layers (repeatable)")
         sp.add_argument("--forbid", action="append", help="PATTERN=SCHEME: forbid a scheme there (repeatable)")
         sp.add_argument("--group-weight", action="append", metavar="GROUP=W",
                         help="weight of a metric group's normalised loss (repeatable; default 1)")
-        sp.add_argument("--group-norm", choices=("auto", "ref", "range", "none"), default="auto",
+        sp.add_argument("--group-norm", choices=NORMALIZE, default="auto",
                         help="how group tables are normalised before weighting (auto: ref with several groups)")
         sp.add_argument("--group-limit", action="append", metavar="GROUP=EPS",
                         help="constraint: predicted loss of a group <= EPS in its metric's units (repeatable)")
@@ -131,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Hessian safetensors file (sensitivity.hessian_store), needed by a plan made with --quantizer gptq")
 
     sp = sub.add_parser("eval", help="perplexity and KL against the 16-bit model, for plans or a saved model")
-    model_arg(sp)
+    model_arg(sp, default=None)
     sp.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable)")
+    sp.add_argument("--quantized", action="append", default=[], metavar="DIR",
+                    help="a quantized model saved by `bitalloc apply` (repeatable); without --model the "
+                         "16-bit reference is the model it was made from")
     sp.add_argument("--text", default="generated",
                     help="evaluation text file, or 'generated' (held-out text sampled from the model)")
     sp.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
@@ -148,7 +157,7 @@ def _cmd_profile(a) -> int:
     from . import api
 
     prof = api.profile(a.model, calibration=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed,
-                       kl_samples=a.kl_samples, kl_stride=a.kl_stride, schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
+                       kl_samples=a.metric_samples, kl_stride=a.kl_stride, schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
                        out=a.out, progress=not a.quiet, measured=a.measured, workers=a.workers,
                        ray_address=a.ray_address, checkpoint_dir=a.checkpoint_dir, saliency=a.saliency,
                        quantizer=a.quantizer, pairs=a.pairs, pair_schemes=a.pair_schemes, pair_ref=a.pair_ref)
@@ -246,10 +255,14 @@ def _cmd_eval(a) -> int:
     for path in a.plan:
         pl = Plan.load(path)
         plans[f"{Path(path).stem}"] = pl
-    res = api.evaluate(a.model, plans, text=a.text, n_windows=a.windows, seq_len=a.seq_len, progress=not a.quiet)
+    saved_bpw = {Path(d).name: Plan.load(Path(d) / "plan.json").bpw for d in a.quantized
+                 if (Path(d) / "plan.json").is_file()}
+    model = a.model or next(filter(None, map(api.saved_model_spec, a.quantized)), None) or "smollm2"
+    res = api.evaluate(model, plans, quantized=a.quantized, text=a.text, n_windows=a.windows, seq_len=a.seq_len,
+                       progress=not a.quiet)
     rows = []
     for k, r in res.items():
-        bpw = plans[k].bpw if k in plans else 16.0
+        bpw = plans[k].bpw if k in plans else saved_bpw.get(k, 16.0)
         rows.append({"model": k, "bpw": bpw, "ppl": r.ppl, "kl": r.kl, "top1": r.top1_agree, "tokens": r.tokens})
     print(format_table(rows, (("model", "model", ""), ("bpw", "bpw", ".3f"), ("ppl", "ppl", ".3f"),
                               ("kl", "KL", ".4f"), ("top1", "top-1", ".3f"), ("tokens", "tokens", "d"))))

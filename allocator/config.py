@@ -177,10 +177,14 @@ class RunConfig:
             raise ConfigError(f"[solve] {e}") from None
         for b in self.solve.budgets:
             parse_budget(b)  # BudgetError names the budget
-        if self.solve.method not in ("ilp", "dp", "lagrangian"):
-            raise ConfigError(f"[solve] method must be ilp, dp or lagrangian, got {self.solve.method!r}")
-        if self.solve.backend not in ("highs", "cbc"):
-            raise ConfigError(f"[solve] backend must be highs or cbc, got {self.solve.backend!r}")
+        from bitalloc.solvers.ilp_backends import ILP_BACKENDS
+
+        from .solve import LINEAR_METHODS
+
+        if self.solve.method not in LINEAR_METHODS:
+            raise ConfigError(f"[solve] method must be one of {', '.join(LINEAR_METHODS)}, got {self.solve.method!r}")
+        if self.solve.backend not in ILP_BACKENDS:
+            raise ConfigError(f"[solve] backend must be one of {', '.join(ILP_BACKENDS)}, got {self.solve.backend!r}")
         for sec, key in ((self.calibration, "n_samples"), (self.calibration, "seq_len"), (self.calibration, "kl_samples"), (self.calibration, "kl_stride"),
                          (self.eval, "n_windows"), (self.eval, "seq_len")):
             v = getattr(sec, key)

@@ -60,7 +60,7 @@ def _one_line(e: BaseException | str) -> str:
 
 
 def _storage_key(t: torch.Tensor):
-    from bitalloc.sensitivity.models import _storage_key as key
+    from bitalloc.sensitivity.models import storage_key as key
 
     return key(t)
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .solve import AllocationError
+from .errors import AllocationError
 
 __all__ = ["GroupPolicy", "NORMALIZE", "group_rows", "group_scales", "combined_loss", "limit_constraints"]
 

@@ -5,7 +5,6 @@ mask, tie groups); everything about names, patterns and units lives here.
 """
 
 from __future__ import annotations
-from .. import BitallocError
 
 import hashlib
 import math
@@ -15,30 +14,44 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from bitalloc.kernels.formats import FormatError, parse_scheme
+from bitalloc.solvers.dispatch import SOLVER_METHODS
 from bitalloc.sensitivity.patterns import match_pattern
 
 from .budget import Budget, parse_budget
+from .errors import AllocationError, InfeasibleBudget
 from .plan import LayerPlan, Plan
+from .policy import GroupPolicy, combined_loss, group_rows, group_scales, limit_constraints
 
 __all__ = ["AllocationError", "InfeasibleBudget", "build_problem", "build_qp", "solve", "sweep", "plan_from_choice",
-           "METHODS"]
-
-# "qp": exact linearised MILP with the profile's pair terms; "qp-relax": cvxpy relaxation + repair;
-# "separable": the ILP ignoring the pairs, scored with them (the baseline the pairs must beat)
-QP_METHODS = ("qp", "qp-relax", "separable")
-METHODS = ("ilp", "dp", "lagrangian") + QP_METHODS
+           "METHODS", "QP_METHODS", "LINEAR_METHODS", "capacity_bits"]
 
 
-class AllocationError(BitallocError, ValueError):
-    """A solve request does not fit the profile (pattern matching nothing, unknown scheme, ...)."""
+
+def _qp_milp(qp, capacity, backend, time_limit_s):
+    from bitalloc.solvers import solve_qp_milp
+
+    return solve_qp_milp(qp, capacity, backend=backend, time_limit_s=time_limit_s)
 
 
-class InfeasibleBudget(AllocationError):
-    """The budget is below the smallest achievable size; the message gives the achievable range."""
+def _qp_relax(qp, capacity, backend, time_limit_s):
+    from bitalloc.solvers import solve_qp_relaxation
 
-    def __init__(self, msg: str, min_bpw: float, max_bpw: float):
-        super().__init__(msg)
-        self.min_bpw, self.max_bpw = min_bpw, max_bpw
+    return solve_qp_relaxation(qp, capacity, time_limit_s=time_limit_s)
+
+
+def _separable(qp, capacity, backend, time_limit_s):
+    from bitalloc.solvers import solve_separable
+
+    return solve_separable(qp, capacity, backend=backend, time_limit_s=time_limit_s)
+
+
+# methods that use the profile's pair terms, name -> solver(qp, capacity, backend, time_limit_s):
+# "qp": exact linearised MILP; "qp-relax": cvxpy relaxation + repair; "separable": the ILP
+# ignoring the pairs, scored with them (the baseline the pairs must beat)
+QP_SOLVERS = {"qp": _qp_milp, "qp-relax": _qp_relax, "separable": _separable}
+QP_METHODS = tuple(QP_SOLVERS)
+LINEAR_METHODS = tuple(SOLVER_METHODS)  # solvers.dispatch: "ilp", "dp", "lagrangian"
+METHODS = LINEAR_METHODS + QP_METHODS
 
 
 def _scheme_index(profile, name: str) -> int:
@@ -62,8 +75,6 @@ def loss_table(profile, group_weights: Mapping[str, float] | None = None, normal
     """Expected loss (L, S): the weighted sum of the profile's metric-group tables, each
     divided by its normaliser (``normalize``: see :mod:`allocator.policy`; "none": raw)."""
     if normalize != "none":
-        from .policy import GroupPolicy, combined_loss
-
         return combined_loss(profile, GroupPolicy(weights=group_weights, normalize=normalize))[0]
     tables = profile.tables
     weights = dict(group_weights or {g: 1.0 for g in tables})
@@ -134,7 +145,8 @@ def _other_bits(profile) -> int:
     return int(profile.other_params) * 16
 
 
-def _capacity(profile, budget: Budget) -> int:
+def capacity_bits(profile, budget: Budget) -> int:
+    """The budget in bits over the profile's quantizable layers (what the solver must fit)."""
     return budget.capacity_bits(_n_weights(profile), _other_bits(profile))
 
 
@@ -263,7 +275,6 @@ def solve(
     """
     from bitalloc import solvers
 
-    from .policy import GroupPolicy, group_scales, limit_constraints
 
     budget = parse_budget(budget)
     if policy is None:
@@ -274,7 +285,7 @@ def solve(
     mode = policy.mode(profile)
     problem = build_problem(profile, schemes=schemes, pins=pins, forbid=forbid, group_weights=policy.weights,
                             normalize=mode)
-    capacity = _capacity(profile, budget)
+    capacity = capacity_bits(profile, budget)
     lo, hi = solvers.achievable_range(problem)
     if capacity < lo:
         raise _infeasible(profile, budget, capacity, lo, hi)
@@ -317,12 +328,7 @@ def _solve_qp(profile, problem, budget, capacity, method, backend, time_limit_s,
 
     qp = build_qp(profile, problem)
     try:
-        if method == "qp":
-            sol = solvers.solve_qp_milp(qp, capacity, backend=backend, time_limit_s=time_limit_s)
-        elif method == "qp-relax":
-            sol = solvers.solve_qp_relaxation(qp, capacity, time_limit_s=time_limit_s)
-        else:
-            sol = solvers.solve_separable(qp, capacity, backend=backend, time_limit_s=time_limit_s)
+        sol = QP_SOLVERS[method](qp, capacity, backend, time_limit_s)
     except solvers.InfeasibleError as e:
         raise AllocationError(f"method {method!r} at budget {budget.name}: {e}") from None
     except solvers.SolverError as e:
@@ -359,7 +365,6 @@ def _solve_shares(profile, problem, capacity: int, policy, method: str, kw: dict
     from bitalloc import solvers
     from bitalloc.solvers import AllocationProblem
 
-    from .policy import group_rows, limit_constraints
 
     rows = group_rows(profile)
     where = {int(i): g for g, idx in rows.items() for i in idx}

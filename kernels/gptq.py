@@ -62,23 +62,31 @@ from .packing import pack_codes
 from .quant import (
     QuantizedTensor,
     QuantizedWeight,
-    _as_format,
-    _as_scheme,
-    _check_weight,
-    _complement,
-    _decode,
-    _encode,
-    _group_params,
-    _index_dtype,
-    _resolve_high_idx,
-    _to_groups,
+    as_format,
+    as_scheme,
+    check_weight,
+    complement_channels,
+    decode,
+    encode,
+    group_params,
+    index_dtype,
+    resolve_high_idx,
+    to_groups,
     dequantize_weight,
     quantize,
 )
 
-__all__ = ["GPTQ", "GPTQError", "gptq_quantize", "gptq_quantize_weight", "gptq_fake_quantize_weight"]
+__all__ = ["GPTQ", "GPTQError", "gptq_quantize", "gptq_quantize_weight", "gptq_fake_quantize_weight", "fold_mean_outer"]
 
 MAX_PERCDAMP = 1.0  # damping is raised x10 per Cholesky failure up to this fraction of mean(diag H)
+
+
+def fold_mean_outer(M: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seen: int) -> None:
+    """Fold ``aᵀb`` of ``m = a.shape[0]`` new rows into the running mean ``M`` of ``seen``
+    rows, in place: ``M ← M·seen/(seen+m) + aᵀb/(seen+m)``; ``a (m, i)``, ``b (m, j)``,
+    ``M (i, j)``. The one running-mean update of GPTQ's and the profiler's Hessians."""
+    total = seen + a.shape[0]
+    M.mul_(seen / total).addmm_(a.T, b, alpha=1.0 / total)
 
 
 class GPTQError(BitallocError, ValueError):
@@ -95,7 +103,7 @@ class GPTQ:
     """
 
     def __init__(self, W: torch.Tensor, H: torch.Tensor | None = None) -> None:
-        _check_weight(W)
+        check_weight(W)
         self.W = W.detach().to(torch.float32).clone()  # (out, in) master copy, never updated in place
         self.rows, self.columns = W.shape
         self.dtype = W.dtype
@@ -125,9 +133,8 @@ class GPTQ:
             return
         if not bool(torch.isfinite(x).all()):
             raise GPTQError("GPTQ.add_batch: x has NaN or inf entries")
-        total = self.nsamples + n
-        self.H.mul_(self.nsamples / total).addmm_(x.T, x, alpha=1.0 / total)
-        self.nsamples = total
+        fold_mean_outer(self.H, x, x, self.nsamples)
+        self.nsamples += n
         self._factors.clear()
 
     # -- quantization ----------------------------------------------------------------
@@ -142,7 +149,7 @@ class GPTQ:
         its first column is reached, from the current error-updated values of its columns.
         See the module docstring for the measured difference.
         """
-        fmt = _as_format(fmt)
+        fmt = as_format(fmt)
         if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
             raise GPTQError(f"blocksize: must be a positive int, got {blocksize!r}")
         if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and 0 <= percdamp <= MAX_PERCDAMP):
@@ -170,7 +177,7 @@ class GPTQ:
         group_at = group_at.tolist()
 
         if static_groups:  # from the weight before any update (dead columns zeroed), original order
-            scale, zero = _group_params(_to_groups(W[:, position] if perm is not None else W, fmt), fmt)
+            scale, zero = group_params(to_groups(W[:, position] if perm is not None else W, fmt), fmt)
         else:
             scale = torch.empty(out_f, n_groups, 1, dtype=torch.float32, device=W.device)
             zero = torch.empty(out_f, n_groups, 1, dtype=torch.int64, device=W.device) if fmt.has_zero else None
@@ -187,7 +194,7 @@ class GPTQ:
                 if not started[grp]:
                     cols = position[grp * g:min((grp + 1) * g, in_f)]  # the group's processing positions
                     current = _current_columns(W, W1, Err1, Hinv, cols, i1, i2, i)  # (out, n_cols)
-                    s, z = _group_params(current.unsqueeze(1), fmt)
+                    s, z = group_params(current.unsqueeze(1), fmt)
                     scale[:, grp] = s[:, 0]
                     if zero is not None:
                         zero[:, grp] = z[:, 0]
@@ -195,8 +202,8 @@ class GPTQ:
                 w = W1[:, i]  # (out,)
                 s = scale[:, grp:grp + 1]  # (out, 1, 1)
                 z = None if zero is None else zero[:, grp:grp + 1]
-                c = _encode(w.view(out_f, 1, 1), s, z, fmt)  # (out, 1, 1)
-                q = _decode(c, s, z, fmt).view(out_f)
+                c = encode(w.view(out_f, 1, 1), s, z, fmt)  # (out, 1, 1)
+                q = decode(c, s, z, fmt).view(out_f)
                 codes[:, i1 + i] = c.view(out_f)
                 err = (w - q) / Hinv1[i, i]
                 W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
@@ -311,17 +318,17 @@ def gptq_quantize_weight(W: torch.Tensor, scheme: Scheme | str, H: torch.Tensor,
     rounding error (a joint pass would do slightly better, most of all with an fp16 high
     part). An fp16 high part is stored as is.
     """
-    _check_weight(W)
-    scheme = _as_scheme(scheme)
+    check_weight(W)
+    scheme = as_scheme(scheme)
     H = _check_hessian(H, W.shape[1]).to(W.device)
     options = {"blocksize": blocksize, "percdamp": percdamp, "act_order": act_order, "static_groups": static_groups}
-    idx = _resolve_high_idx(W, scheme, high_idx)
+    idx = resolve_high_idx(W, scheme, high_idx)
     if idx is None:
         return QuantizedWeight(scheme, tuple(W.shape), GPTQ(W, H).quantize(scheme.weight, **options))
-    low_idx = _complement(idx, W.shape[1])
+    low_idx = complement_channels(idx, W.shape[1])
     low = GPTQ(W[:, low_idx], H[low_idx][:, low_idx]).quantize(scheme.weight, **options)  # (out, in - k)
     high = GPTQ(W[:, idx], H[idx][:, idx]).quantize(scheme.high, **options)  # (out, k)
-    return QuantizedWeight(scheme, tuple(W.shape), low, high, idx.to(_index_dtype(W.shape[1])))
+    return QuantizedWeight(scheme, tuple(W.shape), low, high, idx.to(index_dtype(W.shape[1])))
 
 
 def gptq_fake_quantize_weight(W: torch.Tensor, scheme: Scheme | str, H: torch.Tensor, high_idx=None,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modules import is_conv1d
 from .formats import Scheme, parse_scheme
 from .quant import (
     QuantizedTensor,
@@ -29,7 +30,7 @@ from .quant import (
     expected_shapes,
     quantize_activation,
     quantize_weight,
-    _index_dtype,
+    index_dtype,
 )
 
 __all__ = ["QuantLinear"]
@@ -39,7 +40,7 @@ HIGH_NAMES = ("high_qweight", "high_scales", "high_qzeros", "high_idx")
 PACKED_NAMES = LOW_NAMES + HIGH_NAMES
 
 
-def _as_scheme(scheme: Scheme | str) -> Scheme:
+def as_scheme(scheme: Scheme | str) -> Scheme:
     if isinstance(scheme, str):
         return parse_scheme(scheme)
     if not isinstance(scheme, Scheme):
@@ -61,7 +62,7 @@ class QuantLinear(nn.Module):
         bias_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        scheme = _as_scheme(scheme)
+        scheme = as_scheme(scheme)
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got ({in_features}, {out_features})")
         k = scheme.n_high(in_features)
@@ -78,7 +79,7 @@ class QuantLinear(nn.Module):
         for name in LOW_NAMES:
             shape, dtype = high.get(name, (None, None))
             self.register_buffer(f"high_{name}", zeros(shape, dtype))
-        self.register_buffer("high_idx", zeros((k,) if k else None, _index_dtype(in_features)))
+        self.register_buffer("high_idx", zeros((k,) if k else None, index_dtype(in_features)))
         self.register_buffer("bias", zeros((out_features,), bias_dtype) if bias else None)
 
     # -- construction ------------------------------------------------------------------
@@ -108,7 +109,7 @@ class QuantLinear(nn.Module):
         """Quantize an nn.Linear (weight (out, in)); a split picks high channels by column energy unless given."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        qw = quantize_weight(linear.weight.detach(), _as_scheme(scheme), high_idx)
+        qw = quantize_weight(linear.weight.detach(), as_scheme(scheme), high_idx)
         return cls.from_quantized(qw, linear.bias)
 
     @classmethod
@@ -116,13 +117,9 @@ class QuantLinear(nn.Module):
         """Quantize an nn.Linear or a transformers GPT-2 ``Conv1D`` (weight stored (in, out))."""
         if isinstance(module, nn.Linear):
             return cls.from_linear(module, scheme, high_idx)
-        try:
-            from transformers.pytorch_utils import Conv1D  # lazy: transformers is heavy
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            Conv1D = None
-        if Conv1D is not None and isinstance(module, Conv1D):
+        if is_conv1d(module):  # by duck type: kernels/ never imports transformers
             w = module.weight.detach().t()  # (in, out) -> (out, in)
-            qw = quantize_weight(w, _as_scheme(scheme), high_idx)
+            qw = quantize_weight(w, as_scheme(scheme), high_idx)
             return cls.from_quantized(qw, module.bias)
         raise TypeError(f"can quantize nn.Linear or transformers Conv1D, got {type(module).__name__}")
 

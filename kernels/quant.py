@@ -21,7 +21,7 @@ range; each group instead tries that range shrunk by every factor in :data:`CLIP
 the bulk rounded more finely; on SmolLM2's weights the squared error falls to about 0.6×
 of plain min-max for ``w2g64z``, 0.75× for ``w3g128z``, 0.5× for ``w3g128``, 0.87× for
 ``w4g128z``). The stored scale/zero are whatever was chosen, so the kernels and
-``dequantize`` are unaffected. ``_group_params(..., clip_search=False)`` is plain min-max.
+``dequantize`` are unaffected. ``group_params(..., clip_search=False)`` is plain min-max.
 
 Scales are rounded to float16 *before* quantizing and codes are computed with the stored
 scale, so ``dequantize(quantize(w))`` is exactly what the packed model computes. Scales are
@@ -57,6 +57,7 @@ __all__ = [
     "fake_quantize_weight",
     "select_high_channels",
     "quantize_activation",
+    "activation_codes",
     "expected_shapes",
     "FP4_E2M1_VALUES",
 ]
@@ -71,7 +72,7 @@ FP16_MAX = 65504.0
 # core round-to-nearest on groups (shared by the packed and the fake-quant paths)
 
 
-def _check_weight(w: torch.Tensor) -> None:
+def check_weight(w: torch.Tensor) -> None:
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
         raise ValueError(f"weight must be a 2-D tensor (out_features, in_features), got {got}")
@@ -85,7 +86,7 @@ def _group_size(fmt: Format, in_features: int) -> int:
     return in_features if fmt.group_size is None else fmt.group_size
 
 
-def _to_groups(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+def to_groups(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """(out, in) float32 -> (out, G, g) with the last group zero-padded."""
     out_f, in_f = w.shape
     g = _group_size(fmt, in_f)
@@ -143,10 +144,10 @@ def _minmax_params(wg: torch.Tensor, fmt: Format, shrink: float = 1.0) -> tuple[
 def _rounding_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: Format) -> torch.Tensor:
     """Squared error per group (out, G, 1) of rounding wg (out, G, g) with scale / zero.
 
-    Integer formats in float32 only (the same values as ``_decode(_encode(...))``: codes are
+    Integer formats in float32 only (the same values as ``decode(encode(...))``: codes are
     small integers, exact in float32), about 5x faster than the int64 round trip."""
     if fmt.kind != "int":
-        return (_decode(_encode(wg, scale, zero, fmt), scale, zero, fmt) - wg).pow_(2).sum(-1, keepdim=True)
+        return (decode(encode(wg, scale, zero, fmt), scale, zero, fmt) - wg).pow_(2).sum(-1, keepdim=True)
     b = fmt.bits
     if fmt.symmetric:
         q = torch.round(wg / scale).clamp_(-(2 ** (b - 1)), 2 ** (b - 1) - 1)
@@ -156,7 +157,7 @@ def _rounding_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
     return q.mul_(scale).sub_(wg).pow_(2).sum(-1, keepdim=True)
 
 
-def _group_params(wg: torch.Tensor, fmt: Format, clip_search: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def group_params(wg: torch.Tensor, fmt: Format, clip_search: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero-point of each group of wg (out, G, g) float32.
 
     Integer and fp4 formats search :data:`CLIP_GRID` per group for the range that gives the
@@ -181,7 +182,7 @@ def _group_params(wg: torch.Tensor, fmt: Format, clip_search: bool = True) -> tu
     return scale, zero
 
 
-def _encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: Format) -> torch.Tensor:
+def encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: Format) -> torch.Tensor:
     """Nearest codes (int64, unsigned) of wg (out, G, g) float32 with given scale / zero (out, G, 1)."""
     if fmt.kind == "int":
         b = fmt.bits
@@ -208,11 +209,11 @@ def _rtn(wg: torch.Tensor, fmt: Format, clip_search: bool = True) -> tuple[torch
     Returns (codes (out, G, g) int64 unsigned codes, scale (out, G, 1) float32 holding the
     float16 value, zero (out, G, 1) int64 or None).
     """
-    scale, zero = _group_params(wg, fmt, clip_search)
-    return _encode(wg, scale, zero, fmt), scale, zero
+    scale, zero = group_params(wg, fmt, clip_search)
+    return encode(wg, scale, zero, fmt), scale, zero
 
 
-def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: Format) -> torch.Tensor:
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: Format) -> torch.Tensor:
     """Codes (out, G, g) int, scale (out, G, 1) float32 -> w_hat (out, G, g) float32 (exact)."""
     if fmt.kind == "int":
         offset = zero if zero is not None else 2 ** (fmt.bits - 1)
@@ -292,18 +293,18 @@ def expected_shapes(fmt: Format, out_f: int, in_f: int) -> dict[str, tuple[tuple
     }
 
 
-def _as_format(fmt: Format | str) -> Format:
+def as_format(fmt: Format | str) -> Format:
     return parse_format(fmt) if isinstance(fmt, str) else fmt
 
 
-def _as_scheme(scheme: Scheme | str) -> Scheme:
+def as_scheme(scheme: Scheme | str) -> Scheme:
     return parse_scheme(scheme) if isinstance(scheme, str) else scheme
 
 
 def quantize(w: torch.Tensor, fmt: Format | str, *, clip_search: bool = True) -> QuantizedTensor:
     """Round-to-nearest quantize a weight (out, in) into packed storage (``clip_search``: see module docstring)."""
-    _check_weight(w)
-    fmt = _as_format(fmt)
+    check_weight(w)
+    fmt = as_format(fmt)
     out_f, in_f = w.shape
     no_scales = w.new_zeros(out_f, 0, dtype=torch.float16)  # (out, 0)
     if fmt.kind == "fp16":
@@ -311,7 +312,7 @@ def quantize(w: torch.Tensor, fmt: Format | str, *, clip_search: bool = True) ->
     if in_f == 0:  # empty low part of a split that took every channel: zero bytes
         qz = w.new_zeros(out_f, 0, dtype=torch.int32) if fmt.has_zero else None
         return QuantizedTensor(fmt, (out_f, 0), w.new_zeros(out_f, 0, dtype=torch.int32), no_scales, qz)
-    wg = _to_groups(w.detach().to(torch.float32), fmt)  # (out, G, g)
+    wg = to_groups(w.detach().to(torch.float32), fmt)  # (out, G, g)
     codes, scale, zero = _rtn(wg, fmt, clip_search)
     codes = codes.reshape(out_f, -1)[:, :in_f]  # (out, in), padding dropped
     qweight = pack_codes(codes, fmt.bits)  # (out, packed_words(in, bits))
@@ -335,22 +336,22 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     zero = None
     if qt.qzeros is not None:
         zero = unpack_codes(qt.qzeros, fmt.bits, n_groups).to(torch.int64).unsqueeze(-1)  # (out, G, 1)
-    w = _decode(codes, scale, zero, fmt)  # (out, G, g)
+    w = decode(codes, scale, zero, fmt)  # (out, G, g)
     return w.reshape(out_f, -1)[:, :in_f].contiguous()
 
 
 def fake_quantize(w: torch.Tensor, fmt: Format | str, *, clip_search: bool = True) -> torch.Tensor:
     """dequantize(quantize(w, fmt)) without packing, in w's dtype (the profiler's fast path)."""
-    _check_weight(w)
-    fmt = _as_format(fmt)
+    check_weight(w)
+    fmt = as_format(fmt)
     out_f, in_f = w.shape
     if fmt.kind == "fp16":
         return w.detach().to(torch.float16, copy=True).to(w.dtype)  # never aliases w
     if in_f == 0:
         return w.detach().clone()
-    wg = _to_groups(w.detach().to(torch.float32), fmt)  # (out, G, g)
+    wg = to_groups(w.detach().to(torch.float32), fmt)  # (out, G, g)
     codes, scale, zero = _rtn(wg, fmt, clip_search)
-    w_hat = _decode(codes, scale, zero, fmt)  # (out, G, g) float32
+    w_hat = decode(codes, scale, zero, fmt)  # (out, G, g) float32
     return w_hat.reshape(out_f, -1)[:, :in_f].to(w.dtype).contiguous()
 
 
@@ -384,8 +385,8 @@ class QuantizedWeight:
             return
         assert self.high is not None and self.high_idx is not None, f"{self.scheme.name} needs high and high_idx"
         assert self.high.fmt == self.scheme.high and self.high.shape == (out_f, k), (self.high.fmt, self.high.shape)
-        assert self.high_idx.shape == (k,) and self.high_idx.dtype == _index_dtype(in_f), (
-            f"high_idx must be {_index_dtype(in_f)} ({k},), got {self.high_idx.dtype} {tuple(self.high_idx.shape)}"
+        assert self.high_idx.shape == (k,) and self.high_idx.dtype == index_dtype(in_f), (
+            f"high_idx must be {index_dtype(in_f)} ({k},), got {self.high_idx.dtype} {tuple(self.high_idx.shape)}"
         )
 
     @property
@@ -398,7 +399,7 @@ class QuantizedWeight:
         device = self.low.qweight.device
         if self.high_idx is None:
             return torch.arange(in_f, device=device)
-        return _complement(self.high_idx.to(device=device, dtype=torch.int64), in_f)
+        return complement_channels(self.high_idx.to(device=device, dtype=torch.int64), in_f)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Stored tensors by name: low part unprefixed, high part prefixed ``high_``."""
@@ -412,11 +413,11 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
-def _index_dtype(in_features: int) -> torch.dtype:
+def index_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if index_bits(in_features) == 16 else torch.int32
 
 
-def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
+def complement_channels(idx: torch.Tensor, n: int) -> torch.Tensor:
     """Ascending indices in [0, n) not in idx (int64)."""
     keep = torch.ones(n, dtype=torch.bool, device=idx.device)
     keep[idx] = False
@@ -439,7 +440,7 @@ def select_high_channels(saliency: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k].sort().values
 
 
-def _resolve_high_idx(w: torch.Tensor, scheme: Scheme, high_idx) -> torch.Tensor | None:
+def resolve_high_idx(w: torch.Tensor, scheme: Scheme, high_idx) -> torch.Tensor | None:
     """Validated, sorted int64 high-channel indices (None when the scheme has no split)."""
     in_f = w.shape[1]
     k = scheme.n_high(in_f)
@@ -461,15 +462,15 @@ def _resolve_high_idx(w: torch.Tensor, scheme: Scheme, high_idx) -> torch.Tensor
 
 def quantize_weight(w: torch.Tensor, scheme: Scheme | str, high_idx=None) -> QuantizedWeight:
     """Quantize a layer weight (out, in) in ``scheme``; a split picks ``high_idx`` by column energy if not given."""
-    _check_weight(w)
-    scheme = _as_scheme(scheme)
-    idx = _resolve_high_idx(w, scheme, high_idx)
+    check_weight(w)
+    scheme = as_scheme(scheme)
+    idx = resolve_high_idx(w, scheme, high_idx)
     if idx is None:
         return QuantizedWeight(scheme, tuple(w.shape), quantize(w, scheme.weight))
-    low_idx = _complement(idx, w.shape[1])
+    low_idx = complement_channels(idx, w.shape[1])
     low = quantize(w[:, low_idx], scheme.weight)  # (out, in - k)
     high = quantize(w[:, idx], scheme.high)  # (out, k)
-    return QuantizedWeight(scheme, tuple(w.shape), low, high, idx.to(_index_dtype(w.shape[1])))
+    return QuantizedWeight(scheme, tuple(w.shape), low, high, idx.to(index_dtype(w.shape[1])))
 
 
 def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
@@ -485,12 +486,12 @@ def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
 
 def fake_quantize_weight(w: torch.Tensor, scheme: Scheme | str, high_idx=None) -> torch.Tensor:
     """dequantize_weight(quantize_weight(w, scheme, high_idx)) without packing, in w's dtype."""
-    _check_weight(w)
-    scheme = _as_scheme(scheme)
-    idx = _resolve_high_idx(w, scheme, high_idx)
+    check_weight(w)
+    scheme = as_scheme(scheme)
+    idx = resolve_high_idx(w, scheme, high_idx)
     if idx is None:
         return fake_quantize(w, scheme.weight)
-    low_idx = _complement(idx, w.shape[1])
+    low_idx = complement_channels(idx, w.shape[1])
     out = torch.empty_like(w)
     out[:, low_idx] = fake_quantize(w[:, low_idx], scheme.weight)
     out[:, idx] = fake_quantize(w[:, idx], scheme.high)
@@ -501,15 +502,15 @@ def fake_quantize_weight(w: torch.Tensor, scheme: Scheme | str, high_idx=None) -
 # activations (reference semantics of the A8 schemes)
 
 
-def quantize_activation(x: torch.Tensor, act: str) -> torch.Tensor:
-    """Fake-quantize activations per token (per row of the last dim), returned in x's dtype.
+def activation_codes(x: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dim) codes and scales of the A8 schemes, the one implementation that
+    :func:`quantize_activation` and the Triton A8 path share.
 
-    ``a16``: identity. ``a8``: symmetric int8, scale = absmax / 127 (float32, not rounded
-    to fp16: kernels compute it on the fly). ``af8``: fp8 e4m3, scale = absmax / 448.
-    An all-zero token stays zero.
+    ``a8``: symmetric int8, scale = absmax / 127 (float32, not rounded to fp16: kernels
+    compute it on the fly); codes int8. ``af8``: fp8 e4m3, scale = absmax / 448; codes
+    float8_e4m3fn. Returns (codes (..., K), scale (..., 1) float32); an all-zero token gets
+    scale 1 (codes 0).
     """
-    if act == "a16":
-        return x
     if act not in ("a8", "af8"):
         raise ValueError(f"activation must be one of ('a16', 'a8', 'af8'), got {act!r}")
     xf = x.to(torch.float32)
@@ -518,7 +519,32 @@ def quantize_activation(x: torch.Tensor, act: str) -> torch.Tensor:
     scale = absmax / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero (or underflowed) token
     if act == "a8":
-        q = torch.round(xf / scale).clamp(-128, 127)
+        q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
     else:
-        q = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
-    return (q * scale).to(x.dtype)
+        q = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def quantize_activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    """Fake-quantize activations per token (per row of the last dim), returned in x's dtype.
+
+    ``a16``: identity; ``a8`` / ``af8``: :func:`activation_codes` times their scale. An
+    all-zero token stays zero.
+    """
+    if act == "a16":
+        return x
+    q, scale = activation_codes(x, act)
+    return (q.to(torch.float32) * scale).to(x.dtype)
+
+
+# the old private spellings (tests and code on other branches import some of them)
+_as_format = as_format
+_as_scheme = as_scheme
+_check_weight = check_weight
+_complement = complement_channels
+_decode = decode
+_encode = encode
+_group_params = group_params
+_index_dtype = index_dtype
+_resolve_high_idx = resolve_high_idx
+_to_groups = to_groups

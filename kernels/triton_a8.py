@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import FP8_E4M3_MAX
+from .quant import FP8_E4M3_MAX, activation_codes
 from .triton_common import (
     TORCH_TO_TL,
     Segment,
@@ -199,15 +199,9 @@ def quantize_tokens(x: torch.Tensor, act: str, fp8_dtype: bool = False) -> tuple
     """
     if act not in ("a8", "af8"):
         raise ValueError(f"act must be 'a8' or 'af8', got {act!r}")
-    xf = x.to(torch.float32)
-    qmax = 127.0 if act == "a8" else FP8_E4M3_MAX
-    s = xf.abs().amax(dim=-1, keepdim=True) / qmax  # (M, 1), same ops as quantize_activation
-    s = torch.where(s > 0, s, torch.ones_like(s))  # all-zero token
-    if act == "a8":
-        q = torch.round(xf / s).clamp(-128, 127).to(torch.int8)
-    else:
-        q = (xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        q = q if fp8_dtype else q.to(torch.float16)
+    q, s = activation_codes(x, act)  # (M, K), (M, 1)
+    if act == "af8" and not fp8_dtype:
+        q = q.to(torch.float16)  # exact: every e4m3 value is a float16
     return q.contiguous(), s.squeeze(-1).contiguous()
 
 

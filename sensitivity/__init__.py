@@ -4,7 +4,7 @@ Pipeline (:func:`build_profile` runs it): load a model from a spec (:func:`load_
 find the quantizable layers (:func:`find_layers`), build calibration data (self-generated
 by default), collect input Hessians (:func:`collect_hessians`), compute the proxy error
 table (:func:`proxy_table`), measure the end metric for reference schemes
-(:func:`measure_kl_deltas`), calibrate the proxy into metric units
+(:func:`measure_deltas`), calibrate the proxy into metric units
 (:func:`calibrate_proxy`), and save a :class:`SensitivityProfile`.
 
 Importing this package is light: submodules (torch, transformers) load on first use.
@@ -53,6 +53,7 @@ _EXPORTS = {
     "Reference": "proxy",
     "compute_reference": "proxy",
     "measure_item": "proxy",
+    "measure_deltas": "proxy",
     "measure_kl_deltas": "proxy",
     "measure_table": "proxy",
     "calibrate_proxy": "proxy",
@@ -115,6 +116,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         calibrate_proxy,
         compute_reference,
         measure_item,
+        measure_deltas,
         measure_kl_deltas,
         measure_table,
         proxy_table,

@@ -10,3 +10,10 @@ DEFAULT_SCHEMES = (
 )  # fmt: skip
 # Each layer measured end to end at a 2-, 3- and 4-bit reference to calibrate the proxy.
 DEFAULT_REF_SCHEMES = ("w2g64z", "w3g128z", "w4g128z")
+
+# The names of the registries that live beside torch code (sensitivity.saliency.SALIENCY,
+# sensitivity.proxy.QUANTIZER_FNS, sensitivity.pairs.PAIR_MODELS), for the CLI and the config
+# without importing torch; tests/test_registries.py checks that they are those registries' keys.
+SALIENCY_METHODS = ("hessian", "obq", "fisher")
+QUANTIZERS = ("rtn", "gptq")
+PAIR_MODELS = ("full", "reduced")

@@ -260,15 +260,15 @@ def measure_ref_columns(model, layers: Sequence[Any], reference, ref_schemes: Se
     (one set of forwards per (layer, scheme) scores every group's metric at once)."""
     import numpy as np
 
-    from .proxy import _progress, measure_item, measure_kl_deltas
+    from .proxy import measure_deltas, measure_item, progress_bar
 
     if grouping is None:
-        return np.stack([measure_kl_deltas(model, layers, None, reference, r, progress, hessians=hessians)
+        return np.stack([measure_deltas(model, layers, None, reference, r, progress, hessians=hessians)
                          for r in ref_schemes], axis=1)
     own = grouping.group_of()
     out = np.zeros((len(layers), len(ref_schemes)), dtype=np.float64)
     items = [(i, j) for j in range(len(ref_schemes)) for i in range(len(layers))]
-    for i, j in _progress(items, progress, "measure groups", len(items)):
+    for i, j in progress_bar(items, progress, "measure groups", len(items)):
         layer = layers[i]
         h = hessians.get(layer.fqn) if hessians else None
         out[i, j] = measure_item(model, layer, ref_schemes[j], reference, h)[own[layer.fqn]]

@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 
+from bitalloc.kernels.gptq import fold_mean_outer
+
 from ._forward import base_module_for, forward
 from .calibration import as_batches
 from .layers import LayerInfo
 
-__all__ = ["HessianAccumulator", "collect_hessians", "collect_input_statistics"]
+__all__ = ["HessianAccumulator", "collect_hessians", "collect_input_statistics", "hessian_tensor"]
 
 log = logging.getLogger("bitalloc.sensitivity")
 
@@ -72,17 +74,16 @@ class HessianAccumulator:
         if m == 0:
             return
         n = self.nsamples
-        total = n + m
-        xf = x2.to(device=self._H.device, dtype=self.dtype)
-        self._H.mul_(n / total).addmm_(xf.t(), xf, alpha=1.0 / total)
+        xf = x2.to(device=self._H.device, dtype=self.dtype)  # (m, in)
+        fold_mean_outer(self._H, xf, xf, n)
         if self.act_formats:
             from bitalloc.kernels.quant import quantize_activation
 
             for a in self.act_formats:
-                e = (quantize_activation(x2, a).to(self.dtype) - x2.to(self.dtype)).to(self._H.device)
-                self.cross[a].mul_(n / total).addmm_(xf.t(), e, alpha=1.0 / total)
-                self.noise[a].mul_(n / total).addmm_(e.t(), e, alpha=1.0 / total)
-        self.nsamples = total
+                e = (quantize_activation(x2, a).to(self.dtype) - x2.to(self.dtype)).to(self._H.device)  # (m, in)
+                fold_mean_outer(self.cross[a], xf, e, n)
+                fold_mean_outer(self.noise[a], e, e, n)
+        self.nsamples = n + m
 
     @property
     def H(self) -> torch.Tensor:
@@ -94,6 +95,11 @@ class HessianAccumulator:
         self._H = None
         self.cross.clear()
         self.noise.clear()
+
+
+def hessian_tensor(h: Any) -> torch.Tensor:
+    """The (in, in) tensor of a Hessian given as a tensor or as a :class:`HessianAccumulator`."""
+    return h.H if hasattr(h, "H") and not isinstance(h, torch.Tensor) else h
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:

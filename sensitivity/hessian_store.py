@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .hessian import hessian_tensor as _tensor  # one unwrapping of accumulators
+
 __all__ = ["HessianStoreError", "save_hessians", "load_hessians", "file_sha256"]
 
 
@@ -33,10 +35,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _tensor(h: Any) -> torch.Tensor:
-    return h.H if hasattr(h, "H") and not isinstance(h, torch.Tensor) else h
 
 
 def save_hessians(path: str | os.PathLike, hessians: dict[str, Any], *, tokens_sha256: str | None = None) -> dict:

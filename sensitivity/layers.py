@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .models import _storage_key
+from bitalloc.kernels.modules import get_weight, module_type
+
+from .models import storage_key
 from .patterns import match_pattern
 
 __all__ = ["LayerInfo", "Skipped", "LayerSelectionError", "find_layers", "get_weight", "match_pattern"]
@@ -91,30 +93,6 @@ class Skipped:
         return cls(**d)
 
 
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # noqa: BLE001 - transformers missing: no Conv1D layers
-        return None
-    return Conv1D
-
-
-def _module_type(module: torch.nn.Module, conv1d) -> str | None:
-    if isinstance(module, torch.nn.Linear):
-        return "Linear"
-    if conv1d is not None and isinstance(module, conv1d):
-        return "Conv1D"
-    return None
-
-
-def get_weight(module: torch.nn.Module, module_type: str | None = None) -> torch.Tensor:
-    """A layer's weight as (out, in) float view (Conv1D stores (in, out): transposed view)."""
-    if module_type is None:
-        module_type = _module_type(module, _conv1d_class())
-    w = module.weight
-    return w.t() if module_type == "Conv1D" else w
-
-
 def block_of(fqn: str) -> tuple[str | None, int | None]:
     """(block prefix, index) from the first numeric component of the fqn, else (None, None)."""
     parts = fqn.split(".")
@@ -158,16 +136,15 @@ def find_layers(
     """
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
-    conv1d = _conv1d_class()
 
     # who owns each piece of parameter memory (all parameters, not just layers)
     owners: dict[tuple, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(_storage_key(p), []).append(name)
+        owners.setdefault(storage_key(p), []).append(name)
 
     candidates: list[tuple[str, torch.nn.Module, str]] = []
     for fqn, module in model.named_modules(remove_duplicate=False):
-        mtype = _module_type(module, conv1d)
+        mtype = module_type(module)
         if mtype is None or not fqn or getattr(module, "weight", None) is None:
             continue
         if module.weight.dim() != 2 or not module.weight.dtype.is_floating_point:
@@ -192,7 +169,7 @@ def find_layers(
         if any(match_pattern(p, fqn) for p in exclude):
             continue
         wname = f"{fqn}.weight"
-        sharers = owners.get(_storage_key(module.weight), [wname])
+        sharers = owners.get(storage_key(module.weight), [wname])
         others = [n for n in sharers if n != wname]
         tie_group = None
         if others:

@@ -31,7 +31,7 @@ predicts token ``p+1``) gets weight ``mask · w[p]``, 0 when ``p`` is an exclude
 (e.g. ``[0]``: the begin-of-sequence token, which often carries outlier activations;
 negative positions count from the end) or when the *input* token at ``p`` is one of the
 excluded token ids. Strided scoring (``logits_to_keep`` in the batch, a tensor of kept
-positions such as ``stride-1, 2·stride-1, ...`` from :func:`sensitivity.profile._strided`,
+positions such as ``stride-1, 2·stride-1, ...`` from :func:`strided_batches`,
 or an int ``k`` = the last ``k``) is understood: the weights are taken at the kept
 positions. For ``cosine`` the weights enter the mean pooling (excluded positions are not
 pooled).
@@ -65,7 +65,9 @@ __all__ = [
     "FunctionMetric",
     "MetricSet",
     "METRICS",
-    "metric_names",
+    "primary_output",
+    "token_mask",
+    "strided_batches",
     "get_metric",
     "as_metric",
     "nsr_to_db",
@@ -76,7 +78,7 @@ __all__ = [
 # helpers
 
 
-def _primary(outputs: Any, key: str) -> torch.Tensor:
+def primary_output(outputs: Any, key: str) -> torch.Tensor:
     if isinstance(outputs, torch.Tensor):
         return outputs
     v = getattr(outputs, key, None)
@@ -87,7 +89,7 @@ def _primary(outputs: Any, key: str) -> torch.Tensor:
     return v
 
 
-def _token_mask(batch: dict, shape: tuple[int, ...], device) -> torch.Tensor | None:
+def token_mask(batch: dict, shape: tuple[int, ...], device) -> torch.Tensor | None:
     m = batch.get("attention_mask")
     if m is None or tuple(m.shape) != tuple(shape):
         return None
@@ -276,7 +278,7 @@ class _TokenMetric(Metric):
 
 
 def _logits(outputs: Any) -> torch.Tensor:
-    return _primary(outputs, "logits").detach()
+    return primary_output(outputs, "logits").detach()
 
 
 class KLMetric(_TokenMetric):
@@ -320,7 +322,7 @@ class KLMetric(_TokenMetric):
         logits = _logits(outputs)
         flat = logits.reshape(-1, logits.shape[-1])
         w = self._weights(batch, logits.shape[1], flat.device) if logits.ndim == 3 else None
-        mask = _token_mask(batch, tuple(logits.shape[:-1]), flat.device) if w is None else None
+        mask = token_mask(batch, tuple(logits.shape[:-1]), flat.device) if w is None else None
         total = torch.zeros((), dtype=torch.float64, device=flat.device)
         for i in range(0, flat.shape[0], self.chunk_tokens):
             sl = slice(i, i + self.chunk_tokens)
@@ -398,7 +400,7 @@ class Top1Metric(_TokenMetric):
         logits = _logits(outputs)
         changed = (logits.argmax(-1) != ref.to(logits.device)).to(torch.float64)
         w = self._weights(batch, logits.shape[1], logits.device) if logits.ndim == 3 else None
-        mask = _token_mask(batch, tuple(logits.shape[:-1]), logits.device) if w is None else None
+        mask = token_mask(batch, tuple(logits.shape[:-1]), logits.device) if w is None else None
         return self._reduce(changed, w, mask)
 
 
@@ -425,7 +427,7 @@ class SQNRMetric(_TokenMetric):
         ratio = torch.where(ok, noise / sig.clamp(min=1e-300), torch.zeros_like(noise))
         w = self._weights(batch, h.shape[1], h.device)
         if w is None:
-            m = _token_mask(batch, tuple(h.shape[:2]), h.device)
+            m = token_mask(batch, tuple(h.shape[:2]), h.device)
             keep = ok.reshape(-1) if m is None else (ok.reshape(-1) & m)
             return float(ratio.reshape(-1)[keep].sum()), int(keep.sum())
         w = w * ok.reshape(-1).to(torch.float64)
@@ -493,10 +495,10 @@ class FunctionMetric(_TokenMetric):
     def reference(self, outputs: Any, batch: dict) -> Any:
         from ._forward import tree_clone
 
-        return tree_clone(_primary(outputs, self.keep) if self.keep else outputs)
+        return tree_clone(primary_output(outputs, self.keep) if self.keep else outputs)
 
     def score(self, ref: Any, outputs: Any, batch: dict) -> tuple[float, float]:
-        out = _primary(outputs, self.keep) if self.keep else outputs
+        out = primary_output(outputs, self.keep) if self.keep else outputs
         losses = self.fn(ref, out, batch)
         losses = torch.as_tensor(losses).detach().to(torch.float64)
         if losses.ndim == 0:
@@ -544,10 +546,6 @@ METRICS: dict[str, type[Metric]] = {
 }
 
 
-def metric_names() -> tuple[str, ...]:
-    return tuple(METRICS)
-
-
 def get_metric(name: str, **options) -> Metric:
     """A built-in metric by name with its options (e.g. ``exclude_positions=[0]``)."""
     if not isinstance(name, str) or name not in METRICS:
@@ -571,3 +569,25 @@ def as_metric(spec: Any, **options) -> Metric:
     if callable(spec):
         return FunctionMetric(spec, **options)
     raise ValueError(f"a metric must be a name ({', '.join(METRICS)}), a Metric or a function, got {spec!r}")
+
+
+def strided_batches(net, batches: list[dict], stride: int) -> list[dict]:
+    """Score the metric at every ``stride``-th position only (positions stride-1, 2·stride-1, ...).
+
+    The forward still runs every token (attention needs them); only the LM head and the
+    KL, about half the cost of one measurement on SmolLM2 (49152-word vocabulary), shrink.
+    Neighbouring positions are strongly correlated, so little information is lost. Needs
+    a model whose forward takes ``logits_to_keep`` (transformers' causal LMs); others
+    are scored at every position.
+    """
+    import inspect
+
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"kl_stride must be a positive integer, got {stride!r}")
+    if stride == 1 or "logits_to_keep" not in inspect.signature(net.forward).parameters:
+        return batches
+    out = []
+    for b in batches:
+        T = b["input_ids"].shape[1]
+        out.append({**b, "logits_to_keep": torch.arange(stride - 1, T, stride)})  # (T // stride,) kept positions
+    return out

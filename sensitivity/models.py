@@ -304,7 +304,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
 # fingerprint
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
+def storage_key(t: torch.Tensor) -> tuple:
     """Identity of the memory a tensor views (tied parameters share it)."""
     try:
         ptr = t.untyped_storage().data_ptr()
@@ -313,6 +313,9 @@ def _storage_key(t: torch.Tensor) -> tuple:
     if ptr == 0:
         return ("id", id(t))
     return (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+_storage_key = storage_key  # the old private spelling, for code on other branches
 
 
 def unique_parameters(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
@@ -324,7 +327,7 @@ def unique_parameters(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Ten
     unique: list[tuple[str, torch.Tensor]] = []
     aliases: dict[str, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        key = _storage_key(p)
+        key = storage_key(p)
         if key in seen:
             aliases[name] = seen[key]
             continue

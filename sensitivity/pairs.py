@@ -36,10 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .defaults import PAIR_MODELS
+from .errors import ProfileError
+
 __all__ = ["PAIR_MODELS", "PairError", "block_pairs", "pair_items", "pair_item_count", "pairs_from_values",
            "check_pairs", "pair_matrices", "measure_joint"]
 
-PAIR_MODELS = ("full", "reduced")
 SEP = "|"
 
 
@@ -121,8 +123,6 @@ def pairs_from_values(pairs: Sequence[tuple[str, str]], schemes: Sequence[str], 
 
 def check_pairs(d: Any, fqns: Sequence[str], schemes: Sequence[str]) -> dict:
     """Validate a profile's ``pairs`` field (returns it); a :class:`ProfileError` names the problem."""
-    from .profile import ProfileError
-
     if not isinstance(d, dict) or d.get("model") not in PAIR_MODELS:
         raise ProfileError(f"profile field 'pairs' must be an object with model in {PAIR_MODELS}")
     names = set(fqns)
@@ -192,7 +192,7 @@ def measure_joint(model: torch.nn.Module, parts: Sequence[tuple[Any, Any, Any, A
     bit for bit). Activation-quantized schemes are not supported here.
     """
     from .layers import get_weight
-    from .proxy import _hessian_tensor, _module, as_scheme, quantize_layer_weight, score_batches
+    from .proxy import as_scheme, hessian_tensor, module_at, quantize_layer_weight, score_batches
 
     backups = []
     try:
@@ -200,10 +200,10 @@ def measure_joint(model: torch.nn.Module, parts: Sequence[tuple[Any, Any, Any, A
             scheme = as_scheme(scheme)
             if scheme.act != "a16":
                 raise PairError(f"joint items do not support activation-quantized schemes ({scheme.name})")
-            module = _module(model, layer.fqn)
+            module = module_at(model, layer.fqn)
             param = module.weight
             w = get_weight(module, layer.module_type).detach()
-            H = _hessian_tensor(hessian) if hessian is not None else None
+            H = hessian_tensor(hessian) if hessian is not None else None
             if ready and ready[0] is not None:
                 wq = ready[0].to(param.dtype)
             else:

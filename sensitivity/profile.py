@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES  # re-exported
+from .errors import ProfileError  # re-exported: defined beside the code that raises it
 from .layers import LayerInfo, Skipped
+from .metrics import strided_batches as _strided
 
 __all__ = [
     "PROFILE_SCHEMA",
@@ -47,10 +49,6 @@ __all__ = [
 PROFILE_SCHEMA = "bitalloc.profile/1"
 
 log = logging.getLogger("bitalloc.sensitivity")
-
-
-class ProfileError(BitallocError, ValueError):
-    """A profile file or object is invalid; the message names the problem."""
 
 
 def _bitalloc_version() -> str:
@@ -311,7 +309,7 @@ def cost_table(layers: Sequence[LayerInfo], schemes: Sequence[Any]) -> np.ndarra
 def other_parameter_bits(model: torch.nn.Module, layers: Sequence[LayerInfo]) -> tuple[int, int]:
     """(bits, count) of all parameters other than the selected layers' weights, at their
     stored dtype; a tensor shared by several names (tied) is counted once."""
-    from .models import _storage_key
+    from .models import storage_key as _storage_key
 
     modules = dict(model.named_modules(remove_duplicate=False))
     quantized = {_storage_key(modules[layer.fqn].weight) for layer in layers}
@@ -329,28 +327,6 @@ def other_parameter_bits(model: torch.nn.Module, layers: Sequence[LayerInfo]) ->
 
 # ---------------------------------------------------------------------------------------
 # building a profile
-
-
-def _strided(net, batches: list[dict], stride: int) -> list[dict]:
-    """Score the metric at every ``stride``-th position only (positions stride-1, 2·stride-1, ...).
-
-    The forward still runs every token (attention needs them); only the LM head and the
-    KL, about half the cost of one measurement on SmolLM2 (49152-word vocabulary), shrink.
-    Neighbouring positions are strongly correlated, so little information is lost. Needs
-    a model whose forward takes ``logits_to_keep`` (transformers' causal LMs); others
-    are scored at every position.
-    """
-    import inspect
-
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"kl_stride must be a positive integer, got {stride!r}")
-    if stride == 1 or "logits_to_keep" not in inspect.signature(net.forward).parameters:
-        return batches
-    out = []
-    for b in batches:
-        T = b["input_ids"].shape[1]
-        out.append({**b, "logits_to_keep": torch.arange(stride - 1, T, stride)})
-    return out
 
 
 def build_profile(

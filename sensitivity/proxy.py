@@ -3,7 +3,7 @@
 * :func:`proxy_table` — for every (layer, scheme) the layer-output error
   ``tr(ΔW H ΔWᵀ) = E_x ‖x ΔWᵀ‖²`` of the RTN-quantized weight (one Hessian per layer,
   no forward passes). It ranks schemes within a layer, but rows are not comparable.
-* :func:`measure_item` / :func:`measure_kl_deltas` / :func:`measure_table` — quantize one
+* :func:`measure_item` / :func:`measure_deltas` / :func:`measure_table` — quantize one
   layer with one scheme (everything else unchanged), run the calibration batches and
   measure the end metric against the unquantized model (default: mean per-token
   KL(p_ref ‖ p_quant) of next-token distributions, in nats/token).
@@ -33,6 +33,7 @@ import torch
 
 from ._forward import forward, tree_clone
 from .calibration import as_batches
+from .hessian import hessian_tensor
 from .layers import LayerInfo, get_weight
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "Reference",
     "compute_reference",
     "measure_item",
+    "measure_deltas",
     "measure_kl_deltas",
     "measure_table",
     "calibrate_proxy",
@@ -82,20 +84,37 @@ def hessian_saliency(w: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
     return torch.diagonal(H).to(torch.float32).to(energy.device) * energy
 
 
-QUANTIZERS = ("rtn", "gptq")
+def _rtn_quantize(w: torch.Tensor, scheme, H: torch.Tensor | None, idx) -> torch.Tensor:
+    return _fake_quantize_weight()(w, scheme, idx)
+
+
+def _gptq_quantize(w: torch.Tensor, scheme, H: torch.Tensor | None, idx) -> torch.Tensor:
+    if not scheme.is_quantized:
+        return _rtn_quantize(w, scheme, H, idx)
+    if H is None:
+        raise ValueError("quantizer 'gptq' needs the layer's Hessian")
+    from bitalloc.kernels.gptq import gptq_fake_quantize_weight
+
+    return gptq_fake_quantize_weight(w, scheme, H.to(device=w.device, dtype=torch.float32), idx)
+
+
+# name -> fake-quantizer (w (out, in), scheme, H (in, in) or None, split channels or None) -> (out, in)
+QUANTIZER_FNS = {"rtn": _rtn_quantize, "gptq": _gptq_quantize}
+QUANTIZERS = tuple(QUANTIZER_FNS)
 
 
 def quantize_layer_weight(w: torch.Tensor, scheme: Any, H: torch.Tensor | None = None, *, quantizer: str = "rtn",
                           saliency: torch.Tensor | None = None) -> torch.Tensor:
     """Fake-quantized ``w (out, in)`` for a scheme, same dtype as w.
 
-    ``quantizer``: ``"rtn"`` (round-to-nearest, kernels.quant) or ``"gptq"`` (kernels.gptq,
-    needs ``H``). A split keeps the ``k`` channels of highest ``saliency`` (an (in,)
-    vector, see :mod:`sensitivity.saliency`; default :func:`hessian_saliency`) high.
+    ``quantizer`` (a name of :data:`QUANTIZER_FNS`): ``"rtn"`` (round-to-nearest,
+    kernels.quant) or ``"gptq"`` (kernels.gptq, needs ``H``). A split keeps the ``k``
+    channels of highest ``saliency`` (an (in,) vector, see :mod:`sensitivity.saliency`;
+    default :func:`hessian_saliency`) high.
     """
     from bitalloc.kernels.quant import select_high_channels
 
-    if quantizer not in QUANTIZERS:
+    if quantizer not in QUANTIZER_FNS:
         raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
     scheme = as_scheme(scheme)
     k = scheme.n_high(w.shape[1])
@@ -103,32 +122,28 @@ def quantize_layer_weight(w: torch.Tensor, scheme: Any, H: torch.Tensor | None =
     if k:
         sal = saliency if saliency is not None else hessian_saliency(w, H)
         idx = select_high_channels(torch.as_tensor(sal).to(torch.float64).cpu(), k)
-    if quantizer == "gptq" and scheme.is_quantized:
-        if H is None:
-            raise ValueError("quantizer 'gptq' needs the layer's Hessian")
-        from bitalloc.kernels.gptq import gptq_fake_quantize_weight
-
-        return gptq_fake_quantize_weight(w, scheme, H.to(device=w.device, dtype=torch.float32), idx)
-    return _fake_quantize_weight()(w, scheme, idx)
+    return QUANTIZER_FNS[quantizer](w, scheme, H, idx)
 
 
-def _hessian_tensor(h: Any) -> torch.Tensor:
-    return h.H if hasattr(h, "H") and not isinstance(h, torch.Tensor) else h
-
-
-def _module(model: torch.nn.Module, fqn: str) -> torch.nn.Module:
+def module_at(model: torch.nn.Module, fqn: str) -> torch.nn.Module:
+    """The submodule called ``fqn``; a ValueError naming it when there is none."""
     try:
         return model.get_submodule(fqn)
     except AttributeError:
         raise ValueError(f"layer {fqn!r} is not a module of {type(model).__name__}") from None
 
 
-def _progress(it, progress: bool, desc: str, total: int | None = None):
+def progress_bar(it, progress: bool, desc: str, total: int | None = None):
+    """``it`` wrapped in a tqdm bar when ``progress``, else unchanged."""
     if not progress:
         return it
     from tqdm.auto import tqdm
 
     return tqdm(it, desc=desc, total=total, leave=False)
+
+
+# the old private spellings, for code on other branches
+_hessian_tensor, _module, _progress = hessian_tensor, module_at, progress_bar
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,11 +179,11 @@ def proxy_table(
 
     out = np.zeros((len(layers), len(schemes)), dtype=np.float64)
     warned = False
-    for i, layer in enumerate(_progress(layers, progress, "proxy", len(layers))):
+    for i, layer in enumerate(progress_bar(layers, progress, "proxy", len(layers))):
         if layer.fqn not in hessians:
             raise ValueError(f"no Hessian for layer {layer.fqn!r}")
-        H = _hessian_tensor(hessians[layer.fqn])
-        w = get_weight(_module(model, layer.fqn), layer.module_type).detach().to(torch.float32)
+        H = hessian_tensor(hessians[layer.fqn])
+        w = get_weight(module_at(model, layer.fqn), layer.module_type).detach().to(torch.float32)
         H = H.to(device=w.device, dtype=torch.float32)
         sal = saliency.get(layer.fqn) if saliency else None
         for j, s in enumerate(schemes):
@@ -204,7 +219,7 @@ def proxy_table(
 # ---------------------------------------------------------------------------------------
 # metrics: in sensitivity.metrics (re-exported here so existing imports keep working)
 
-from .metrics import CosineMetric, KLMetric, Metric, MetricSet, _primary, _token_mask  # noqa: E402,F401
+from .metrics import CosineMetric, KLMetric, Metric, MetricSet, primary_output, token_mask  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +279,7 @@ def _replay_prefix(reference: Reference, block_index: int | None, batch_i: int):
 
 
 def _digest(outputs: Any, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    t = _primary(outputs, key).detach().float()
+    t = primary_output(outputs, key).detach().float()
     return t[..., :16].clone(), t.sum(-1)
 
 
@@ -312,7 +327,7 @@ def compute_reference(
     states: list[Any] = []
     digest0 = None
     try:
-        for i, batch in enumerate(_progress(batches, progress, "reference", len(batches))):
+        for i, batch in enumerate(progress_bar(batches, progress, "reference", len(batches))):
             out = forward(model, batch)
             if metric is None:
                 has_logits = getattr(out, "logits", None) is not None
@@ -371,10 +386,10 @@ def measure_item(
     running the model.
     """
     scheme = as_scheme(scheme)
-    module = _module(model, layer.fqn)
+    module = module_at(model, layer.fqn)
     param = module.weight
     w = get_weight(module, layer.module_type).detach()
-    H = _hessian_tensor(hessian) if hessian is not None else None
+    H = hessian_tensor(hessian) if hessian is not None else None
     wq = quantize_layer_weight(w.to(torch.float32), scheme, H, quantizer=quantizer, saliency=saliency).to(param.dtype)
     multi = isinstance(reference.metric, MetricSet)
     if scheme.act == "a16" and torch.equal(wq, w):
@@ -428,7 +443,7 @@ def _schemes_for(scheme_per_layer: Any, n: int) -> list:
     return [as_scheme(s) for s in scheme_per_layer]
 
 
-def measure_kl_deltas(
+def measure_deltas(
     model: torch.nn.Module,
     layers: Sequence[LayerInfo],
     batches: Iterable | torch.Tensor | dict | None,
@@ -450,13 +465,16 @@ def measure_kl_deltas(
     schemes = _schemes_for(scheme_per_layer, len(layers))
     if reference is None:
         if batches is None:
-            raise ValueError("measure_kl_deltas needs batches or a reference")
+            raise ValueError("measure_deltas needs batches or a reference")
         reference = compute_reference(model, layers, batches, metric, progress, batch_size=batch_size)
     out = np.zeros(len(layers), dtype=np.float64)
-    for i, layer in enumerate(_progress(layers, progress, f"measure {reference.metric.name}", len(layers))):
+    for i, layer in enumerate(progress_bar(layers, progress, f"measure {reference.metric.name}", len(layers))):
         h = hessians.get(layer.fqn) if hessians else None
         out[i] = measure_item(model, layer, schemes[i], reference, h)
     return out
+
+
+measure_kl_deltas = measure_deltas  # the old name: the deltas are of any metric, not only KL
 
 
 def measure_table(
@@ -478,7 +496,7 @@ def measure_table(
         reference = compute_reference(model, layers, batches, metric, progress, batch_size=batch_size)
     out = np.zeros((len(layers), len(schemes)), dtype=np.float64)
     items = [(i, j) for i in range(len(layers)) for j in range(len(schemes))]
-    for i, j in _progress(items, progress, f"measure {reference.metric.name}", len(items)):
+    for i, j in progress_bar(items, progress, f"measure {reference.metric.name}", len(items)):
         h = hessians.get(layers[i].fqn) if hessians else None
         out[i, j] = measure_item(model, layers[i], schemes[j], reference, h)
         if on_item is not None:

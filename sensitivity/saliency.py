@@ -30,7 +30,6 @@ import torch
 __all__ = ["SALIENCY_METHODS", "SaliencyError", "channel_saliency", "fisher_diagonals", "layer_saliencies",
            "select_split_channels"]
 
-SALIENCY_METHODS = ("hessian", "obq", "fisher")
 
 
 class SaliencyError(BitallocError, ValueError):
@@ -53,22 +52,36 @@ def channel_saliency(w: torch.Tensor, method: str = "hessian", *, H: torch.Tenso
     w = w.detach().to(torch.float32)
     if w.dim() != 2:
         raise SaliencyError(f"weight must be 2-D (out, in), got shape {tuple(w.shape)}")
+    return SALIENCY[method](w, H, fisher, damp)
+
+
+def _checked_hessian(w: torch.Tensor, H: torch.Tensor | None, method: str) -> torch.Tensor:
     n = w.shape[1]
-    if method == "fisher":
-        if fisher is None:
-            raise SaliencyError("saliency 'fisher' needs the Fisher diagonal (fisher_diagonals)")
-        F = fisher.detach().to(torch.float32).to(w.device)
-        if F.shape != w.shape:
-            raise SaliencyError(f"fisher must have the weight's shape {tuple(w.shape)}, got {tuple(F.shape)}")
-        return (F * w.pow(2)).sum(0)
     if H is None:
         raise SaliencyError(f"saliency {method!r} needs the layer's Hessian")
     H = H.detach().to(torch.float32).to(w.device)
     if H.shape != (n, n):
         raise SaliencyError(f"H must be ({n}, {n}), got {tuple(H.shape)}")
-    energy = w.pow(2).sum(0)
-    if method == "hessian":
-        return torch.diagonal(H) * energy
+    return H
+
+
+def _fisher_saliency(w: torch.Tensor, H, fisher: torch.Tensor | None, damp: float) -> torch.Tensor:
+    if fisher is None:
+        raise SaliencyError("saliency 'fisher' needs the Fisher diagonal (fisher_diagonals)")
+    F = fisher.detach().to(torch.float32).to(w.device)
+    if F.shape != w.shape:
+        raise SaliencyError(f"fisher must have the weight's shape {tuple(w.shape)}, got {tuple(F.shape)}")
+    return (F * w.pow(2)).sum(0)  # (in,)
+
+
+def _hessian_saliency(w: torch.Tensor, H, fisher, damp: float) -> torch.Tensor:
+    H = _checked_hessian(w, H, "hessian")
+    return torch.diagonal(H) * w.pow(2).sum(0)  # (in,)
+
+
+def _obq_saliency(w: torch.Tensor, H, fisher, damp: float) -> torch.Tensor:
+    H = _checked_hessian(w, H, "obq")
+    energy = w.pow(2).sum(0)  # (in,)
     Hd = H.to(torch.float64).clone()
     d = torch.diagonal(Hd)
     dead = d == 0
@@ -83,6 +96,11 @@ def channel_saliency(w: torch.Tensor, method: str = "hessian", *, H: torch.Tenso
     s = energy.to(torch.float64) / inv_diag
     s[dead] = 0.0
     return s.to(torch.float32)
+
+
+# name -> (w (out, in) float32, H (in, in) or None, fisher (out, in) or None, damp) -> (in,) saliency
+SALIENCY = {"hessian": _hessian_saliency, "obq": _obq_saliency, "fisher": _fisher_saliency}
+SALIENCY_METHODS = tuple(SALIENCY)
 
 
 def select_split_channels(saliency: torch.Tensor | Sequence[float], scheme: Any, in_features: int | None = None):
@@ -113,9 +131,9 @@ def fisher_diagonals(model: torch.nn.Module, layers: Sequence[Any], data: Any, *
     from ._forward import model_device, to_device
     from .calibration import as_batches
     from .layers import get_weight
-    from .proxy import _module
+    from .proxy import module_at
 
-    mods = {layer.fqn: _module(model, layer.fqn) for layer in layers}
+    mods = {layer.fqn: module_at(model, layer.fqn) for layer in layers}
     acc: dict[str, torch.Tensor] = {}
     handles, flags = [], {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -178,13 +196,13 @@ def layer_saliencies(model: torch.nn.Module, layers: Sequence[Any], method: str,
                      fisher: dict | None = None, damp: float = 0.01) -> dict[str, torch.Tensor]:
     """``fqn -> (in,)`` saliency of every layer by ``method`` (Hessians or Fisher diagonals as needed)."""
     from .layers import get_weight
-    from .proxy import _hessian_tensor, _module
+    from .proxy import hessian_tensor, module_at
 
     _check_method(method)
     out = {}
     for layer in layers:
-        w = get_weight(_module(model, layer.fqn), layer.module_type)
-        H = _hessian_tensor(hessians[layer.fqn]) if hessians and layer.fqn in hessians else None
+        w = get_weight(module_at(model, layer.fqn), layer.module_type)
+        H = hessian_tensor(hessians[layer.fqn]) if hessians and layer.fqn in hessians else None
         F = fisher.get(layer.fqn) if fisher else None
         out[layer.fqn] = channel_saliency(w, method, H=H, fisher=F, damp=damp).cpu()
     return out

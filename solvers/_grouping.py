@@ -12,14 +12,26 @@ import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .problem import AllocationProblem
-
 __all__ = ["GroupedProblem", "ScaledCosts", "identifiers"]
+
+
+class ProblemArrays(Protocol):
+    """What grouping reads of a problem (``problem.AllocationProblem`` has it all); a
+    protocol, so this module needs no import of ``problem`` (which imports it)."""
+
+    loss: np.ndarray  # (L, K)
+    cost: np.ndarray  # (L, K)
+    mask: np.ndarray  # (L, K)
+    ties: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def layer_name(self, i: int) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -37,9 +49,6 @@ class ScaledCosts:
     offset: int  # sum of per-group minimum costs, in bits
     unit: int  # bits per scaled unit
 
-    def to_bits(self, scaled: int) -> int:
-        return self.offset + self.unit * int(scaled)
-
 
 @dataclass(frozen=True, eq=False)
 class GroupedProblem:
@@ -56,7 +65,7 @@ class GroupedProblem:
     layer_group: np.ndarray  # (L,) int64, group of each layer
 
     @classmethod
-    def from_problem(cls, problem: AllocationProblem) -> GroupedProblem:
+    def from_problem(cls, problem: ProblemArrays) -> GroupedProblem:
         members = _partition(problem.num_layers, problem.ties)
         layer_group = np.empty(problem.num_layers, dtype=np.int64)
         for g, group in enumerate(members):
@@ -101,11 +110,6 @@ class GroupedProblem:
         """(G,) option per group -> (L,) option per layer."""
         return np.asarray(group_choice, dtype=np.int64)[self.layer_group]
 
-    def group_cost(self, group_choice: np.ndarray) -> int:
-        """Exact total cost in bits (Python int, no float rounding)."""
-        picked = self.cost[np.arange(self.num_groups), group_choice]
-        return sum(int(c) for c in picked)
-
     def group_loss(self, group_choice: np.ndarray) -> float:
         return math.fsum(self.loss[np.arange(self.num_groups), group_choice])
 
@@ -126,7 +130,7 @@ def _partition(num_layers: int, ties: tuple[tuple[int, ...], ...]) -> tuple[tupl
     return tuple(sorted(groups, key=min))
 
 
-def _group_label(problem: AllocationProblem, group: tuple[int, ...]) -> str:
+def _group_label(problem: ProblemArrays, group: tuple[int, ...]) -> str:
     parts = [problem.layer_name(i) for i in group]
     if len(parts) == 1:
         return parts[0]

@@ -9,9 +9,11 @@ from .errors import ProblemError, SolverError
 from .ilp import ilp_backends, solve_ilp
 from .problem import AllocationProblem, Constraint, Solution
 
-__all__ = ["solve", "METHODS"]
+__all__ = ["solve", "METHODS", "SOLVER_METHODS"]
 
-METHODS = ("auto", "ilp", "dp", "lagrangian")
+# name -> solver(problem, capacity, extra=..., **options); "auto" picks one of them
+SOLVER_METHODS = {"ilp": solve_ilp, "dp": solve_dp, "lagrangian": solve_lagrangian}
+METHODS = ("auto", *SOLVER_METHODS)
 _ILP_ONLY_OPTIONS = ("backend", "time_limit_s", "mip_gap")
 
 
@@ -38,10 +40,6 @@ def solve(
             raise SolverError("extra constraints need the ILP, but PuLP with highspy is not installed")
         options = {k: v for k, v in options.items() if k not in _ILP_ONLY_OPTIONS}
         return solve_dp(problem, capacity, **options)
-    if method == "ilp":
-        return solve_ilp(problem, capacity, extra=extra, **options)
-    if method == "dp":
-        return solve_dp(problem, capacity, extra=extra, **options)
-    if method == "lagrangian":
-        return solve_lagrangian(problem, capacity, extra=extra, **options)
-    raise ProblemError(f"method: must be one of {METHODS}, got {method!r}")
+    if method not in SOLVER_METHODS:
+        raise ProblemError(f"method: must be one of {METHODS}, got {method!r}")
+    return SOLVER_METHODS[method](problem, capacity, extra=extra, **options)

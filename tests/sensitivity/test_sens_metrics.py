@@ -13,7 +13,7 @@ from bitalloc.sensitivity.metrics import (
     METRICS, CosineMetric, KLMetric, MetricSet, NLLDeltaMetric, SQNRMetric, Top1Metric, TokenWeighting,
     as_metric, get_metric, kept_positions, nsr_to_db,
 )
-from bitalloc.sensitivity.profile import _strided
+from bitalloc.sensitivity.metrics import strided_batches as _strided
 from bitalloc.sensitivity.proxy import compute_reference, measure_item
 
 

@@ -115,7 +115,7 @@ def test_extra_constraint_validation():
 
 def test_infeasible_budget_raises_before_the_solver(monkeypatch):
     problem = grouped_problem()
-    monkeypatch.setattr(solvers.ilp, "_run", lambda *a, **k: pytest.fail("solver was called"))
+    monkeypatch.setattr(solvers.ilp, "run_model", lambda *a, **k: pytest.fail("solver was called"))
     low, high = achievable_range(problem)
     with pytest.raises(InfeasibleBudgetError) as info:
         solve_ilp(problem, low - 1)
@@ -142,17 +142,17 @@ def test_overshooting_rounded_solution_is_tightened_and_resolved(monkeypatch):
     problem = grouped_problem(2)
     low, high = achievable_range(problem)
     capacity = (low + high) // 2
-    real_run = solvers.ilp._run
+    real_run = solvers.ilp.run_model
     calls = []
 
     def sloppy_run(model, *args, **kwargs):
         calls.append(model.capacity)
         result = real_run(model, *args, **kwargs)
         if len(calls) == 1:  # first answer: the optimum with one option swapped to just overshoot
-            return solvers.ilp._Result("optimal", just_over(model, result.choice), result.bound, "Optimal")
+            return solvers.ilp.Result("optimal", just_over(model, result.choice), result.bound, "Optimal")
         return result
 
-    monkeypatch.setattr(solvers.ilp, "_run", sloppy_run)
+    monkeypatch.setattr(solvers.ilp, "run_model", sloppy_run)
     sol = solve_ilp(problem, capacity)
     assert len(calls) == 2 and calls[1] < calls[0]  # re-solved with a tightened budget row
     assert sol.info["tightened"] is True
@@ -169,9 +169,9 @@ def test_solver_answer_worse_than_warm_start_is_not_trusted(monkeypatch):
 
     def wrong_run(model, *args, **kwargs):  # a buggy solver: cheapest options, claims optimal
         cheapest = np.where(model.grouped.mask, model.cost, np.iinfo(np.int64).max).argmin(axis=1)
-        return solvers.ilp._Result("optimal", cheapest, None, "Optimal")
+        return solvers.ilp.Result("optimal", cheapest, None, "Optimal")
 
-    monkeypatch.setattr(solvers.ilp, "_run", wrong_run)
+    monkeypatch.setattr(solvers.ilp, "run_model", wrong_run)
     sol = solve_ilp(problem, capacity)
     lag = solve_lagrangian(problem, capacity)
     assert sol.objective == lag.objective
