@@ -288,6 +288,8 @@ class SensitivityProfile:
         where = f"profile file {str(p)!r}"
         d = read_json(p, "profile", error=ProfileError, max_bytes=MAX_PROFILE_BYTES)
         arrays = None
+        if isinstance(d, dict):
+            _upgrade(d, where)  # an unknown version is said before anything else
         ref = d.get("arrays") if isinstance(d, dict) else None
         if ref is not None:
             from .profile_schema import ArraysRef

@@ -79,7 +79,7 @@ def test_plan_for_another_model(capsys, plan_path, tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [("{oops", "not valid JSON"),
-                                           ('{"schema": "bitalloc.plan/7", "layers": {}}', "unsupported plan schema")])
+                                           ('{"schema": "bitalloc.plan/7", "layers": {}}', "unsupported schema 'bitalloc.plan/7'")])
 def test_corrupt_or_wrong_version_plan(capsys, tmp_path, content, match):
     p = tmp_path / "plan.json"
     p.write_text(content)
