@@ -30,6 +30,7 @@ from .. import BitallocError
 
 import hashlib
 import json
+import math
 import logging
 import os
 import resource
@@ -367,6 +368,18 @@ def checkpoint_header(setup: WorkerSetup, schemes: Sequence[str], *, quantizer: 
     }
 
 
+def _check_finite(key: Key, values: dict, where: str) -> None:
+    """A measured value must be a finite number: NaN or inf is an error naming the item."""
+    for metric, v in values.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        if isinstance(v, bool) or not math.isfinite(f):
+            raise RunnerError(f"{where} item (layer {key[0]!r}, scheme {key[1]!r}): {metric} = {v!r} is not a finite "
+                              "number; the measurement is refused (check the model's numerics for this layer)")
+
+
 class Checkpoint:
     """An append-only JSONL file of finished items, validated against a header.
 
@@ -419,7 +432,7 @@ class Checkpoint:
             first = f.readline()
         try:
             rec = json.loads(first) if first.endswith(b"\n") else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             rec = None
         self._validate_header(rec)
 
@@ -443,7 +456,7 @@ class Checkpoint:
             end = pos + len(line) + 1
             try:
                 rec = json.loads(line) if line.strip() else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 rec = False
             if n == 0:
                 self._validate_header(rec if complete else None)
@@ -458,10 +471,19 @@ class Checkpoint:
                 break
             else:
                 try:
-                    key = (str(rec["layer"]), str(rec["scheme"]))
-                    values = {str(k): float(v) for k, v in dict(rec["values"]).items()}
+                    if not isinstance(rec, dict) or set(rec) != {"layer", "scheme", "values"}:
+                        raise TypeError
+                    key = (rec["layer"], rec["scheme"])
+                    if not all(isinstance(x, str) for x in key) or not isinstance(rec["values"], dict):
+                        raise TypeError
+                    values = {str(k): v for k, v in rec["values"].items()}
+                    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+                        raise TypeError
                 except (KeyError, TypeError, ValueError):
-                    raise CheckpointError(f"checkpoint {str(self.path)!r} line {n + 1} is not an item record") from None
+                    raise CheckpointError(f"checkpoint {str(self.path)!r} line {n + 1} is not an item record "
+                                          '{"layer": str, "scheme": str, "values": {metric: number}}') from None
+                _check_finite(key, values, f"checkpoint {str(self.path)!r} line {n + 1}")
+                values = {k: float(v) for k, v in values.items()}
                 if key in done:
                     self.duplicates += 1
                 else:
@@ -599,6 +621,7 @@ def run_items(
     def record(key: Key, v: dict) -> None:
         if key in values:  # a duplicate (e.g. a resubmitted item that also finished): first wins
             return
+        _check_finite(key, v, "measured")  # never merged, never checkpointed
         values[key] = v
         info["computed"] += 1
         if ckpt is not None:
