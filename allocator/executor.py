@@ -42,7 +42,7 @@ __all__ = ["apply", "save_quantized", "load_quantized", "packed_weight_bytes", "
 
 QUANTIZED_SCHEMA = "bitalloc.quantized/1"
 # saving and loading live in .quantized_io; these names stay importable from here
-_IO_NAMES = ("save_quantized", "load_quantized")
+_IO_NAMES = ("save_quantized", "load_quantized", "_sha256_file", "_read_meta")
 
 
 def __getattr__(name: str):
