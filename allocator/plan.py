@@ -90,7 +90,10 @@ class Plan:
         return str(self.quantization.get("quantizer", "rtn"))
 
     def __post_init__(self) -> None:
+        from bitalloc.sensitivity.patterns import check_pattern
+
         for pat, sch in self.rules:
+            check_pattern(pat, "plan rule", error=PlanError)
             try:
                 parse_scheme(sch)
             except FormatError as e:

@@ -194,7 +194,7 @@ def _short(v: Any, n: int = 40) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def validate(model: Any, data: Any, where: str, *, error: type[Exception] = ArtifactError):
+def validate(model: Any, data: Any, where: str, *, error: type[Exception] = ArtifactError, prefix: str = ""):
     """Validate ``data`` against a pydantic model (strict, extra fields forbidden); the
     first problem is ``error``: ``<where>: field 'a.b[3]': <what was expected> (got ...)``."""
     from pydantic import ValidationError
@@ -203,7 +203,7 @@ def validate(model: Any, data: Any, where: str, *, error: type[Exception] = Arti
         return model.model_validate(data, strict=True)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-        loc = _loc(err.get("loc", ()))
+        loc = ".".join(x for x in (prefix, _loc(err.get("loc", ()))) if x)
         msg = err.get("msg", "invalid")
         got = "" if err.get("type") == "missing" else f" (got {_short(err.get('input'))})"
         field_s = f"field {loc!r}" if loc else "the top level"

@@ -235,6 +235,7 @@ class SensitivityProfile:
         if not isinstance(d, dict):
             raise ProfileError(f"{where}: profile must be a JSON object, got {type(d).__name__}")
         d = _upgrade(d, where)
+        d = {k: _lists(v) for k, v in d.items()}  # numpy arrays of an in-memory dict -> the JSON form
         required = (
             "model", "calibration", "layers", "skipped", "schemes", "ref_schemes", "cost_bits",
             "other_bits", "other_params", "tables", "proxy", "kl_ref", "scales",
@@ -294,9 +295,17 @@ class SensitivityProfile:
         if ref is not None:
             from .profile_schema import ArraysRef
 
-            r = validate(ArraysRef, ref, f"{where} field 'arrays'", error=ProfileError)
+            r = validate(ArraysRef, ref, where, error=ProfileError, prefix="arrays")
             arrays = _read_sidecar(p.with_name(r.file), r, where)
         return cls.from_dict(d, where, arrays=arrays)
+
+
+def _lists(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return _jsonable(v) if v.dtype.kind == "f" else v.tolist()
+    if isinstance(v, dict):
+        return {k: _lists(x) for k, x in v.items()}
+    return v
 
 
 def sidecar_name(path: str | os.PathLike) -> str:

@@ -172,6 +172,6 @@ def test_checkpoint_of_another_configuration_is_refused(capsys, tmp_path):
     assert rc == 0
     ck = next(tmp_path.glob("*.jsonl"))
     before = ck.read_bytes()
-    rc, _, err = run_cli(capsys, *base, "--kl-samples", "1")
+    rc, _, err = run_cli(capsys, *base, "--kl-samples", "1", "--overwrite")
     assert_clean_error(rc, err, "kl_samples")
     assert ck.read_bytes() == before, "a mismatching checkpoint must not be touched"
