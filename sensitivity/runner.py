@@ -406,6 +406,12 @@ class Checkpoint:
             return (f"it was made for another model ({hm.get('spec')!r}, fingerprint "
                     f"{str(hm.get('fingerprint_sha256'))[:12]}; this run: {wm.get('spec')!r}, "
                     f"{str(wm.get('fingerprint_sha256'))[:12]})")
+        try:
+            edited = have.get("config_sha256") != _sha(have.get("config"))
+        except (TypeError, ValueError, RecursionError):
+            edited = True
+        if edited:
+            return "its header was edited (config does not match config_sha256)"
         if have.get("config_sha256") != want["config_sha256"]:
             hc, wc = have.get("config") or {}, want["config"]
             diff = sorted(k for k in set(hc) | set(wc) if hc.get(k) != wc.get(k))
