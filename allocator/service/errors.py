@@ -53,11 +53,18 @@ def field_of(loc) -> str | None:
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif p in ("str", "float", "int", "CalibrationText", "literal['generated']", "function-after[_budget(), union[str,float]]"):
-            continue  # union branch tags
+        elif _is_tag(p):
+            continue  # a union branch's tag, not a field
         else:
             out += ("." if out else "") + str(p)
     return out or None
+
+
+_TAGS = {"str", "int", "float", "bool", "none", "CalibrationText", "GroupSpec"}
+
+
+def _is_tag(p) -> bool:
+    return p in _TAGS or str(p).startswith(("literal[", "function-", "list[", "dict[", "union[", "nullable["))
 
 
 def _one(err: dict) -> tuple[str | None, str]:
@@ -81,6 +88,9 @@ def _one(err: dict) -> tuple[str | None, str]:
 def _validation_response(errors: list[dict]) -> JSONResponse:
     items = [_one(e) for e in errors] or [(None, "invalid request")]
     field, msg = items[0]
+    deeper = [it for it in items if field and it[0] and it[0].startswith((field + ".", field + "["))]
+    if deeper:  # a union's branches: the one that got furthest says the most
+        field, msg = max(deeper, key=lambda it: len(it[0]))
     status = 400 if field == "body" else 422
     return JSONResponse(body(f"{field}: {msg}" if field and field != "body" else msg, field,
                              errors=[{"field": f, "error": m} for f, m in items[:20]]), status_code=status)

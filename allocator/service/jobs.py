@@ -152,7 +152,7 @@ class JobManager:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
-        for _ in range(100):  # the dispatcher thread records the end
+        for _ in range(600):  # the dispatcher thread records the end
             row = self.db.one(_db.jobs, jid)
             if row["state"] in FINAL:
                 break
@@ -205,6 +205,8 @@ class JobManager:
                                     preexec_fn=_die_with_parent, cwd=str(d))
         with self._lock:
             self._procs[jid] = proc
+        if (self.db.one(_db.jobs, jid) or {}).get("cancel_requested"):  # cancelled while it was starting
+            proc.terminate()
         t0, first = time.monotonic(), None
         output, error, user_error = None, None, False
         try:

@@ -167,6 +167,8 @@ def _n_weights(prof) -> int:
 
 def _guess_field(msg: str) -> str | None:
     m = msg.lower()
+    if "no scheme left" in m:
+        return "forbid"
     for word, field in (("group", "group_weights"), ("pattern", "pins"), ("pins", "pins"), ("forbid", "forbid"),
                         ("scheme", "schemes"), ("method", "method"), ("budget", "budget")):
         if word in m:
