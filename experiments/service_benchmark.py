@@ -11,7 +11,7 @@ the profile, then for each concurrency level sends
   plan store (what a team asking for the usual budgets gets).
 
     python experiments/service_benchmark.py --profile /tmp/smollm2-profile.json
-    python experiments/service_benchmark.py --profile P.json --job-include 'model.layers.[0-2].*'   # smaller job
+    python experiments/service_benchmark.py --profile P.json --job-include 'model.layers.2[7-9].*'   # smaller job
     python experiments/service_benchmark.py --profile P.json --job-full    # the default SmolLM2 profile (minutes)
 
 Writes ``experiments/results/service/service_benchmark.json`` and prints a table.
@@ -108,11 +108,16 @@ def plan_benchmark(url: str, pid: str, levels: list[int], fresh_n: dict, stored_
 
 def job_benchmark(url: str, args: list[str], request: dict, work: Path) -> dict:
     """CLI wall time of `bitalloc profile ARGS`, then POST /v1/profiles -> done for the same request."""
+    import resource
+
     out = work / "cli-profile.json"
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "bitalloc.allocator.cli", "--quiet", "profile", *args, "--out", str(out)],
                    check=True, stdout=subprocess.DEVNULL)
     cli_s = time.perf_counter() - t
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cli_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     http = httpx.Client(base_url=url, timeout=60)
     t = time.perf_counter()
     job = http.post("/v1/profiles", json=request).json()
@@ -127,7 +132,11 @@ def job_benchmark(url: str, args: list[str], request: dict, work: Path) -> dict:
     svc = http.get(f"/v1/artifacts/{j['result']['profile_id']}").json()
     cli = json.loads(out.read_text())
     same = all(svc[k] == cli[k] for k in ("tables", "proxy", "kl_ref", "cost_bits", "schemes", "layers"))
+    w = j["result"].get("worker") or {}
     return {"cli_s": round(cli_s, 1), "service_s": round(svc_s, 1), "overhead_s": round(svc_s - cli_s, 1),
+            "cli_cpu_s": round(cli_cpu, 1), "service_worker_cpu_s": w.get("cpu_s"),
+            "service_worker_wall_s": w.get("wall_s"), "service_worker_peak_rss_mb": w.get("peak_rss_mb"),
+            "cli_peak_rss_mb": round(ru1.ru_maxrss / 1024, 1),
             "same_tables": same, "cli_args": args, "request": request, "n_layers": len(cli["layers"])}
 
 
@@ -135,8 +144,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True, help="a SmolLM2 profile JSON (bitalloc profile --model smollm2)")
     ap.add_argument("--levels", default="1,8,64")
-    ap.add_argument("--job-include", default="model.layers.[0-2].*",
-                    help="layers of the profiling-job comparison (default: the first 3 blocks)")
+    ap.add_argument("--job-include", default="model.layers.2[7-9].*",
+                    help="layers of the profiling-job comparison (default: the last 3 blocks, the cheapest to "
+                         "measure: a layer's KL replays only the blocks from its own on)")
     ap.add_argument("--job-full", action="store_true", help="compare the default SmolLM2 profile (all layers)")
     ap.add_argument("--skip-job", action="store_true")
     ap.add_argument("--out", default=str(OUT))
@@ -188,8 +198,9 @@ def main() -> int:
           + (f", after the job {res.get('memory_after_job')}" if "memory_after_job" in res else ""))
     if "profile_job" in res:
         j = res["profile_job"]
-        print(f"profile job ({j['n_layers']} layers): CLI {j['cli_s']}s, POST /v1/profiles -> done {j['service_s']}s "
-              f"(overhead {j['overhead_s']}s), same tables: {j['same_tables']}")
+        print(f"profile job ({j['n_layers']} layers): CLI {j['cli_s']}s wall / {j['cli_cpu_s']} CPU-s, "
+              f"POST /v1/profiles -> done {j['service_s']}s wall (worker {j['service_worker_cpu_s']} CPU-s), "
+              f"same tables: {j['same_tables']}")
     print(f"-> {out / name}")
     return 0
 

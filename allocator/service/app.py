@@ -231,6 +231,8 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
     @app.post("/v1/plans", status_code=201, tags=["plans"])
     def create_plan(req: PlanRequest = Body(...)):
         summary, created = planner.plan(req)
+        if isinstance(summary, str):  # stored: the JSON text as it was first answered
+            return Response(summary, media_type="application/json", status_code=200)
         return JSONResponse(summary, status_code=201 if created else 200)
 
     @app.get("/v1/plans/{id}", tags=["plans"], responses={200: {"content": {"application/json": {}}}})

@@ -208,7 +208,7 @@ class JobManager:
         if (self.db.one(_db.jobs, jid) or {}).get("cancel_requested"):  # cancelled while it was starting
             proc.terminate()
         t0, first = time.monotonic(), None
-        output, error, user_error = None, None, False
+        output, error, user_error, usage = None, None, False, None
         try:
             for raw in proc.stdout:
                 try:
@@ -226,7 +226,7 @@ class JobManager:
                     self.db.update(_db.jobs, jid, where={"state": "running"}, progress_done=done,
                                    progress_total=total, eta_s=eta)
                 elif ev.get("event") == "done":
-                    output = ev.get("output")
+                    output, usage = ev.get("output"), ev.get("usage")
                 elif ev.get("event") == "error":
                     error, user_error = ev.get("error"), bool(ev.get("user_error"))
             rc = proc.wait()
@@ -241,6 +241,8 @@ class JobManager:
             return
         if rc == 0 and output is not None:
             result = self.on_done(row, Path(output)) if self.on_done else {"output": output}
+            if usage:
+                result["worker"] = usage  # this attempt's process: cpu_s, peak_rss_mb, wall_s
             self._finish(jid, "done", result=result, eta_s=0.0)
             log.info("job %s done in %.1fs: %s", jid, time.monotonic() - t0, result)
             return

@@ -84,11 +84,12 @@ class Planner:
 
     # -- plans ---------------------------------------------------------------------------
     def plan(self, req: PlanRequest) -> tuple[dict, bool]:
-        """(the POST answer, created): the stored plan when this request was solved before."""
+        """(the POST answer, created): the stored answer (its JSON text, served as it is) when
+        this request was solved before, else a dict."""
         pid = plan_id(req)
         row = self.db.one(_db.plans, pid)
         if row is not None:
-            return loads(row["summary"]), False
+            return row["summary"], False
         prof = self.profile(req.profile)
         _check_request(prof, req)
         from bitalloc.allocator.solve import AllocationError, InfeasibleBudget, solve
@@ -115,7 +116,7 @@ class Planner:
                                                               "solve_time_s", "capacity_bits", "used_bits")}}
         if not self.db.insert(_db.plans, id=pid, profile_id=req.profile, artifact_id=aid, request=dumps(req.model_dump()),
                               summary=dumps(summary), created_at=time.time()):
-            return loads(self.db.one(_db.plans, pid)["summary"]), False  # a concurrent twin got there first
+            return self.db.one(_db.plans, pid)["summary"], False  # a concurrent twin got there first
         return summary, True
 
     def plan_file(self, pid: str) -> bytes:

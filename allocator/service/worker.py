@@ -97,7 +97,7 @@ def _run_profile(job_dir: Path, spec: dict, rep: _Reporter) -> str:
             if state["total"]:
                 rep.progress(_count_items(ckpt), state["total"])
 
-    kw = {k: v for k, v in req.items() if v is not None and k not in ("model",)}
+    kw = {k: v for k, v in req.items() if k != "model"}  # None is meaningful (kl_samples: all rows)
     if kw.get("groups"):
         kw["groups"] = [{k: v for k, v in g.items() if v is not None} for g in kw["groups"]]
     if measured and spec.get("ray_address"):
@@ -143,6 +143,7 @@ RUNNERS = {"profile": _run_profile, "export": _run_export}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    t0 = time.monotonic()
     job_dir = Path(argv[0])
     fd = os.dup(1)  # the event channel; anything printed goes to stderr from here on
     os.dup2(2, 1)
@@ -166,8 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         rep.emit(event="error", error=f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": "),
                  user_error=isinstance(e, (ValueError, OSError)))
         return 1
-    rep.emit(event="done", output=output)
+    rep.emit(event="done", output=output, usage=_usage(t0))
     return 0
+
+
+def _usage(t0: float) -> dict:
+    """What the job cost this process: CPU seconds (user + system), peak RSS, wall seconds."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
+            "wall_s": round(time.monotonic() - t0, 2)}
 
 
 if __name__ == "__main__":
