@@ -76,6 +76,8 @@ _EXPORTS = {
     "load_config": ".allocator.config",
     "SensitivityProfile": ".sensitivity.profile",
     "parse_scheme": ".kernels.formats",
+    "Client": ".allocator.service.client",
+    "ServiceError": ".allocator.service.client",
 }
 
 __all__ = sorted([*_EXPORTS, "BitallocError", "MissingDependencyError", "require", "__version__"])

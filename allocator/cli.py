@@ -23,6 +23,7 @@ EPILOG = """examples:
   bitalloc sweep prof.json --budgets 3bpw,3.5bpw,4bpw --out-dir plans/
   bitalloc apply --model smollm2 --plan plan.json --out qmodel/
   bitalloc eval --model smollm2 --plan plan.json --text ../shared/data/wikitext2-test.txt
+  bitalloc serve --port 8750 --state-dir state/   # the HTTP service (docs at /docs)
 """
 
 
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("solve", help="solve one budget: profile -> plan JSON")
     solve_args(sp)
+    sp.add_argument("--server", default=None, metavar="URL",
+                    help="solve on a bitalloc server: PROFILE is a profile id there, or a local file to upload")
+    sp.add_argument("--token-file", default=None, help="with --server: file holding the bearer token")
     sp.add_argument("--budget", required=True,
                     help="3.5bpw (bits per weight over quantized layers), 120MB / 0.12GiB (whole model), "
                          "layers:90MB (quantized layers only); MB = 10^6 bytes, MiB = 2^20")
@@ -170,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation text file, or 'generated' (held-out text sampled from the model)")
     sp.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
     sp.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+
+    sp = sub.add_parser("serve", help="the allocation service: profiles as jobs, plans on request (HTTP, /v1)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                    "anything but loopback needs --token-file)")
+    sp.add_argument("--port", type=int, default=8750, help="port (default 8750; 0 picks a free one)")
+    sp.add_argument("--state-dir", default="bitalloc-state",
+                    help="database, artifacts and job folders (default ./bitalloc-state)")
+    who = sp.add_mutually_exclusive_group()
+    who.add_argument("--workers", type=int, default=None, help="job worker processes (default 1)")
+    who.add_argument("--ray-address", default=None, help="run measured profiles' items on this Ray cluster")
+    sp.add_argument("--token-file", default=None,
+                    help="bearer tokens, one a line (or sha256:<hex>); required off loopback")
+    sp.add_argument("--db-url", default=None,
+                    help="SQLAlchemy database URL (default sqlite:///STATE/bitalloc.db, WAL mode)")
+    sp.add_argument("--max-body-mb", type=float, default=8, help="limit of a JSON request body (default 8 MiB)")
+    sp.add_argument("--max-upload-mb", type=float, default=1024, help="limit of a profile upload (default 1024 MiB)")
+    sp.add_argument("--export-target", action="append", default=[], metavar="NAME=MODULE:FUNCTION",
+                    help="offer an export target (repeatable)")
+    sp.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
     sp = sub.add_parser("run", help="the whole pipeline from a TOML config (default: the embedded main job)")
     sp.add_argument("config", nargs="?", default=None, help="CONFIG.toml (optional)")
@@ -240,8 +263,13 @@ def _cmd_solve(a) -> int:
 
     kw = _solve_kw(a)
     check_output(a.out, inputs=[a.profile, *_sidecars(a.profile)], overwrite=a.overwrite, what="--out")
-    plan = api.solve(a.profile, a.budget, **kw)
-    plan.save(a.out)
+    if a.server:
+        from .service.cli_remote import solve_remote
+
+        plan = solve_remote(a, kw)
+    else:
+        plan = api.solve(a.profile, a.budget, **kw)
+        plan.save(a.out)
     print(plan_table(plan))
     print(f"plan -> {a.out}")
     return 0
@@ -349,8 +377,16 @@ def _sidecars(profile_path) -> list[Path]:
     return [p.with_name(sidecar_name(p))]
 
 
+def _cmd_serve(a) -> int:
+    from .service.server import serve
+
+    return serve(a.host, a.port, state_dir=a.state_dir, workers=a.workers, ray_address=a.ray_address,
+                 token_file=a.token_file, db_url=a.db_url, max_body_mb=a.max_body_mb, max_upload_mb=a.max_upload_mb,
+                 export_targets=a.export_target, log_level=a.log_level)
+
+
 COMMANDS = {"profile": _cmd_profile, "solve": _cmd_solve, "sweep": _cmd_sweep, "apply": _cmd_apply,
-            "eval": _cmd_eval, "run": _cmd_run}
+            "eval": _cmd_eval, "run": _cmd_run, "serve": _cmd_serve}
 
 
 class _UsageError(BitallocError, ValueError):

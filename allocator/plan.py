@@ -149,13 +149,18 @@ class Plan:
             **({"quantization": self.quantization} if self.quantization else {}),
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the plan atomically (temp file beside it, fsync, rename)."""
+    def file_dict(self) -> dict:
+        """The document a plan file holds (:meth:`save`, and the service's stored plans):
+        :meth:`to_dict` with NaN predictions as null and the bitalloc version."""
         from bitalloc import __version__
 
         d = _finite_or_null(self.to_dict())  # a NaN prediction is written as null
         d.setdefault("bitalloc_version", __version__)
-        return write_json(path, d, indent=1)
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan atomically (temp file beside it, fsync, rename)."""
+        return write_json(path, self.file_dict(), indent=1)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan") -> "Plan":

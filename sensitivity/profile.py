@@ -252,6 +252,13 @@ class SensitivityProfile:
         except (TypeError, ValueError) as e:  # LayerInfo's cross-field rules
             raise ProfileError(f"{where}: field 'layers': {' '.join(str(e).split())}") from None
 
+    def to_json_bytes(self) -> bytes:
+        """One self-contained JSON document, bulk arrays inline (no sidecar): what the
+        allocation service stores and what a client uploads; :meth:`load` reads it."""
+        import json
+
+        return (json.dumps(self.to_dict(), allow_nan=False) + "\n").encode()
+
     def save(self, path: str | os.PathLike, *, command: Any = None) -> Path:
         """Write the JSON (and the bulk-array sidecar, first) atomically; returns the path."""
         p = Path(path)

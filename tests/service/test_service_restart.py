@@ -1,0 +1,89 @@
+"""Nothing lost: kill -9 the server in the middle of a measured profiling job, restart it on the
+same state dir; the job resumes from its checkpoint and ends with the profile an uninterrupted
+run gives, and the finished jobs, profiles and plans are all still there."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+import bitalloc
+from svc_helpers import TINY, start_server
+
+MEASURED = ["w2g64z", "w3g128z", "w4g128z", "w8"]
+ARGS = dict(TINY, seq_len=64)
+
+
+def _wait(http, jid, pred, timeout=300.0, poll=0.1):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        job = http.get(f"/v1/jobs/{jid}").json()
+        if pred(job):
+            return job
+        time.sleep(poll)
+    raise AssertionError(f"job {jid}: condition not met in {timeout}s: {job}")
+
+
+def _items(path) -> int:
+    return max(0, len(path.read_bytes().splitlines()) - 1) if path.exists() else 0
+
+
+def test_kill9_mid_job_then_restart_resumes(tmp_path, tiny_profile_path):
+    state = tmp_path / "state"
+    a = start_server(state)
+    try:
+        pid_up = a.http.post("/v1/profiles/upload", content=tiny_profile_path.read_bytes(),
+                             headers={"content-type": "application/json"}).json()["id"]
+        plan = a.http.post("/v1/plans", json={"profile": pid_up, "budget": "5bpw"})
+        assert plan.status_code == 201
+        plan_text = a.http.get(f"/v1/plans/{plan.json()['id']}").text
+        quick = a.http.post("/v1/profiles", json={**TINY, "schemes": ["w4g128z"]}).json()
+        quick_done = _wait(a.http, quick["id"], lambda j: j["state"] in ("done", "failed"))
+        assert quick_done["state"] == "done", quick_done
+
+        job = a.http.post("/v1/profiles", json={**ARGS, "schemes": MEASURED, "measured": True})
+        assert job.status_code == 202
+        jid = job.json()["id"]
+        mid = _wait(a.http, jid, lambda j: (j["progress"]["done"] or 0) >= 10 or j["state"] != "running" and j["state"] != "queued")
+        assert mid["state"] == "running" and mid["progress"]["total"] == 14 * len(MEASURED), mid
+        a.kill9()
+    finally:
+        if a.proc.poll() is None:
+            a.kill9()
+    ckpt = state / "jobs" / jid / "profile.measure-checkpoint.jsonl"
+    time.sleep(1.5)
+    n_killed = _items(ckpt)
+    time.sleep(1.5)
+    assert _items(ckpt) == n_killed, "the job's worker outlived the server"
+    total = 14 * len(MEASURED)
+    assert 10 <= n_killed < total
+
+    b = start_server(state)
+    try:
+        done = _wait(b.http, jid, lambda j: j["state"] in ("done", "failed", "cancelled"), poll=0.5)
+        assert done["state"] == "done" and done["attempts"] == 2, done
+        served = b.http.get(f"/v1/artifacts/{done['result']['profile_id']}")
+        prof = bitalloc.SensitivityProfile.from_dict(served.json())
+        m = prof.metadata["measure"]
+        assert m["resumed"] >= n_killed and m["resumed"] + m["computed"] == total
+
+        # the finished job, the uploaded profile and the plan are all still there, unchanged
+        assert b.http.get(f"/v1/jobs/{quick['id']}").json() == quick_done
+        assert b.http.get(f"/v1/plans/{plan.json()['id']}").text == plan_text
+        assert b.http.get(f"/v1/profiles/{pid_up}").status_code == 200
+        again = b.http.post("/v1/plans", json={"profile": pid_up, "budget": "5bpw"})
+        assert again.status_code == 200 and again.json()["id"] == plan.json()["id"]
+    finally:
+        b.stop()
+
+    fresh = bitalloc.profile(ARGS["model"], n_samples=ARGS["n_samples"], seq_len=ARGS["seq_len"],
+                             kl_samples=ARGS["kl_samples"], kl_stride=ARGS["kl_stride"], schemes=MEASURED,
+                             measured=True, progress=False, log=None)
+    got, want = prof.to_dict(), json.loads(json.dumps(fresh.to_dict()))
+    for k in want:
+        if k != "metadata":
+            assert got[k] == want[k], k
+    assert np.array_equal(prof.table(), fresh.table())
+    assert got["metadata"]["request"] == want["metadata"]["request"]
