@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
     sp.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
 
+    from .export import add_parser as add_export_parser
+
+    add_export_parser(sub)
+
     sp = sub.add_parser("run", help="the whole pipeline from a TOML config (default: the embedded main job)")
     sp.add_argument("config", nargs="?", default=None, help="CONFIG.toml (optional)")
     sp.add_argument("--out-dir", default=None, help="override [output] dir")
@@ -270,8 +274,14 @@ def _cmd_run(a) -> int:
     return 0
 
 
+def _cmd_export(a) -> int:
+    from .export import cmd_export
+
+    return cmd_export(a)
+
+
 COMMANDS = {"profile": _cmd_profile, "solve": _cmd_solve, "sweep": _cmd_sweep, "apply": _cmd_apply,
-            "eval": _cmd_eval, "run": _cmd_run}
+            "eval": _cmd_eval, "run": _cmd_run, "export": _cmd_export}
 
 
 class _Parser(argparse.ArgumentParser):
