@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="constraint: predicted loss of a group <= EPS in its metric's units (repeatable)")
         sp.add_argument("--group-share", action="append", metavar="GROUP=FRACTION",
                         help="MixDQ-style: the group gets this fraction of the bit budget (give every group)")
+        sp.add_argument("--target", choices=("vllm",), default=None,
+                        help="serving target: vllm ties the layers it fuses (q/k/v, gate/up) to one scheme")
 
     sp = sub.add_parser("solve", help="solve one budget: profile -> plan JSON")
     solve_args(sp)
@@ -173,6 +175,8 @@ def _solve_kw(a) -> dict:
               group_weights=_group_numbers(a.group_weight, "--group-weight"),
               group_limits=_group_numbers(a.group_limit, "--group-limit"),
               group_shares=_group_numbers(a.group_share, "--group-share"))
+    if a.target:
+        kw["target"] = a.target
     return kw
 
 
