@@ -58,6 +58,7 @@ UNSUPPORTED = (
     "a group size that does not divide the layer's input features (e.g. g128 on 576 inputs)",
     "Int4WeightOnlyConfig on CPU (plain packing needs mslk, the others CUDA); IntxWeightOnlyConfig is used instead",
     "bitalloc's exact codes: torchao requantizes the float weights (its own scale rule, no clip search)",
+    "transformers Conv1D layers (GPT-2): torchao's weight-only configs act on nn.Linear",
 )
 
 

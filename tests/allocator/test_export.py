@@ -379,3 +379,17 @@ def test_smollm2_export_loads_in_transformers_and_decompresses_exactly(tmp_path)
             sd["weight_scale"] = sd["weight_scale"].float()
             w = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
             assert torch.equal(w, qmodel.get_submodule(fqn).dequantized_weight()), fqn
+
+
+def test_gpt2_conv1d_layers_are_refused(tmp_path):
+    g = bitalloc.load("random:gpt2-tiny", log=None)
+    from transformers.pytorch_utils import Conv1D
+
+    convs = [n for n, m in g.model.named_modules() if isinstance(m, Conv1D)]
+    w = g.model.get_submodule(convs[0]).weight
+    shape = (w.shape[1], w.shape[0])
+    plan = Plan(model={"spec": "random:gpt2-tiny", "fingerprint": fingerprint(g.model)},
+                layers={convs[0]: LayerPlan(convs[0], "w4g32", shape, parse_scheme("w4g32").storage_bits(*shape))})
+    with pytest.raises(ExportError, match="Conv1D"):
+        export(plan, "compressed-tensors", tmp_path / "g", log=None)
+    assert not list(tmp_path.iterdir())
