@@ -56,7 +56,7 @@ class ExportRequest:
     plan: Plan
     target: str
     out: Path  # the final output directory (handlers write into the stage directory they are given)
-    model: str | None = None
+    model: Any = None  # a model spec, None (the plan's), or an already loaded model (bitalloc.load(...))
     fallback: tuple[str, ...] = ()
     plan_path: Path | None = None
     log: Callable[[str], None] = field(default=print, compare=False, repr=False)
@@ -70,6 +70,8 @@ class ExportRequest:
 
     @property
     def model_spec(self) -> str:
+        if self.model is not None and not isinstance(self.model, str):
+            return str(getattr(self.model, "spec", "?"))  # an already loaded model (LoadedModel)
         spec = self.model or self.plan.model.get("spec")
         if not isinstance(spec, str) or not spec:
             raise ExportError("the plan names no model (model.spec); pass --model SPEC")
@@ -153,11 +155,12 @@ def _version() -> str:
         return "unknown"
 
 
-def export(plan: Plan | str | os.PathLike, to: str, out: str | os.PathLike, *, model: str | None = None,
+def export(plan: Plan | str | os.PathLike, to: str, out: str | os.PathLike, *, model: Any = None,
            fallback=(), overwrite: bool = False, log: Callable[[str], None] | None = print) -> dict:
     """Export ``plan`` for target ``to`` into the directory ``out``; returns the export report.
 
-    ``model``: the model spec to read weights/tokenizer from (default: the plan's);
+    ``model``: the model spec to read weights/tokenizer from (default: the plan's), or a model
+    already loaded with ``bitalloc.load`` (not modified);
     ``fallback``: what to do with layers the target cannot express (target-specific values,
     see each target's ``FALLBACKS``); ``overwrite``: replace a non-empty ``out``.
     """
@@ -185,7 +188,7 @@ def export(plan: Plan | str | os.PathLike, to: str, out: str | os.PathLike, *, m
                      "source": str(plan_path) if plan_path else None,
                      "source_sha256": file_sha256(plan_path) if plan_path else None,
                      "label": plan.label, "predicted_quantized_bytes": plan.quantized_bits // 8},
-            "options": {"model": req.model_spec if getattr(mod, "NEEDS_MODEL", True) else req.model,
+            "options": {"model": req.model_spec if getattr(mod, "NEEDS_MODEL", True) or req.model is not None else None,
                         "fallback": list(fallback), "overwrite": bool(overwrite)},
             "report": report,
         }

@@ -192,7 +192,7 @@ def _load_checked(req: ExportRequest):
 
     from . import api
 
-    loaded = api.load(req.model_spec, log=None)
+    loaded = req.model if (req.model is not None and not isinstance(req.model, str)) else api.load(req.model_spec, log=None)
     try:
         req.plan.check_model(fingerprint(loaded.model))
     except PlanError as e:

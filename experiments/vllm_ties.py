@@ -8,7 +8,8 @@ against the 16-bit model), and writes the compressed-tensors export report of th
 plan (which vLLM kernels can run its layers, read from vLLM's code).
 
     bitalloc profile --model smollm2 --out /tmp/issue16/profile.json      # ~6-15 min, once
-    python experiments/vllm_ties.py --profile /tmp/issue16/profile.json   # ~4 min on 2 CPU cores
+    python experiments/vllm_ties.py --profile experiments/results/quality/profile.json \
+        --text /work/shared/data/wikitext2-test.txt                          # ~4 min on 2 idle CPU cores
 
 Writes experiments/results/vllm-ties/{results.json, plans/*.json} and prints a table.
 """
@@ -74,7 +75,7 @@ def main() -> None:
     exports = {}
     for k, (p, _, _) in plans.items():  # what vLLM could run, and the exported bytes beside the plan's
         with tempfile.TemporaryDirectory() as d:
-            env = bitalloc.allocator.export.export(p, "compressed-tensors", Path(d) / "ct", log=None)
+            env = bitalloc.allocator.export.export(p, "compressed-tensors", Path(d) / "ct", model=loaded, log=None)
         rep = env["report"]
         exports[k] = {"bytes": {kk: rep["bytes"][kk] for kk in ("exported_quantized", "plan_predicted_quantized")},
                       "parts": rep["bytes"]["parts"], "vllm": rep["vllm"], "file_bytes": rep["weights_file"]["bytes"],

@@ -157,7 +157,8 @@ def test_asymmetric_checkpoint_decompresses_bit_exact_through_compressed_tensors
 
     plan = make_plan(loaded, ASYM)
     out = tmp_path / "asym"
-    export(plan, "compressed-tensors", out, log=None)
+    env = export(plan, "compressed-tensors", out, model=loaded, log=None)  # an already loaded model
+    assert env["options"]["model"] == SPEC
     qmodel = bitalloc.apply(loaded, plan)
     qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     st = _st(out)
