@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="constraint: predicted loss of a group <= EPS in its metric's units (repeatable)")
         sp.add_argument("--group-share", action="append", metavar="GROUP=FRACTION",
                         help="MixDQ-style: the group gets this fraction of the bit budget (give every group)")
+        sp.add_argument("--target", choices=("vllm",), default=None,
+                        help="serving target: vllm ties the layers it fuses (q/k/v, gate/up) to one scheme")
 
     sp = sub.add_parser("solve", help="solve one budget: profile -> plan JSON")
     solve_args(sp)
@@ -194,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="offer an export target (repeatable)")
     sp.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
+    from .export import add_parser as add_export_parser
+
+    add_export_parser(sub)
+
     sp = sub.add_parser("run", help="the whole pipeline from a TOML config (default: the embedded main job)")
     sp.add_argument("config", nargs="?", default=None, help="CONFIG.toml (optional)")
     sp.add_argument("--out-dir", default=None, help="override [output] dir")
@@ -239,6 +245,8 @@ def _solve_kw(a) -> dict:
               group_weights=_group_numbers(a.group_weight, "--group-weight"),
               group_limits=_group_numbers(a.group_limit, "--group-limit"),
               group_shares=_group_numbers(a.group_share, "--group-share"))
+    if a.target:
+        kw["target"] = a.target
     return kw
 
 
@@ -385,8 +393,15 @@ def _cmd_serve(a) -> int:
                  export_targets=a.export_target, log_level=a.log_level)
 
 
+def _cmd_export(a) -> int:
+    from .export import cmd_export
+
+    return cmd_export(a)
+
+
 COMMANDS = {"profile": _cmd_profile, "solve": _cmd_solve, "sweep": _cmd_sweep, "apply": _cmd_apply,
-            "eval": _cmd_eval, "run": _cmd_run, "serve": _cmd_serve}
+            "eval": _cmd_eval, "run": _cmd_run, "serve": _cmd_serve,
+            "export": _cmd_export}
 
 
 class _UsageError(BitallocError, ValueError):

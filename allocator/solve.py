@@ -95,11 +95,15 @@ def build_problem(
     forbid: Mapping[str, Sequence[str]] | None = None,
     group_weights: Mapping[str, float] | None = None,
     normalize: str = "none",
+    tie_names: Sequence[Sequence[str]] = (),
 ):
     """The solver's arrays for a profile.
 
     schemes: restrict the candidates to these (default: all profiled schemes).
     pins: {pattern: scheme} forces matching layers to a scheme. forbid: {pattern: [schemes]}.
+    tie_names: extra groups of layer names that must take one scheme (each still pays its own
+    bits), e.g. the modules a serving engine fuses (``target="vllm"``); merged with the
+    profile's tie groups (shared weights).
     """
     from bitalloc.solvers import AllocationProblem
 
@@ -129,7 +133,7 @@ def build_problem(
     for i, l in enumerate(profile.layers):
         if getattr(l, "tie_group", None):
             groups.setdefault(l.tie_group, []).append(i)
-    ties = tuple(tuple(g) for g in groups.values() if len(g) > 1)
+    ties = _merge_ties([g for g in groups.values() if len(g) > 1] + _name_ties(profile, tie_names))
     for g in ties:  # tied layers must share one allowed set
         common = np.logical_and.reduce(allowed[list(g)], axis=0)
         if not common.any():
@@ -138,6 +142,49 @@ def build_problem(
         allowed[list(g)] = common
     names = tuple(l.fqn for l in profile.layers)
     return AllocationProblem(loss=loss, cost=cost, allowed=allowed, ties=ties, names=names)
+
+
+def _name_ties(profile, tie_names) -> list[list[int]]:
+    index = {l.fqn: i for i, l in enumerate(profile.layers)}
+    out = []
+    for names in tie_names or ():
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise AllocationError(f"tied layer {missing[0]!r} is not in the profile")
+        out.append([index[n] for n in names])
+    return out
+
+
+def _merge_ties(groups: list) -> tuple[tuple[int, ...], ...]:
+    """Union of overlapping tie groups (a layer may be in only one), each sorted, ordered by first layer."""
+    parent: dict[int, int] = {}
+
+    def find(i: int) -> int:
+        while parent.setdefault(i, i) != i:
+            i = parent[i]
+        return i
+
+    for g in groups:
+        for i in g[1:]:
+            parent[find(int(i))] = find(int(g[0]))
+    merged: dict[int, list[int]] = {}
+    for i in sorted(parent):
+        merged.setdefault(find(i), []).append(i)
+    return tuple(sorted((tuple(g) for g in merged.values() if len(g) > 1), key=lambda g: g[0]))
+
+
+TARGETS = ("vllm",)
+
+
+def target_ties(profile, target: str | None) -> list[tuple[str, ...]]:
+    """Layer-name groups a serving target needs to share one scheme (``vllm``: its fused modules)."""
+    if target is None:
+        return []
+    if target not in TARGETS:
+        raise AllocationError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    from .vllm import fused_groups
+
+    return fused_groups(l.fqn for l in profile.layers)
 
 
 def _n_weights(profile) -> int:
@@ -269,13 +316,15 @@ def solve(
     group_norm: str = "auto",
     policy=None,
     profile_path: str | Path | None = None,
+    target: str | None = None,
 ) -> Plan:
     """Solve for the assignment with the least expected loss whose exact size fits the budget.
 
     Metric groups (:mod:`allocator.policy`): ``group_weights`` and ``group_norm`` shape the
     one objective over all groups, ``group_limits`` add "group loss <= eps" constraints,
     ``group_shares`` split the bit budget between groups solved independently; or pass a
-    ready ``policy`` (:class:`allocator.policy.GroupPolicy`).
+    ready ``policy`` (:class:`allocator.policy.GroupPolicy`). ``target="vllm"`` ties the layers
+    vLLM fuses (q/k/v, gate/up) so each fused module gets one scheme.
     """
     from bitalloc import solvers
 
@@ -288,7 +337,7 @@ def solve(
     policy.check(profile)
     mode = policy.mode(profile)
     problem = build_problem(profile, schemes=schemes, pins=pins, forbid=forbid, group_weights=policy.weights,
-                            normalize=mode)
+                            normalize=mode, tie_names=target_ties(profile, target))
     capacity = capacity_bits(profile, budget)
     lo, hi = solvers.achievable_range(problem)
     if capacity < lo:
@@ -298,8 +347,11 @@ def solve(
     if method in QP_METHODS:
         if policy.shares or policy.limits:
             raise AllocationError(f"method {method!r} does not support group_shares / group_limits")
-        return _solve_qp(profile, problem, budget, capacity, method, backend, time_limit_s, schemes, pins, forbid,
+        plan = _solve_qp(profile, problem, budget, capacity, method, backend, time_limit_s, schemes, pins, forbid,
                          profile_path)
+        if target:
+            plan.solver["options"]["target"] = target
+        return plan
     kw = {"backend": backend, "time_limit_s": time_limit_s} if method == "ilp" else {}
     group_info = {"policy": policy.to_dict(), "normalize": mode, "scales": group_scales(profile, mode)}
     if policy.shares:
@@ -319,7 +371,8 @@ def solve(
         "solve_time_s": sol.solve_time_s, "capacity_bits": capacity, "used_bits": int(sol.cost),
         "options": {"schemes": list(schemes) if schemes else None, "pins": dict(pins or {}),
                     "forbid": {k: list(v) for k, v in (forbid or {}).items()},
-                    "group_weights": dict(policy.weights) if policy.weights else None},
+                    "group_weights": dict(policy.weights) if policy.weights else None,
+                    **({"target": target} if target else {})},
     }
     if len(profile.tables) > 1 or not policy.is_default:
         info["groups"] = group_info
