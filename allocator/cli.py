@@ -21,6 +21,7 @@ EPILOG = """examples:
   bitalloc sweep prof.json --budgets 3bpw,3.5bpw,4bpw --out-dir plans/
   bitalloc apply --model smollm2 --plan plan.json --out qmodel/
   bitalloc eval --model smollm2 --plan plan.json --text ../shared/data/wikitext2-test.txt
+  bitalloc eval --quantized qmodel/ --text ../shared/data/wikitext2-test.txt
 """
 
 
