@@ -59,36 +59,26 @@ def _as_profile(profile):
 
 def profile(
     model="smollm2",
+    config=None,
     *,
-    calibration: str = "generated",
-    n_samples: int = 8,
-    seq_len: int = 256,
-    seed: int = 0,
-    kl_samples: int | None = DEFAULT_KL_SAMPLES,
-    kl_stride: int = DEFAULT_KL_STRIDE,
-    schemes: Sequence[str] = DEFAULT_SCHEMES,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    ref_schemes: Sequence[str] | None = None,
     out: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = _log_default,
-    measured: bool = False,
-    workers: int | None = None,
-    ray_address: str | None = None,
     checkpoint_dir: str | Path | None = None,
-    groups=None,
-    saliency: str = "hessian",
-    quantizer: str = "rtn",
-    pairs: str | None = None,
-    pair_schemes: Sequence[str] | None = None,
-    pair_ref=None,
+    **settings,
 ):
     """Profile a model: Hessian proxy for every (layer, scheme), calibrated by measured KL.
 
-    ``groups``: metric groups (:mod:`sensitivity.groups`; a list of ``{name, match, metric,
-    ...options}`` or :class:`MetricGroup`): each layer's references are measured with its
-    group's metric and the profile holds one table per group.
+    ``config``: a :class:`~bitalloc.sensitivity.profile_config.ProfileConfig`; ``settings``
+    (its field names: ``calibration`` "generated" or a text file, ``n_samples``, ``seq_len``,
+    ``seed``, ``kl_samples``, ``kl_stride``, ``schemes``, ``ref_schemes``, ``include``,
+    ``exclude``, ``measured``, ``workers``, ``ray_address``, ``groups``, ``saliency``,
+    ``quantizer``, ``pairs``, ``pair_schemes``, ``pair_ref``) override it. Without a config
+    the API's defaults apply: ``kl_samples=2``, ``kl_stride=2`` and the 2/3/4-bit reference
+    schemes among ``schemes``.
+
+    ``groups``: metric groups (:mod:`sensitivity.groups`): each layer's references are
+    measured with its group's metric and the profile holds one table per group.
 
     ``measured=True`` measures every (layer, scheme) end to end instead (the expensive,
     exact table; it becomes the solver's table): in-process by default, on a local Ray
@@ -96,43 +86,37 @@ def profile(
     ``RAY_ADDRESS`` environment variable). Finished items are appended to
     ``<checkpoint_dir>/<out stem>.measure-checkpoint.jsonl`` (default folder: beside
     ``out``; no checkpoint without either), and the same call again resumes from it.
-
-    calibration: "generated" (``n_samples`` x ``seq_len`` tokens sampled from the model,
-    seeded) or a text file path. The Hessians use all calibration rows; the end-to-end KL
-    measurements (one forward per layer and reference scheme) use the first
-    ``kl_samples`` rows (None: all), scored at every ``kl_stride``-th position. Saves to ``out`` (JSON) when given.
-
-    ``saliency`` ("hessian", "obq", "fisher") picks split channels; ``quantizer`` ("rtn",
-    "gptq") quantizes the profiled weights; ``pairs`` ("full", "reduced"; measured only)
-    adds same-block pair terms for ``method="qp"`` (see :func:`sensitivity.build_profile`).
+    The Hessians use all calibration rows; the end-to-end KL measurements use the first
+    ``kl_samples`` rows (None: all), scored at every ``kl_stride``-th position. Saves to
+    ``out`` (JSON, plus its bulk-array sidecar) when given.
     """
-    from bitalloc.sensitivity.profile import build_profile
+    from bitalloc.sensitivity.build import build_profile
+    from bitalloc.sensitivity.profile_config import ProfileConfig
 
     from .config import default_ref_schemes
 
-    if not ref_schemes:  # the 2/3/4-bit defaults among the schemes
-        ref_schemes = default_ref_schemes(schemes)
-
-    if not measured and (workers is not None or ray_address or checkpoint_dir is not None):
+    if config is None:
+        base = {"kl_samples": DEFAULT_KL_SAMPLES, "kl_stride": DEFAULT_KL_STRIDE, **settings}
+        if not base.get("ref_schemes"):  # the 2/3/4-bit defaults among the schemes
+            base["ref_schemes"] = default_ref_schemes(base.get("schemes", DEFAULT_SCHEMES))
+        cfg = ProfileConfig.from_settings(None, **base)
+    else:
+        cfg = ProfileConfig.from_settings(config, **settings)
+    if not cfg.measured and checkpoint_dir is not None:
         raise ValueError("workers, ray_address and checkpoint_dir are for the measured profile (measured=True)")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    ckpt = measure_checkpoint_path(out, checkpoint_dir) if measured else None
-    if ray_address:
+    ckpt = measure_checkpoint_path(out, checkpoint_dir) if cfg.measured else None
+    if cfg.ray_address:
         from bitalloc.sensitivity.runner import check_ray_address
 
-        check_ray_address(ray_address)  # before the (long) model load and Hessians
+        check_ray_address(cfg.ray_address)  # before the (long) model load and Hessians
     loaded = _as_loaded(model)
-    spec = _calibration_spec(calibration, n_samples, seq_len, seed)
+    spec = cfg.calibration_spec()
     prof = build_profile(
-        loaded, schemes=list(schemes), calibration=spec, include=list(include), exclude=list(exclude),
-        ref_schemes=list(ref_schemes), progress=progress, kl_samples=kl_samples, kl_stride=kl_stride,
-        log_fn=log, measured=measured, workers=workers, ray_address=ray_address, checkpoint=ckpt, groups=groups,
-        saliency=saliency, quantizer=quantizer, pairs=pairs, pair_schemes=pair_schemes, pair_ref=pair_ref,
-        hessians_out=(Path(out).with_suffix(".hessians.safetensors") if out is not None and quantizer == "gptq" else None),
+        loaded, cfg, spec, progress=progress, log_fn=log, checkpoint=ckpt,
+        hessians_out=(Path(out).with_suffix(".hessians.safetensors") if out is not None and cfg.quantizer == "gptq" else None),
     )
-    prof.metadata["request"] = _request(loaded.spec, schemes, spec, (kl_samples, kl_stride), include, exclude, ref_schemes,
-                                        measured=measured, groups=groups)
+    prof.metadata["request"] = _request(loaded.spec, cfg.schemes, spec, (cfg.kl_samples, cfg.kl_stride), cfg.include,
+                                        cfg.exclude, cfg.ref_schemes, measured=cfg.measured, groups=list(cfg.groups) or None)
     if out is not None:
         prof.save(out)
     return prof
@@ -239,7 +223,7 @@ def load_saved_models(loaded, paths: Sequence[str | Path]) -> dict:
     """``{folder name: model}`` of saved quantized models, each checked to be of ``loaded``'s model."""
     from bitalloc.sensitivity.models import fingerprint
 
-    from .executor import load_quantized
+    from .quantized_io import load_quantized
 
     out: dict = {}
     fp = fingerprint(loaded.model) if paths else None
@@ -321,7 +305,9 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     log = log or (lambda m: None)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    from bitalloc.sensitivity.artifact import write_json
+
+    write_json(out / "config.json", cfg.to_dict(), indent=1)
     timings = {}
     t_all = time.perf_counter()
 
@@ -330,12 +316,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     prof = _reuse_profile(prof_path, cfg, log)
     if prof is None:
         t0 = time.perf_counter()
-        c = cfg.calibration
-        prof = profile(loaded, calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
-                       kl_samples=c.kl_samples, kl_stride=c.kl_stride,
-                       schemes=cfg.profile.schemes, include=cfg.profile.include, exclude=cfg.profile.exclude,
-                       ref_schemes=cfg.profile.ref_schemes, out=prof_path, progress=progress, log=log,
-                       groups=list(cfg.profile.groups) or None, **_measured_kw(cfg))
+        prof = profile(loaded, cfg.profile_config(), out=prof_path, progress=progress, log=log)
         timings["profile_s"] = time.perf_counter() - t0
         log(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes in {timings['profile_s']:.1f}s -> {prof_path}")
 

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from .. import BitallocError
+
 __all__ = ["main", "build_parser"]
 
 EPILOG = """examples:
@@ -29,14 +31,32 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def _kv(items: list[str] | None, what: str) -> dict[str, str]:
-    out = {}
+def _kv(items: list[str] | None, what: str) -> list[tuple[str, str]]:
+    """Every PATTERN=SCHEME of a repeatable flag, in order (repeats accumulate)."""
+    from bitalloc.sensitivity.patterns import check_pattern
+
+    out = []
     for it in items or []:
-        if "=" not in it:
-            raise ValueError(f"{what} {it!r} must look like PATTERN=SCHEME")
-        k, v = it.split("=", 1)
-        out[k.strip()] = v.strip()
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            raise _UsageError(f"{what} {it!r} must look like PATTERN=SCHEME")
+        out.append((check_pattern(k.strip(), what, error=_UsageError), v.strip()))
     return out
+
+
+def _pins(items: list[str] | None) -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for k, v in _kv(items, "--pin"):
+        if pins.get(k, v) != v:
+            raise _UsageError(f"--pin {k}: pinned to both {pins[k]!r} and {v!r}; give one scheme per pattern")
+        pins[k] = v
+    return pins
+
+
+def _patterns(items: list[str] | None, what: str) -> list[str]:
+    from bitalloc.sensitivity.patterns import check_pattern
+
+    return [check_pattern(x, what, error=_UsageError) for x in items or []]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--include", action="append", default=[], help="layer name pattern to include (repeatable)")
     sp.add_argument("--exclude", action="append", default=[], help="layer name pattern to exclude (repeatable)")
     sp.add_argument("--out", default="profile.json", help="where to write the profile (default profile.json)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sp.add_argument("--measured", action="store_true",
                     help="measure every (layer, scheme) end to end (the expensive table; resumable)")
     sp.add_argument("--workers", type=int, default=None,
@@ -123,17 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="3.5bpw (bits per weight over quantized layers), 120MB / 0.12GiB (whole model), "
                          "layers:90MB (quantized layers only); MB = 10^6 bytes, MiB = 2^20")
     sp.add_argument("--out", default="plan.json")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     sp = sub.add_parser("sweep", help="solve several budgets: profile -> plans and a table")
     solve_args(sp)
     sp.add_argument("--budgets", type=_csv, default=["2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw"],
                     help="comma-separated budgets (default 2.5bpw,...,4.5bpw)")
     sp.add_argument("--out-dir", default="plans")
+    sp.add_argument("--overwrite", action="store_true", help="replace plans already in --out-dir")
 
     sp = sub.add_parser("apply", help="quantize a model with a plan and save it (safetensors + plan)")
     model_arg(sp)
     sp.add_argument("--plan", required=True)
     sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--overwrite", action="store_true", help="replace a saved model already in --out")
     sp.add_argument("--hessians", default=None,
                     help="Hessian safetensors file (sensitivity.hessian_store), needed by a plan made with --quantizer gptq")
 
@@ -155,13 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_profile(a) -> int:
-    from . import api
+    from bitalloc.sensitivity.artifact import check_output
+    from bitalloc.sensitivity.profile_config import ProfileConfig
 
-    prof = api.profile(a.model, calibration=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed,
-                       kl_samples=a.metric_samples, kl_stride=a.kl_stride, schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
-                       out=a.out, progress=not a.quiet, measured=a.measured, workers=a.workers,
-                       ray_address=a.ray_address, checkpoint_dir=a.checkpoint_dir, saliency=a.saliency,
-                       quantizer=a.quantizer, pairs=a.pairs, pair_schemes=a.pair_schemes, pair_ref=a.pair_ref)
+    from . import api
+    from .config import default_ref_schemes
+
+    # every setting checked, and the output, before the model is loaded
+    cfg = ProfileConfig(
+        schemes=tuple(a.schemes), ref_schemes=tuple(a.ref_schemes or default_ref_schemes(a.schemes)),
+        include=tuple(_patterns(a.include, "--include")), exclude=tuple(_patterns(a.exclude, "--exclude")),
+        calibration=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed, kl_samples=a.metric_samples,
+        kl_stride=a.kl_stride, measured=a.measured, workers=a.workers, ray_address=a.ray_address,
+        saliency=a.saliency, quantizer=a.quantizer, pairs=a.pairs,
+        pair_schemes=tuple(a.pair_schemes) if a.pair_schemes else None, pair_ref=a.pair_ref)
+    if a.calib != "generated" and not Path(a.calib).is_file():
+        raise _UsageError(f"--calib {a.calib!r}: no such file (give a text file or 'generated')")
+    if a.checkpoint_dir is not None and not a.measured:
+        raise _UsageError("--checkpoint-dir is for the measured profile (--measured)")
+    check_output(a.out, inputs=[a.calib, a.model], overwrite=a.overwrite, what="--out")
+    prof = api.profile(a.model, config=cfg, out=a.out, progress=not a.quiet, checkpoint_dir=a.checkpoint_dir)
     how = ""
     if a.measured:
         m = prof.metadata.get("measure", {})
@@ -172,10 +209,11 @@ def _cmd_profile(a) -> int:
 
 def _solve_kw(a) -> dict:
     forbid: dict[str, list[str]] = {}
-    for k, v in _kv(a.forbid, "--forbid").items():
-        forbid.setdefault(k, []).append(v)
+    for k, v in _kv(a.forbid, "--forbid"):  # repeated flags accumulate
+        if v not in forbid.setdefault(k, []):
+            forbid[k].append(v)
     kw = dict(method=a.method, backend=a.backend, time_limit_s=a.time_limit, schemes=a.schemes,
-              pins=_kv(a.pin, "--pin"), forbid=forbid, group_norm=a.group_norm,
+              pins=_pins(a.pin), forbid=forbid, group_norm=a.group_norm,
               group_weights=_group_numbers(a.group_weight, "--group-weight"),
               group_limits=_group_numbers(a.group_limit, "--group-limit"),
               group_shares=_group_numbers(a.group_share, "--group-share"))
@@ -196,10 +234,14 @@ def _group_numbers(items: list[str] | None, what: str) -> dict[str, float] | Non
 
 
 def _cmd_solve(a) -> int:
+    from bitalloc.sensitivity.artifact import check_output
+
     from . import api
     from .report import plan_table
 
-    plan = api.solve(a.profile, a.budget, **_solve_kw(a))
+    kw = _solve_kw(a)
+    check_output(a.out, inputs=[a.profile, *_sidecars(a.profile)], overwrite=a.overwrite, what="--out")
+    plan = api.solve(a.profile, a.budget, **kw)
     plan.save(a.out)
     print(plan_table(plan))
     print(f"plan -> {a.out}")
@@ -210,11 +252,24 @@ def _cmd_sweep(a) -> int:
     from . import api
     from .report import format_table
 
+    from bitalloc.sensitivity.artifact import OutputError, check_output
+
+    from .budget import parse_budget
+
+    kw = _solve_kw(a)
+    check_output(a.out_dir, inputs=[a.profile], overwrite=True, what="--out-dir", directory=True)
+    inputs = [a.profile, *_sidecars(a.profile)]
+    for b in a.budgets:  # existing plans are the user's: refused before any solve
+        name = parse_budget(b).to_dict().get("text") or b
+        check_output(Path(a.out_dir) / f"plan-{name.replace(':', '_')}.json", inputs=inputs, overwrite=a.overwrite,
+                     what="sweep plan")
     prof = api.load_profile(a.profile)
     rows, failed = [], []
     for b in a.budgets:
         try:
-            plan = api.solve(prof, b, profile_path=a.profile, **_solve_kw(a))
+            plan = api.solve(prof, b, profile_path=a.profile, **kw)
+        except OutputError:
+            raise
         except ValueError as e:  # report, keep going: the other budgets are still worth having
             failed.append(f"{b}: {str(e).splitlines()[0]}")
             rows.append({"budget": b, "status": "infeasible" if "below the smallest" in str(e) else "error"})
@@ -235,13 +290,17 @@ def _cmd_sweep(a) -> int:
 
 def _cmd_apply(a) -> int:
     from . import api
-    from .executor import packed_weight_bytes, save_quantized
+    from .executor import packed_weight_bytes
+    from .quantized_io import save_quantized
     from .plan import Plan
 
+    from bitalloc.sensitivity.artifact import check_output
+
     plan = Plan.load(a.plan)
+    check_output(a.out, inputs=[a.plan, a.model, a.hessians], overwrite=a.overwrite, what="--out", directory=True)
     loaded = api.load(a.model)
     qmodel = api.apply(loaded, plan, hessians=a.hessians)
-    out = save_quantized(qmodel, plan, a.out, spec=a.model)
+    out = save_quantized(qmodel, plan, a.out, spec=a.model, overwrite=a.overwrite)
     print(f"quantized {len(plan.layers)} layers: packed weights {packed_weight_bytes(qmodel, plan)} bytes "
           f"(plan predicts {plan.quantized_bits // 8}) -> {out}")
     return 0
@@ -284,8 +343,19 @@ def _cmd_run(a) -> int:
     return 0
 
 
+def _sidecars(profile_path) -> list[Path]:
+    from bitalloc.sensitivity.profile import sidecar_name
+
+    p = Path(profile_path)
+    return [p.with_name(sidecar_name(p))]
+
+
 COMMANDS = {"profile": _cmd_profile, "solve": _cmd_solve, "sweep": _cmd_sweep, "apply": _cmd_apply,
             "eval": _cmd_eval, "run": _cmd_run}
+
+
+class _UsageError(BitallocError, ValueError):
+    """A flag's value is malformed or the flags contradict each other."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -322,13 +392,18 @@ _PIP_NAMES = {"llama_cpp": "llama-cpp-python", "yaml": "pyyaml", "sklearn": "sci
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from .. import BitallocError
 
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: its one line is printed; in-process callers get the code back
+        return e.code if isinstance(e.code, int) else 2
     if a.quiet:  # progress bars of transformers / huggingface_hub too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # plain tqdm bars (transformers' GGUF de-quantizing)
+        if "transformers" in sys.modules:  # imported already (an in-process call): its flag is read at import
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         return COMMANDS[a.cmd](a)
     except KeyboardInterrupt:

@@ -55,6 +55,7 @@ DEFAULT_BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
 # Proxy calibration: each layer measured end to end at a 2-, 3- and 4-bit reference (the rows
 # follow those points; one reference alone under-predicts the 2-bit rows), on the first
 # DEFAULT_KL_SAMPLES calibration rows scored at every DEFAULT_KL_STRIDE-th position.
+MAX_CONFIG_BYTES = 1 << 20
 DEFAULT_KL_SAMPLES = 2
 DEFAULT_KL_STRIDE = 2
 
@@ -101,6 +102,8 @@ class ProfileCfg:
     workers: int = 0
     ray_address: str = ""
     groups: tuple = ()               # metric groups: [[profile.groups]] tables (sensitivity.groups)
+    saliency: str = "hessian"        # hessian | obq | fisher: the channels split schemes keep high
+    quantizer: str = "rtn"           # rtn | gptq
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,17 @@ class RunConfig:
             self.group_policy()
         except ValueError as e:
             raise ConfigError(f"[solve] {e}") from None
+        for k in ("include", "exclude"):
+            for pat in getattr(self.profile, k):
+                from bitalloc.sensitivity.patterns import check_pattern
+
+                check_pattern(pat, f"[profile] {k}", error=ConfigError)
+        if not isinstance(self.eval.baselines, bool):
+            raise ConfigError(f"[eval] baselines must be true or false, got {self.eval.baselines!r}")
+        if self.profile.saliency not in ("hessian", "obq", "fisher"):
+            raise ConfigError(f"[profile] saliency must be hessian, obq or fisher, got {self.profile.saliency!r}")
+        if self.profile.quantizer not in ("rtn", "gptq"):
+            raise ConfigError(f"[profile] quantizer must be rtn or gptq, got {self.profile.quantizer!r}")
         for b in self.solve.budgets:
             parse_budget(b)  # BudgetError names the budget
         from bitalloc.solvers.ilp_backends import ILP_BACKENDS
@@ -190,6 +204,19 @@ class RunConfig:
             v = getattr(sec, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+
+    def profile_config(self):
+        """The [profile] and [calibration] sections as one
+        :class:`~bitalloc.sensitivity.profile_config.ProfileConfig`."""
+        from bitalloc.sensitivity.profile_config import ProfileConfig
+
+        p, c = self.profile, self.calibration
+        return ProfileConfig(
+            schemes=p.schemes, ref_schemes=p.ref_schemes, include=p.include, exclude=p.exclude,
+            calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
+            kl_samples=c.kl_samples, kl_stride=c.kl_stride, groups=tuple(p.groups), measured=p.measured,
+            workers=(p.workers or None) if p.measured else None,
+            ray_address=(p.ray_address or None) if p.measured else None, saliency=p.saliency, quantizer=p.quantizer)
 
     def group_policy(self):
         """The [solve] group_* keys as an :class:`allocator.policy.GroupPolicy`."""
@@ -218,6 +245,11 @@ class RunConfig:
             bad = set(sd) - set(known)
             if bad:
                 raise ConfigError(f"{source}: unknown key(s) {sorted(bad)} in [{name}]; known: {sorted(known)}")
+            from bitalloc.sensitivity.artifact import validate
+
+            from .config_schema import SECTIONS
+
+            validate(SECTIONS[name], sd, f"{source} [{name}]", error=ConfigError)  # types, strictly
             vals = {k: tuple(v) if isinstance(v, list) else v for k, v in sd.items()}
             kw[name] = sec_cls(**vals)
         return cls(**kw)
@@ -234,8 +266,14 @@ def load_config(path: str | Path | None) -> RunConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(p)!r} is {p.stat().st_size} bytes, more than the {MAX_CONFIG_BYTES} a config may have")
     try:
-        d = tomllib.loads(p.read_text())
+        d = tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(p)!r} is nested too deeply") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid TOML ({e})") from None
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML ({' '.join(str(e).split())})") from None
     return RunConfig.from_dict(d, source=f"config file {str(p)!r}")

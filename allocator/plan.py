@@ -13,12 +13,13 @@ from __future__ import annotations
 from .. import BitallocError
 
 import datetime as _dt
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bitalloc.kernels.formats import FormatError, Scheme, parse_scheme
+from bitalloc.sensitivity.artifact import ArtifactError, check_schema, read_json, validate, write_json
 from bitalloc.sensitivity.patterns import match_pattern
 
 __all__ = ["Plan", "PlanError", "LayerPlan", "PLAN_SCHEMA"]
@@ -26,7 +27,10 @@ __all__ = ["Plan", "PlanError", "LayerPlan", "PLAN_SCHEMA"]
 PLAN_SCHEMA = "bitalloc.plan/1"
 
 
-class PlanError(BitallocError, ValueError):
+MAX_PLAN_BYTES = 256 << 20
+
+
+class PlanError(ArtifactError):
     """A plan file is unreadable, of an unknown version, or does not fit the model."""
 
 
@@ -86,7 +90,10 @@ class Plan:
         return str(self.quantization.get("quantizer", "rtn"))
 
     def __post_init__(self) -> None:
+        from bitalloc.sensitivity.patterns import check_pattern
+
         for pat, sch in self.rules:
+            check_pattern(pat, "plan rule", error=PlanError)
             try:
                 parse_scheme(sch)
             except FormatError as e:
@@ -143,19 +150,21 @@ class Plan:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)  # atomic: a crash never leaves half a plan
-        return path
+        """Write the plan atomically (temp file beside it, fsync, rename)."""
+        from bitalloc import __version__
+
+        d = _finite_or_null(self.to_dict())  # a NaN prediction is written as null
+        d.setdefault("bitalloc_version", __version__)
+        return write_json(path, d, indent=1)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan") -> "Plan":
         if not isinstance(d, dict) or "schema" not in d:
             raise PlanError(f"{source}: not a bitalloc plan (no 'schema' field)")
-        if d["schema"] != PLAN_SCHEMA:
-            raise PlanError(f"{source}: unsupported plan schema {d['schema']!r} (this bitalloc reads {PLAN_SCHEMA!r})")
+        check_schema(d["schema"], PLAN_SCHEMA, source, error=PlanError)
+        from .plan_schema import PlanFile
+
+        validate(PlanFile, d, source, error=PlanError)
         try:
             layers = {k: LayerPlan.from_dict(k, v) for k, v in d["layers"].items()}
             return cls(
@@ -173,12 +182,7 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file {str(path)!r} does not exist")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"plan file {str(path)!r} is not valid JSON ({e.__class__.__name__} at {getattr(e, 'pos', '?')})") from None
+        d = read_json(path, "plan", error=PlanError, max_bytes=MAX_PLAN_BYTES)
         return cls.from_dict(d, source=f"plan file {str(path)!r}")
 
     def check_model(self, fingerprint: dict) -> None:
@@ -190,6 +194,16 @@ class Plan:
                 f"plan was made for a different model (weights sha256 {want[:12]}…, "
                 f"{self.model.get('spec', '?')}); this model is {got[:12]}…"
             )
+
+
+def _finite_or_null(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    return x
 
 
 def _now() -> str:

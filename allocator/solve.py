@@ -123,7 +123,8 @@ def build_problem(
         allowed[rows, k] = True
     empty = [profile.layers[i].fqn for i in np.flatnonzero(~allowed.any(axis=1))]
     if empty:
-        raise AllocationError(f"no scheme left for {len(empty)} layer(s), e.g. {empty[0]} (check pins/forbid/schemes)")
+        raise AllocationError(f"no scheme left for layer {empty[0]}" + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+                              + ": the pins/forbid/schemes constraints exclude every profiled scheme")
     groups: dict[str, list[int]] = {}
     for i, l in enumerate(profile.layers):
         if getattr(l, "tie_group", None):
@@ -131,6 +132,9 @@ def build_problem(
     ties = tuple(tuple(g) for g in groups.values() if len(g) > 1)
     for g in ties:  # tied layers must share one allowed set
         common = np.logical_and.reduce(allowed[list(g)], axis=0)
+        if not common.any():
+            raise AllocationError(f"no scheme left for layer {profile.layers[g[0]].fqn}: its tie group shares no "
+                                  "allowed scheme (check pins/forbid/schemes)")
         allowed[list(g)] = common
     names = tuple(l.fqn for l in profile.layers)
     return AllocationProblem(loss=loss, cost=cost, allowed=allowed, ties=ties, names=names)

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     from bitalloc.sensitivity.hessian import collect_input_statistics
     from bitalloc.sensitivity.layers import find_layers
     from bitalloc.sensitivity.pairs import block_pairs, pair_item_count
-    from bitalloc.sensitivity.profile import SensitivityProfile, build_profile
+    from bitalloc.sensitivity.profile import SensitivityProfile
+    from bitalloc.sensitivity.build import build_profile
 
     from _data import wikitext_files
 

@@ -78,7 +78,7 @@ def main() -> None:
     import bitalloc
     from bitalloc.allocator import baselines
     from bitalloc.sensitivity.calibration import calibration_from_sentences
-    from bitalloc.sensitivity.profile import build_profile
+    from bitalloc.sensitivity.build import build_profile
 
     t0 = time.perf_counter()
     loaded = bitalloc.load("minilm", log=None)

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     from bitalloc.allocator import api
     from bitalloc.allocator.evaluate import windows_from_file
     from bitalloc.sensitivity.calibration import CalibrationSpec
-    from bitalloc.sensitivity.profile import build_profile
+    from bitalloc.sensitivity.build import build_profile
 
     from _data import wikitext_files
 

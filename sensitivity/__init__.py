@@ -61,9 +61,9 @@ _EXPORTS = {
     "PROFILE_SCHEMA": "profile",
     "ProfileError": "profile",
     "SensitivityProfile": "profile",
-    "build_profile": "profile",
-    "cost_table": "profile",
-    "other_parameter_bits": "profile",
+    "build_profile": "build",
+    "cost_table": "build",
+    "other_parameter_bits": "build",
     "DEFAULT_SCHEMES": "profile",
     "DEFAULT_REF_SCHEMES": "profile",
 }

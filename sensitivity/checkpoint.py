@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RunnerError
 from .worker import Key, WorkerSetup
 
 __all__ = ["CHECKPOINT_SCHEMA", "checkpoint_header", "Checkpoint"]
@@ -55,6 +56,18 @@ def checkpoint_header(setup: WorkerSetup, schemes: Sequence[str], *, quantizer: 
     }
 
 
+def check_finite(key, values: dict, where: str) -> None:
+    """A measured value must be a finite number: NaN or inf is an error naming the item."""
+    for metric, v in values.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        if isinstance(v, bool) or not math.isfinite(f):
+            raise RunnerError(f"{where} item (layer {key[0]!r}, scheme {key[1]!r}): {metric} = {v!r} is not a finite "
+                              "number; the measurement is refused (check the model's numerics for this layer)")
+
+
 class Checkpoint:
     """An append-only JSONL file of finished items, validated against a header.
 
@@ -81,6 +94,12 @@ class Checkpoint:
             return (f"it was made for another model ({hm.get('spec')!r}, fingerprint "
                     f"{str(hm.get('fingerprint_sha256'))[:12]}; this run: {wm.get('spec')!r}, "
                     f"{str(wm.get('fingerprint_sha256'))[:12]})")
+        try:
+            edited = have.get("config_sha256") != _sha(have.get("config"))
+        except (TypeError, ValueError, RecursionError):
+            edited = True
+        if edited:
+            return "its header was edited (config does not match config_sha256)"
         if have.get("config_sha256") != want["config_sha256"]:
             hc, wc = have.get("config") or {}, want["config"]
             diff = sorted(k for k in set(hc) | set(wc) if hc.get(k) != wc.get(k))
@@ -107,7 +126,7 @@ class Checkpoint:
             first = f.readline()
         try:
             rec = json.loads(first) if first.endswith(b"\n") else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             rec = None
         self._validate_header(rec)
 
@@ -131,7 +150,7 @@ class Checkpoint:
             end = pos + len(line) + 1
             try:
                 rec = json.loads(line) if line.strip() else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 rec = False
             if n == 0:
                 self._validate_header(rec if complete else None)
@@ -146,10 +165,19 @@ class Checkpoint:
                 break
             else:
                 try:
-                    key = (str(rec["layer"]), str(rec["scheme"]))
-                    values = {str(k): float(v) for k, v in dict(rec["values"]).items()}
+                    if not isinstance(rec, dict) or set(rec) != {"layer", "scheme", "values"}:
+                        raise TypeError
+                    key = (rec["layer"], rec["scheme"])
+                    if not all(isinstance(x, str) for x in key) or not isinstance(rec["values"], dict):
+                        raise TypeError
+                    values = {str(k): v for k, v in rec["values"].items()}
+                    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+                        raise TypeError
                 except (KeyError, TypeError, ValueError):
-                    raise CheckpointError(f"checkpoint {str(self.path)!r} line {n + 1} is not an item record") from None
+                    raise CheckpointError(f"checkpoint {str(self.path)!r} line {n + 1} is not an item record "
+                                          '{"layer": str, "scheme": str, "values": {metric: number}}') from None
+                check_finite(key, values, f"checkpoint {str(self.path)!r} line {n + 1}")
+                values = {k: float(v) for k, v in values.items()}
                 if key in done:
                     self.duplicates += 1
                 else:

@@ -4,11 +4,12 @@ profile artifact and the pieces it validates (pairs, groups) need not import eac
 from __future__ import annotations
 
 from .. import BitallocError
+from .artifact import ArtifactError
 
 __all__ = ["ProfileError", "RunnerError", "CheckpointError"]
 
 
-class ProfileError(BitallocError, ValueError):
+class ProfileError(ArtifactError):
     """A profile file or object is invalid; the message names the problem."""
 
 

@@ -12,7 +12,6 @@ file does not.) SmolLM2-135M: about 0.4 GB in float32.
 from __future__ import annotations
 from .. import BitallocError
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .artifact import atomic_path, file_sha256  # file_sha256 re-exported
 from .hessian import hessian_tensor as _tensor  # one unwrapping of accumulators
 
 __all__ = ["HessianStoreError", "save_hessians", "load_hessians", "file_sha256"]
@@ -29,12 +29,6 @@ class HessianStoreError(BitallocError, ValueError):
     """A Hessian file is missing, corrupt, or belongs to other calibration data."""
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_hessians(path: str | os.PathLike, hessians: dict[str, Any], *, tokens_sha256: str | None = None) -> dict:
@@ -51,11 +45,9 @@ def save_hessians(path: str | os.PathLike, hessians: dict[str, Any], *, tokens_s
             tensors[key] = _tensor(h).detach().to(torch.float32).contiguous().cpu()
         index[fqn] = key
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"bitalloc": "hessians/1", "index": json.dumps(index),
-                                           "tokens_sha256": tokens_sha256 or ""})
-    os.replace(tmp, p)
+    with atomic_path(p) as tmp:
+        save_file(tensors, str(tmp), metadata={"bitalloc": "hessians/1", "index": json.dumps(index),
+                                               "tokens_sha256": tokens_sha256 or ""})
     return {"path": str(p), "sha256": file_sha256(p), "layers": len(index), "tokens_sha256": tokens_sha256}
 
 

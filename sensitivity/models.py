@@ -21,6 +21,7 @@ from .. import BitallocError
 import hashlib
 import importlib.util
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,13 +176,50 @@ def _package_dir(package: str, pip_name: str, spec: str) -> Path:
     return Path(list(found.submodule_search_locations)[0])
 
 
+def check_gguf_header(path: Path) -> None:
+    """Refuse a file that is not a complete GGUF header (magic, version, tensor and metadata
+    counts, every metadata entry and tensor description) with one line, before transformers
+    reads it (a truncated header is a ``struct.error`` there)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError as e:
+        raise ModelSpecError(f"GGUF file {str(path)!r} cannot be read ({e.strerror or e})") from None
+    if len(head) < 4 or head[:4] != b"GGUF":
+        raise ModelSpecError(f"{str(path)!r} is not a GGUF file (no 'GGUF' magic at the start)")
+    if len(head) < 24:
+        raise ModelSpecError(f"GGUF file {str(path)!r} is truncated: {len(head)} bytes, the header alone needs 24")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise ModelSpecError(f"GGUF file {str(path)!r} has version {version}; GGUF versions 2 and 3 are read")
+    size = path.stat().st_size
+    if n_tensors > size // 24 or n_kv > size // 12:
+        raise ModelSpecError(f"GGUF file {str(path)!r} claims {n_tensors} tensors and {n_kv} metadata entries, "
+                             f"more than its {size} bytes can hold; is it truncated or damaged?")
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path), "r")
+    except ImportError:
+        return  # transformers will name the missing package
+    except Exception as e:  # noqa: BLE001 - gguf-py raises struct/Value/Index/Key errors on damaged files
+        raise ModelSpecError(f"GGUF file {str(path)!r} has a damaged or truncated header ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+
+
 def _load_gguf(path: Path, spec: str, dtype: torch.dtype, description: str) -> LoadedModel:
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_header(path)
     d, f = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, local_files_only=True)
+    except (struct.error, EOFError, KeyError, IndexError, UnicodeDecodeError) as e:  # a damaged file past the header
+        raise ModelSpecError(f"GGUF file {str(path)!r} cannot be read ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}); is it truncated or damaged?") from None
     return LoadedModel(model.eval(), tokenizer, spec, "causal-lm", description)
 
 

@@ -83,9 +83,9 @@ def pair_item_count(n_pairs: int, n_schemes: int, model: str) -> int:
 
 
 def _ref(ref, schemes: Sequence[str]) -> tuple[str, str]:
-    if ref is None:
+    if ref is None and schemes:
         ref = schemes[0]
-    r = (ref, ref) if isinstance(ref, str) else tuple(ref)
+    r = (ref, ref) if isinstance(ref, str) else tuple(ref) if isinstance(ref, (list, tuple)) else ()
     if len(r) != 2 or any(x not in schemes for x in r):
         raise PairError(f"pair reference {ref!r} must be one or two of the pair schemes {list(schemes)}")
     return r  # type: ignore[return-value]
@@ -137,7 +137,10 @@ def check_pairs(d: Any, fqns: Sequence[str], schemes: Sequence[str]) -> dict:
         parts = k.split(SEP)
         if len(parts) != 2 or any(p not in names for p in parts):
             raise ProfileError(f"profile field 'pairs.{key}': key {k!r} is not 'layer_a|layer_b' of profile layers")
-        arr = np.asarray(v, dtype=np.float64)
+        try:
+            arr = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise ProfileError(f"profile field 'pairs.{key}[{k!r}]' is not a numeric array") from None
         if d["model"] == "full" and arr.shape != (len(sch), len(sch)):
             raise ProfileError(f"profile field 'pairs.terms[{k!r}]' must be {len(sch)}x{len(sch)}")
         if not np.isfinite(arr).all():

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .checkpoint import CHECKPOINT_SCHEMA, Checkpoint, checkpoint_header
+from .checkpoint import CHECKPOINT_SCHEMA, Checkpoint, check_finite, checkpoint_header
 from .errors import CheckpointError, RunnerError
 from .runner_ray import IN_FLIGHT_PER_ACTOR, check_ray_address, run_ray
 from .worker import PAIR_SEP, WORKER_METRICS, Key, WorkerContext, WorkerSetup
@@ -159,6 +159,7 @@ def run_items(
     def record(key: Key, v: dict) -> None:
         if key in values:  # a duplicate (e.g. a resubmitted item that also finished): first wins
             return
+        check_finite(key, v, "measured")  # never merged, never checkpointed
         values[key] = v
         info["computed"] += 1
         if ckpt is not None:

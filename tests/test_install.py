@@ -106,3 +106,52 @@ def test_wheel_in_a_fresh_venv(wheel, tmp_path):
                        cwd=work, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (work / "plan.json").is_file()
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pins[_norm(name)] = version.strip()
+    return pins
+
+
+def _norm(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_lock_pins_every_dependency_direct_and_transitive():
+    """Every distribution bitalloc[models,test] needs, recursively, has an exact pin in
+    constraints.txt, and the installed version is the pinned one (a new dependency added
+    without refreshing the lock fails here)."""
+    from packaging.requirements import Requirement
+
+    pins = _pins()
+    seen, todo, missing, wrong = set(), [("bitalloc", {"models", "test"})], [], []
+    while todo:
+        name, extras = todo.pop()
+        dist = md.distribution(name)
+        for req in map(Requirement, dist.requires or []):
+            env_ok = req.marker is None or any(req.marker.evaluate({"extra": e}) for e in (extras or {""}))
+            if not env_ok:
+                continue
+            key = _norm(req.name)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                installed = md.version(req.name)
+            except md.PackageNotFoundError:
+                continue  # an optional platform-specific requirement not installed here
+            if key not in pins:
+                missing.append(key)
+            elif pins[key].split("+")[0] != installed.split("+")[0]:
+                wrong.append(f"{key}: pinned {pins[key]}, installed {installed}")
+            todo.append((req.name, set(req.extras)))
+    assert not missing, f"not pinned in constraints.txt: {sorted(missing)}"
+    assert not wrong, wrong

@@ -6,7 +6,8 @@ import pathlib; ROOT = pathlib.Path(__file__).resolve().parents[2]; sys.path.ins
 from bitalloc.allocator import api
 from bitalloc.allocator import baselines
 from bitalloc.allocator.evaluate import windows_from_file
-from bitalloc.sensitivity.profile import SensitivityProfile, cost_table
+from bitalloc.sensitivity.profile import SensitivityProfile
+from bitalloc.sensitivity.build import cost_table
 from bitalloc.sensitivity.calibration import CalibrationSpec, load_calibration, tokens_sha256
 from bitalloc.sensitivity.hessian import collect_input_statistics
 from bitalloc.sensitivity.proxy import proxy_table, calibrate_proxy, as_scheme

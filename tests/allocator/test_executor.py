@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import bitalloc
-from bitalloc.allocator.executor import ExecutorError, apply, load_quantized, packed_weight_bytes, save_quantized
+from bitalloc.allocator.executor import ExecutorError, apply, packed_weight_bytes
+from bitalloc.allocator.quantized_io import load_quantized, save_quantized
 from bitalloc.allocator.plan import LayerPlan, Plan, PlanError
 from bitalloc.allocator.solve import plan_from_choice
 from bitalloc.kernels.formats import parse_scheme
@@ -288,7 +289,7 @@ def _rewrite_tensors(d: Path, fn, fix_checksum: bool = True) -> None:
     """Rewrite model.safetensors through fn(tensors) and (optionally) update quantized.json's checksum."""
     from safetensors.torch import load_file, save_file
 
-    from bitalloc.allocator.executor import _sha256_file
+    from bitalloc.sensitivity.artifact import file_sha256 as _sha256_file
 
     st = d / "model.safetensors"
     tensors = load_file(str(st))
@@ -310,7 +311,7 @@ def _corrupt_header(d: Path) -> None:
     b = bytearray(st.read_bytes())
     b[8:20] = b"\x00" * 12  # the JSON header starts at byte 8
     st.write_bytes(bytes(b))
-    from bitalloc.allocator.executor import _sha256_file
+    from bitalloc.sensitivity.artifact import file_sha256 as _sha256_file
 
     _edit_json(d / "quantized.json", lambda m: m["safetensors"].update(sha256=_sha256_file(st)))
 
@@ -354,13 +355,13 @@ BAD_SAVES = {
     "truncated file": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
                        "checksum"),
     "corrupt header": (_corrupt_header, "corrupt safetensors"),
-    "envelope truncated": (lambda d: _truncate(d / "quantized.json"), "corrupt JSON"),
+    "envelope truncated": (lambda d: _truncate(d / "quantized.json"), "is not valid JSON"),
     "envelope schema": (lambda d: _edit_json(d / "quantized.json", lambda m: m.update(schema="bitalloc.quantized/99")),
                         "unsupported schema"),
     "envelope field": (lambda d: _edit_json(d / "quantized.json", lambda m: m.pop("aliases")), "field 'aliases'"),
     "envelope not a dict": (lambda d: (d / "quantized.json").write_text("[1, 2]"), "not a bitalloc"),
     "plan truncated": (lambda d: _truncate(d / "plan.json"), "not valid JSON"),
-    "plan schema": (lambda d: _edit_json(d / "plan.json", lambda m: m.update(schema="bitalloc.plan/9")), "unsupported plan schema"),
+    "plan schema": (lambda d: _edit_json(d / "plan.json", lambda m: m.update(schema="bitalloc.plan/9")), "unsupported schema .bitalloc.plan/9."),
     "plan for another model": (lambda d: _edit_json(d / "plan.json", _other_sha), "different models"),
     "both for another model": (lambda d: (_edit_json(d / "plan.json", _other_sha),
                                           _edit_json(d / "quantized.json", _other_sha)), "not the model the plan was made for"),

@@ -21,7 +21,7 @@ def _profile(scale_b: float = 1.0, n_a: int = 4, n_b: int = 4, tables=None) -> S
     layers = [LayerInfo(f"a.{i}", "Linear", 64, 64, 64 * 64, f"a.{i}", i) for i in range(n_a)]
     layers += [LayerInfo(f"b.{i}", "Linear", 64, 64, 64 * 64, f"b.{i}", i) for i in range(n_b)]
     L = len(layers)
-    from bitalloc.sensitivity.profile import cost_table
+    from bitalloc.sensitivity.build import cost_table
 
     cost = cost_table(layers, SCHEMES)
     base = np.array([1.0, 0.25, 0.06, 0.001, 0.0])

@@ -47,8 +47,8 @@ def test_wrong_bits_rejected():
     [
         ("{not json", "not valid JSON"),
         ('{"layers": {}}', "no 'schema'"),
-        ('{"schema": "bitalloc.plan/99", "layers": {}}', "unsupported plan schema"),
-        ('{"schema": "bitalloc.plan/1", "model": {}}', "corrupt plan"),
+        ('{"schema": "bitalloc.plan/99", "layers": {}}', "unsupported schema 'bitalloc.plan/99'"),
+        ('{"schema": "bitalloc.plan/1", "model": {}}', "field 'layers': Field required"),
         ('{"schema": "bitalloc.plan/1", "model": {}, "layers": {"x": {"scheme": "w7q", "shape": [1, 1], "bits": 1}}}',
          "unknown"),
     ],

@@ -7,7 +7,7 @@ from bitalloc.allocator.executor import ExecutorError, apply
 from bitalloc.allocator.plan import Plan
 from bitalloc.allocator.solve import AllocationError, InfeasibleBudget, solve
 from bitalloc.sensitivity.calibration import CalibrationSpec
-from bitalloc.sensitivity.profile import build_profile
+from bitalloc.sensitivity.build import build_profile
 
 CAL = CalibrationSpec(n_samples=2, seq_len=16)
 ONE_BLOCK = ["re:layers\\.0\\.(self_attn\\.(q|o)_proj|mlp\\.down_proj)"]

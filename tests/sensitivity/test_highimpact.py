@@ -7,7 +7,8 @@ import torch
 from bitalloc.kernels.formats import split_family
 from bitalloc.sensitivity.calibration import CalibrationSpec
 from bitalloc.sensitivity.pairs import block_pairs, pair_item_count, pair_items, pair_matrices, pairs_from_values
-from bitalloc.sensitivity.profile import ProfileError, SensitivityProfile, build_profile
+from bitalloc.sensitivity.profile import ProfileError, SensitivityProfile
+from bitalloc.sensitivity.build import build_profile
 from bitalloc.sensitivity.saliency import SaliencyError, channel_saliency, fisher_diagonals, select_split_channels
 
 CAL = CalibrationSpec(n_samples=2, seq_len=16)

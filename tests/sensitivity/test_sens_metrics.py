@@ -155,7 +155,8 @@ def test_groups_partition_and_errors():
 
 def test_build_profile_with_groups(llama, ids, tmp_path):
     from bitalloc.sensitivity.models import LoadedModel
-    from bitalloc.sensitivity.profile import SensitivityProfile, build_profile
+    from bitalloc.sensitivity.profile import SensitivityProfile
+    from bitalloc.sensitivity.build import build_profile
 
     lm = LoadedModel(llama, None, "random:llama-tiny", "causal-lm", "tiny")
     groups = [{"name": "attn", "match": ["*.self_attn.*", "lm_head"], "metric": "kl", "exclude_positions": [0]},
@@ -182,7 +183,7 @@ def test_measured_profile_with_groups(llama, ids, tmp_path):
     """Measured table with groups: each layer's row is its own group's metric, one forward per item,
     and the checkpoint records the groups (a checkpoint of other groups is refused)."""
     from bitalloc.sensitivity.models import LoadedModel
-    from bitalloc.sensitivity.profile import build_profile
+    from bitalloc.sensitivity.build import build_profile
     from bitalloc.sensitivity.runner import CheckpointError
 
     lm = LoadedModel(llama, None, "random:llama-tiny", "causal-lm", "tiny")

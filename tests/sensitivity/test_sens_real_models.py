@@ -10,7 +10,7 @@ import torch
 from bitalloc.sensitivity.calibration import DEFAULT_SENTENCES, calibration_from_sentences
 from bitalloc.sensitivity.layers import find_layers
 from bitalloc.sensitivity.models import fingerprint, load_model
-from bitalloc.sensitivity.profile import other_parameter_bits
+from bitalloc.sensitivity.build import other_parameter_bits
 from bitalloc.sensitivity.proxy import CosineMetric, compute_reference, measure_item
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,435 @@
+"""Building a :class:`~bitalloc.sensitivity.profile.SensitivityProfile`: the pipeline.
+
+Load the model, select layers, calibrate, collect Hessians, saliency and the proxy table,
+measure the reference columns (or the whole table, :mod:`.runner`), then cost every
+(layer, scheme). Its settings are one :class:`~.profile_config.ProfileConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .layers import LayerInfo
+from .metrics import strided_batches as _strided
+from .profile import ProfileError, SensitivityProfile
+from .profile_config import ProfileConfig
+
+__all__ = ["build_profile", "ProfileConfig", "cost_table", "other_parameter_bits"]
+
+log = logging.getLogger("bitalloc.sensitivity")
+
+
+def _bitalloc_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------------------
+# costs
+
+
+def cost_table(layers: Sequence[LayerInfo], schemes: Sequence[Any]) -> np.ndarray:
+    """``(L, S)`` exact storage bits; a shared weight is counted on its first layer only."""
+    from .proxy import as_scheme
+
+    sch = [as_scheme(s) for s in schemes]
+    out = np.zeros((len(layers), len(sch)), dtype=np.int64)
+    seen_groups: set[str] = set()
+    for i, layer in enumerate(layers):
+        if layer.tie_group is not None and layer.tie_group in seen_groups:
+            continue
+        if layer.tie_group is not None:
+            seen_groups.add(layer.tie_group)
+        out[i] = [s.storage_bits(layer.out_features, layer.in_features) for s in sch]
+    return out
+
+
+def other_parameter_bits(model: torch.nn.Module, layers: Sequence[LayerInfo]) -> tuple[int, int]:
+    """(bits, count) of all parameters other than the selected layers' weights, at their
+    stored dtype; a tensor shared by several names (tied) is counted once."""
+    from .models import storage_key as _storage_key
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    quantized = {_storage_key(modules[layer.fqn].weight) for layer in layers}
+    seen: set = set()
+    bits = count = 0
+    for _, p in model.named_parameters(remove_duplicate=False):
+        key = _storage_key(p)
+        if key in seen or key in quantized:
+            continue
+        seen.add(key)
+        bits += p.numel() * p.element_size() * 8
+        count += p.numel()
+    return int(bits), int(count)
+
+
+# ---------------------------------------------------------------------------------------
+# building a profile
+
+
+def build_profile(
+    model: Any = "smollm2",
+    config: ProfileConfig | Sequence[Any] | None = None,
+    calibration: Any = None,
+    *,
+    progress: bool = True,
+    log_fn: Callable[[str], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    hessians_out: str | os.PathLike | None = None,
+    **settings: Any,
+) -> SensitivityProfile:
+    """Profile a model: layers, calibration data, Hessians, proxy, reference KL, costs.
+
+    ``model`` is a spec string (see :mod:`sensitivity.models`) or a :class:`LoadedModel`.
+    ``config``: a :class:`ProfileConfig` (``settings``, its field names, override it; the
+    old keyword arguments are exactly those names). ``calibration``: ready data, or a
+    :class:`CalibrationSpec`, instead of the config's calibration settings.
+    ``calibration`` is a :class:`CalibrationSpec` (default: 8 × 256 self-generated tokens),
+    or a ready (n, seq) id tensor / encoder dict. ``ref_schemes`` (each must be one of
+    ``schemes``) are measured for every layer (one forward pass set per layer each) and
+    calibrate the proxy (:func:`calibrate_proxy`); ``kl_samples`` limits the rows used for
+    those measurements (default: all). Skipped layers and progress notes go to ``log_fn``
+    (default: the ``bitalloc.sensitivity`` logger).
+
+    Memory (SmolLM2, 8 × 256 tokens): the float32 model (0.54 GB), one Hessian per distinct
+    layer input (0.4 GB; each activation-quantized format in ``schemes`` adds two more
+    matrices per input for the exact activation-error proxy), the reference log-probs
+    (tokens × vocab × 4 bytes, 0.4 GB) and one cached block output per block (0.14 GB).
+
+    ``groups`` (:mod:`sensitivity.groups`: patterns + metric per group, every layer in
+    exactly one) measures each layer's ref schemes with its group's metric (all groups'
+    metrics from one forward) and gives one table per group (other groups' rows 0).
+
+    ``measured=True``: every (layer, scheme) is measured end to end
+    (:mod:`sensitivity.runner`; in-process, or on Ray with ``workers`` / ``ray_address``,
+    results appended to the JSONL ``checkpoint`` and resumed from it); the measured table
+    is the solver's table and its ref-scheme columns calibrate the proxy (``scales``).
+    Otherwise a plain local loop measures the ref schemes only; the per-(layer, scheme)
+    work item is :func:`measure_item` either way.
+
+    ``saliency`` (``"hessian"``, ``"obq"`` or ``"fisher"``, :mod:`sensitivity.saliency`)
+    chooses the channels split schemes keep high, in the proxy and the measurements alike;
+    the vectors are stored in the profile (``saliency``) so a plan records the same channels.
+    ``quantizer`` (``"rtn"`` or ``"gptq"``, reusing the collected Hessians) quantizes the
+    weights of the proxy and measured tables; recorded in ``metadata["options"]["quantizer"]``.
+
+    ``pairs`` (``"full"`` or ``"reduced"``, needs ``measured=True``): also measure the
+    same-block pair interactions (:mod:`sensitivity.pairs`) as joint items of the same run
+    and checkpoint, over ``pair_schemes`` (default: all schemes; reduced: at ``pair_ref``,
+    default the first pair scheme); stored in the profile's ``pairs`` field.
+    ``hessians_out``: save the Hessians there (:mod:`sensitivity.hessian_store`; what a
+    GPTQ plan is applied with), recorded with its sha256 in ``metadata["hessians"]``.
+    """
+    if config is not None and not isinstance(config, ProfileConfig):  # the old positional ``schemes``
+        settings = {"schemes": config, **settings}
+        config = None
+    cfg = ProfileConfig.from_settings(config, **settings)
+    schemes, include, exclude, ref_schemes = cfg.schemes, cfg.include, cfg.exclude, cfg.ref_schemes
+    quantize_tied, batch_size, kl_samples, kl_stride = cfg.quantize_tied, cfg.batch_size, cfg.kl_samples, cfg.kl_stride
+    hessian_dtype = getattr(torch, cfg.hessian_dtype)
+    groups, measured, workers, ray_address = (list(cfg.groups) or None), cfg.measured, cfg.workers, cfg.ray_address
+    saliency, quantizer, pairs, pair_schemes, pair_ref = cfg.saliency, cfg.quantizer, cfg.pairs, cfg.pair_schemes, cfg.pair_ref
+    if calibration is None:
+        calibration = cfg.calibration_spec()
+    from .calibration import CalibrationSpec, as_batches, load_calibration, tokens_sha256
+    from .hessian import collect_input_statistics
+    from .layers import find_layers
+    from .models import LoadedModel, fingerprint, load_model
+    from .proxy import as_scheme, calibrate_proxy, compute_reference, measure_kl_deltas, proxy_table
+    from .groups import measure_ref_columns, setup_grouping
+
+    say = log_fn or log.info
+    t_start = time.perf_counter()
+    walls: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> float:
+        walls[name] = round(time.perf_counter() - t0, 3)
+        return time.perf_counter()
+
+    scheme_objs = [as_scheme(s) for s in schemes]
+    names = [s.name for s in scheme_objs]
+    if len(set(names)) != len(names):
+        raise ProfileError(f"schemes contain duplicates: {names}")
+    refs = [as_scheme(r).name for r in ref_schemes]
+    for r in refs:
+        if r not in names:
+            raise ProfileError(f"ref scheme {r!r} is not one of the schemes ({', '.join(names)})")
+    if not refs:
+        raise ProfileError("ref_schemes must name at least one scheme to calibrate the proxy")
+
+    t = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    net, tok = loaded.model, loaded.tokenizer
+    t = lap("load", t)
+    fp = fingerprint(net)
+    t = lap("fingerprint", t)
+
+    layers, skipped = find_layers(net, include, exclude, quantize_tied=quantize_tied)
+    say(f"{len(layers)} layers selected, {len(skipped)} skipped")
+    grouping = setup_grouping(groups, layers)  # GroupError (one line) if they do not partition the layers
+    if pairs is not None and grouping is not None:
+        raise ProfileError("pair terms with metric groups are not supported: pairs are measured in one metric")
+    if pairs is not None and not measured:
+        raise ProfileError("pair terms need the measured table (measured=True): M's diagonal is measured")
+    for s in skipped:
+        say(f"skipped {s}")
+
+    if calibration is None:
+        calibration = CalibrationSpec()
+    if isinstance(calibration, CalibrationSpec):
+        calib_desc = calibration.describe()
+        what = "sentences" if loaded.kind == "encoder" else calibration.source
+        say(f"calibration: {what}, {calibration.n_samples} x {calibration.seq_len} tokens (seed {calibration.seed})")
+        data = load_calibration(calibration, net, tok, loaded.kind)
+    else:
+        data = calibration
+        calib_desc = {"source": "provided"}
+    ids = data["input_ids"] if isinstance(data, dict) else data
+    calib_desc.update(tokens=int(ids.numel()), shape=list(ids.shape), tokens_sha256=tokens_sha256(data))
+    t = lap("calibration", t)
+
+    from .proxy import QUANTIZERS
+    from .saliency import SALIENCY_METHODS, fisher_diagonals, layer_saliencies
+
+    if saliency not in SALIENCY_METHODS:
+        raise ProfileError(f"saliency must be one of {SALIENCY_METHODS}, got {saliency!r}")
+    if quantizer not in QUANTIZERS:
+        raise ProfileError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+    if quantizer != "rtn" and grouping is not None:
+        raise ProfileError("metric groups with quantizer 'gptq' are not supported yet")
+    setup = None
+    if measured:
+        # the workers' setup (saliency values are added once computed); a mismatched
+        # checkpoint is refused now, not after minutes of Hessians and proxy
+        from .runner import Checkpoint, checkpoint_header
+
+        setup = _worker_setup(loaded, data, calib_desc, fp, kl_samples=kl_samples, kl_stride=kl_stride,
+                              batch_size=batch_size, include=include, exclude=exclude, quantize_tied=quantize_tied,
+                              quantizer=quantizer, saliency=saliency, grouping=grouping)
+        if checkpoint is not None:
+            Checkpoint(checkpoint, checkpoint_header(setup, names, quantizer=quantizer)).check()
+
+    acts = sorted({s.act for s in scheme_objs if s.act != "a16"})
+    stats = collect_input_statistics(net, layers, data, progress, batch_size=batch_size, dtype=hessian_dtype, act_formats=acts)
+    t = lap("hessians", t)
+    say(f"hessians: {len({id(a) for a in stats.values()})} distinct layer inputs in {walls['hessians']:.1f} s")
+
+    fisher = fisher_diagonals(net, layers, data, batch_size=batch_size, progress=progress) if saliency == "fisher" else None
+    sal = layer_saliencies(net, layers, saliency, hessians=stats, fisher=fisher)
+    del fisher
+    t = lap("saliency", t)
+    proxy = proxy_table(net, layers, stats, scheme_objs, progress, act_stats=stats if acts else None,
+                        quantizer=quantizer, saliency=sal)
+    t = lap("proxy", t)
+    say(f"proxy: {len(layers)} layers x {len(names)} schemes in {walls['proxy']:.1f} s; measuring {', '.join(refs)}")
+
+    measure_info = None
+    pair_field = None
+    if measured:
+        measured_table, measure_info, metric_name, replay = _measure_all(
+            loaded, setup, layers, names, data, stats, progress, say,
+            workers=workers, ray_address=ray_address, checkpoint=checkpoint, saliency=sal, grouping=grouping,
+            pairs=(pairs, [as_scheme(x).name for x in (pair_schemes or names)],
+                   None if pair_ref is None else ([as_scheme(pair_ref).name] * 2 if isinstance(pair_ref, str)
+                                                  else [as_scheme(x).name for x in pair_ref])) if pairs else None)
+        pair_field = measure_info.pop("pairs_field", None)
+        kl = measured_table[:, [names.index(r) for r in refs]]
+    else:
+        kl_data = data
+        if kl_samples is not None:
+            kl_data = {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
+        kl_batches = _strided(net, as_batches(kl_data, batch_size), kl_stride)
+        metric_set = grouping.metric_set if grouping is not None else None
+        reference = compute_reference(net, layers, kl_batches, metric_set, progress, batch_size=batch_size)
+        metric_name = reference.metric.name
+        if quantizer == "rtn" and saliency == "hessian":
+            kl = measure_ref_columns(net, layers, reference, refs, progress, stats, grouping)
+        else:  # the same items with this quantizer / these split channels (no metric groups here)
+            from .proxy import measure_item
+
+            kl = np.array([[measure_item(net, layer, r, reference, stats.get(layer.fqn), quantizer=quantizer,
+                                         saliency=sal[layer.fqn]) for r in refs] for layer in layers], dtype=np.float64)
+        replay = reference.replay
+        reference.free()
+    t = lap("measure", t)
+
+    table, scales = calibrate_proxy(proxy, kl, [names.index(r) for r in refs])
+    if measured:
+        table = measured_table
+    costs = cost_table(layers, scheme_objs)
+    other_bits, other_params = other_parameter_bits(net, layers)
+    hess_rec = None
+    if hessians_out is not None:
+        from .hessian_store import save_hessians
+
+        hess_rec = save_hessians(hessians_out, stats, tokens_sha256=calib_desc.get("tokens_sha256"))
+    walls["total"] = round(time.perf_counter() - t_start, 3)
+    del stats
+
+    metadata = {
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "bitalloc_version": _bitalloc_version(),
+        "torch_version": torch.__version__,
+        "wall_s": walls,
+        "metric": metric_name,
+        "loss_units": "nats/token (KL vs unquantized)" if metric_name == "kl" else f"{metric_name} delta",
+        "options": {
+            "include": list(include),
+            "exclude": list(exclude),
+            "quantize_tied": quantize_tied,
+            "batch_size": batch_size,
+            "kl_samples": kl_samples,
+            "kl_stride": kl_stride,
+            "hessian_dtype": str(hessian_dtype).replace("torch.", ""),
+            "block_replay": replay,
+            # "rtn": round-to-nearest with the per-group clip search (kernels.quant); "gptq": kernels.gptq
+            "quantizer": "rtn-clip" if quantizer == "rtn" else quantizer,
+        },
+        "quantizer": quantizer,
+        "saliency": saliency,
+        **({"hessians": hess_rec} if hess_rec else {}),
+        "table": "measured" if measured else "calibrated-proxy",
+    }
+    if measure_info is not None:
+        metadata["measure"] = measure_info
+    if grouping is not None:
+        metadata.update(grouping.metadata())
+    return SensitivityProfile(
+        model={"spec": loaded.spec, "kind": loaded.kind, "description": loaded.description, "fingerprint": fp},
+        calibration=calib_desc,
+        layers=list(layers),
+        skipped=list(skipped),
+        schemes=names,
+        cost_bits=costs,
+        tables=grouping.split(table, [layer.fqn for layer in layers]) if grouping is not None else {"all": table},
+        proxy=proxy,
+        kl_ref=kl,
+        ref_schemes=refs,
+        scales=scales,
+        other_bits=other_bits,
+        other_params=other_params,
+        metadata=metadata,
+        saliency={f: v.numpy().astype(np.float64) for f, v in sal.items()},
+        pairs=pair_field,
+    )
+
+
+def _is_16bit(net: torch.nn.Module) -> bool:
+    """Whether every floating parameter already holds a float16 value."""
+    with torch.no_grad():
+        return all(
+            p.dtype == torch.float16 or torch.equal(p, p.to(torch.float16).to(p.dtype))
+            for p in net.parameters() if p.is_floating_point()
+        )
+
+
+def _measure_all(loaded, setup, layers, names, data, stats, progress, say, *, workers, ray_address, checkpoint,
+                 saliency=None, pairs=None, grouping=None):
+    """The measured (L, S) table through :mod:`sensitivity.runner` (in-process or on Ray).
+
+    ``setup`` (from :func:`_worker_setup`) gets the per-layer ``saliency`` values here.
+    With metric groups every item scores every group's metric from one forward; the table
+    holds each layer's value in its own group's metric (``grouping.split`` makes the
+    per-group tables). Groups reach Ray workers as JSON (patterns and built-in metric
+    names); groups with callables run in-process only."""
+    from .runner import WorkerContext, checkpoint_header, run_items
+
+    if saliency is not None:
+        setup = dataclasses.replace(setup, saliency_values={f: v.tolist() for f, v in saliency.items()})
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    context = None
+    if not address and not workers:
+        context = WorkerContext(setup, loaded=loaded, data=data, hessians=stats, saliency=saliency, grouping=grouping)
+    elif grouping is not None and setup.groups is None:
+        raise ProfileError("metric groups with callables (layer matchers or metric functions) cannot be shipped to "
+                           "Ray workers; use name patterns and built-in metric names, or measure in-process")
+    fqns = [layer.fqn for layer in layers]
+    items = [(f, s) for f in fqns for s in names]
+    pair_list = None
+    if pairs is not None:
+        from .pairs import block_pairs, pair_items
+
+        model_kind, pair_names, ref = pairs
+        bad = [x for x in pair_names + list(ref or []) if x not in names]
+        if bad:
+            raise ProfileError(f"pair scheme {bad[0]!r} is not one of the schemes")
+        pair_list = block_pairs(layers)
+        joint = pair_items(pair_list, pair_names, model_kind, ref)
+        say(f"pair terms ({model_kind}): {len(pair_list)} same-block pairs -> {len(joint)} joint items")
+        items += joint
+    say(f"measuring {len(items)} items ({len(fqns)} layers x {len(names)} schemes)"
+        + (f" on Ray ({'cluster ' + address if address else f'{workers} local workers'})" if context is None else " in-process")
+        + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+    header = checkpoint_header(setup, names, quantizer=setup.quantizer)
+    res = run_items(setup, items, checkpoint=checkpoint, header=header, workers=workers, address=address,
+                    context=context, progress=progress, log_fn=say)
+    replay = bool(context.reference.replay) if context is not None else bool(
+        (res.info.get("worker_info") or [{}])[0].get("block_replay", False))
+    if context is not None:
+        context.reference.free()
+    if pair_list is not None:
+        from .pairs import SEP, pairs_from_values
+
+        single = {k: v[setup.metric] for k, v in res.values.items() if SEP not in k[0]}
+        joint_v = {k: v[setup.metric] for k, v in res.values.items() if SEP in k[0]}
+        res.info["pairs_field"] = pairs_from_values(pair_list, pair_names, single, joint_v, model_kind, ref,
+                                                    setup.metric)
+        res.info["pair_items"] = len(joint_v)
+    if grouping is not None:
+        own = grouping.group_of()
+        table = np.array([[res.values[(f, s)][own[f]] for s in names] for f in fqns], dtype=np.float64)
+        return table, res.info, "groups", replay
+    return res.table(fqns, names, setup.metric), res.info, setup.metric, replay
+
+
+def _worker_setup(loaded, data, calib_desc, fp, *, kl_samples, kl_stride, batch_size, include, exclude,
+                  quantize_tied, quantizer, saliency="hessian", grouping=None):
+    """What every measuring worker needs (and what the checkpoint header hashes); the
+    saliency values are added by :func:`_measure_all` once they are computed."""
+    from .runner import WorkerSetup
+
+    ids = data["input_ids"] if isinstance(data, dict) else data
+    calib = {k: v for k, v in calib_desc.items() if k not in ("tokens", "shape", "tokens_sha256")}
+    return WorkerSetup(
+        model=loaded.spec,
+        calibration=calib,
+        tokens=ids.tolist(),
+        attention_mask=data["attention_mask"].tolist() if isinstance(data, dict) and "attention_mask" in data else None,
+        tokens_sha256=calib_desc["tokens_sha256"],
+        fingerprint_sha256=fp["sha256"],
+        weights="16bit" if _is_16bit(loaded.model) else "as-loaded",
+        kl_samples=kl_samples,
+        kl_stride=kl_stride,
+        batch_size=batch_size,
+        metric="cosine" if loaded.kind == "encoder" else "kl",
+        include=tuple(include),
+        exclude=tuple(exclude),
+        quantize_tied=quantize_tied,
+        quantizer=quantizer,
+        saliency=saliency,
+        groups=_groups_json(grouping),
+    )
+
+
+def _groups_json(grouping) -> list | None:
+    """The groups as JSON for workers (None if there are none or one is not expressible)."""
+    if grouping is None:
+        return None
+    out = []
+    for g in grouping.groups:
+        if callable(g.match) or not isinstance(g.metric, str):
+            return None
+        out.append({"name": g.name, "match": list(g.match), "metric": g.metric, "options": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in g.options.items()}})
+    return out
+
