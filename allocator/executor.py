@@ -36,6 +36,9 @@ from typing import Any
 
 import torch
 
+from bitalloc.kernels.modules import get_weight, is_conv1d, weight_shape
+from bitalloc.sensitivity.hessian import hessian_tensor
+
 from .plan import Plan, PlanError
 
 __all__ = ["apply", "packed_weight_bytes", "ExecutorError", "QUANTIZED_SCHEMA"]  # save/load: .quantized_io
@@ -75,29 +78,11 @@ def set_param(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> N
     setattr(module, attr, param)
 
 
-def conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # noqa: BLE001 - transformers missing: no Conv1D layers
-        return None
-    return Conv1D
-
-
-def _layer_shape(module: torch.nn.Module) -> tuple[int, int] | None:
-    """(out, in) of an nn.Linear / Conv1D, else None."""
-    if isinstance(module, torch.nn.Linear):
-        return tuple(module.weight.shape)
-    conv1d = conv1d_class()
-    if conv1d is not None and isinstance(module, conv1d):
-        return (module.weight.shape[1], module.weight.shape[0])
-    return None
-
-
 def planned_modules(model, plan: Plan):
     names = dict(model.named_modules())
     missing = [f for f in plan.layers if f not in names]
     if missing:
-        example = ", ".join(list(n for n, m in names.items() if _layer_shape(m) is not None)[:2])
+        example = ", ".join(list(n for n, m in names.items() if weight_shape(m) is not None)[:2])
         raise ExecutorError(
             f"plan names {len(missing)} layer(s) the model ({type(model).__name__}) does not have, e.g. "
             f"{missing[0]!r} (its layers look like: {example or 'none'}); was the plan made for another model?"
@@ -109,7 +94,7 @@ def check_rules(model, plan: Plan) -> None:
     """Pattern rules / a default scheme are not materialised: refuse if they would cover a layer."""
     if not plan.rules and plan.default is None:
         return
-    uncovered = [n for n, m in model.named_modules() if n and n not in plan.layers and _layer_shape(m) is not None
+    uncovered = [n for n, m in model.named_modules() if n and n not in plan.layers and weight_shape(m) is not None
                  and plan.scheme_for(n) is not None]
     if uncovered:
         raise ExecutorError(
@@ -123,7 +108,7 @@ def check_layer(fqn: str, module: torch.nn.Module, lp) -> None:
 
     if isinstance(module, QuantLinear):
         raise ExecutorError(f"{fqn}: already a QuantLinear ({module.scheme.name}); apply a plan to the unquantized model")
-    shape = _layer_shape(module)
+    shape = weight_shape(module)
     if shape is None:
         raise ExecutorError(f"{fqn}: is a {type(module).__name__}, the executor quantizes nn.Linear or Conv1D layers")
     if tuple(shape) != tuple(lp.shape):
@@ -221,10 +206,8 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
                 if gptq:
                     from bitalloc.kernels.gptq import gptq_quantize_weight
 
-                    w = module.weight.detach()
-                    w = w if isinstance(module, torch.nn.Linear) else w.t()
-                    H = hessians[fqn]
-                    H = (H.H if hasattr(H, "H") and not isinstance(H, torch.Tensor) else H).to(torch.float32)
+                    w = get_weight(module).detach()  # (out, in)
+                    H = hessian_tensor(hessians[fqn]).to(torch.float32)
                     qw = gptq_quantize_weight(w.to(torch.float32), scheme, H.to(w.device), high_idx)
                     q = QuantLinear.from_quantized(qw, module.bias)
                 else:
@@ -238,8 +221,7 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
         if cache is not None:
             cache[key] = q
 
-    conv1d = conv1d_class()
-    transposed = {fqn for fqn, m in targets if conv1d is not None and isinstance(m, conv1d)}
+    transposed = {fqn for fqn, m in targets if is_conv1d(m)}
     tie_derived(model, derived, quantized, transposed)  # tied to a quantized layer: its dequantized weight
     for fqn, q in quantized.items():
         set_module(model, fqn, q)
