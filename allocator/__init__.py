@@ -10,8 +10,6 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
-
 _API = {"load", "profile", "load_profile", "solve", "sweep", "apply", "evaluate", "run"}
 _OTHER = {"Plan": ".plan", "PlanError": ".plan", "Budget": ".budget", "parse_budget": ".budget",
           "BudgetError": ".budget", "RunConfig": ".config", "load_config": ".config"}
@@ -37,6 +35,10 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
+    if name == "__version__":  # one version, read from the installed metadata by the front door
+        from bitalloc import __version__
+
+        return __version__
     if name in _API:
         return getattr(importlib.import_module(".api", __name__), name)
     if name in _OTHER:

@@ -24,6 +24,7 @@ EPILOG = """examples:
   bitalloc apply --model smollm2 --plan plan.json --out qmodel/
   bitalloc eval --model smollm2 --plan plan.json --text ../shared/data/wikitext2-test.txt
   bitalloc serve --port 8750 --state-dir state/   # the HTTP service (docs at /docs)
+  bitalloc eval --quantized qmodel/ --text ../shared/data/wikitext2-test.txt
 """
 
 

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from bitalloc.kernels.modules import weight_shape
+from bitalloc.kernels.modules import get_weight, is_conv1d, weight_shape
+from bitalloc.sensitivity.hessian import hessian_tensor
 
 from .plan import Plan, PlanError
 
@@ -75,14 +76,6 @@ def set_param(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> N
     mod_name, _, attr = name.rpartition(".")
     module = model.get_submodule(mod_name) if mod_name else model
     setattr(module, attr, param)
-
-
-def conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # noqa: BLE001 - transformers missing: no Conv1D layers
-        return None
-    return Conv1D
 
 
 def planned_modules(model, plan: Plan):
@@ -213,10 +206,8 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
                 if gptq:
                     from bitalloc.kernels.gptq import gptq_quantize_weight
 
-                    w = module.weight.detach()
-                    w = w if isinstance(module, torch.nn.Linear) else w.t()
-                    H = hessians[fqn]
-                    H = (H.H if hasattr(H, "H") and not isinstance(H, torch.Tensor) else H).to(torch.float32)
+                    w = get_weight(module).detach()  # (out, in)
+                    H = hessian_tensor(hessians[fqn]).to(torch.float32)
                     qw = gptq_quantize_weight(w.to(torch.float32), scheme, H.to(w.device), high_idx)
                     q = QuantLinear.from_quantized(qw, module.bias)
                 else:
@@ -230,8 +221,7 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
         if cache is not None:
             cache[key] = q
 
-    conv1d = conv1d_class()
-    transposed = {fqn for fqn, m in targets if conv1d is not None and isinstance(m, conv1d)}
+    transposed = {fqn for fqn, m in targets if is_conv1d(m)}
     tie_derived(model, derived, quantized, transposed)  # tied to a quantized layer: its dequantized weight
     for fqn, q in quantized.items():
         set_module(model, fqn, q)

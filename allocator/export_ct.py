@@ -221,12 +221,11 @@ def export(req: ExportRequest, stage: Path) -> dict:
 
     # the executor quantizes exactly the layers written packed (same codes as bitalloc.apply)
     qlayers = {f: d for f, d in decisions.items() if d[0] == "quant"}
-    from .executor import conv1d_class
+    from bitalloc.kernels.modules import is_conv1d
 
-    conv1d = conv1d_class()
     for f in qlayers:
         mod = net.get_submodule(f) if f in dict(net.named_modules()) else None
-        if conv1d is not None and isinstance(mod, conv1d):
+        if mod is not None and is_conv1d(mod):
             raise ExportError(f"layer {f}: is a transformers Conv1D (GPT-2), stored (in, out); compressed-tensors "
                               "quantizes nn.Linear modules")
     sub = Plan(model=plan.model, layers={f: LayerPlan(f, d[3], plan.layers[f].shape, plan.layers[f].bits,

@@ -15,13 +15,14 @@ import torch
 
 from bitalloc.sensitivity.artifact import file_sha256, read_json, validate, write_json, atomic_path
 
+from bitalloc.kernels.modules import is_conv1d
+
 from .executor import (
     QUANTIZED_SCHEMA,
     TIES_ATTR,
     ExecutorError,
     check_layer,
     check_rules,
-    conv1d_class,
     is_fp16_exact,
     one_line,
     planned_modules,
@@ -259,13 +260,12 @@ def load_quantized(path: str | Path, *, loaded=None, device=None, check_fingerpr
 
     # the architecture: planned layers become empty QuantLinear modules
     check_rules(model, plan)
-    conv1d = conv1d_class()
     transposed = set()
     for fqn, module in planned_modules(model, plan):
         lp = plan.layers[fqn]
         scheme = parse_scheme(lp.scheme)
         check_layer(fqn, module, lp)
-        if conv1d is not None and isinstance(module, conv1d):
+        if is_conv1d(module):
             transposed.add(fqn)
         if scheme.is_quantized:
             bias = getattr(module, "bias", None) is not None

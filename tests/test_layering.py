@@ -214,3 +214,8 @@ def test_solvers_never_import_torch():
     bad = [f"{m}:{line}" for m in FILES if m.startswith("bitalloc.solvers.")
            for target, _, line in _imports(m) if target.split(".")[0] == "torch"]
     assert bad == []
+
+
+def test_no_module_over_600_lines():
+    big = {m: n for m, p in FILES.items() if (n := len(p.read_text().splitlines())) > 600}
+    assert big == {}, f"modules over 600 lines (split them along their seams): {big}"

@@ -110,6 +110,26 @@ def test_cosine_pooling_weights(bert):
     ref = compute_reference(bert, layers, data, ms, progress=False)
     v = measure_item(bert, layers[0], "w2g64z", ref)
     assert v["cos"] > 0 and v["cos_nocls"] > 0 and v["cos"] != v["cos_nocls"]
+    # both equal mean(1 - cos) of the mean-pooled embeddings, computed here by hand
+    from bitalloc.kernels.quant import fake_quantize_weight
+    from bitalloc.sensitivity.layers import get_weight
+
+    with torch.no_grad():
+        h_ref = bert(**data).last_hidden_state.double()  # (4, 12, d)
+        module = bert.get_submodule(layers[0].fqn)
+        w = get_weight(module).detach().clone()
+        module.weight.copy_(fake_quantize_weight(w.float(), "w2g64z").to(w.dtype))
+        try:
+            h_q = bert(**data).last_hidden_state.double()
+        finally:
+            module.weight.copy_(w)
+
+    def one_minus_cos(first: int) -> float:
+        a, b = h_ref[:, first:].mean(1), h_q[:, first:].mean(1)  # (4, d) mean pooling (mask all ones)
+        return float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean())
+
+    assert v["cos"] == pytest.approx(one_minus_cos(0), rel=1e-3)
+    assert v["cos_nocls"] == pytest.approx(one_minus_cos(1), rel=1e-3)
 
 
 def test_groups_partition_and_errors():
