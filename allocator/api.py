@@ -358,7 +358,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     plot = plot_ppl_vs_bpw([r for r in rows if r["method"] != "fp16"], out / "ppl_vs_bpw.png",
                            title=f"{cfg.model.spec}: perplexity vs bits per weight", reference_ppl=ref.ppl)
     timings["total_s"] = time.perf_counter() - t_all
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    write_json(out / "timings.json", timings, indent=1)
     log("\n" + table)
     log(f"\nplans: {out / 'plans'}   results: {out / 'results.csv'}   plot: {plot}   "
         f"({timings['total_s']:.0f}s in all)")

@@ -270,6 +270,9 @@ CONFIG = [
     ("cfg-oversized", lambda ws: (ws / "big.toml").touch() or os.truncate(ws / "big.toml", 2 << 20),
      lambda ws: ["run", str(ws / "big.toml")], "bytes"),
     ("cfg-saliency-unknown", None, run_cmd('[profile]\nsaliency = "vibes"\n'), "vibes"),
+    ("run-results-exist", lambda ws: (ws / "run-out").mkdir() or (ws / "run-out" / "results.json").write_text("[]"),
+     lambda ws: ["run", str(ws / CFG), "--out-dir", str(ws / "run-out")], "--overwrite"),
+    ("run-out-dir-is-file", None, lambda ws: ["run", str(ws / CFG), "--out-dir", str(ws / CAL)], "not a directory"),
     ("cfg-kl-stride-bool", None, run_cmd("[calibration]\nkl_stride = true\n"), "kl_stride"),
 ]
 
