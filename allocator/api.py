@@ -104,6 +104,10 @@ def profile(
         cfg = ProfileConfig.from_settings(config, **settings)
     if not cfg.measured and checkpoint_dir is not None:
         raise ValueError("workers, ray_address and checkpoint_dir are for the measured profile (measured=True)")
+    if out is not None:  # writable, and not the calibration text, before the expensive part
+        from bitalloc.sensitivity.artifact import check_output
+
+        check_output(out, inputs=[cfg.calibration], overwrite=True, what="profile output")
     ckpt = measure_checkpoint_path(out, checkpoint_dir) if cfg.measured else None
     if cfg.ray_address:
         from bitalloc.sensitivity.runner import check_ray_address
