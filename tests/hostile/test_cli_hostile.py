@@ -13,9 +13,7 @@ import struct
 
 import pytest
 
-from bitalloc.allocator.cli import main
-
-from hostile_util import assert_one_error, snapshot
+from hostile_util import assert_one_error, run_main, snapshot
 
 P, PLAN, CAL, CFG, Q = "profile.json", "plan.json", "calib.txt", "config.toml", "qmodel"
 M = "random:llama-tiny"
@@ -292,7 +290,7 @@ def test_hostile(case, ws, capsys):
     args = argv(ws)  # some argv builders write their input file
     before = snapshot(ws)
     capsys.readouterr()
-    rc = main(["--quiet", *args])
+    rc = run_main(["--quiet", *args])
     err = capsys.readouterr().err
     assert_one_error(rc, err, match)
     assert snapshot(ws) == before, "an input or an earlier output changed"
