@@ -436,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
     parser = build_parser()
-    a = parser.parse_args(argv)  # argparse's errors: one line (_Parser.error), SystemExit(2)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: its one line is printed; in-process callers get the code back
+        return e.code if isinstance(e.code, int) else 2
     if a.quiet:  # progress bars of transformers / huggingface_hub too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
