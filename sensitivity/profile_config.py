@@ -15,14 +15,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES
+from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, QUANTIZERS, SALIENCY_METHODS
 
 __all__ = ["ProfileConfig", "SALIENCY_NAMES", "QUANTIZER_NAMES", "PAIR_NAMES", "HESSIAN_DTYPES"]
 
-# torch-free copies are not kept: the names come from the modules that own them (checked
-# against them on construction, lazily); these are only what the messages list
-SALIENCY_NAMES = ("hessian", "obq", "fisher")
-QUANTIZER_NAMES = ("rtn", "gptq")
+# the registries' names, torch-free (sensitivity.defaults)
+SALIENCY_NAMES = SALIENCY_METHODS
+QUANTIZER_NAMES = QUANTIZERS
 PAIR_NAMES = ("full", "reduced")
 HESSIAN_DTYPES = ("float32", "float64")
 
