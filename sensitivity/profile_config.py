@@ -15,14 +15,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, QUANTIZERS, SALIENCY_METHODS
+from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, PAIR_MODELS, QUANTIZERS, SALIENCY_METHODS
 
 __all__ = ["ProfileConfig", "SALIENCY_NAMES", "QUANTIZER_NAMES", "PAIR_NAMES", "HESSIAN_DTYPES"]
 
 # the registries' names, torch-free (sensitivity.defaults)
 SALIENCY_NAMES = SALIENCY_METHODS
 QUANTIZER_NAMES = QUANTIZERS
-PAIR_NAMES = ("full", "reduced")
+PAIR_NAMES = PAIR_MODELS
 HESSIAN_DTYPES = ("float32", "float64")
 
 
