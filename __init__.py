@@ -75,6 +75,7 @@ _EXPORTS = {
     "RunConfig": ".allocator.config",
     "load_config": ".allocator.config",
     "SensitivityProfile": ".sensitivity.profile",
+    "ProfileConfig": ".sensitivity.profile_config",
     "parse_scheme": ".kernels.formats",
     "Client": ".allocator.service.client",
     "ServiceError": ".allocator.service.client",

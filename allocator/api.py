@@ -104,6 +104,10 @@ def profile(
         cfg = ProfileConfig.from_settings(config, **settings)
     if not cfg.measured and checkpoint_dir is not None:
         raise ValueError("workers, ray_address and checkpoint_dir are for the measured profile (measured=True)")
+    if out is not None:  # writable, and not the calibration text, before the expensive part
+        from bitalloc.sensitivity.artifact import check_output
+
+        check_output(out, inputs=[cfg.calibration], overwrite=True, what="profile output")
     ckpt = measure_checkpoint_path(out, checkpoint_dir) if cfg.measured else None
     if cfg.ray_address:
         from bitalloc.sensitivity.runner import check_ray_address
@@ -358,7 +362,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     plot = plot_ppl_vs_bpw([r for r in rows if r["method"] != "fp16"], out / "ppl_vs_bpw.png",
                            title=f"{cfg.model.spec}: perplexity vs bits per weight", reference_ppl=ref.ppl)
     timings["total_s"] = time.perf_counter() - t_all
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    write_json(out / "timings.json", timings, indent=1)
     log("\n" + table)
     log(f"\nplans: {out / 'plans'}   results: {out / 'results.csv'}   plot: {plot}   "
         f"({timings['total_s']:.0f}s in all)")

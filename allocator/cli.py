@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="the whole pipeline from a TOML config (default: the embedded main job)")
     sp.add_argument("config", nargs="?", default=None, help="CONFIG.toml (optional)")
     sp.add_argument("--out-dir", default=None, help="override [output] dir")
+    sp.add_argument("--overwrite", action="store_true", help="replace the results and plans of an earlier run there")
     return p
 
 
@@ -375,6 +376,12 @@ def _cmd_run(a) -> int:
     cfg = load_config(a.config)
     if a.out_dir:
         cfg = dataclasses.replace(cfg, output=OutputCfg(dir=a.out_dir))
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise _UsageError(f"output folder {str(out)!r} exists and is not a directory")
+    if (out / "results.json").exists() and not a.overwrite:
+        raise _UsageError(f"{str(out)!r} already holds a run's results and plans; pass --overwrite to replace them "
+                          "(a matching saved profile there is reused either way)")
     api.run(cfg, progress=not a.quiet)
     return 0
 

@@ -55,10 +55,13 @@ def plan_table(plan) -> str:
 def write_results(rows: Sequence[dict], out_dir: str | Path, stem: str = "results") -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from bitalloc.sensitivity.artifact import atomic_write
+
     js, cs = out / f"{stem}.json", out / f"{stem}.csv"
-    js.write_text(json.dumps(list(rows), indent=1))
+    with atomic_write(js) as f:
+        f.write(json.dumps(list(rows), indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with cs.open("w", newline="") as f:
+    with atomic_write(cs, newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
@@ -88,8 +91,10 @@ def plot_ppl_vs_bpw(rows: Sequence[dict], path: str | Path, title: str = "", ref
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
+    from bitalloc.sensitivity.artifact import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -62,6 +62,7 @@ _EXPORTS = {
     "ProfileError": "profile",
     "SensitivityProfile": "profile",
     "build_profile": "build",
+    "ProfileConfig": "profile_config",
     "cost_table": "build",
     "other_parameter_bits": "build",
     "DEFAULT_SCHEMES": "profile",

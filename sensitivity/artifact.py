@@ -22,16 +22,26 @@ __all__ = ["atomic_write", "atomic_path", "write_json", "write_text", "write_byt
            "envelope", "parse_json", "read_json", "check_schema", "validate", "check_output"]
 
 
+def _plain_mode(fd: int) -> None:
+    """mkstemp makes 0600 files; an artifact gets the mode a plain ``open`` would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8",
+                 newline: str | None = None) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``,
     on any error remove it. The parent folder is created if missing."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     binary = "b" in mode
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    _plain_mode(fd)
     try:
-        with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -49,6 +59,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    _plain_mode(fd)
     os.close(fd)
     try:
         yield Path(tmp)

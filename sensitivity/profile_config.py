@@ -15,15 +15,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES
+from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, PAIR_MODELS, QUANTIZERS, SALIENCY_METHODS
 
 __all__ = ["ProfileConfig", "SALIENCY_NAMES", "QUANTIZER_NAMES", "PAIR_NAMES", "HESSIAN_DTYPES"]
 
-# torch-free copies are not kept: the names come from the modules that own them (checked
-# against them on construction, lazily); these are only what the messages list
-SALIENCY_NAMES = ("hessian", "obq", "fisher")
-QUANTIZER_NAMES = ("rtn", "gptq")
-PAIR_NAMES = ("full", "reduced")
+# the registries' names, torch-free (sensitivity.defaults)
+SALIENCY_NAMES = SALIENCY_METHODS
+QUANTIZER_NAMES = QUANTIZERS
+PAIR_NAMES = PAIR_MODELS
 HESSIAN_DTYPES = ("float32", "float64")
 
 

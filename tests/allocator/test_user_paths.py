@@ -131,6 +131,8 @@ dir = "{tmp_path / 'out'}"
         if r["method"] == "bitalloc":
             assert float(r["bpw"]) <= float(r["budget"].removesuffix("bpw")) + 1e-9
     assert len(list((out / "plans").glob("*.json"))) >= 4
-    # a second run reuses the profile (same settings) instead of profiling again
-    cli(capsys, "run", cfg)
+    # a second run refuses to replace the results unless told, and then reuses the profile
+    assert main(["--quiet", "run", str(cfg)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    cli(capsys, "run", cfg, "--overwrite")
     assert json.loads((out / "timings.json").read_text()).get("profile_s") is None

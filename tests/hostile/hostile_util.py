@@ -28,3 +28,13 @@ def assert_one_error(rc: int, err: str, match: str | None = None) -> str:
     if match is not None:
         assert match in lines[0], lines[0]
     return lines[0]
+
+
+def run_main(args: list[str]) -> int:
+    """``bitalloc.allocator.cli.main`` in-process; argparse's SystemExit gives its code."""
+    from bitalloc.allocator.cli import main
+
+    try:
+        return main(args)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1

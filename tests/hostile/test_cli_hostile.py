@@ -13,9 +13,7 @@ import struct
 
 import pytest
 
-from bitalloc.allocator.cli import main
-
-from hostile_util import assert_one_error, snapshot
+from hostile_util import assert_one_error, run_main, snapshot
 
 P, PLAN, CAL, CFG, Q = "profile.json", "plan.json", "calib.txt", "config.toml", "qmodel"
 M = "random:llama-tiny"
@@ -270,6 +268,9 @@ CONFIG = [
     ("cfg-oversized", lambda ws: (ws / "big.toml").touch() or os.truncate(ws / "big.toml", 2 << 20),
      lambda ws: ["run", str(ws / "big.toml")], "bytes"),
     ("cfg-saliency-unknown", None, run_cmd('[profile]\nsaliency = "vibes"\n'), "vibes"),
+    ("run-results-exist", lambda ws: (ws / "run-out").mkdir() or (ws / "run-out" / "results.json").write_text("[]"),
+     lambda ws: ["run", str(ws / CFG), "--out-dir", str(ws / "run-out")], "--overwrite"),
+    ("run-out-dir-is-file", None, lambda ws: ["run", str(ws / CFG), "--out-dir", str(ws / CAL)], "not a directory"),
     ("cfg-kl-stride-bool", None, run_cmd("[calibration]\nkl_stride = true\n"), "kl_stride"),
 ]
 
@@ -289,7 +290,7 @@ def test_hostile(case, ws, capsys):
     args = argv(ws)  # some argv builders write their input file
     before = snapshot(ws)
     capsys.readouterr()
-    rc = main(["--quiet", *args])
+    rc = run_main(["--quiet", *args])
     err = capsys.readouterr().err
     assert_one_error(rc, err, match)
     assert snapshot(ws) == before, "an input or an earlier output changed"
