@@ -82,7 +82,26 @@ def hessian_saliency(w: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
     return torch.diagonal(H).to(torch.float32).to(energy.device) * energy
 
 
-QUANTIZERS = ("rtn", "gptq")
+QUANTIZERS = ("rtn", "gptq", "ggml", "ggml-imatrix")
+GGML_QUANTIZERS = ("ggml", "ggml-imatrix")  # llama.cpp's C quantizer, without / with diag(H) as imatrix
+
+
+def _ggml_weight(w: torch.Tensor, scheme, H: torch.Tensor | None, quantizer: str) -> torch.Tensor:
+    """A ggml type through ggml's own quantizer (:mod:`sensitivity.ggml`); with
+    ``ggml-imatrix`` the importance matrix is diag(H), llama.cpp's per-column mean of x²."""
+    from bitalloc.kernels.formats import is_ggml
+
+    if is_ggml(scheme) != (quantizer in GGML_QUANTIZERS):
+        raise ValueError(f"scheme {scheme.name} with quantizer {quantizer!r}: ggml types (q4_k, q8_0, ...) are quantized "
+                         f"by the quantizers {GGML_QUANTIZERS} (the llama.cpp target) and only they")
+    from .ggml import fake_quantize
+
+    im = None
+    if quantizer == "ggml-imatrix":
+        if H is None:
+            raise ValueError("quantizer 'ggml-imatrix' needs the layer's Hessian (its diagonal is the imatrix)")
+        im = torch.diagonal(H).to(torch.float32)
+    return fake_quantize(w, scheme.weight.kind, im)
 
 
 def quantize_layer_weight(w: torch.Tensor, scheme: Any, H: torch.Tensor | None = None, *, quantizer: str = "rtn",
@@ -98,6 +117,8 @@ def quantize_layer_weight(w: torch.Tensor, scheme: Any, H: torch.Tensor | None =
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
     scheme = as_scheme(scheme)
+    if quantizer in GGML_QUANTIZERS:
+        return _ggml_weight(w, scheme, H, quantizer)
     k = scheme.n_high(w.shape[1])
     idx = None
     if k:
@@ -110,6 +131,12 @@ def quantize_layer_weight(w: torch.Tensor, scheme: Any, H: torch.Tensor | None =
 
         return gptq_fake_quantize_weight(w, scheme, H.to(device=w.device, dtype=torch.float32), idx)
     return _fake_quantize_weight()(w, scheme, idx)
+
+
+def _ggml_fits(scheme, in_features: int) -> bool:
+    from bitalloc.kernels.formats import ggml_fits, is_ggml
+
+    return not is_ggml(scheme) or ggml_fits(scheme.weight.kind, in_features)
 
 
 def _hessian_tensor(h: Any) -> torch.Tensor:
@@ -178,7 +205,12 @@ def proxy_table(
                 if sal is None:
                     sal = hessian_saliency(w, H)
                 idx = select_high_channels(torch.as_tensor(sal).to(torch.float64).cpu(), k)
-            if not s.is_quantized:
+            if quantizer in GGML_QUANTIZERS:
+                if not _ggml_fits(s, w.shape[1]):
+                    out[i, j] = np.nan  # llama.cpp cannot store this type in this shape: not a candidate here
+                    continue
+                wq = _ggml_weight(w, s, H, quantizer)
+            elif not s.is_quantized:
                 wq = w.to(torch.float16).to(torch.float32)
             elif quantizer == "gptq":
                 from bitalloc.kernels.gptq import gptq_fake_quantize_weight
