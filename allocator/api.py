@@ -83,8 +83,15 @@ def profile(
     pairs: str | None = None,
     pair_schemes: Sequence[str] | None = None,
     pair_ref=None,
+    target: str | None = None,
+    imatrix: bool = True,
 ):
     """Profile a model: Hessian proxy for every (layer, scheme), calibrated by measured KL.
+
+    ``target="llamacpp"``: the llama.cpp target (:mod:`sensitivity.llamacpp`): ggml types
+    as candidates (default when ``schemes`` is the default), ggml's own quantizer with the
+    profile's Hessian diagonal as importance matrix (``imatrix=False``: none), the whole
+    GGUF file as the budget; the imatrix goes beside ``out`` (``<out>.imatrix.gguf``).
 
     ``groups``: metric groups (:mod:`sensitivity.groups`; a list of ``{name, match, metric,
     ...options}`` or :class:`MetricGroup`): each layer's references are measured with its
@@ -110,6 +117,12 @@ def profile(
 
     from .config import default_ref_schemes
 
+    if target not in (None, "bitalloc", "llamacpp"):
+        raise ValueError(f"target must be 'bitalloc' or 'llamacpp', got {target!r}")
+    if target == "llamacpp":
+        return _profile_llamacpp(model, calibration, n_samples, seq_len, seed, kl_samples, kl_stride, schemes,
+                                 include, exclude, ref_schemes, out, progress, log, imatrix, measured=measured,
+                                 workers=workers, ray_address=ray_address, checkpoint_dir=checkpoint_dir)
     if not ref_schemes:  # the 2/3/4-bit defaults among the schemes
         ref_schemes = default_ref_schemes(schemes)
 
@@ -133,6 +146,38 @@ def profile(
     )
     prof.metadata["request"] = _request(loaded.spec, schemes, spec, (kl_samples, kl_stride), include, exclude, ref_schemes,
                                         measured=measured, groups=groups)
+    if out is not None:
+        prof.save(out)
+    return prof
+
+
+def _profile_llamacpp(model, calibration, n_samples, seq_len, seed, kl_samples, kl_stride, schemes, include, exclude,
+                      ref_schemes, out, progress, log, imatrix, *, measured, workers, ray_address, checkpoint_dir):
+    from bitalloc.sensitivity.llamacpp import build_llamacpp_profile, check_request
+
+    cands = None if schemes is None or list(schemes) == list(DEFAULT_SCHEMES) else list(schemes)
+    check_request(cands, imatrix, ref_schemes, include, exclude)  # one-line errors before the model loads
+    if isinstance(model, str):
+        from bitalloc.sensitivity.ggml import gguf_layout, model_gguf_path
+        from bitalloc.sensitivity.llamacpp import LlamaCppProfileError
+
+        arch = gguf_layout(model_gguf_path(model))["architecture"]
+        if arch != "llama":
+            raise LlamaCppProfileError(f"GGUF architecture {arch!r} is not supported by the llama.cpp target "
+                                       "(supported: llama)")
+    if imatrix and out is None:
+        raise ValueError("a llama.cpp profile with an importance matrix needs out= (the imatrix is written beside it)")
+    ckpt = measure_checkpoint_path(out, checkpoint_dir) if measured else None
+    loaded = _as_loaded(model)
+    spec = _calibration_spec(calibration, n_samples, seq_len, seed)
+    prof = build_llamacpp_profile(
+        loaded, cands, imatrix=imatrix, imatrix_out=Path(out).with_suffix(".imatrix.gguf") if imatrix else None,
+        ref_schemes=list(ref_schemes) if ref_schemes else None, include=include, exclude=exclude, calibration=spec,
+        progress=progress, kl_samples=kl_samples, kl_stride=kl_stride, log_fn=log, measured=measured, workers=workers,
+        ray_address=ray_address, checkpoint=ckpt)
+    prof.metadata["request"] = _request(loaded.spec, prof.schemes, spec, (kl_samples, kl_stride), include, exclude,
+                                        prof.ref_schemes, measured=measured) | {"target": "llamacpp",
+                                                                               "imatrix": bool(imatrix)}
     if out is not None:
         prof.save(out)
     return prof

@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kl-stride", type=int, default=DEFAULT_KL_STRIDE,
                     help=f"score the KL at every N-th position of those rows (default {DEFAULT_KL_STRIDE})")
     sp.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
-                    help=f"comma-separated candidate schemes (default {','.join(DEFAULT_SCHEMES)})")
+                    help=f"comma-separated candidate schemes (default {','.join(DEFAULT_SCHEMES)}; "
+                         "with --target llamacpp: llama.cpp's types q2_k,...,q8_0,iq4_nl,iq4_xs,f16,bf16 "
+                         "(+ iq2_xs,iq2_s,iq3_xxs,iq3_s with the imatrix))")
+    sp.add_argument("--target", choices=("bitalloc", "llamacpp"), default="bitalloc",
+                    help="llamacpp: ggml's types and quantizer, the GGUF file as the budget (export --to gguf)")
+    sp.add_argument("--no-imatrix", action="store_true",
+                    help="with --target llamacpp: quantize without an importance matrix")
     sp.add_argument("--ref-schemes", type=_csv, default=None,
                     help="schemes measured end to end per layer to calibrate the proxy (default: "
                          f"{','.join(DEFAULT_REF_SCHEMES)} among --schemes, else the first quantized one)")
@@ -137,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation text file, or 'generated' (held-out text sampled from the model)")
     sp.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
     sp.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    sp.add_argument("--gguf", action="append", default=[],
+                    help="GGUF file whose perplexity llama.cpp computes (repeatable; same windows and tokens as "
+                         "the torch evaluation, tokenized by --model's tokenizer)")
+
+    sp = sub.add_parser("export", help="turn a plan into an engine's files (--to gguf | llama-quantize)")
+    sp.add_argument("plan", help="a plan JSON (for --to gguf / llama-quantize: made from a --target llamacpp profile)")
+    sp.add_argument("--to", required=True, choices=("gguf", "llama-quantize"),
+                    help="gguf: the GGUF written by llama_model_quantize; llama-quantize: tensor-type file + imatrix "
+                         "+ the command line for your own llama.cpp build")
+    sp.add_argument("--out", required=True, help="the .gguf file (--to gguf) or a folder (--to llama-quantize)")
+    sp.add_argument("--model", default=None, help="model spec (default: the plan's)")
+    sp.add_argument("--imatrix", default=None, help="the plan's imatrix file, if it moved (default: the recorded path)")
 
     sp = sub.add_parser("run", help="the whole pipeline from a TOML config (default: the embedded main job)")
     sp.add_argument("config", nargs="?", default=None, help="CONFIG.toml (optional)")
@@ -151,7 +169,8 @@ def _cmd_profile(a) -> int:
                        kl_samples=a.kl_samples, kl_stride=a.kl_stride, schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
                        out=a.out, progress=not a.quiet, measured=a.measured, workers=a.workers,
                        ray_address=a.ray_address, checkpoint_dir=a.checkpoint_dir, saliency=a.saliency,
-                       quantizer=a.quantizer, pairs=a.pairs, pair_schemes=a.pair_schemes, pair_ref=a.pair_ref)
+                       quantizer=a.quantizer, pairs=a.pairs, pair_schemes=a.pair_schemes, pair_ref=a.pair_ref,
+                       target=a.target, imatrix=not a.no_imatrix)
     how = ""
     if a.measured:
         m = prof.metadata.get("measure", {})
@@ -237,11 +256,57 @@ def _cmd_apply(a) -> int:
     return 0
 
 
+def _cmd_export(a) -> int:
+    from . import llamacpp
+    from .plan import Plan
+
+    plan = Plan.load(a.plan)
+    if a.to == "gguf":
+        r = llamacpp.export_gguf(plan, a.out, model=a.model, imatrix_path=a.imatrix)
+        ok = "= the plan's prediction" if r["bytes"] == r["predicted"] else f"(plan predicted {r['predicted']})"
+        print(f"GGUF {r['bytes']} bytes {ok} -> {r['path']}")
+    else:
+        r = llamacpp.export_llama_quantize(plan, a.out, model=a.model, imatrix_path=a.imatrix)
+        print(f"{r['tensors']} tensor types -> {r['tensor_type_file']}\nrun:\n{r['command']}")
+    return 0
+
+
+def _eval_gguf(a) -> int:
+    from bitalloc.sensitivity.ggml import model_gguf_path
+
+    from . import llamacpp
+    from .evaluate import windows_from_file
+    from .report import format_table
+
+    if a.plan:
+        raise ValueError("give either --plan (torch evaluation) or --gguf (llama.cpp), not both")
+    if a.text == "generated":
+        raise ValueError("--gguf needs --text FILE (llama.cpp scores the same text windows)")
+    for g in a.gguf:  # before the tokenizer loads
+        if not Path(g).is_file():
+            raise ValueError(f"GGUF file {g!r} does not exist")
+    from transformers import AutoTokenizer
+
+    src = model_gguf_path(a.model)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
+    windows = windows_from_file(tok, a.text, a.seq_len, a.windows)
+    rows = []
+    for g in a.gguf:
+        r = llamacpp.perplexity(g, windows)
+        rows.append({"model": Path(g).name, "bytes": r["file_bytes"], "ppl": r["ppl"], "tokens": r["tokens"]})
+    print(format_table(rows, (("model", "GGUF", ""), ("bytes", "file bytes", "d"), ("ppl", "ppl (llama.cpp)", ".4f"),
+                              ("tokens", "tokens", "d"))))
+    print(f"({a.windows} windows x {a.seq_len} tokens from {a.text})")
+    return 0
+
+
 def _cmd_eval(a) -> int:
     from . import api
     from .plan import Plan
     from .report import format_table
 
+    if a.gguf:
+        return _eval_gguf(a)
     plans = {}
     for path in a.plan:
         pl = Plan.load(path)
@@ -271,7 +336,7 @@ def _cmd_run(a) -> int:
 
 
 COMMANDS = {"profile": _cmd_profile, "solve": _cmd_solve, "sweep": _cmd_sweep, "apply": _cmd_apply,
-            "eval": _cmd_eval, "run": _cmd_run}
+            "eval": _cmd_eval, "run": _cmd_run, "export": _cmd_export}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -374,8 +374,11 @@ def perplexity(gguf_path: str | os.PathLike, windows, *, n_threads: int = 2, pro
 # bitalloc's executor for a ggml plan
 
 
-def apply_plan(loaded, plan, *, imatrix_path: str | None = None):
-    """The model with every planned weight replaced by its ggml round trip (in place; torch)."""
+def apply_plan(model, plan, *, inplace: bool = False, imatrix_path: str | None = None):
+    """The model (a torch module or a LoadedModel) with every planned weight replaced by its
+    ggml round trip: what llama.cpp's file holds, in float (a copy unless ``inplace``)."""
+    import copy
+
     import torch
 
     from bitalloc.sensitivity.ggml import fake_quantize
@@ -385,8 +388,10 @@ def apply_plan(loaded, plan, *, imatrix_path: str | None = None):
     imatrix = _plan_imatrix(plan, imatrix_path)
     from bitalloc.sensitivity.ggml import gguf_names_for_model
 
-    names = gguf_names_for_model(loaded.model, list(plan.layers))
-    net = loaded.model
+    net = getattr(model, "model", model)
+    if not inplace:
+        net = copy.deepcopy(net)  # tied weights stay tied in the copy
+    names = gguf_names_for_model(net, list(plan.layers))
     with torch.no_grad():
         for fqn, lp in plan.layers.items():
             try:
@@ -400,4 +405,4 @@ def apply_plan(loaded, plan, *, imatrix_path: str | None = None):
             if imatrix is not None and im is None:
                 raise LlamaCppError(f"the importance matrix has no entry for {names[fqn]}")
             w.copy_(fake_quantize(w.to(torch.float32), lp.scheme, None if im is None else torch.from_numpy(im)))
-    return loaded
+    return net

@@ -110,7 +110,11 @@ def tensor_bytes(name: str, out_features: int, in_features: int) -> int:
     return out_features * row_size(name, in_features)
 
 
-def quantize(w: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+def _threads() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def quantize(w: np.ndarray, name: str, imatrix: np.ndarray | None = None, *, threads: int | None = None) -> np.ndarray:
     """ggml's bytes of ``w`` (rows, n) in type ``name`` (uint8 array), with the (n,)
     importance matrix when given (ggml's per-column weights)."""
     tid, _, _, _ = _type(name)
@@ -129,8 +133,23 @@ def quantize(w: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.
         if not np.isfinite(im).all():
             raise GGMLError("importance matrix has NaN or inf values")
     out = np.empty(rows * rs, dtype=np.uint8)
-    got = library().ggml_quantize_chunk(tid, w.ctypes.data, out.ctypes.data, 0, rows, n,
-                                        None if im is None else im.ctypes.data)
+    lib = library()
+    imp = None if im is None else im.ctypes.data
+    # rows are independent: chunks on threads (ctypes releases the GIL), as llama.cpp does
+    nt = max(1, min(threads or _threads(), rows // 64 or 1))
+    step = -(-rows // nt)
+
+    def run(r0: int) -> int:
+        nr = min(step, rows - r0)
+        return int(lib.ggml_quantize_chunk(tid, w.ctypes.data, out.ctypes.data, r0 * n, nr, n, imp))
+
+    if nt == 1:
+        got = run(0)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(nt) as ex:
+            got = sum(ex.map(run, range(0, rows, step)))
     if got != out.size:
         raise GGMLError(f"ggml_quantize_chunk wrote {got} bytes for {rows} rows of {name}, expected {out.size}")
     return out

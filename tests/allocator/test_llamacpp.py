@@ -87,3 +87,125 @@ def test_imatrix_file_roundtrip(tmp_path):
     assert set(back) == set(im) and all(np.array_equal(back[k], im[k]) for k in im)
     r = gguf.GGUFReader(str(p))
     assert {"imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"} <= set(r.fields)
+
+
+# ---------------------------------------------------------------------------------------
+# a llama.cpp-target profile (synthetic tables on SmolLM2's real layers and GGUF), its plan,
+# the exported GGUF, and perplexity in llama.cpp vs bitalloc's executor
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from bitalloc.sensitivity.models import load_model
+
+    try:
+        return load_model("smollm2")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no SmolLM2: {e}")
+
+
+SCHEMES = ["q4_0", "q5_0", "q8_0", "q4_k", "q6_k", "iq4_nl"]
+
+
+@pytest.fixture(scope="module")
+def gguf_profile(smollm2):
+    """A profile as build_llamacpp_profile makes it, with a made-up loss table (no calibration run)."""
+    from bitalloc.sensitivity.layers import find_layers
+    from bitalloc.sensitivity.llamacpp import gguf_budget
+    from bitalloc.sensitivity.profile import SensitivityProfile, cost_table
+
+    layers, skipped = find_layers(smollm2.model, quantize_tied=True)
+    costs = cost_table(layers, SCHEMES)
+    bpw = np.array([parse_scheme(s).weight.bits for s in SCHEMES], dtype=float)
+    table = np.array([[np.nan if c == 0 else 2.0 ** -b for c, b in zip(row, bpw)] for row in costs])
+    layout = ggml.gguf_layout(ggml.model_gguf_path("smollm2"))
+    names, other_bits, gmeta = gguf_budget(layers, costs, layout)
+    from bitalloc.sensitivity.models import fingerprint
+
+    return SensitivityProfile(
+        model={"spec": "smollm2", "kind": smollm2.kind, "description": "", "fingerprint": fingerprint(smollm2.model)},
+        calibration={}, layers=layers, skipped=skipped, schemes=SCHEMES, cost_bits=costs, tables={"all": table},
+        proxy=table, kl_ref=table[:, :1], ref_schemes=["q4_0"], scales=np.ones(len(layers)), other_bits=other_bits,
+        other_params=0, metadata={"target": "llamacpp", "gguf": gmeta, "quantizer": "ggml"})
+
+
+def test_unfit_types_are_no_candidates(gguf_profile):
+    from bitalloc.allocator.solve import AllocationError, solve
+
+    plan = solve(gguf_profile, "120MB")
+    for fqn, lp in plan.layers.items():
+        assert lp.shape[1] % 256 == 0 or lp.scheme not in ("q4_k", "q6_k"), fqn
+    with pytest.raises(AllocationError, match="q4_k is not a candidate for model.layers.0.self_attn.q_proj"):
+        solve(gguf_profile, "120MB", pins={"model.layers.0.self_attn.q_proj": "q4_k"})
+
+
+@pytest.mark.parametrize("budget", ["80MB", "115MB"])
+def test_exported_gguf_has_the_predicted_size(gguf_profile, tmp_path, budget):
+    from bitalloc.allocator.solve import solve
+
+    plan = solve(gguf_profile, budget)
+    predicted = plan.predicted["gguf"]["file_bytes"]
+    assert predicted == plan.predicted["total_bytes"] <= float(budget[:-2]) * 1e6
+    r = lc.export_gguf(plan, tmp_path / "m.gguf")
+    assert os.path.getsize(tmp_path / "m.gguf") == predicted == r["bytes"]
+    types = lc.gguf_tensor_types(tmp_path / "m.gguf")
+    names = gguf_profile.metadata["gguf"]["tensor_names"]
+    assert all(types[names[f]] == lp.scheme for f, lp in plan.layers.items())
+    assert len({lp.scheme for lp in plan.layers.values()}) > 1  # a real mix
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_llamacpp_and_executor_perplexity_agree(gguf_profile, smollm2, tmp_path):
+    """llama.cpp's perplexity of the exported GGUF and bitalloc's executor's (the ggml round
+    trip in torch) on the same token windows agree within 1 % (llama.cpp also rounds the
+    activations to 8 bits in its quantized dot products)."""
+    import torch
+
+    from bitalloc.allocator.evaluate import evaluate, windows_from_file
+    from bitalloc.allocator.executor import apply
+    from bitalloc.allocator.solve import solve
+
+    plan = solve(gguf_profile, "90MB")
+    lc.export_gguf(plan, tmp_path / "m.gguf")
+    windows = windows_from_file(smollm2.tokenizer, "/work/shared/data/wikitext2-test.txt" if os.path.exists(
+        "/work/shared/data/wikitext2-test.txt") else pytest.skip("no wikitext"), 64, 2)
+    ours = evaluate(apply(smollm2.model, plan), windows, progress=False)
+    theirs = lc.perplexity(tmp_path / "m.gguf", windows)
+    assert theirs["tokens"] == ours.tokens
+    assert abs(theirs["ppl"] / ours.ppl - 1) < 0.01, (theirs["ppl"], ours.ppl)
+    # and the executor did change the weights (tied embedding included)
+    assert not torch.equal(apply(smollm2.model, plan).model.embed_tokens.weight, smollm2.model.model.embed_tokens.weight)
+
+
+def test_bad_input_one_line_errors(gguf_profile, tmp_path):
+    from bitalloc.allocator.cli import main
+    from bitalloc.allocator.solve import solve
+
+    plan = solve(gguf_profile, "100MB")
+    p = plan.save(tmp_path / "plan.json")
+    rc = main(["export", str(p), "--to", "gguf", "--out", str(tmp_path / "no" / "dir" / "m.gguf")])
+    assert rc == 2
+    rc = main(["export", str(p), "--to", "gguf", "--out", str(tmp_path / "m.gguf"), "--model", "minilm"])
+    assert rc == 2 and not (tmp_path / "m.gguf").exists()
+    # a plan of the default (bitalloc) target is refused
+    from dataclasses import replace
+
+    other = replace(plan, predicted={k: v for k, v in plan.predicted.items() if k != "gguf"})
+    with pytest.raises(lc.LlamaCppError, match="not made for the llama.cpp target"):
+        lc.export_gguf(other, tmp_path / "m.gguf")
+    with pytest.raises(FormatError, match="divisible by 256"):
+        from bitalloc.allocator.plan import LayerPlan
+
+        LayerPlan("model.layers.0.self_attn.q_proj", "q4_k", (576, 576), 0)
+
+
+def test_llama_quantize_export(gguf_profile, tmp_path, capsys):
+    from bitalloc.allocator.cli import main
+    from bitalloc.allocator.solve import solve
+
+    p = solve(gguf_profile, "100MB").save(tmp_path / "plan.json")
+    assert main(["export", str(p), "--to", "llama-quantize", "--out", str(tmp_path / "lq")]) == 0
+    lines = (tmp_path / "lq" / "tensor-types.txt").read_text().splitlines()
+    assert len(lines) == 211 and lines[0].startswith("^") and "=" in lines[0]
+    out = capsys.readouterr().out
+    assert "llama-quantize --allow-requantize" in out and "--tensor-type-file" in out
