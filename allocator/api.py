@@ -65,6 +65,8 @@ def profile(
     progress: bool = True,
     log: Callable[[str], None] | None = _log_default,
     checkpoint_dir: str | Path | None = None,
+    target: str | None = None,
+    imatrix: bool = True,
     **settings,
 ):
     """Profile a model: Hessian proxy for every (layer, scheme), calibrated by measured KL.
@@ -76,6 +78,11 @@ def profile(
     ``quantizer``, ``pairs``, ``pair_schemes``, ``pair_ref``) override it. Without a config
     the API's defaults apply: ``kl_samples=2``, ``kl_stride=2`` and the 2/3/4-bit reference
     schemes among ``schemes``.
+
+    ``target="llamacpp"``: the llama.cpp target (:mod:`sensitivity.llamacpp`): ggml types
+    as candidates (default when ``schemes`` is the default), ggml's own quantizer with the
+    profile's Hessian diagonal as importance matrix (``imatrix=False``: none), the whole
+    GGUF file as the budget; the imatrix goes beside ``out`` (``<out>.imatrix.gguf``).
 
     ``groups``: metric groups (:mod:`sensitivity.groups`): each layer's references are
     measured with its group's metric and the profile holds one table per group.
@@ -95,6 +102,17 @@ def profile(
 
     from .config import default_ref_schemes
 
+    if target not in (None, "bitalloc", "llamacpp"):
+        raise ValueError(f"target must be 'bitalloc' or 'llamacpp', got {target!r}")
+    if target == "llamacpp":
+        if config is not None:
+            raise ValueError("target='llamacpp' takes keyword settings, not a ProfileConfig")
+        g = settings.get
+        return _profile_llamacpp(model, g("calibration", "generated"), g("n_samples", 8), g("seq_len", 256),
+                                 g("seed", 0), g("kl_samples", DEFAULT_KL_SAMPLES), g("kl_stride", DEFAULT_KL_STRIDE),
+                                 g("schemes", DEFAULT_SCHEMES), g("include", ()), g("exclude", ()), g("ref_schemes"),
+                                 out, progress, log, imatrix, measured=g("measured", False), workers=g("workers"),
+                                 ray_address=g("ray_address"), checkpoint_dir=checkpoint_dir)
     if config is None:
         base = {"kl_samples": DEFAULT_KL_SAMPLES, "kl_stride": DEFAULT_KL_STRIDE, **settings}
         if not base.get("ref_schemes"):  # the 2/3/4-bit defaults among the schemes
@@ -121,6 +139,38 @@ def profile(
     )
     prof.metadata["request"] = _request(loaded.spec, cfg.schemes, spec, (cfg.kl_samples, cfg.kl_stride), cfg.include,
                                         cfg.exclude, cfg.ref_schemes, measured=cfg.measured, groups=list(cfg.groups) or None)
+    if out is not None:
+        prof.save(out)
+    return prof
+
+
+def _profile_llamacpp(model, calibration, n_samples, seq_len, seed, kl_samples, kl_stride, schemes, include, exclude,
+                      ref_schemes, out, progress, log, imatrix, *, measured, workers, ray_address, checkpoint_dir):
+    from bitalloc.sensitivity.llamacpp import build_llamacpp_profile, check_request
+
+    cands = None if schemes is None or list(schemes) == list(DEFAULT_SCHEMES) else list(schemes)
+    check_request(cands, imatrix, ref_schemes, include, exclude)  # one-line errors before the model loads
+    if isinstance(model, str):
+        from bitalloc.sensitivity.ggml import gguf_layout, model_gguf_path
+        from bitalloc.sensitivity.llamacpp import LlamaCppProfileError
+
+        arch = gguf_layout(model_gguf_path(model))["architecture"]
+        if arch != "llama":
+            raise LlamaCppProfileError(f"GGUF architecture {arch!r} is not supported by the llama.cpp target "
+                                       "(supported: llama)")
+    if imatrix and out is None:
+        raise ValueError("a llama.cpp profile with an importance matrix needs out= (the imatrix is written beside it)")
+    ckpt = measure_checkpoint_path(out, checkpoint_dir) if measured else None
+    loaded = _as_loaded(model)
+    spec = _calibration_spec(calibration, n_samples, seq_len, seed)
+    prof = build_llamacpp_profile(
+        loaded, cands, imatrix=imatrix, imatrix_out=Path(out).with_suffix(".imatrix.gguf") if imatrix else None,
+        ref_schemes=list(ref_schemes) if ref_schemes else None, include=include, exclude=exclude, calibration=spec,
+        progress=progress, kl_samples=kl_samples, kl_stride=kl_stride, log_fn=log, measured=measured, workers=workers,
+        ray_address=ray_address, checkpoint=ckpt)
+    prof.metadata["request"] = _request(loaded.spec, prof.schemes, spec, (kl_samples, kl_stride), include, exclude,
+                                        prof.ref_schemes, measured=measured) | {"target": "llamacpp",
+                                                                               "imatrix": bool(imatrix)}
     if out is not None:
         prof.save(out)
     return prof

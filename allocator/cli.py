@@ -95,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kl-stride", type=int, default=DEFAULT_KL_STRIDE,
                     help=f"score the KL at every N-th position of those rows (default {DEFAULT_KL_STRIDE})")
     sp.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
-                    help=f"comma-separated candidate schemes (default {','.join(DEFAULT_SCHEMES)})")
+                    help=f"comma-separated candidate schemes (default {','.join(DEFAULT_SCHEMES)}; "
+                         "with --target llamacpp: llama.cpp's types q2_k,...,q8_0,iq4_nl,iq4_xs,f16,bf16 "
+                         "(+ iq2_xs,iq2_s,iq3_xxs,iq3_s with the imatrix))")
+    sp.add_argument("--target", choices=("bitalloc", "llamacpp"), default="bitalloc",
+                    help="llamacpp: ggml's types and quantizer, the GGUF file as the budget (export --to gguf)")
+    sp.add_argument("--no-imatrix", action="store_true",
+                    help="with --target llamacpp: quantize without an importance matrix")
     sp.add_argument("--ref-schemes", type=_csv, default=None,
                     help="schemes measured end to end per layer to calibrate the proxy (default: "
                          f"{','.join(DEFAULT_REF_SCHEMES)} among --schemes, else the first quantized one)")
@@ -177,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation text file, or 'generated' (held-out text sampled from the model)")
     sp.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
     sp.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    sp.add_argument("--gguf", action="append", default=[],
+                    help="GGUF file whose perplexity llama.cpp computes (repeatable; same windows and tokens as "
+                         "the torch evaluation, tokenized by --model's tokenizer)")
+
 
     sp = sub.add_parser("serve", help="the allocation service: profiles as jobs, plans on request (HTTP, /v1)")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
@@ -215,6 +225,15 @@ def _cmd_profile(a) -> int:
     from . import api
     from .config import default_ref_schemes
 
+    if a.target == "llamacpp":  # ggml's types and quantizer: settings are checked by the llama.cpp target
+        check_output(a.out, inputs=[a.calib, a.model], overwrite=a.overwrite, what="--out")
+        prof = api.profile(a.model, target="llamacpp", imatrix=not a.no_imatrix, out=a.out, progress=not a.quiet,
+                           checkpoint_dir=a.checkpoint_dir, calibration=a.calib, n_samples=a.n_samples,
+                           seq_len=a.seq_len, seed=a.seed, kl_samples=a.metric_samples, kl_stride=a.kl_stride,
+                           schemes=a.schemes, ref_schemes=a.ref_schemes, include=a.include, exclude=a.exclude,
+                           measured=a.measured, workers=a.workers, ray_address=a.ray_address)
+        print(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes (llama.cpp target) -> {a.out}")
+        return 0
     # every setting checked, and the output, before the model is loaded
     cfg = ProfileConfig(
         schemes=tuple(a.schemes), ref_schemes=tuple(a.ref_schemes or default_ref_schemes(a.schemes)),
@@ -343,11 +362,42 @@ def _cmd_apply(a) -> int:
     return 0
 
 
+def _eval_gguf(a) -> int:
+    from bitalloc.sensitivity.ggml import model_gguf_path
+
+    from . import llamacpp
+    from .evaluate import windows_from_file
+    from .report import format_table
+
+    if a.plan:
+        raise ValueError("give either --plan (torch evaluation) or --gguf (llama.cpp), not both")
+    if a.text == "generated":
+        raise ValueError("--gguf needs --text FILE (llama.cpp scores the same text windows)")
+    for g in a.gguf:  # before the tokenizer loads
+        if not Path(g).is_file():
+            raise ValueError(f"GGUF file {g!r} does not exist")
+    from transformers import AutoTokenizer
+
+    src = model_gguf_path(a.model)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
+    windows = windows_from_file(tok, a.text, a.seq_len, a.windows)
+    rows = []
+    for g in a.gguf:
+        r = llamacpp.perplexity(g, windows)
+        rows.append({"model": Path(g).name, "bytes": r["file_bytes"], "ppl": r["ppl"], "tokens": r["tokens"]})
+    print(format_table(rows, (("model", "GGUF", ""), ("bytes", "file bytes", "d"), ("ppl", "ppl (llama.cpp)", ".4f"),
+                              ("tokens", "tokens", "d"))))
+    print(f"({a.windows} windows x {a.seq_len} tokens from {a.text})")
+    return 0
+
+
 def _cmd_eval(a) -> int:
     from . import api
     from .plan import Plan
     from .report import format_table
 
+    if a.gguf:
+        return _eval_gguf(a)
     plans = {}
     for path in a.plan:
         pl = Plan.load(path)

@@ -163,6 +163,10 @@ def apply(model: torch.nn.Module, plan: Plan, *, inplace: bool = False, fingerpr
             plan.check_model(fingerprint)
         except PlanError as e:
             raise ExecutorError(one_line(e)) from None
+    if plan.quantizer in ("ggml", "ggml-imatrix"):  # the llama.cpp target: ggml's own round trip
+        from .llamacpp import apply_plan
+
+        return apply_plan(model, plan, inplace=inplace)
     targets = planned_modules(model, plan)
     check_rules(model, plan)
     schemes = {fqn: parse_scheme(plan.layers[fqn].scheme) for fqn, _ in targets}

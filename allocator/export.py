@@ -43,6 +43,9 @@ TARGETS: dict[str, str] = {
     "compressed-tensors": ".export_ct",
     "torchao": ".export_torchao",
 }
+# llama.cpp targets (allocator/llamacpp.py): --out is the .gguf file itself (gguf) or a folder
+# with the tensor-type file, the imatrix and the llama-quantize command line (llama-quantize)
+LLAMACPP_TARGETS = ("gguf", "llama-quantize")
 
 
 class ExportError(BitallocError, ValueError):
@@ -201,10 +204,15 @@ def export(plan: Plan | str | os.PathLike, to: str, out: str | os.PathLike, *, m
 
 
 def add_parser(sub) -> Any:
-    sp = sub.add_parser("export", help="write a plan as a serving engine's files (" + ", ".join(TARGETS) + ")")
-    sp.add_argument("plan", help="a plan JSON written by `bitalloc solve`")
-    sp.add_argument("--to", required=True, metavar="TARGET", help="export target: " + ", ".join(TARGETS))
-    sp.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
+    names = [*TARGETS, *LLAMACPP_TARGETS]
+    sp = sub.add_parser("export", help="write a plan as a serving engine's files (" + ", ".join(names) + ")")
+    sp.add_argument("plan", help="a plan JSON written by `bitalloc solve` (gguf / llama-quantize: from a "
+                                 "--target llamacpp profile)")
+    sp.add_argument("--to", required=True, metavar="TARGET", help="export target: " + ", ".join(names))
+    sp.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite); "
+                                                 "--to gguf: the .gguf file")
+    sp.add_argument("--imatrix", default=None,
+                    help="gguf / llama-quantize: the plan's imatrix file, if it moved (default: the recorded path)")
     sp.add_argument("--model", default=None, help="model spec to take the weights from (default: the plan's)")
     sp.add_argument("--fallback", action="append", default=[],
                     help="what to do with layers the target cannot express (target-specific, e.g. fp16, "
@@ -213,7 +221,23 @@ def add_parser(sub) -> Any:
     return sp
 
 
+def _cmd_llamacpp(a) -> int:
+    from . import llamacpp
+
+    plan = Plan.load(a.plan)
+    if a.to == "gguf":
+        r = llamacpp.export_gguf(plan, a.out, model=a.model, imatrix_path=a.imatrix)
+        ok = "= the plan's prediction" if r["bytes"] == r["predicted"] else f"(plan predicted {r['predicted']})"
+        print(f"GGUF {r['bytes']} bytes {ok} -> {r['path']}")
+    else:
+        r = llamacpp.export_llama_quantize(plan, a.out, model=a.model, imatrix_path=a.imatrix)
+        print(f"{r['tensors']} tensor types -> {r['tensor_type_file']}\nrun:\n{r['command']}")
+    return 0
+
+
 def cmd_export(a) -> int:
+    if a.to in LLAMACPP_TARGETS:
+        return _cmd_llamacpp(a)
     log = (lambda _m: None) if getattr(a, "quiet", False) else print
     env = export(a.plan, a.to, a.out, model=a.model, fallback=a.fallback, overwrite=a.overwrite, log=log)
     summary = env["report"].get("summary_lines") or []

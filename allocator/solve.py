@@ -120,9 +120,15 @@ def build_problem(
         rows = _layers_matching(profile, pat)
         for s in sch:
             allowed[rows, _scheme_index(profile, s)] = False
+    fits = np.isfinite(loss)  # NaN: not a candidate there (a ggml type whose block does not divide the rows)
+    allowed &= fits
     for pat, sch in (pins or {}).items():
         rows = _layers_matching(profile, pat)
         k = _scheme_index(profile, sch)
+        bad = [profile.layers[i].fqn for i in rows if not fits[i, k]]
+        if bad:
+            raise AllocationError(f"pin {pat}={sch}: {sch} is not a candidate for {bad[0]} "
+                                  f"(shape {profile.layers[profile.fqns.index(bad[0])].shape})")
         allowed[rows, :] = False
         allowed[rows, k] = True
     empty = [profile.layers[i].fqn for i in np.flatnonzero(~allowed.any(axis=1))]
@@ -192,7 +198,11 @@ def _n_weights(profile) -> int:
 
 
 def _other_bits(profile) -> int:
-    """Bits of everything not quantized, stored in 16-bit (how a quantized model is saved)."""
+    """Bits of everything not quantized, stored in 16-bit (how a quantized model is saved);
+    for the llama.cpp target the exact rest of the GGUF file (header, metadata, tokenizer,
+    padding, norms: ``profile.other_bits``)."""
+    if (getattr(profile, "metadata", {}) or {}).get("target") == "llamacpp":
+        return int(profile.other_bits)
     return int(profile.other_params) * 16
 
 
@@ -256,6 +266,8 @@ def quantization_of(profile) -> dict:
            "calibration_tokens_sha256": (getattr(profile, "calibration", {}) or {}).get("tokens_sha256")}
     if md.get("hessians"):
         out["hessians"] = {k: md["hessians"].get(k) for k in ("path", "sha256")}
+    if md.get("imatrix"):
+        out["imatrix"] = {k: md["imatrix"].get(k) for k in ("path", "sha256")}
     return out
 
 
@@ -293,6 +305,11 @@ def plan_from_choice(profile, choice: Sequence[int], *, budget: Budget | None = 
     }
     if capacity is not None:
         predicted["capacity_bits"] = int(capacity)
+    md = getattr(profile, "metadata", {}) or {}
+    if md.get("target") == "llamacpp":  # the GGUF llama_model_quantize will write, byte for byte
+        g = md.get("gguf") or {}
+        predicted["gguf"] = {"file_bytes": (qbits + other) // 8, "source_sha256": g.get("tensors_sha256"),
+                             "imatrix": bool(md.get("imatrix"))}
     return Plan(
         model=dict(profile.model), layers=layers, budget=budget.to_dict() if budget else {},
         predicted=predicted, solver=solver or {}, profile=profile_ref(profile, profile_path), label=label,

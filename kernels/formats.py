@@ -25,6 +25,14 @@ Storage layout (the numbers :meth:`Format.storage_bits` counts, bit for bit):
 * **fp8 e4m3 / fp4 e2m1** codes are the raw 8/4-bit encodings, with a float16 scale per
   group (symmetric, no zero-point).
 * **fp16** ("keep 16-bit") stores the weight as float16: 16 bits per weight, nothing else.
+* **ggml types** (llama.cpp's own, named as llama.cpp names them in lowercase: ``q4_k``,
+  ``q5_0``, ``iq4_nl``, ``q8_0``, ``f16``, ...; see :data:`GGML_TYPES`) are stored exactly
+  as ggml stores them: ``rows × ggml_row_size(type, in_features)`` bytes, a row being
+  ``in_features / block`` blocks of ``block_bytes`` (Q4_K: 144 bytes per 256 weights =
+  4.5 bpw). A type whose block does not divide ``in_features`` does not fit the tensor
+  (llama.cpp's rule: K-quants and most IQ types need ``in_features % 256 == 0``), and its
+  storage is a :class:`FormatError`. They are quantized by ggml's own C quantizer
+  (``sensitivity.ggml``), never by this package.
 """
 
 from __future__ import annotations
@@ -50,6 +58,10 @@ __all__ = [
     "DEFAULT_RATIOS",
     "split_family",
     "split_families",
+    "GGML_TYPES",
+    "GGML_IMATRIX_ONLY",
+    "is_ggml",
+    "ggml_fits",
 ]
 
 INT_BITS = (2, 3, 4, 5, 6, 8)
@@ -62,6 +74,37 @@ WORD_BITS = 32
 
 class FormatError(BitallocError, ValueError):
     """A format or scheme name or field is not valid; the message names it."""
+
+
+# ggml (llama.cpp) types: name -> (ggml type id, weights per block, bytes per block, nominal
+# bits). Checked against the bundled libggml's ggml_blck_size / ggml_type_size by
+# sensitivity.ggml at import; q4_1 is SmolLM2's shipped storage (reproduces it exactly).
+GGML_TYPES: dict[str, tuple[int, int, int, int]] = {
+    "f32": (0, 1, 4, 32), "f16": (1, 1, 2, 16), "bf16": (30, 1, 2, 16),
+    "q4_0": (2, 32, 18, 4), "q4_1": (3, 32, 20, 4), "q5_0": (6, 32, 22, 5), "q5_1": (7, 32, 24, 5),
+    "q8_0": (8, 32, 34, 8), "iq4_nl": (20, 32, 18, 4),
+    "q2_k": (10, 256, 84, 2), "q3_k": (11, 256, 110, 3), "q4_k": (12, 256, 144, 4), "q5_k": (13, 256, 176, 5),
+    "q6_k": (14, 256, 210, 6), "iq4_xs": (23, 256, 136, 4),
+    "iq2_xxs": (16, 256, 66, 2), "iq2_xs": (17, 256, 74, 2), "iq2_s": (22, 256, 82, 2),
+    "iq3_xxs": (18, 256, 98, 3), "iq3_s": (21, 256, 110, 3),
+}
+# offered only with an importance matrix (llama.cpp refuses iq2_* without one; iq3_* are
+# poor without one, so bitalloc asks for one too)
+GGML_IMATRIX_ONLY = frozenset({"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"})
+
+
+def is_ggml(x) -> bool:
+    """Whether a format / scheme / name is a ggml type."""
+    if isinstance(x, Scheme):
+        x = x.weight
+    if isinstance(x, Format):
+        x = x.kind
+    return isinstance(x, str) and x in GGML_TYPES
+
+
+def ggml_fits(name: str, in_features: int) -> bool:
+    """Whether ggml type ``name`` can store rows of ``in_features`` (its block divides them)."""
+    return in_features > 0 and in_features % GGML_TYPES[name][1] == 0
 
 
 def bit_planes(bits: int) -> tuple[int, ...]:
@@ -94,6 +137,11 @@ class Format:
     symmetric: bool = True
 
     def __post_init__(self) -> None:
+        if self.kind in GGML_TYPES:
+            if self.bits != GGML_TYPES[self.kind][3] or self.group_size is not None or not self.symmetric:
+                raise FormatError(f"ggml type {self.kind} has {GGML_TYPES[self.kind][3]} nominal bits, no group_size "
+                                  "(its block is fixed) and no symmetric flag")
+            return
         if self.kind not in KINDS:
             raise FormatError(f"format kind {self.kind!r} is not one of {KINDS}")
         if self.kind == "int" and self.bits not in INT_BITS:
@@ -114,8 +162,8 @@ class Format:
     # -- names -------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        if self.kind == "fp16":
-            return "fp16"
+        if self.kind == "fp16" or self.kind in GGML_TYPES:
+            return self.kind
         g = "" if self.group_size is None else f"g{self.group_size}"
         if self.kind == "int":
             return f"w{self.bits}{g}{'' if self.symmetric else 'z'}"
@@ -127,7 +175,7 @@ class Format:
     # -- storage -----------------------------------------------------------------------
     @property
     def is_quantized(self) -> bool:
-        return self.kind != "fp16"
+        return self.kind not in ("fp16", "f32", "f16", "bf16")
 
     @property
     def has_zero(self) -> bool:
@@ -149,6 +197,13 @@ class Format:
             raise FormatError(f"shape must be non-negative, got ({out_features}, {in_features})")
         if in_features == 0 or out_features == 0:
             return 0
+        if self.kind in GGML_TYPES:
+            _, block, nbytes, _ = GGML_TYPES[self.kind]
+            if in_features % block:
+                rule = " (llama.cpp's rule for K-quants and IQ types)" if block == 256 else ""
+                raise FormatError(f"ggml type {self.kind} needs in_features divisible by {block}{rule}; "
+                                  f"this tensor has {in_features}")
+            return out_features * (in_features // block) * nbytes * 8
         if self.kind == "fp16":
             return out_features * in_features * 16
         codes = out_features * packed_words(in_features, self.bits) * WORD_BITS
@@ -170,11 +225,14 @@ _FORMAT_RE = re.compile(
 
 def parse_format(name: str) -> Format:
     """Parse a weight format name: ``w4g128`` (sym), ``w3g64z`` (asym), ``w8``, ``fp8g128``, ``fp4g32``, ``fp16``."""
+    if isinstance(name, str) and name.strip().lower() in GGML_TYPES:
+        k = name.strip().lower()
+        return Format(k, GGML_TYPES[k][3], None, True)
     m = _FORMAT_RE.match(name.strip()) if isinstance(name, str) else None
     if not m:
         raise FormatError(
             f"unknown format {name!r}: expected w<bits>[g<group>][z] (bits {INT_BITS}, "
-            f"groups {GROUP_SIZES}), fp8[g<group>], fp4[g<group>] or fp16"
+            f"groups {GROUP_SIZES}), fp8[g<group>], fp4[g<group>], fp16, or a ggml type ({', '.join(GGML_TYPES)})"
         )
     if m["fp16"]:
         return FP16
@@ -218,6 +276,8 @@ class Scheme:
             raise FormatError("activation quantization needs a quantized weight format")
         if (self.high is None) != (self.ratio == 0):
             raise FormatError("a split needs both a high format and a ratio in (0, 1)")
+        if self.weight.kind in GGML_TYPES and (self.act != "a16" or self.high is not None):
+            raise FormatError(f"ggml type {self.weight.kind} is a whole-tensor format: no activation format or split")
         if self.high is not None:
             if not 0 < self.ratio < 1:
                 raise FormatError(f"split ratio must be in (0, 1), got {self.ratio}")
@@ -293,6 +353,8 @@ def parse_scheme(name: str) -> Scheme:
     """
     if not isinstance(name, str) or not name.strip():
         raise FormatError(f"unknown scheme {name!r}: empty name")
+    if name.strip().lower() in GGML_TYPES:
+        return Scheme(parse_format(name))
     m = _SCHEME_RE.match(name.strip())
     if not m:
         raise FormatError(f"unknown scheme {name!r}: expected <format>[a8|af8][+h<bits>[g<group>|c][s|z]r<ratio>]")

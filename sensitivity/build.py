@@ -42,6 +42,8 @@ def cost_table(layers: Sequence[LayerInfo], schemes: Sequence[Any]) -> np.ndarra
     """``(L, S)`` exact storage bits; a shared weight is counted on its first layer only."""
     from .proxy import as_scheme
 
+    from bitalloc.kernels.formats import ggml_fits, is_ggml
+
     sch = [as_scheme(s) for s in schemes]
     out = np.zeros((len(layers), len(sch)), dtype=np.int64)
     seen_groups: set[str] = set()
@@ -50,7 +52,9 @@ def cost_table(layers: Sequence[LayerInfo], schemes: Sequence[Any]) -> np.ndarra
             continue
         if layer.tie_group is not None:
             seen_groups.add(layer.tie_group)
-        out[i] = [s.storage_bits(layer.out_features, layer.in_features) for s in sch]
+        # a ggml type whose block does not divide the rows is no candidate there (cost 0, loss NaN)
+        out[i] = [0 if is_ggml(s) and not ggml_fits(s.name, layer.in_features)
+                  else s.storage_bits(layer.out_features, layer.in_features) for s in sch]
     return out
 
 
@@ -86,6 +90,7 @@ def build_profile(
     log_fn: Callable[[str], None] | None = None,
     checkpoint: str | os.PathLike | None = None,
     hessians_out: str | os.PathLike | None = None,
+    on_hessians: Callable[[dict], None] | None = None,
     **settings: Any,
 ) -> SensitivityProfile:
     """Profile a model: layers, calibration data, Hessians, proxy, reference KL, costs.
@@ -129,6 +134,8 @@ def build_profile(
     default the first pair scheme); stored in the profile's ``pairs`` field.
     ``hessians_out``: save the Hessians there (:mod:`sensitivity.hessian_store`; what a
     GPTQ plan is applied with), recorded with its sha256 in ``metadata["hessians"]``.
+    ``on_hessians``: called with ``{fqn: H or accumulator}`` once the tables are done (the
+    llama.cpp target keeps their diagonals as its importance matrix).
     """
     if config is not None and not isinstance(config, ProfileConfig):  # the old positional ``schemes``
         settings = {"schemes": config, **settings}
@@ -273,6 +280,8 @@ def build_profile(
         from .hessian_store import save_hessians
 
         hess_rec = save_hessians(hessians_out, stats, tokens_sha256=calib_desc.get("tokens_sha256"))
+    if on_hessians is not None:  # the llama.cpp target keeps their diagonals as its importance matrix
+        on_hessians(stats)
     walls["total"] = round(time.perf_counter() - t_start, 3)
     del stats
 

