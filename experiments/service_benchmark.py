@@ -148,6 +148,8 @@ def main() -> int:
                     help="layers of the profiling-job comparison (default: the last 3 blocks, the cheapest to "
                          "measure: a layer's KL replays only the blocks from its own on)")
     ap.add_argument("--job-full", action="store_true", help="compare the default SmolLM2 profile (all layers)")
+    ap.add_argument("--job-model", default="smollm2",
+                    help="model of the profiling-job comparison (e.g. random:llama-tiny with --job-include '')")
     ap.add_argument("--skip-job", action="store_true")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--name", default=None, help="results file name (default service_benchmark[_full_job].json)")
@@ -177,8 +179,9 @@ def main() -> int:
         res["plans"] = plan_benchmark(url, pid, levels, fresh_n, stored_n)
         res["memory_after_plans"] = rss_mb(proc.pid)
         if not a.skip_job:
-            args = ["--model", "smollm2"] + ([] if a.job_full else ["--include", a.job_include])
-            request = {"model": "smollm2"} if a.job_full else {"model": "smollm2", "include": [a.job_include]}
+            sub = not a.job_full and a.job_include
+            args = ["--model", a.job_model] + (["--include", a.job_include] if sub else [])
+            request = {"model": a.job_model, **({"include": [a.job_include]} if sub else {})}
             res["profile_job"] = job_benchmark(url, args, request, work)
             print(res["profile_job"], flush=True)
             res["memory_after_job"] = rss_mb(proc.pid)
