@@ -388,7 +388,9 @@ def apply_plan(model, plan, *, inplace: bool = False, imatrix_path: str | None =
     imatrix = _plan_imatrix(plan, imatrix_path)
     from bitalloc.sensitivity.ggml import gguf_names_for_model
 
-    net = getattr(model, "model", model)
+    from bitalloc.sensitivity.models import LoadedModel
+
+    net = model.model if isinstance(model, LoadedModel) else model
     if not inplace:
         net = copy.deepcopy(net)  # tied weights stay tied in the copy
     names = gguf_names_for_model(net, list(plan.layers))
