@@ -16,6 +16,7 @@ Phases (each row is cached under --work, so phases can run as their inputs becom
     python experiments/llamacpp_benchmark.py --phase presets          # no profile needed
     python experiments/llamacpp_benchmark.py --phase presets-imatrix  # needs the imatrix profile
     python experiments/llamacpp_benchmark.py --phase bitalloc         # needs both profiles
+    python experiments/llamacpp_benchmark.py --phase pairs            # preset+imatrix then bitalloc, per preset
     python experiments/llamacpp_benchmark.py --phase report           # results.json, plans, table
 
 The profiles are made with ``bitalloc profile --target llamacpp`` (see experiments/README.md).
@@ -32,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _data import wikitext_files  # noqa: E402
+from _data import DATA, wikitext_files  # noqa: E402
 
 RESULTS = HERE / "results" / "llamacpp"
 PRESETS = ("Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
@@ -46,7 +47,7 @@ def windows(args):
 
     src = model_gguf_path("smollm2")
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
-    _, test = wikitext_files()
+    _, test = wikitext_files(args.data)
     return windows_from_file(tok, test, args.seq_len, args.windows)
 
 
@@ -87,14 +88,14 @@ def imatrix_of(profile_path: Path):
     return read_imatrix(md["imatrix"]["path"])
 
 
-def phase_presets(args, imatrix: bool) -> None:
+def phase_presets(args, imatrix: bool, with_q41: bool = True) -> None:
     from bitalloc.allocator import llamacpp as lc
 
     work = Path(args.work)
     src = source(work)
     win = windows(args)
     im = imatrix_of(Path(args.profile_imatrix)) if imatrix else None
-    for preset in args.presets + ["Q4_1"]:
+    for preset in args.presets + (["Q4_1"] if with_q41 else []):
         name = f"{preset}{'+imatrix' if imatrix else ''}"
         if row_path(work, name).is_file():
             continue
@@ -111,13 +112,15 @@ def phase_presets(args, imatrix: bool) -> None:
         out.unlink()
 
 
-def phase_bitalloc(args) -> None:
+def phase_bitalloc(args, only_imatrix: bool = False) -> None:
     from bitalloc import api
     from bitalloc.allocator import llamacpp as lc
 
     work = Path(args.work)
     win = windows(args)
     for imatrix, prof_path in ((False, args.profile_plain), (True, args.profile_imatrix)):
+        if only_imatrix and not imatrix:
+            continue
         if not Path(prof_path).is_file():
             print(f"skip (no profile {prof_path})")
             continue
@@ -140,6 +143,17 @@ def phase_bitalloc(args) -> None:
                             "types": plan.scheme_counts(), "predicted_loss": plan.predicted["loss_total"],
                             "plan": plan_file.name, "eval_s": secs})
             out.unlink()
+
+
+def phase_pairs(args) -> None:
+    """Preset with the imatrix, then bitalloc at its file size, one preset after another
+    (so a run cut short still has complete pairs)."""
+    saved = list(args.presets)
+    for preset in saved:
+        args.presets = [preset]
+        phase_presets(args, True, with_q41=False)
+        phase_bitalloc(args, only_imatrix=True)
+    args.presets = saved
 
 
 def phase_report(args) -> None:
@@ -176,20 +190,23 @@ def phase_report(args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", required=True, choices=("presets", "presets-imatrix", "bitalloc", "report"))
+    ap.add_argument("--phase", required=True, choices=("presets", "presets-imatrix", "bitalloc", "pairs", "report"))
     ap.add_argument("--work", default="/tmp/llamacpp_bench", help="work folder (GGUFs, cached rows; not committed)")
     ap.add_argument("--profile-imatrix", default="/tmp/llamacpp_bench/profile-imatrix.json")
     ap.add_argument("--profile-plain", default="/tmp/llamacpp_bench/profile-plain.json")
     ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--data", default=str(DATA if DATA.is_dir() else HERE.parents[2] / "shared" / "data"),
+                    help="folder with wikitext2-{valid,test}.txt (default ../shared/data beside the repository)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     args = ap.parse_args()
     args.presets = [p for p in args.presets.split(",") if p]
-    if wikitext_files() is None:
+    if wikitext_files(args.data) is None:
         return 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     {"presets": lambda: phase_presets(args, False), "presets-imatrix": lambda: phase_presets(args, True),
-     "bitalloc": lambda: phase_bitalloc(args), "report": lambda: phase_report(args)}[args.phase]()
+     "bitalloc": lambda: phase_bitalloc(args), "pairs": lambda: phase_pairs(args),
+     "report": lambda: phase_report(args)}[args.phase]()
     return 0
 
 
