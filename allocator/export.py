@@ -245,3 +245,29 @@ def cmd_export(a) -> int:
         print(line)
     print(f"{a.to} export -> {a.out}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# the allocation service's export jobs (allocator/service/exports.py BUILTIN): each writes
+# into the empty folder it is given; options are the target's (``fallback`` for the registry
+# targets, ``imatrix_path`` for the llama.cpp ones)
+
+
+def _fallbacks(fallback) -> tuple[str, ...]:
+    """A request's ``fallback`` option: "fp16" or "fp16,weight-only" (request options are scalars)."""
+    return tuple(x.strip() for x in fallback.split(",") if x.strip()) if isinstance(fallback, str) else tuple(fallback)
+
+
+def service_compressed_tensors(plan: Plan, out_dir, *, model=None, fallback="") -> dict:
+    return export(plan, "compressed-tensors", out_dir, model=model, fallback=_fallbacks(fallback), overwrite=True,
+                  log=None)
+
+
+def service_torchao(plan: Plan, out_dir, *, model=None, fallback="") -> dict:
+    return export(plan, "torchao", out_dir, model=model, fallback=_fallbacks(fallback), overwrite=True, log=None)
+
+
+def service_gguf(plan: Plan, out_dir, *, model=None, imatrix_path=None) -> dict:
+    from . import llamacpp
+
+    return llamacpp.export_gguf(plan, Path(out_dir) / "model.gguf", model=model, imatrix_path=imatrix_path)

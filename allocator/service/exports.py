@@ -54,8 +54,15 @@ class ExportTarget:
             return False
 
 
-# name -> (run, media type, description); filled in as the export modules land
-BUILTIN: dict[str, tuple[str, str, str]] = {}
+# name -> (run, media type, description): bitalloc's own export targets (allocator/export.py)
+BUILTIN: dict[str, tuple[str, str, str]] = {
+    "compressed-tensors": ("bitalloc.allocator.export:service_compressed_tensors", "application/x-tar",
+                           "a Hugging Face folder in compressed-tensors pack-quantized format (vLLM, SGLang)"),
+    "torchao": ("bitalloc.allocator.export:service_torchao", "application/x-tar",
+                "the plan as a torchao FqnToConfig (JSON and Python)"),
+    "gguf": ("bitalloc.allocator.export:service_gguf", "application/octet-stream",
+             "a GGUF file written by llama.cpp's llama_model_quantize (plans of a --target llamacpp profile)"),
+}
 
 _REGISTERED: dict[str, ExportTarget] = {}
 

@@ -162,3 +162,24 @@ def test_client_uploads_a_profile_with_its_sidecar(server, tiny_cli_profile_path
     with bitalloc.Client(server.url) as c:
         got = c.upload_profile(tiny_cli_profile_path)
     assert got["id"] == hashlib.sha256(tiny_profile_path.read_bytes()).hexdigest()
+
+
+def test_export_job_with_a_builtin_target(server, profile_id, tmp_path):
+    """The real compressed-tensors target runs as a job; the artifact is a tar of the
+    Hugging Face folder, with the quantization config and bitalloc's plan inside."""
+    targets = server.http.get("/v1/health").json()["export_targets"]
+    assert {"compressed-tensors", "torchao", "gguf"} <= set(targets), targets
+    plan = server.http.post("/v1/plans", json={"profile": profile_id, "budget": "4bpw"}).json()
+    job = server.http.post("/v1/exports", json={"plan": plan["id"], "target": "compressed-tensors",
+                                               "options": {"fallback": "fp16"}})
+    assert job.status_code == 202, job.text
+    done = wait_job(server, job.json()["id"])
+    assert done["state"] == "done", done
+    art = server.http.get(f"/v1/artifacts/{done['result']['artifact']}")
+    assert art.status_code == 200
+    (tmp_path / "x.tar").write_bytes(art.content)
+    with tarfile.open(tmp_path / "x.tar") as tf:
+        names = tf.getnames()
+        cfg = json.load(tf.extractfile(next(n for n in names if n.endswith("config.json") and "bitalloc" not in n)))
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert any(n.endswith("bitalloc-plan.json") for n in names) and any(n.endswith(".safetensors") for n in names)
