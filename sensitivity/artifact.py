@@ -34,22 +34,11 @@ def _plain_mode(fd: int) -> None:
 def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8",
                  newline: str | None = None) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``,
-    on any error remove it. The parent folder is created if missing."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    on any error remove it (:func:`atomic_path`). The parent folder is created if missing."""
     binary = "b" in mode
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    _plain_mode(fd)
-    try:
-        with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if binary else encoding,
+                                        newline=None if binary else newline) as f:
+        yield f
 
 
 @contextlib.contextmanager
