@@ -78,7 +78,7 @@ BAD = [
     ("plan: unknown id", "GET", f"/v1/plans/{UNKNOWN}", None, 404, "id"),
     ("artifact: unknown id", "GET", f"/v1/artifacts/{UNKNOWN}", None, 404, "id"),
     ("artifact: uppercase id", "GET", f"/v1/artifacts/{'A' * 64}", None, 422, "id"),
-    ("export: unknown target", "POST", "/v1/exports", {"plan": UNKNOWN, "target": "gguf"}, 400, "target"),
+    ("export: unknown target", "POST", "/v1/exports", {"plan": UNKNOWN, "target": "no-such-target"}, 400, "target"),
     ("export: unknown plan", "POST", "/v1/exports", {"plan": UNKNOWN, "target": "stub"}, 404, "plan"),
     ("export: options of the wrong type", "POST", "/v1/exports", {"plan": UNKNOWN, "target": "stub", "options": {"a": [1]}}, 422, "options.a"),
     ("route: unknown", "GET", "/v1/nothing", None, 404, None),

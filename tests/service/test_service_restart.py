@@ -12,8 +12,10 @@ import numpy as np
 import bitalloc
 from svc_helpers import TINY, start_server
 
-MEASURED = ["w2g64z", "w3g128z", "w4g128z", "w8"]
-ARGS = dict(TINY, seq_len=64)
+# enough items (14 layers x 11 schemes) and tokens that the job is still running when the server
+# is killed, even on an idle machine (with 4 schemes x 64 tokens it could finish between polls)
+MEASURED = ["w2g64z", "w2g32z", "w3g128z", "w3g64z", "w3g32z", "w4g128z", "w4g64z", "w4g32z", "w5g128z", "w6g128z", "w8"]
+ARGS = dict(TINY, seq_len=256)
 
 
 def _wait(http, jid, pred, timeout=300.0, poll=0.1):
@@ -46,7 +48,8 @@ def test_kill9_mid_job_then_restart_resumes(tmp_path, tiny_profile_path):
         job = a.http.post("/v1/profiles", json={**ARGS, "schemes": MEASURED, "measured": True})
         assert job.status_code == 202
         jid = job.json()["id"]
-        mid = _wait(a.http, jid, lambda j: (j["progress"]["done"] or 0) >= 10 or j["state"] != "running" and j["state"] != "queued")
+        mid = _wait(a.http, jid, lambda j: (j["progress"]["done"] or 0) >= 10 or j["state"] != "running" and j["state"] != "queued",
+                    poll=0.02)
         assert mid["state"] == "running" and mid["progress"]["total"] == 14 * len(MEASURED), mid
         a.kill9()
     finally:
