@@ -11,3 +11,14 @@ def tiny_profile(tmp_path_factory):
     prof = bitalloc.profile("random:llama-tiny", n_samples=4, seq_len=32, kl_samples=2, out=path,
                              progress=False, log=None)
     return prof, path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

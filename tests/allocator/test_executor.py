@@ -25,13 +25,7 @@ SCHEMES = ["w2g64z+h4r0.05", "w8a8", "fp16", "w4g32z", "w3g64z"]
 SPECS = ["random:llama-tiny", "random:gpt2-tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/allocator/conftest.py
 
 
 def _ids(n: int = 2, t: int = 12, vocab: int = 260) -> torch.Tensor:

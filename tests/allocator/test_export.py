@@ -23,12 +23,7 @@ SYM = ["w2g32", "w3g64", "w4g128", "w8", "w4", "w4g32", "w3"]  # g128 on 64 inpu
 ASYM = ["w4g32z", "w3g64z", "w2g32z", "w8z", "w4z", "w5g32z", "w6g64z"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/allocator/conftest.py
 
 
 @pytest.fixture(scope="module")
