@@ -1,0 +1,143 @@
+"""What every peer allocator's scoring pass works on (issue 14).
+
+The peers (HAWQ-V3, HIGGS, ModelOpt, AutoRound, exllamav2/3, EvoPress) score layers in
+their own ways, but in a fair head-to-head they score *bitalloc's* candidates: the
+profile's layers (rows) and schemes (columns), quantized by bitalloc's quantizer (RTN with
+the clip search, or GPTQ on the profile's Hessians), on the same calibration tokens.
+:class:`PeerContext` holds exactly that, and gives every peer the same three operations:
+
+* :meth:`PeerContext.weight` / :meth:`PeerContext.quantized`: a layer's 16-bit weight and
+  its fake-quantized weight at scheme ``j`` (``(out, in)`` float32, cached within a byte
+  limit, so a search that revisits a (layer, scheme) does not quantize it again);
+* :meth:`PeerContext.swapped`: put quantized weights into the model for the duration of a
+  ``with`` block (any number of layers at once) and restore them bit for bit afterwards;
+* :meth:`PeerContext.kl`: end-to-end KL (nats/token) of the model as it is now against a
+  :class:`~bitalloc.sensitivity.proxy.Reference` of the 16-bit model.
+
+Forward passes are counted (``ctx.forwards``), so a benchmark can report how many
+end-to-end evaluations each search spent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .hessian import hessian_tensor
+from .layers import LayerInfo, get_weight
+from .proxy import Reference, compute_reference, module_at, quantize_layer_weight, score_batches
+
+__all__ = ["PeerContext"]
+
+
+@dataclass
+class PeerContext:
+    """The model, its planned layers and candidate schemes, calibration batches and quantizer."""
+
+    model: torch.nn.Module
+    layers: Sequence[LayerInfo]
+    schemes: Sequence[str]
+    batches: list[dict]  # calibration mini-batches, each {"input_ids": LongTensor (B, T)}
+    hessians: Mapping[str, Any] | None = None  # layer fqn -> Hessian (needed by the gptq quantizer)
+    quantizer: str = "rtn"
+    seed: int = 0
+    cache_bytes: int = 4 << 30  # quantized weights kept for reuse (LRU)
+    forwards: int = 0  # end-to-end (or from-a-block) forward passes over one batch, counted by kl()
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _cached_bytes: int = field(default=0, repr=False)
+    _original: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        assert len(self.layers) > 0, "a PeerContext needs at least one layer"
+        assert len(self.schemes) > 0, "a PeerContext needs at least one scheme"
+        assert self.batches, "a PeerContext needs calibration batches"
+        if self.quantizer == "gptq" and not self.hessians:
+            raise ValueError("the gptq quantizer needs the layers' Hessians (PeerContext.hessians)")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_schemes(self) -> int:
+        return len(self.schemes)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(int(b["input_ids"].numel()) for b in self.batches)
+
+    def module(self, i: int) -> torch.nn.Module:
+        return module_at(self.model, self.layers[i].fqn)
+
+    def weight(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s unquantized weight, ``(out, in)`` float32 (a copy taken on first use)."""
+        if i not in self._original:
+            layer = self.layers[i]
+            self._original[i] = get_weight(self.module(i), layer.module_type).detach().to(torch.float32).clone()
+        return self._original[i]
+
+    def hessian(self, i: int) -> torch.Tensor | None:
+        h = self.hessians.get(self.layers[i].fqn) if self.hessians else None
+        return hessian_tensor(h) if h is not None else None
+
+    def quantized(self, i: int, j: int) -> torch.Tensor:
+        """Layer ``i`` fake-quantized at scheme ``j`` by the context's quantizer, ``(out, in)`` float32."""
+        key = (i, j)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        wq = quantize_layer_weight(self.weight(i), self.schemes[j], self.hessian(i), quantizer=self.quantizer)
+        wq = wq.to(torch.float32)
+        size = wq.numel() * wq.element_size()
+        if size <= self.cache_bytes:
+            while self._cache and self._cached_bytes + size > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.numel() * old.element_size()
+            self._cache[key] = wq
+            self._cached_bytes += size
+        return wq
+
+    def _set(self, i: int, w: torch.Tensor) -> None:
+        param = self.module(i).weight
+        with torch.no_grad():
+            param.copy_((w.t() if self.layers[i].module_type == "Conv1D" else w).to(param.dtype))
+
+    @contextlib.contextmanager
+    def swapped(self, assignment: Mapping[int, int | None] | Sequence[int | None]) -> Iterator[None]:
+        """Layers ``i`` hold their scheme-``assignment[i]`` weights inside the block (None: unquantized).
+
+        A sequence is one entry per layer; a mapping names only the layers to change. The
+        16-bit weights come back bit for bit when the block ends, whatever happens in it.
+        """
+        items = assignment.items() if isinstance(assignment, Mapping) else enumerate(assignment)
+        changed = []
+        try:
+            for i, j in items:
+                if j is None:
+                    continue
+                self.weight(i)  # keep the original before the first change
+                self._set(i, self.quantized(i, int(j)))
+                changed.append(i)
+            yield
+        finally:
+            for i in changed:
+                self._set(i, self._original[i])
+
+    def reference(self, batches: list[dict] | None = None, *, replay: bool = True) -> Reference:
+        """The 16-bit model's KL reference over ``batches`` (default: the context's)."""
+        return compute_reference(self.model, self.layers, batches if batches is not None else self.batches,
+                                 progress=False, replay=replay)
+
+    @torch.no_grad()
+    def kl(self, reference: Reference, first_block: int | None = None) -> float:
+        """Mean per-token KL(16-bit ‖ model as it is now) over the reference's batches.
+
+        ``first_block``: only blocks from this one on can differ from the 16-bit model, so
+        the ones before are replayed from the reference's cache (single-layer items)."""
+        self.forwards += len(reference.batches)
+        return float(score_batches(self.model, reference, first_block))

@@ -1,0 +1,46 @@
+"""PeerContext: quantized weights go in and come back bit for bit; KL is zero unquantized."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_swapped_restores_weights_and_kl(tiny_ctx):
+    ctx = tiny_ctx
+    before = _params(ctx.model)
+    ref = ctx.reference()
+    assert ctx.kl(ref) < 1e-9, "the unquantized model has KL 0 to itself"
+    with ctx.swapped([0] * ctx.n_layers):
+        w = ctx.module(0).weight.detach()
+        assert torch.equal(w, ctx.quantized(0, 0)), "layer 0 holds its 2-bit weight inside the block"
+        kl2 = ctx.kl(ref)
+    with ctx.swapped({0: ctx.n_schemes - 1}):
+        kl8_one = ctx.kl(ref)
+    after = _params(ctx.model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights restored bit for bit"
+    assert kl2 > 1e-4 > abs(kl8_one), f"all-2-bit ({kl2}) hurts, one 8-bit layer ({kl8_one}) hardly"
+    assert ctx.forwards == 3 * len(ref.batches)
+
+
+def test_swapped_restores_on_error(tiny_ctx):
+    ctx = tiny_ctx
+    before = ctx.module(1).weight.detach().clone()
+    try:
+        with ctx.swapped({1: 0}):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert torch.equal(ctx.module(1).weight.detach(), before)
+
+
+def test_quantized_cache_is_bounded(tiny_ctx):
+    ctx = tiny_ctx
+    ctx.cache_bytes = ctx.weight(0).numel() * 4 * 2  # room for two layer-0-sized tensors
+    for j in range(ctx.n_schemes):
+        ctx.quantized(0, j)
+    assert ctx._cached_bytes <= ctx.cache_bytes
+    assert torch.equal(ctx.quantized(0, 0), ctx.quantized(0, 0))
