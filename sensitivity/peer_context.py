@@ -26,13 +26,53 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .hessian import hessian_tensor
 from .layers import LayerInfo, get_weight
 from .proxy import Reference, compute_reference, module_at, quantize_layer_weight, score_batches
 
-__all__ = ["PeerContext"]
+__all__ = ["PeerContext", "PeerScores", "SUB_BLOCKS", "sub_blocks"]
+
+# exllamav2's / ModelOpt's units: a transformer block's attention and MLP sub-blocks.
+SUB_BLOCKS = {"attn": ("self_attn.", "attn.", "attention."), "mlp": ("mlp.", "feed_forward.")}
+
+
+@dataclass(frozen=True)
+class PeerScores:
+    """A peer's score table over bitalloc's candidates (lower is better).
+
+    ``table[g, j]`` scores giving row ``g`` scheme ``j``. Rows are layers (``groups`` None)
+    or groups of layers that take one scheme together (``groups[g]`` = the layer indices),
+    as peers that allocate per sub-block or per fused projection do. ``info`` records the
+    method's settings, the forward/backward passes spent and the seconds taken.
+    """
+
+    method: str
+    table: np.ndarray  # (G, S) float64
+    groups: tuple[tuple[int, ...], ...] | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        t = np.asarray(self.table, dtype=np.float64)
+        assert t.ndim == 2, f"{self.method}: score table must be 2-D (rows, schemes), got shape {t.shape}"
+        if self.groups is not None:
+            assert len(self.groups) == t.shape[0], f"{self.method}: {len(self.groups)} groups for {t.shape[0]} rows"
+            flat = sorted(i for g in self.groups for i in g)
+            assert flat == list(range(len(flat))), f"{self.method}: groups must partition the layers 0..L-1"
+        object.__setattr__(self, "table", t)
+
+
+def sub_blocks(layers: Sequence[LayerInfo]) -> tuple[tuple[int, ...], ...]:
+    """Layer indices grouped by (block, sub-block): attention and MLP of each block; others alone."""
+    keyed: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        rest = layer.fqn[len(layer.block) + 1:] if layer.block else layer.fqn
+        kind = next((k for k, prefixes in SUB_BLOCKS.items() if rest.startswith(prefixes)), None)
+        key = (layer.block, kind) if (layer.block and kind) else ("", layer.fqn)
+        keyed.setdefault(key, []).append(i)
+    return tuple(tuple(v) for v in sorted(keyed.values()))
 
 
 @dataclass

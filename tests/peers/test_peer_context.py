@@ -44,3 +44,14 @@ def test_quantized_cache_is_bounded(tiny_ctx):
         ctx.quantized(0, j)
     assert ctx._cached_bytes <= ctx.cache_bytes
     assert torch.equal(ctx.quantized(0, 0), ctx.quantized(0, 0))
+
+
+def test_sub_blocks_partition_attention_and_mlp(tiny_ctx):
+    from bitalloc.sensitivity.peer_context import PeerScores, sub_blocks
+
+    groups = sub_blocks(tiny_ctx.layers)
+    names = [[tiny_ctx.layers[i].fqn.split(".", 3)[-1] for i in g] for g in groups]
+    # 2 blocks x (attention q,k,v,o ; mlp gate,up,down) + lm_head alone
+    assert len(groups) == 5, names
+    assert sorted(len(g) for g in groups) == [1, 3, 3, 4, 4]
+    PeerScores("x", [[0.0] * 4] * 5, groups)
