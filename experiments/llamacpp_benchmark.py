@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 from _data import DATA, wikitext_files  # noqa: E402
 
 RESULTS = HERE / "results" / "llamacpp"
-PRESETS = ("Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 
 
 def windows(args):

@@ -181,3 +181,26 @@ class PeerContext:
         the ones before are replayed from the reference's cache (single-layer items)."""
         self.forwards += len(reference.batches)
         return float(score_batches(self.model, reference, first_block))
+
+    def fitness(self, stage_batches: Sequence[list[dict]]):
+        """An end-to-end fitness for whole-plan searches (EvoPress, bitalloc's refinement).
+
+        ``stage_batches[k]``: the calibration batches stage ``k`` scores on (EvoPress
+        scores offspring on few tokens, survivors on more). Returns
+        ``fitness(choices, stage) -> [KL per choice]``, each choice a per-layer scheme
+        index array; the references are computed once per stage, on first use."""
+        refs: dict[int, Reference] = {}
+
+        def fitness(choices: Sequence[np.ndarray], stage: int = 0) -> list[float]:
+            assert 0 <= stage < len(stage_batches), f"stage {stage} of {len(stage_batches)}"
+            if stage not in refs:
+                refs[stage] = self.reference(list(stage_batches[stage]), replay=False)
+            out = []
+            for c in choices:
+                assert len(c) == self.n_layers, f"a choice has {len(c)} entries for {self.n_layers} layers"
+                with self.swapped([int(j) for j in c]):
+                    out.append(self.kl(refs[stage]))
+            return out
+
+        return fitness
+

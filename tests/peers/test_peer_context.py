@@ -55,3 +55,15 @@ def test_sub_blocks_partition_attention_and_mlp(tiny_ctx):
     assert len(groups) == 5, names
     assert sorted(len(g) for g in groups) == [1, 3, 3, 4, 4]
     PeerScores("x", [[0.0] * 4] * 5, groups)
+
+
+def test_fitness_ranks_whole_plans(tiny_ctx):
+    import numpy as np
+
+    ctx = tiny_ctx
+    fit = ctx.fitness([ctx.batches[:1], ctx.batches])
+    low, high = np.zeros(ctx.n_layers, int), np.full(ctx.n_layers, ctx.n_schemes - 1)
+    a, b = fit([low, high], 0)
+    assert a > b >= -1e-9, (a, b)
+    (c,) = fit([low], 1)
+    assert c > 0 and ctx.forwards == 2 * 1 + len(ctx.batches)
