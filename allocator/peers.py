@@ -45,7 +45,8 @@ from .. import BitallocError
 from .budget import Budget, parse_budget
 from .plan import Plan
 
-__all__ = ["PEERS", "Peer", "PeerError", "peer_scores", "peer_plan", "group_cost", "expand_choice", "SEARCHES"]
+__all__ = ["PEERS", "Peer", "PeerError", "peer_scores", "peer_plan", "refine_plan", "group_cost", "expand_choice",
+           "SEARCHES"]
 
 
 class PeerError(BitallocError, ValueError):
@@ -200,4 +201,27 @@ def peer_plan(name: str, profile, budget: str | float | Budget, scores=None, *, 
               "status": str(status.get("status", "feasible")), "search_s": search_s,
               **{k: v for k, v in status.items() if k != "status" and isinstance(v, (str, int, float, bool))}}
     return plan_from_choice(profile, layer_choice, budget=budget, solver=solver, label=f"{name} {budget.name}",
+                            profile_path=profile_path, capacity=capacity)
+
+
+def refine_plan(profile, plan: Plan, budget: str | float | Budget, fitness, *, evaluations: int, seed: int = 0,
+                profile_path=None) -> Plan:
+    """bitalloc's plan refined end to end (``--refine N``): local moves that keep the exact
+    budget, scored by ``fitness`` (measured KL on calibration tokens), warm-started from
+    ``plan`` (the ILP's) and guided by the profile's predicted losses; at most
+    ``evaluations`` fitness calls. The plan's ``solver`` block keeps the ILP's record and
+    adds ``refine`` (evaluations used, fitness before and after)."""
+    from .solve import capacity_bits, loss_table, plan_from_choice
+
+    budget = parse_budget(budget)
+    capacity = capacity_bits(profile, budget)
+    cost = np.asarray(profile.cost_bits, dtype=np.int64)
+    start = np.array([profile.schemes.index(plan.layers[l.fqn].scheme) for l in profile.layers], dtype=np.int64)
+    t0 = time.perf_counter()
+    refine = _resolve("solvers", "evolve:refine")
+    choice, status = refine(fitness, cost, capacity, start, evaluations=evaluations, seed=seed,
+                            hint=loss_table(profile))
+    record = {k: v for k, v in status.items() if isinstance(v, (str, int, float, bool, list))}
+    solver = {**plan.solver, "refine": {**record, "seconds": time.perf_counter() - t0, "max_evaluations": evaluations}}
+    return plan_from_choice(profile, choice, budget=budget, solver=solver, label=f"{plan.label} refined",
                             profile_path=profile_path, capacity=capacity)

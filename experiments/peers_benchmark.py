@@ -1,0 +1,277 @@
+"""bitalloc against every allocator people use instead, on the same work (issue 14).
+
+SmolLM2-135M (real weights), bitalloc's default candidate schemes and quantizer, one
+calibration set (WikiText-2 validation, the profile's own tokens) and exact-bit budgets for
+every method. Each peer of :mod:`bitalloc.allocator.peers` scores bitalloc's candidates its
+own way and searches its own way; bitalloc's default is the ILP on its calibrated proxy
+(optionally refined end to end: ``--refine N``). Every plan is evaluated by WikiText-2 test
+perplexity and KL to the 16-bit model, and on text of another kind (Tiny Shakespeare) so a
+win is not a WikiText artefact.
+
+    python experiments/peers_benchmark.py --profile PROFILE.json            # the full run
+    python experiments/peers_benchmark.py --profile PROFILE.json --quick    # 8 windows: for trying changes
+
+Rows ``{"method", "budget", "bpw", "ppl", "kl", "profile_s", "search_s", ...}`` go to
+``experiments/results/peers/results.json`` (plans beside it); every step is cached under
+``--work`` (scores, plans, evaluated rows), so a run cut short resumes where it stopped.
+Seeds are fixed (``--seed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _data import DATA, wikitext_files  # noqa: E402
+
+RESULTS = HERE / "results" / "peers"
+BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
+SCORED = ("hawq-v3", "higgs", "modelopt-gradient", "modelopt-kl", "autoround", "exllamav2", "exllamav3")
+METHODS = ("bitalloc", *SCORED, "evopress", "llamacpp-rules", "uniform")
+# What each peer's score spends on this 2-core CPU (their defaults where affordable; see the
+# score functions' docstrings for the peers' own defaults). Rows = calibration rows of 512 tokens.
+SCORE_ROWS = {"hawq-v3": 4, "higgs": 2, "modelopt-gradient": 8, "modelopt-kl": 1, "autoround": 8,
+              "exllamav2": 4, "exllamav3": 1}
+SCORE_OPTIONS: dict[str, dict] = {}
+
+
+def _write(path: Path, obj) -> None:
+    from bitalloc.sensitivity.artifact import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, obj, indent=1)
+
+
+def _scores_to_json(s) -> dict:
+    return {"method": s.method, "table": s.table.tolist(), "groups": [list(g) for g in s.groups] if s.groups else None,
+            "info": {k: v for k, v in s.info.items() if isinstance(v, (str, int, float, bool, list, dict))}}
+
+
+def _scores_from_json(d: dict):
+    from bitalloc.sensitivity.peer_context import PeerScores
+
+    return PeerScores(d["method"], d["table"], tuple(tuple(g) for g in d["groups"]) if d["groups"] else None, d["info"])
+
+
+class Bench:
+    """The model, profile, calibration and evaluation windows, loaded once."""
+
+    def __init__(self, a):
+        from bitalloc import api
+        from bitalloc.sensitivity.calibration import as_batches, calibration_from_file, tokens_sha256
+
+        self.a, self.work = a, Path(a.work)
+        valid, test = wikitext_files(a.data)
+        self.loaded = api.load("smollm2")
+        self.profile = api.load_profile(a.profile)
+        cal = self.profile.calibration
+        self.calib = calibration_from_file(self.loaded.tokenizer, valid, cal["n_samples"], cal["seq_len"], cal["seed"])
+        assert tokens_sha256(self.calib) == cal["tokens_sha256"], "the calibration tokens differ from the profile's"
+        self.as_batches = as_batches
+        self.windows, _ = api.eval_windows(self.loaded, str(test), a.windows, a.seq_len)
+        other = Path(a.data) / "tinyshakespeare.txt"
+        self.other, _ = api.eval_windows(self.loaded, str(other), a.other_windows, a.seq_len) if other.is_file() else (None, None)
+
+    def ctx(self, rows: int):
+        from bitalloc.sensitivity.peer_context import PeerContext
+
+        batches = self.as_batches(self.calib[:rows], 1)
+        return PeerContext(self.loaded.model, self.profile.layers, list(self.profile.schemes), batches,
+                           quantizer=self.profile.metadata.get("quantizer", "rtn"), seed=self.a.seed)
+
+    def fitness(self, ctx):
+        """EvoPress-style stages: few tokens for offspring, more for survivors (rows of 512 from the end of
+        the calibration set, so they are not the rows the peers' scores used)."""
+        n = len(self.calib)
+        stage_rows = [self.calib[n - r:] for r in self.a.fitness_rows]
+        return ctx.fitness([self.as_batches(x[:, :self.a.fitness_len], 1) for x in stage_rows])
+
+
+def scores_of(b: Bench, method: str):
+    from bitalloc.allocator.peers import peer_scores
+
+    path = b.work / "scores" / f"{method}.json"
+    if path.is_file():
+        return _scores_from_json(json.loads(path.read_text()))
+    ctx = b.ctx(SCORE_ROWS[method])
+    print(f"[{method}] scoring on {ctx.n_tokens} tokens ...", flush=True)
+    s = peer_scores(method, ctx, **SCORE_OPTIONS.get(method, {}))
+    _write(path, _scores_to_json(s))
+    return s
+
+
+def plans_of(b: Bench, method: str) -> dict:
+    """{budget name: (plan, profile_s)} for one method, cached."""
+    from bitalloc import api
+    from bitalloc.allocator.peers import peer_plan
+    from bitalloc.allocator.plan import Plan
+
+    out = {}
+    profile_s = None
+    scores = None
+    for budget in b.a.budgets:
+        name = api.parse_budget(budget).name
+        path = b.work / "plans" / f"{method}-{name}.json"
+        meta = b.work / "plans" / f"{method}-{name}.meta.json"
+        if path.is_file() and meta.is_file():
+            out[name] = (Plan.load(path), json.loads(meta.read_text()))
+            continue
+        t0 = time.perf_counter()
+        if method == "bitalloc":
+            plan = api.solve(b.profile, budget)
+            profile_s = b.profile.metadata.get("wall_s", {}).get("total")
+            if b.a.refine:
+                plan = refine_plan(b, plan, budget)
+        elif method == "evopress":
+            plan = peer_plan("evopress", b.profile, budget, fitness=b.fitness(b.ctx(1)), start=_start_choice(b, budget),
+                             seed=b.a.seed, **b.a.evo_options)
+            profile_s = 0.0
+        elif method in ("llamacpp-rules", "uniform"):
+            plan, profile_s = peer_plan(method, b.profile, budget), 0.0
+        else:
+            if scores is None:
+                t1 = time.perf_counter()
+                scores = scores_of(b, method)
+                profile_s = scores.info.get("seconds", time.perf_counter() - t1)
+            t0 = time.perf_counter()
+            plan = peer_plan(method, b.profile, budget, scores)
+        search_s = time.perf_counter() - t0
+        m = {"profile_s": profile_s, "search_s": plan.solver.get("search_s", search_s),
+             "evaluations": plan.solver.get("evaluations")}
+        plan.save(path)
+        _write(meta, m)
+        out[name] = (plan, m)
+    return out
+
+
+def _start_choice(b: Bench, budget):
+    """EvoPress's start: the largest uniform scheme that fits, then random upgrades while they fit (seeded)."""
+    import numpy as np
+
+    from bitalloc import api
+    from bitalloc.allocator.solve import capacity_bits
+
+    cost = np.asarray(b.profile.cost_bits, dtype=np.int64)
+    cap = capacity_bits(b.profile, api.parse_budget(budget))
+    order = np.argsort(cost.sum(0))
+    fit = [j for j in order if cost[:, j].sum() <= cap]
+    assert fit, f"no uniform scheme fits {budget}"
+    choice = np.full(len(cost), fit[-1])
+    rng = np.random.default_rng(b.a.seed)
+    for i in rng.permutation(len(cost)):
+        for j in order[::-1]:
+            if cost[i, j] > cost[i, choice[i]] and cost[np.arange(len(cost)), choice].sum() - cost[i, choice[i]] + cost[i, j] <= cap:
+                choice[i] = j
+                break
+    return choice
+
+
+def refine_plan(b: Bench, plan, budget):
+    from bitalloc.allocator.peers import refine_plan as refine
+
+    return refine(b.profile, plan, budget, b.fitness(b.ctx(1)), evaluations=b.a.refine, seed=b.a.seed)
+
+
+def evaluate(b: Bench, plans: dict) -> dict:
+    """{key: (wikitext EvalResult, other-text EvalResult)} for plans not yet evaluated (cached rows)."""
+    from bitalloc.allocator.api import _evaluate_plans
+
+    todo = {k: p for k, p in plans.items() if not (b.work / "rows" / f"{k}.json").is_file()}
+    for i in range(0, len(todo), b.a.chunk):
+        part = dict(list(todo.items())[i:i + b.a.chunk])
+        t0 = time.perf_counter()
+        wt = _evaluate_plans(b.loaded, part, b.windows, progress=False)
+        ot = _evaluate_plans(b.loaded, part, b.other, progress=False) if b.other is not None else {}
+        for k in part:
+            row = {"wikitext": wt[k].to_dict(), "other": ot[k].to_dict() if k in ot else None,
+                   "fp16_ppl": wt["fp16"].ppl, "fp16_other_ppl": ot["fp16"].ppl if ot else None}
+            _write(b.work / "rows" / f"{k}.json", row)
+        print(f"evaluated {len(part)} plans in {time.perf_counter() - t0:.0f} s", flush=True)
+    return {k: json.loads((b.work / "rows" / f"{k}.json").read_text()) for k in plans}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", required=True, help="bitalloc's default profile of SmolLM2 on wikitext2-valid")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--budgets", default=",".join(BUDGETS))
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--other-windows", type=int, default=8, help="Tiny Shakespeare windows (text of another kind)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--refine", type=int, default=0, help="end-to-end refinement evaluations for bitalloc (0: off)")
+    ap.add_argument("--evo-evaluations", type=int, default=200, help="EvoPress's budget of stage-0 fitness evaluations")
+    ap.add_argument("--fitness-rows", default="1,2", help="calibration rows per fitness stage")
+    ap.add_argument("--fitness-len", type=int, default=256, help="tokens per fitness row")
+    ap.add_argument("--chunk", type=int, default=6, help="quantized models held at once during evaluation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="/tmp/peers_bench")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--quick", action="store_true", help="8 WikiText windows, 4 Shakespeare windows")
+    a = ap.parse_args(argv)
+    if wikitext_files(a.data) is None:
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.quick:
+        a.windows, a.other_windows = 8, 4
+    a.methods = [m for m in a.methods.split(",") if m]
+    a.budgets = [x for x in a.budgets.split(",") if x]
+    a.fitness_rows = [int(x) for x in a.fitness_rows.split(",")]
+    a.evo_options = {"evaluations": a.evo_evaluations}
+    a.work = str(Path(a.work) / f"w{a.windows}x{a.seq_len}")
+    b = Bench(a)
+    rows = []
+    for method in a.methods:
+        plans = plans_of(b, method)
+        res = evaluate(b, {f"{method}-{k}": p for k, (p, _) in plans.items()})
+        for k, (plan, m) in plans.items():
+            r = res[f"{method}-{k}"]
+            rows.append({"method": method, "budget": k, "bpw": plan.predicted["bpw"], "ppl": r["wikitext"]["ppl"],
+                         "kl": r["wikitext"]["kl"], "profile_s": m["profile_s"], "search_s": m["search_s"],
+                         "other_ppl": r["other"]["ppl"] if r["other"] else None,
+                         "other_kl": r["other"]["kl"] if r["other"] else None,
+                         "total_bytes": plan.predicted["total_bytes"], "evaluations": m.get("evaluations"),
+                         "schemes": plan.scheme_counts()})
+            print(f"{method:<18} {k:>7} bpw {rows[-1]['bpw']:.3f} ppl {rows[-1]['ppl']:9.3f} kl {rows[-1]['kl']:.4f}",
+                  flush=True)
+        out = Path(a.out)
+        for k, (plan, _) in plans.items():
+            plan.save(out / "plans" / f"{method}-{k}.json")
+    _write(Path(a.out) / "results.json", {
+        "schema": "bitalloc.peers-benchmark/1", "model": "smollm2 (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized)",
+        "profile": {"path": a.profile, "calibration": b.profile.calibration},
+        "eval": {"text": "wikitext2-test.txt", "windows": a.windows, "seq_len": a.seq_len,
+                 "other_text": "tinyshakespeare.txt", "other_windows": a.other_windows},
+        "settings": {"score_rows": SCORE_ROWS, "score_options": SCORE_OPTIONS, "refine": a.refine,
+                     "evo_evaluations": a.evo_evaluations, "fitness_rows": a.fitness_rows,
+                     "fitness_len": a.fitness_len, "seed": a.seed},
+        "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None, "rows": rows})
+    print_table(rows, a.budgets)
+    return 0
+
+
+def print_table(rows, budgets) -> None:
+    from bitalloc import api
+
+    by = {(r["method"], r["budget"]): r for r in rows}
+    names = [api.parse_budget(x).name for x in budgets]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    print("| method | " + " | ".join(names) + " | profile s |")
+    print("|---|" + "---|" * len(names) + "---|")
+    for m in methods:
+        cells = []
+        for n in names:
+            r = by.get((m, n))
+            cells.append("" if r is None else f"{r['ppl']:.2f} ({r['kl']:.3f})")
+        ps = next((by[(m, n)]["profile_s"] for n in names if (m, n) in by), None)
+        print(f"| {m} | " + " | ".join(cells) + f" | {'' if ps is None else format(ps, '.0f')} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
