@@ -63,10 +63,11 @@ class Bench:
     """The model, profile, calibration and evaluation windows, loaded once."""
 
     def __init__(self, a):
-        from bitalloc import api
+        from bitalloc.allocator import api
         from bitalloc.sensitivity.calibration import as_batches, calibration_from_file, tokens_sha256
 
         self.a, self.work = a, Path(a.work)
+        self.cache: dict = {}  # (layer, scheme, channels, quantizer) -> packed layer, shared by every plan
         valid, test = wikitext_files(a.data)
         self.loaded = api.load("smollm2")
         self.profile = api.load_profile(a.profile)
@@ -108,7 +109,7 @@ def scores_of(b: Bench, method: str):
 
 def plans_of(b: Bench, method: str) -> dict:
     """{budget name: (plan, profile_s)} for one method, cached."""
-    from bitalloc import api
+    from bitalloc.allocator import api
     from bitalloc.allocator.peers import peer_plan
     from bitalloc.allocator.plan import Plan
 
@@ -154,7 +155,7 @@ def _start_choice(b: Bench, budget):
     """EvoPress's start: the largest uniform scheme that fits, then random upgrades while they fit (seeded)."""
     import numpy as np
 
-    from bitalloc import api
+    from bitalloc.allocator import api
     from bitalloc.allocator.solve import capacity_bits
 
     cost = np.asarray(b.profile.cost_bits, dtype=np.int64)
@@ -179,15 +180,21 @@ def refine_plan(b: Bench, plan, budget):
 
 
 def evaluate(b: Bench, plans: dict) -> dict:
-    """{key: (wikitext EvalResult, other-text EvalResult)} for plans not yet evaluated (cached rows)."""
-    from bitalloc.allocator.api import _evaluate_plans
+    """{key: row} for every plan; plans not yet evaluated are applied once (quantized layers
+    shared across plans through one cache) and scored on both texts (rows cached)."""
+    from bitalloc.allocator.evaluate import evaluate_models
+    from bitalloc.allocator.executor import apply
+    from bitalloc.sensitivity.models import fingerprint
 
     todo = {k: p for k, p in plans.items() if not (b.work / "rows" / f"{k}.json").is_file()}
+    fp = fingerprint(b.loaded.model) if todo else None
     for i in range(0, len(todo), b.a.chunk):
         part = dict(list(todo.items())[i:i + b.a.chunk])
         t0 = time.perf_counter()
-        wt = _evaluate_plans(b.loaded, part, b.windows, progress=False)
-        ot = _evaluate_plans(b.loaded, part, b.other, progress=False) if b.other is not None else {}
+        models = {k: apply(b.loaded.model, p, fingerprint=fp, cache=b.cache) for k, p in part.items()}
+        wt = evaluate_models(b.loaded.model, models, b.windows, progress=False)
+        ot = evaluate_models(b.loaded.model, models, b.other, progress=False) if b.other is not None else {}
+        del models
         for k in part:
             row = {"wikitext": wt[k].to_dict(), "other": ot[k].to_dict() if k in ot else None,
                    "fp16_ppl": wt["fp16"].ppl, "fp16_other_ppl": ot["fp16"].ppl if ot else None}
@@ -257,7 +264,7 @@ def main(argv=None) -> int:
 
 
 def print_table(rows, budgets) -> None:
-    from bitalloc import api
+    from bitalloc.allocator import api
 
     by = {(r["method"], r["budget"]): r for r in rows}
     names = [api.parse_budget(x).name for x in budgets]
