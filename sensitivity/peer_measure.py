@@ -149,7 +149,8 @@ def score_higgs(ctx: PeerContext, noise_wbits: Sequence[float] = (2.0, 3.0, 4.0,
         xs, ys = [], []
         for rel in levels:
             for _ in range(draws):
-                noise = torch.randn(w.shape, generator=g, dtype=torch.float32) * (w.norm() * rel ** 0.5 / w.numel() ** 0.5)
+                scale = w.norm() * rel ** 0.5 / w.numel() ** 0.5  # their NoisyLinear
+                noise = torch.randn(w.shape, generator=g, dtype=torch.float32) * scale  # (out, in)
                 with _weight(ctx, i, w + noise):
                     ys.append(ctx.kl(ref, first_block=ctx.layers[i].block_index))
                 xs.append(float(noise.pow(2).sum()) / max(wnorm2, 1e-30))
@@ -319,7 +320,28 @@ def _rfn_rows(y_q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return d / y.float().flatten(1).norm(dim=1).clamp_min(1e-30)
 
 
-def score_exllamav2(ctx: PeerContext, rows: int | None = None) -> PeerScores:
+# exllamav2's qparams_attn / qparams_mlp raise these projections a step above the rest of
+# the sub-block (v_proj, v_proj + o_proj; down_proj); mapped onto bitalloc's scheme order.
+EXL2_MIXES = {"attn": (("v_proj",), ("v_proj", "o_proj")), "mlp": (("down_proj",),)}
+
+
+def _exl2_options(ctx: PeerContext, members: Sequence[int], kind: str | None, mixed: bool) -> list[dict[int, int]]:
+    """Per-layer assignments to measure for a sub-block: uniform at each scheme, then the mixes."""
+    opts = [{i: j for i in members} for j in range(ctx.n_schemes)]
+    if not mixed or kind not in EXL2_MIXES:
+        return opts
+    order = [int(j) for j in np.argsort(scheme_bits(ctx), kind="stable")]  # smallest first
+    leaf = {i: ctx.layers[i].fqn.rsplit(".", 1)[-1] for i in members}
+    for names in EXL2_MIXES[kind]:
+        raised = [i for i in members if leaf[i] in names]
+        if not raised or len(raised) == len(members):
+            continue
+        for lo, hi in zip(order, order[1:]):
+            opts.append({i: (hi if i in raised else lo) for i in members})
+    return opts
+
+
+def score_exllamav2(ctx: PeerContext, rows: int | None = None, mixed: bool = False) -> PeerScores:
     """exllamav2's measurement pass (turboderp/exllamav2, ``exllamav2/conversion/measure.py``:
     ``measure_quant`` → ``measure_attn`` / ``measure_mlp`` → ``test_error``).
 
@@ -330,44 +352,53 @@ def score_exllamav2(ctx: PeerContext, rows: int | None = None) -> PeerScores:
     ``test_error`` averages over rows ``rfn = ‖Y_q − Y‖_F / ‖Y‖_F`` (``accuracy = 1 − mean
     rfn``). ``table[g, s]`` = mean rfn (lower is better; = 1 − their accuracy).
 
-    Deviations: bitalloc's schemes are applied *uniformly* to the sub-block (every layer of
-    the group at scheme ``s``); exllamav2's ``qparams_attn`` / ``qparams_mlp`` lists mix bit
-    widths inside a sub-block (e.g. v_proj or down_proj one step up) and are not mapped, so
-    the search sees one option per scheme. The sub-block is re-run alone on the captured
-    16-bit inputs (hooks on the attention/MLP modules), and the residual is added outside
-    it (the block input for attention, the block output minus the 16-bit MLP output for the
-    MLP: exact for pre-norm blocks such as Llama and GPT-2). exllamav2 does not measure the
-    head (it takes ``head_bits``); layers outside the sub-blocks (lm_head) get the rfn of
-    their own output, without residual. ``rows`` limits the calibration sequences (theirs:
-    ``-mr`` 16 rows of 2048 tokens for the measurement).
+    Deviations: the table's options are bitalloc's schemes applied *uniformly* to the
+    sub-block (every layer of the group at scheme ``s``). exllamav2's ``qparams_attn`` /
+    ``qparams_mlp`` lists also mix bit widths inside a sub-block (v_proj, or v_proj and
+    o_proj, one step above q/k; down_proj one step above gate/up); with ``mixed=True``
+    those patterns are measured on bitalloc's schemes (the raised projections at the next
+    larger scheme) and returned in ``info["mixed_options"]`` (group, per-layer schemes,
+    rfn) for a search that can use them; the table stays uniform. The sub-block is re-run
+    alone on the captured 16-bit inputs (hooks on the attention/MLP modules) and the
+    residual is added outside it (the block input for attention, the block output minus
+    the 16-bit MLP output for the MLP: exact for pre-norm blocks such as Llama and GPT-2).
+    exllamav2 does not measure the head (it takes ``head_bits``); layers outside the
+    sub-blocks (lm_head) get the rfn of their own output, without residual. ``rows``
+    limits the calibration sequences (theirs: ``-mr`` 16 rows of 2048 tokens).
     """
     t0, f0 = time.perf_counter(), ctx.forwards
     gs = sub_blocks(ctx.layers)
-    units = dict(_unit_of(ctx, g) for g in gs)
-    unit_of = [_unit_of(ctx, g)[0] for g in gs]
-    sums = np.zeros((len(gs), ctx.n_schemes))
+    unit_kind = [_unit_of(ctx, g) for g in gs]
+    units = dict(unit_kind)
+    options = [_exl2_options(ctx, g, kind, mixed) for g, (_, kind) in zip(gs, unit_kind)]
+    sums = [np.zeros(len(o)) for o in options]
     n_rows, module_forwards, model_forwards = 0, 0, 0
     for batch in _rows(ctx, rows):
         rec = _capture(ctx, batch, units)
         model_forwards += 1
         n_rows += int(batch["input_ids"].shape[0])
-        for g, members in enumerate(gs):
-            r = rec[unit_of[g]]
-            module = module_at(ctx.model, unit_of[g])
-            res = r["residual"]
+        for g in range(len(gs)):
+            fqn = unit_kind[g][0]
+            r, module, res = rec[fqn], module_at(ctx.model, fqn), rec[fqn]["residual"]
             y = r["out"] if res is None else res + r["out"]  # (B, T, H)
-            for j in range(ctx.n_schemes):
-                with ctx.swapped({i: j for i in members}), torch.no_grad():
+            for k, assignment in enumerate(options[g]):
+                with ctx.swapped(assignment), torch.no_grad():
                     out_q = _first(module(*r["args"], **r["kwargs"]))
                 module_forwards += 1
                 y_q = out_q if res is None else res + out_q
-                sums[g, j] += float(_rfn_rows(y_q, y).sum())
+                sums[g][k] += float(_rfn_rows(y_q, y).sum())
         del rec
-    info = {"rows": n_rows, "options": "bitalloc schemes, uniform per sub-block",
+    rfn = [v / max(n_rows, 1) for v in sums]
+    table = np.stack([v[:ctx.n_schemes] for v in rfn])
+    mixes = [{"group": g, "schemes": [int(a[i]) for i in gs[g]], "rfn": float(rfn[g][k])}
+             for g in range(len(gs)) for k, a in enumerate(options[g]) if k >= ctx.n_schemes]
+    info = {"rows": n_rows, "mixed": bool(mixed),
+            "options": "bitalloc schemes, uniform per sub-block" + (" (+ exllamav2 mixes in mixed_options)"
+                                                                   if mixed else ""),
             "score": "mean over rows of ||Y_q - Y||_F / ||Y||_F (sub-block output incl. residual)",
-            "model_forwards": model_forwards, "module_forwards": module_forwards,
+            "mixed_options": mixes, "model_forwards": model_forwards, "module_forwards": module_forwards,
             "kl_forwards": ctx.forwards - f0, "seconds": time.perf_counter() - t0}
-    return PeerScores("exllamav2", sums / max(n_rows, 1), gs, info)
+    return PeerScores("exllamav2", table, gs, info)
 
 
 # ---------------------------------------------------------------------------------------
