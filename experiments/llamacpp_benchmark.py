@@ -113,7 +113,7 @@ def phase_presets(args, imatrix: bool, with_q41: bool = True) -> None:
 
 
 def phase_bitalloc(args, only_imatrix: bool = False) -> None:
-    from bitalloc import api
+    from bitalloc.allocator import api
     from bitalloc.allocator import llamacpp as lc
 
     work = Path(args.work)
