@@ -36,9 +36,11 @@ SCORED = ("hawq-v3", "higgs", "modelopt-gradient", "modelopt-kl", "autoround", "
 METHODS = ("bitalloc", *SCORED, "evopress", "llamacpp-rules", "uniform")
 # What each peer's score spends on this 2-core CPU (their defaults where affordable; see the
 # score functions' docstrings for the peers' own defaults). Rows = calibration rows of 512 tokens.
-SCORE_ROWS = {"hawq-v3": 4, "higgs": 2, "modelopt-gradient": 8, "modelopt-kl": 1, "autoround": 8,
-              "exllamav2": 4, "exllamav3": 1}
-SCORE_OPTIONS: dict[str, dict] = {}
+# (rows, tokens per row) of the calibration set each peer's score uses; bitalloc's own profile used
+# 32 x 512 for its Hessians and 2 x 512 (every 4th position) for its 630 reference KL items.
+SCORE_TOKENS = {"hawq-v3": (4, 512), "higgs": (1, 512), "modelopt-gradient": (8, 512), "modelopt-kl": (1, 256),
+                "autoround": (8, 512), "exllamav2": (4, 512), "exllamav3": (1, 256)}
+SCORE_OPTIONS: dict[str, dict] = {"higgs": {"noise_wbits": (2, 3, 4)}}
 
 
 def _write(path: Path, obj) -> None:
@@ -79,10 +81,10 @@ class Bench:
         other = Path(a.data) / "tinyshakespeare.txt"
         self.other, _ = api.eval_windows(self.loaded, str(other), a.other_windows, a.seq_len) if other.is_file() else (None, None)
 
-    def ctx(self, rows: int):
+    def ctx(self, rows: int, length: int = 512):
         from bitalloc.sensitivity.peer_context import PeerContext
 
-        batches = self.as_batches(self.calib[:rows], 1)
+        batches = self.as_batches(self.calib[:rows, :length], 1)
         return PeerContext(self.loaded.model, self.profile.layers, list(self.profile.schemes), batches,
                            quantizer=self.profile.metadata.get("quantizer", "rtn"), seed=self.a.seed)
 
@@ -100,7 +102,7 @@ def scores_of(b: Bench, method: str):
     path = b.work / "scores" / f"{method}.json"
     if path.is_file():
         return _scores_from_json(json.loads(path.read_text()))
-    ctx = b.ctx(SCORE_ROWS[method])
+    ctx = b.ctx(*SCORE_TOKENS[method])
     print(f"[{method}] scoring on {ctx.n_tokens} tokens ...", flush=True)
     s = peer_scores(method, ctx, **SCORE_OPTIONS.get(method, {}))
     _write(path, _scores_to_json(s))
@@ -255,7 +257,7 @@ def main(argv=None) -> int:
         "profile": {"path": a.profile, "calibration": b.profile.calibration},
         "eval": {"text": "wikitext2-test.txt", "windows": a.windows, "seq_len": a.seq_len,
                  "other_text": "tinyshakespeare.txt", "other_windows": a.other_windows},
-        "settings": {"score_rows": SCORE_ROWS, "score_options": SCORE_OPTIONS, "refine": a.refine,
+        "settings": {"score_tokens": SCORE_TOKENS, "score_options": SCORE_OPTIONS, "refine": a.refine,
                      "evo_evaluations": a.evo_evaluations, "fitness_rows": a.fitness_rows,
                      "fitness_len": a.fitness_len, "seed": a.seed},
         "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None, "rows": rows})
