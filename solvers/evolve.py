@@ -107,7 +107,9 @@ def evolve(fitness: Fitness, cost, capacity, start=None, *, generations: int = 5
     never caches (the default, ``cache=False``, re-scores the parent every generation
     like theirs); a flip with no possible move is skipped instead of asserting, and
     after ``max_attempts * offspring`` draws a generation goes on with the distinct
-    offspring it has. ``tokens`` (per stage) only counts ``tokens_used``.
+    offspring it has (counted in ``short_generations``; with ``group_rule="size"`` a row
+    whose cost vector no other row shares can never change). ``tokens`` (per stage) only
+    counts ``tokens_used``.
     Returns ``(best choice, status)``, status with ``evaluations``, ``tokens_used``,
     ``fitness`` (the final parent's last-stage score) and ``history``
     ``[(evaluations, fitness)]`` per generation.
@@ -130,9 +132,10 @@ def evolve(fitness: Fitness, cost, capacity, start=None, *, generations: int = 5
     else:
         parent = np.argsort(order, axis=1)[np.arange(len(cost)), _check_start(start, cost, capacity)]
         parent_fit = float("inf")  # theirs: the integer start is not scored before generation 1
-    history = []
+    history, short = [], 0
     for _ in range(generations):
         kids = _offspring(rng, parent, level_cost, capacity, groups, offspring, group_rule, max_attempts)
+        short += len(kids) < offspring
         pool = kids
         for k, survive in enumerate(stages):
             if k == len(stages) - 1 and not any((c == parent).all() for c in pool):
@@ -145,7 +148,8 @@ def evolve(fitness: Fitness, cost, capacity, start=None, *, generations: int = 5
     choice = order[np.arange(len(cost)), parent].astype(np.int64)
     assert total_cost(cost, choice) <= capacity, "evolve: the parent left the budget"
     return choice, {"status": "feasible", "iterations": generations, "evaluations": score.evaluations,
-                    "tokens_used": score.tokens_used, "fitness": parent_fit, "history": history}
+                    "tokens_used": score.tokens_used, "fitness": parent_fit, "history": history,
+                           "short_generations": short}
 
 
 def _random_start(rng, level_cost, capacity, n, order, score):

@@ -75,8 +75,8 @@ def test_minimax_hand_built_threshold():
     table = np.array([[0.9, 0.5, 0.1],  # sensitive row
                       [0.3, 0.2, 0.1],
                       [0.6, 0.4, 0.0]])
-    # capacity 6: threshold must be >= 0.4 (row 2 at scheme 1) with row 0 at 0.5? 0.5+ -> 1+2+2=5 fits...
-    # smallest fitting threshold: t=0.3 -> (2, 0, 2) costs 3+1+3 = 7 > 6; t=0.4 -> (2, 0, 1) = 3+1+2 = 6 fits
+    # each row takes its cheapest scheme with score <= t; capacity 6 bits:
+    # t in [0.3, 0.4): (2, 0, 2) costs 3+1+3 = 7 > 6; t = 0.4: (2, 0, 1) costs 3+1+2 = 6 fits -> t* = 0.4
     choice, status = minimax_threshold(table, cost, 6)
     assert choice.tolist() == [2, 0, 1], choice
     assert 0.3 < status["threshold"] <= 0.4 + 1e-9, status
@@ -225,16 +225,18 @@ def test_refine_finds_optimum_with_fewer_evaluations():
     opt, f_opt = quad_optimum(fit, cost, cap)
     # a good start: the separable optimum (ignoring the interactions), as bitalloc's ILP would give
     sep = np.array([[w * e for e in E] for w in weights])  # (G, S) predicted losses
-    start, _ = brute_force(sep, cost, cap)
-    choice, st = refine(fit, cost, cap, start, evaluations=200, hint=sep)
-    assert fit([choice], 0)[0] == pytest.approx(f_opt), (choice, opt)
-    assert st["fitness"] <= st["fitness_start"] and st["history"][0] == [1, st["fitness_start"]]
-    assert used(cost, choice) <= cap
-    # reaching the optimum took fewer evaluations than evolve's run above
-    first_opt = next(n for n, f in st["history"] if f == pytest.approx(f_opt))
-    evo = evolve(fit, cost, cap, start, generations=60, offspring=8, stages=(3, 1), seed=0)[1]
-    evo_opt = next((n for n, f in evo["history"] if f == pytest.approx(f_opt)), np.inf)
-    assert first_opt < evo_opt, (first_opt, evo_opt)
+    good, _ = brute_force(sep, cost, cap)
+    for start in (good, np.array([1, 2, 1, 2, 1, 2]), np.array([0, 0, 3, 3, 3, 0])):
+        choice, st = refine(fit, cost, cap, start, evaluations=200, hint=sep)
+        assert fit([choice], 0)[0] == pytest.approx(f_opt), (start, choice, opt)
+        assert st["fitness"] <= st["fitness_start"] and st["history"][0] == [1, st["fitness_start"]]
+        assert used(cost, choice) <= cap and st["status"] == "local-optimum"
+        # reaching the optimum took fewer evaluations than evolve from the same start
+        first_opt = next(n for n, f in st["history"] if f == pytest.approx(f_opt))
+        evo = evolve(fit, cost, cap, start, generations=60, offspring=8, stages=(3, 1), seed=0)[1]
+        evo_opt = next((n for n, f in evo["history"] if f == pytest.approx(f_opt)), np.inf)
+        assert first_opt < evo_opt, (start, first_opt, evo_opt)
+    start = good
     # respects the evaluation cap; deterministic with a seed (no hint: random order)
     small = refine(fit, cost, cap, start, evaluations=5, seed=1)
     assert small[1]["evaluations"] <= 5 and small[1]["status"] == "budget"
