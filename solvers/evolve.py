@@ -85,7 +85,11 @@ def evolve(fitness: Fitness, cost, capacity, start=None, *, generations: int = 5
       ``group_rule="size"`` (their default): a flip picks a group of rows with identical
       cost vectors, weighted by its size, then a row that can go one level down and one
       that can go one level up (possibly the same row: no change) and swaps a level
-      between them, so the total bits stay exactly the same. ``group_rule="none"``:
+      between them. Their levels are equally spaced bitwidths, so the total stays exactly
+      the same; bitalloc's schemes are not (w4 -> w8 is 4 bits, w2 -> w3 one), so here a
+      swap is applied only if the new total is <= ``capacity`` (else that flip is
+      skipped): the total then holds exactly for equally spaced levels and may go down
+      (never above the capacity) otherwise. ``group_rule="none"``:
       ``num_flips`` random rows go one level up, then random rows go one level down
       until the total is <= ``capacity`` (exact bits); a mutant with more than 10 level
       changes or ``bits_added / max(1, bits_removed) < 0.8`` is dropped, as theirs;
@@ -182,14 +186,20 @@ def _offspring(rng, parent, level_cost, capacity, groups, n, rule, max_attempts)
         kid = parent.copy()
         flips = min(rng.integers(1, 4), rng.integers(1, 4))  # bias towards fewer flips
         if rule == "size":
+            used = int(level_cost[np.arange(G), kid].sum())
             for _ in range(flips):
                 grp = groups[rng.choice(len(groups), p=sizes / sizes.sum())]
                 down, up = grp[kid[grp] > 0], grp[kid[grp] < S - 1]
                 if len(down) == 0 or len(up) == 0:
                     continue
                 d, u = rng.choice(down), rng.choice(up)
+                delta = 0 if d == u else int(level_cost[d, kid[d] - 1] - level_cost[d, kid[d]]
+                                             + level_cost[u, kid[u] + 1] - level_cost[u, kid[u]])
+                if used + delta > capacity:  # unequal level steps: the swap must still fit
+                    continue
                 kid[d] -= 1
                 kid[u] += 1
+                used += delta
         elif not _mutate_none(rng, kid, level_cost, capacity, flips):
             continue
         if kid.tobytes() in seen:
@@ -229,7 +239,7 @@ def _mutate_none(rng, kid, level_cost, capacity, flips) -> bool:
 
 
 def refine(fitness: Fitness, cost, capacity, start, *, evaluations: int = 64, seed: int = 0,
-           hint=None, stage: int = 0, batch: int = 1):
+           hint=None, stage: int = 0, batch: int = 1, min_improvement: float = 0.0):
     """bitalloc's end-to-end refinement: first-improvement local search within the budget.
 
     Warm-started from ``start`` (the ILP's plan). Moves (each keeps the total <= capacity
@@ -240,7 +250,9 @@ def refine(fitness: Fitness, cost, capacity, start, *, evaluations: int = 64, se
     profile's table: most negative first; random order without a hint), scored in
     batches of ``batch`` by ``fitness(..., stage)``, and the first one that improves the
     measured fitness is taken; then the candidates are rebuilt around the new point.
-    Choices already scored are never scored again. Stops after ``evaluations`` fitness
+    A move counts as an improvement when its fitness is below
+    ``best - min_improvement * |best|`` (0: any decrease; a positive value guards against
+    accepting noise). Choices already scored are never scored again. Stops after ``evaluations`` fitness
     evaluations (the start counts as one) or at a local optimum (every move scored).
     Returns ``(choice, status)``; status has ``evaluations``, ``fitness_start``,
     ``fitness``, ``moves`` (accepted) and ``history`` ``[[evaluations, best fitness]]``.
@@ -259,7 +271,7 @@ def refine(fitness: Fitness, cost, capacity, start, *, evaluations: int = 64, se
         for chunk in _batches(_moves(choice, cost, capacity, hint, rng), seen, batch, evaluations - score.evaluations):
             fits = score(chunk, stage)
             j = int(np.argmin(fits))
-            if fits[j] < best:
+            if fits[j] < best - min_improvement * abs(best):
                 choice, best, improved = chunk[j], fits[j], True
                 moves += 1
                 history.append([score.evaluations, best])

@@ -49,10 +49,17 @@ def test_never_over_capacity(seed):
     fit = lambda cs, stage: [float(err[np.arange(6), c].sum() + rng.random() * 0.01) for c in cs]
     choices["evolve-none"] = evolve(fit, cost, cap, base, generations=3, offspring=4, stages=(2, 1),
                                     group_rule="none", seed=seed)[0]
+    shared = np.repeat(cost[:3], 2, axis=0)  # rows in pairs of equal size, unequal level steps
+    choices["evolve-size"] = evolve(fit, shared, max(cap, int(shared.min(1).sum())), base, generations=5,
+                                    offspring=4, stages=(2, 1), seed=seed)[0]
     choices["refine"] = refine(fit, cost, cap, base, evaluations=10, seed=seed)[0]
     for name, c in choices.items():
         assert c.dtype == np.int64 and c.shape == (6,), name
-        assert used(cost, c) <= cap, f"{name} used {used(cost, c)} > {cap}"
+        if name == "evolve-size":
+            cap_s = max(cap, int(shared.min(1).sum()))
+            assert used(shared, c) <= cap_s, f"{name} used {used(shared, c)} > {cap_s}"
+        else:
+            assert used(cost, c) <= cap, f"{name} used {used(cost, c)} > {cap}"
 
 
 def test_infeasible_budget_is_one_line_error():
