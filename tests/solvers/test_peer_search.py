@@ -258,3 +258,20 @@ def test_refine_hint_orders_moves():
     guided = refine(fit, cost, cap + 100, start, evaluations=2, hint=sep)[1]
     # with 100 spare bits the best predicted move is one row up a level (pure gain): it is tried first
     assert guided["fitness"] < guided["fitness_start"] and guided["moves"] == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_evolve_size_swaps_with_unequal_level_steps_stay_within_capacity(seed):
+    # levels 100, 200, 300, 700 bits (like w2, w3, w4, w8): a one-down/one-up swap can add bits
+    cost = np.tile(np.array([100, 200, 300, 700]), (6, 1))
+    start = np.array([1, 2, 1, 2, 1, 2])
+    cap = used(cost, start)  # tight: no spare bit
+    seen = []
+
+    def fit(cs, stage):  # rewards bits: an over-budget offspring would win
+        seen.extend(used(cost, c) for c in cs)
+        return [-float(used(cost, c)) + 0.01 * float(np.sum(E[np.asarray(c)] * np.arange(1, 7))) for c in cs]
+
+    choice, st = evolve(fit, cost, cap, start, generations=8, offspring=6, stages=(2, 1), seed=seed)
+    assert max(seen) <= cap, f"an offspring with {max(seen)} bits > {cap} was scored"
+    assert used(cost, choice) <= cap and st["fitness"] <= fit([start], 0)[0]
