@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     print(f"{len(cost)} layers x {len(SCHEMES)} schemes, capacity {cap} bits ({a.bpw} bpw of weights)")
     print(f"{'search':34} {'objective':>11} {'gap %':>8} {'bits %':>8} {'seconds':>8}")
     for r in rows:
-        print(f"{r['search']:34} {r['objective']:11.5f} {r['gap_pct']:8.3f} {r['bits_used_pct']:8.3f} {r['seconds']:8.3f}")
+        print(f"{r['search']:34} {r['objective']:11.5f} {r['gap_pct']:8.3f} {r['bits_used_pct']:8.3f} "
+              f"{r['seconds']:8.3f}")
     part2 = []
     for seed in range(a.seed, a.seed + a.seeds):
         c2, t2, cap2 = instance(seed, a.bpw)

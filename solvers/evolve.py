@@ -239,13 +239,15 @@ def _mutate_none(rng, kid, level_cost, capacity, flips) -> bool:
 
 
 def refine(fitness: Fitness, cost, capacity, start, *, evaluations: int = 64, seed: int = 0,
-           hint=None, stage: int = 0, batch: int = 1, min_improvement: float = 0.0):
+           hint=None, stage: int = 0, batch: int = 1, min_improvement: float = 0.0, pair_rows: int = 512):
     """bitalloc's end-to-end refinement: first-improvement local search within the budget.
 
     Warm-started from ``start`` (the ILP's plan). Moves (each keeps the total <= capacity
     exactly): one row to any other scheme that fits (upgrades spend leftover bits), and
     pairs *one row one level up + another one level down* (levels: schemes by exact
-    bits), which include the exact swaps between rows of equal size. Candidates are
+    bits), which include the exact swaps between rows of equal size (pairs among the
+    ``pair_rows`` rows predicted best to go up and best to go down, all rows up to 512,
+    so a 10,000-layer model stays cheap; a local optimum is then local to that shortlist). Candidates are
     ordered by the predicted change of ``hint`` (``(G, S)`` predicted losses, e.g. the
     profile's table: most negative first; random order without a hint), scored in
     batches of ``batch`` by ``fitness(..., stage)``, and the first one that improves the
@@ -268,7 +270,8 @@ def refine(fitness: Fitness, cost, capacity, start, *, evaluations: int = 64, se
     start_fit, history, moves, status = best, [[1, best]], 0, "budget"
     while score.evaluations < evaluations:
         improved = False
-        for chunk in _batches(_moves(choice, cost, capacity, hint, rng), seen, batch, evaluations - score.evaluations):
+        moves_ = _moves(choice, cost, capacity, hint, rng, pair_rows)
+        for chunk in _batches(moves_, seen, batch, evaluations - score.evaluations):
             fits = score(chunk, stage)
             j = int(np.argmin(fits))
             if fits[j] < best - min_improvement * abs(best):
@@ -290,8 +293,17 @@ def refine(fitness: Fitness, cost, capacity, start, *, evaluations: int = 64, se
                                      "history": history}
 
 
-def _moves(choice: np.ndarray, cost: np.ndarray, capacity: int, hint, rng):
-    """Every single-row change and level pair swap that fits, best predicted first."""
+def _shortlist(pred: np.ndarray, n: int, shuffle: bool, rng) -> np.ndarray:
+    """The ``n`` rows with the best (lowest) predicted change (random ones without a hint)."""
+    rows = np.flatnonzero(np.isfinite(pred))
+    if len(rows) <= n:
+        return rows
+    return np.sort(rng.choice(rows, n, replace=False) if shuffle else rows[np.argsort(pred[rows], kind="stable")[:n]])
+
+
+def _moves(choice: np.ndarray, cost: np.ndarray, capacity: int, hint, rng, pair_rows: int = 512):
+    """Every single-row change and level pair swap that fits, best predicted first
+    (pairs among the ``pair_rows`` best rows to go up and to go down, so large models stay cheap)."""
     G, S = cost.shape
     rows = np.arange(G)
     order = cost_order(cost)
@@ -308,9 +320,14 @@ def _moves(choice: np.ndarray, cost: np.ndarray, capacity: int, hint, rng):
     dn_s = np.where(level > 0, order[rows, np.maximum(level - 1, 0)], -1)  # (G,)
     d_up = np.where(up_s >= 0, cost[rows, up_s] - cur, 0)  # (G,)
     d_dn = np.where(dn_s >= 0, cost[rows, dn_s] - cur, 0)  # (G,) <= 0
-    ok = (up_s[:, None] >= 0) & (dn_s[None, :] >= 0) & (d_up[:, None] + d_dn[None, :] <= slack)  # (G up, G down)
-    ok &= ~np.eye(G, dtype=bool)
-    for u, d in zip(*np.nonzero(ok)):
+    p_up = np.where(up_s >= 0, pred[rows, up_s], np.inf)  # (G,)
+    p_dn = np.where(dn_s >= 0, pred[rows, dn_s], np.inf)  # (G,)
+    ups = _shortlist(p_up, pair_rows, hint is None, rng)  # (U,) rows
+    dns = _shortlist(p_dn, pair_rows, hint is None, rng)  # (D,) rows
+    ok = (up_s[ups, None] >= 0) & (dn_s[None, dns] >= 0) & (d_up[ups, None] + d_dn[None, dns] <= slack)  # (U, D)
+    ok &= ups[:, None] != dns[None, :]
+    for a, b in zip(*np.nonzero(ok)):
+        u, d = ups[a], dns[b]
         out.append(((u, up_s[u]), (d, dn_s[d])))
         keys.append(pred[u, up_s[u]] + pred[d, dn_s[d]])
     if not out:

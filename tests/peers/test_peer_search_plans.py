@@ -53,7 +53,8 @@ def test_evolve_and_refine_on_tiny_model(tiny_ctx):
     assert int(cost[np.arange(len(cost)), choice].sum()) <= capacity
     assert st["evaluations"] == 2 * (3 + 3) and st["tokens_used"] == 2 * (3 * 64 + 3 * 128)
     f0 = ctx.forwards
-    choice, st = refine(fitness, cost, capacity, start, evaluations=4, hint=np.tile([8.0, 4.0, 2.0, 1.0], (len(cost), 1)))
+    hint = np.tile([8.0, 4.0, 2.0, 1.0], (len(cost), 1))  # (L, S) predicted losses
+    choice, st = refine(fitness, cost, capacity, start, evaluations=4, hint=hint)
     assert int(cost[np.arange(len(cost)), choice].sum()) <= capacity
     assert st["evaluations"] <= 4 and ctx.forwards - f0 == st["evaluations"]  # stage 0: one batch each
     assert st["fitness"] < st["fitness_start"], "an upgrade with leftover bits lowers the KL"
