@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
 
+    from .cli_peers import add_parser as add_peer_parser
+
+    add_peer_parser(sub)
+
     sp = sub.add_parser("run", help="the whole pipeline from a TOML config (default: the embedded main job)")
     sp.add_argument("config", nargs="?", default=None, help="CONFIG.toml (optional)")
     sp.add_argument("--out-dir", default=None, help="override [output] dir")
@@ -459,7 +463,13 @@ def _cmd_export(a) -> int:
 
 COMMANDS = {"profile": _cmd_profile, "solve": _cmd_solve, "sweep": _cmd_sweep, "apply": _cmd_apply,
             "eval": _cmd_eval, "run": _cmd_run, "serve": _cmd_serve,
-            "export": _cmd_export}
+            "export": _cmd_export, "peer": lambda a: _cmd_peer(a)}
+
+
+def _cmd_peer(a) -> int:
+    from .cli_peers import cmd_peer
+
+    return cmd_peer(a)
 
 
 class _UsageError(BitallocError, ValueError):

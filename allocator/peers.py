@@ -164,7 +164,8 @@ def peer_plan(name: str, profile, budget: str | float | Budget, scores=None, *, 
     """Peer ``name``'s plan at ``budget`` on ``profile``'s layers, schemes and exact bits.
 
     ``scores``: the peer's PeerScores (from :func:`peer_scores`) for scored peers;
-    ``fitness`` and ``start`` (a per-layer choice) for ``evopress``; nothing more for the
+    ``fitness`` (and optionally ``start``, a per-layer choice; default EvoPress's own random
+    start) for ``evopress``; nothing more for the
     rule-based ``llamacpp-rules`` and ``uniform``."""
     from .baselines import nearest_uniform, rule_mix
     from .solve import capacity_bits, plan_from_choice
@@ -179,10 +180,10 @@ def peer_plan(name: str, profile, budget: str | float | Budget, scores=None, *, 
     cost = np.asarray(profile.cost_bits, dtype=np.int64)
     t0 = time.perf_counter()
     if p.search == "evolve":
-        if fitness is None or start is None:
-            raise PeerError(f"{name} needs a fitness (end-to-end KL) and a start choice")
-        choice, status = _resolve("solvers", SEARCHES["evolve"])(fitness, cost, capacity, np.asarray(start),
-                                                                  **options)
+        if fitness is None:
+            raise PeerError(f"{name} needs a fitness (end-to-end KL of whole plans)")
+        choice, status = _resolve("solvers", SEARCHES["evolve"])(
+            fitness, cost, capacity, None if start is None else np.asarray(start), **options)
         groups, settings = None, {}
     else:
         if scores is None:
@@ -205,7 +206,7 @@ def peer_plan(name: str, profile, budget: str | float | Budget, scores=None, *, 
 
 
 def refine_plan(profile, plan: Plan, budget: str | float | Budget, fitness, *, evaluations: int, seed: int = 0,
-                profile_path=None) -> Plan:
+                stage: int = 0, profile_path=None) -> Plan:
     """bitalloc's plan refined end to end (``--refine N``): local moves that keep the exact
     budget, scored by ``fitness`` (measured KL on calibration tokens), warm-started from
     ``plan`` (the ILP's) and guided by the profile's predicted losses; at most
@@ -220,7 +221,7 @@ def refine_plan(profile, plan: Plan, budget: str | float | Budget, fitness, *, e
     t0 = time.perf_counter()
     refine = _resolve("solvers", "evolve:refine")
     choice, status = refine(fitness, cost, capacity, start, evaluations=evaluations, seed=seed,
-                            hint=loss_table(profile))
+                            hint=loss_table(profile), stage=stage)
     record = {k: v for k, v in status.items() if isinstance(v, (str, int, float, bool, list))}
     solver = {**plan.solver, "refine": {**record, "seconds": time.perf_counter() - t0, "max_evaluations": evaluations}}
     return plan_from_choice(profile, choice, budget=budget, solver=solver, label=f"{plan.label} refined",

@@ -132,8 +132,8 @@ def plans_of(b: Bench, method: str) -> dict:
             if b.a.refine:
                 plan = refine_plan(b, plan, budget)
         elif method == "evopress":
-            plan = peer_plan("evopress", b.profile, budget, fitness=b.fitness(b.ctx(1)), start=_start_choice(b, budget),
-                             seed=b.a.seed, **b.a.evo_options)
+            plan = peer_plan("evopress", b.profile, budget, fitness=b.fitness(b.ctx(1)), seed=b.a.seed,
+                             **b.a.evo_options)
             profile_s = 0.0
         elif method in ("llamacpp-rules", "uniform"):
             plan, profile_s = peer_plan(method, b.profile, budget), 0.0
@@ -146,39 +146,18 @@ def plans_of(b: Bench, method: str) -> dict:
             plan = peer_plan(method, b.profile, budget, scores)
         search_s = time.perf_counter() - t0
         m = {"profile_s": profile_s, "search_s": plan.solver.get("search_s", search_s),
-             "evaluations": plan.solver.get("evaluations")}
+             "evaluations": plan.solver.get("evaluations") or plan.solver.get("refine", {}).get("evaluations")}
         plan.save(path)
         _write(meta, m)
         out[name] = (plan, m)
     return out
 
 
-def _start_choice(b: Bench, budget):
-    """EvoPress's start: the largest uniform scheme that fits, then random upgrades while they fit (seeded)."""
-    import numpy as np
-
-    from bitalloc.allocator import api
-    from bitalloc.allocator.solve import capacity_bits
-
-    cost = np.asarray(b.profile.cost_bits, dtype=np.int64)
-    cap = capacity_bits(b.profile, api.parse_budget(budget))
-    order = np.argsort(cost.sum(0))
-    fit = [j for j in order if cost[:, j].sum() <= cap]
-    assert fit, f"no uniform scheme fits {budget}"
-    choice = np.full(len(cost), fit[-1])
-    rng = np.random.default_rng(b.a.seed)
-    for i in rng.permutation(len(cost)):
-        for j in order[::-1]:
-            if cost[i, j] > cost[i, choice[i]] and cost[np.arange(len(cost)), choice].sum() - cost[i, choice[i]] + cost[i, j] <= cap:
-                choice[i] = j
-                break
-    return choice
-
-
 def refine_plan(b: Bench, plan, budget):
     from bitalloc.allocator.peers import refine_plan as refine
 
-    return refine(b.profile, plan, budget, b.fitness(b.ctx(1)), evaluations=b.a.refine, seed=b.a.seed)
+    return refine(b.profile, plan, budget, b.fitness(b.ctx(1)), evaluations=b.a.refine, seed=b.a.seed,
+                  stage=len(b.a.fitness_rows) - 1)
 
 
 def evaluate(b: Bench, plans: dict) -> dict:
@@ -215,7 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--other-windows", type=int, default=8, help="Tiny Shakespeare windows (text of another kind)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--refine", type=int, default=0, help="end-to-end refinement evaluations for bitalloc (0: off)")
-    ap.add_argument("--evo-evaluations", type=int, default=200, help="EvoPress's budget of stage-0 fitness evaluations")
+    ap.add_argument("--evo-generations", type=int, default=20, help="EvoPress generations (theirs: 150)")
+    ap.add_argument("--evo-offspring", type=int, default=8, help="EvoPress offspring per generation (theirs: 128)")
     ap.add_argument("--fitness-rows", default="1,2", help="calibration rows per fitness stage")
     ap.add_argument("--fitness-len", type=int, default=256, help="tokens per fitness row")
     ap.add_argument("--chunk", type=int, default=6, help="quantized models held at once during evaluation")
@@ -232,7 +212,10 @@ def main(argv=None) -> int:
     a.methods = [m for m in a.methods.split(",") if m]
     a.budgets = [x for x in a.budgets.split(",") if x]
     a.fitness_rows = [int(x) for x in a.fitness_rows.split(",")]
-    a.evo_options = {"evaluations": a.evo_evaluations}
+    # survivors per stage: theirs 16/4/1 on 2k/16k/131k tokens; here len(fitness_rows) stages
+    a.evo_options = {"generations": a.evo_generations, "offspring": a.evo_offspring,
+                     "stages": (2, 1) if len(a.fitness_rows) == 2 else tuple([1] * len(a.fitness_rows)),
+                     "tokens": [r * a.fitness_len for r in a.fitness_rows]}
     a.work = str(Path(a.work) / f"w{a.windows}x{a.seq_len}")
     b = Bench(a)
     rows = []
@@ -258,7 +241,7 @@ def main(argv=None) -> int:
         "eval": {"text": "wikitext2-test.txt", "windows": a.windows, "seq_len": a.seq_len,
                  "other_text": "tinyshakespeare.txt", "other_windows": a.other_windows},
         "settings": {"score_tokens": SCORE_TOKENS, "score_options": SCORE_OPTIONS, "refine": a.refine,
-                     "evo_evaluations": a.evo_evaluations, "fitness_rows": a.fitness_rows,
+                     "evo_options": a.evo_options, "fitness_rows": a.fitness_rows,
                      "fitness_len": a.fitness_len, "seed": a.seed},
         "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None, "rows": rows})
     print_table(rows, a.budgets)

@@ -98,5 +98,5 @@ def _loglog_interpolate(P: np.ndarray, K: np.ndarray, Pr: np.ndarray, ok: np.nda
         y = np.where(lxi > lx[-1], ly[-1] + slope * (lxi - lx[-1]), y)
         row = np.exp(y)
         row = np.where(lxi < lx[0], x * (pts[0][1] / pts[0][0]), row)  # linear below the smallest point
-        out[i] = np.where(pos, row, 0.0)
+        out[i] = np.where(pos, row, np.where(np.isnan(x), np.nan, 0.0))  # NaN (an unfit cell) stays NaN
     return out

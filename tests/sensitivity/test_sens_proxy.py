@@ -224,3 +224,17 @@ def test_two_references_follow_a_power_law_through_the_measured_points():
     assert row[0] == pytest.approx(2.0)  # below: linear through the origin
     assert row[4] == pytest.approx(32.0 * 2**1.5)  # above: last segment's slope
     assert row[5] == 0.0
+
+
+def test_calibration_keeps_unfit_cells_nan():
+    """A NaN proxy cell (a ggml type the layer's shape cannot take) stays NaN through the
+    piecewise power law, so the solver masks it (a 0 there was free and got chosen)."""
+    import numpy as np
+
+    from bitalloc.sensitivity.calibrate import calibrate_proxy
+
+    P = np.array([[np.nan, 4.0, 2.0, 1.0], [8.0, 4.0, 2.0, 1.0]])
+    K = np.array([[0.4, 0.1], [0.8, 0.2]])
+    table, _ = calibrate_proxy(P, K, [1, 2])
+    assert np.isnan(table[0, 0]) and np.isfinite(table[0, 1:]).all(), table
+    assert np.isfinite(table[1]).all() and table[1, 0] > table[1, 1]
