@@ -151,7 +151,8 @@ def score_hawq_v3(ctx: PeerContext, n_probes: int = 16, per_layer: bool = False,
     nb, passes = len(ctx.batches), (ctx.n_layers if per_layer else 1)
     info = {"n_probes": n_probes, "per_layer": per_layer, "seed": ctx.seed if seed is None else seed,
             "trace": trace.tolist(), "trace_stderr": stderr.tolist(), "trace_per_param": (trace / n).tolist(),
-            "delta_w_sq": sq.tolist(), "negative_traces": int((trace < 0).sum()), "forwards": nb * passes, "backwards": nb * passes,
+            "delta_w_sq": sq.tolist(), "negative_traces": int((trace < 0).sum()),
+            "forwards": nb * passes, "backwards": nb * passes,
             "hvps": nb * passes * n_probes, "seconds": time.perf_counter() - t0}
     return PeerScores("hawq-v3", table, None, info)
 
@@ -266,7 +267,9 @@ def _scheme_weight_bits(scheme: str) -> int:
 
 def _head_rule(ctx: PeerContext, bits: Sequence[int]) -> dict:
     """AutoRound ``_apply_head_trick`` inputs: which row is lm_head and which schemes it may take."""
-    head = [i for i, layer in enumerate(ctx.layers) if layer.fqn.split(".")[-1] in ("lm_head", "embed_out", "output")]
+    out = ctx.model.get_output_embeddings() if hasattr(ctx.model, "get_output_embeddings") else None
+    head = [i for i in range(ctx.n_layers) if out is not None and ctx.module(i) is out]
+    head = head or [i for i, layer in enumerate(ctx.layers) if layer.fqn.split(".")[-1] == "lm_head"]
     high = [j for j, b in enumerate(bits) if b >= 6]
     return {"head_layer": head[0] if head else None, "high_bit_schemes": high,
             "rule": "0 schemes >= 6 bits: lowest-loss scheme; 1: that scheme; several: target_bits > 6 -> highest "
@@ -274,7 +277,7 @@ def _head_rule(ctx: PeerContext, bits: Sequence[int]) -> dict:
 
 
 def score_autoround(ctx: PeerContext) -> PeerScores:
-    """AutoRound AutoScheme delta loss: score(l, s) = Σ_batches Σ |∂L/∂Ŵ_l ⊙ (W_l − Q_s(W_l))|, all layers at s.
+    """AutoRound AutoScheme delta loss: score(l, s) = Σ_batches Σ |∂L/∂Ŵ_l ⊙ (W_l − Q_s(W_l))|, all at s.
 
     Follows intel/auto-round ``auto_round/auto_scheme/delta_loss.py``: ``get_score_for_scheme``
     wraps every quantizable layer at one scheme (``AutoSchemeWrapperLinear``), runs
@@ -289,7 +292,8 @@ def score_autoround(ctx: PeerContext) -> PeerScores:
     candidates in the DP (``info['head_rule']``: the lm_head row and the >= 6-bit schemes;
     the search must apply it); ``shared_layers`` grouping (user option, none by default) is not
     used; AutoRound runs the model in ``train()`` mode (for gradient checkpointing), here in
-    ``eval()``; ``nsamples=16, seqlen=256`` replaced by ``ctx.batches``.
+    ``eval()``; ``nsamples=16, seqlen=256`` replaced by ``ctx.batches``. A tied lm_head
+    (``quantize_tied`` profiles) gets the gradient of both its uses (head and embedding).
     """
     t0 = time.perf_counter()
     params = _weight_params(ctx)
