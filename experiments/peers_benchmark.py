@@ -33,14 +33,14 @@ from _data import DATA, wikitext_files  # noqa: E402
 RESULTS = HERE / "results" / "peers"
 BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
 SCORED = ("hawq-v3", "higgs", "modelopt-gradient", "modelopt-kl", "autoround", "exllamav2", "exllamav3")
-METHODS = ("bitalloc", *SCORED, "evopress", "llamacpp-rules", "uniform")
+METHODS = ("bitalloc", "bitalloc-refine", *SCORED, "evopress", "llamacpp-rules", "uniform")
 # What each peer's score spends on this 2-core CPU (their defaults where affordable; see the
 # score functions' docstrings for the peers' own defaults). Rows = calibration rows of 512 tokens.
 # (rows, tokens per row) of the calibration set each peer's score uses; bitalloc's own profile used
 # 32 x 512 for its Hessians and 2 x 512 (every 4th position) for its 630 reference KL items.
-SCORE_TOKENS = {"hawq-v3": (4, 512), "higgs": (1, 512), "modelopt-gradient": (8, 512), "modelopt-kl": (1, 256),
-                "autoround": (8, 512), "exllamav2": (4, 512), "exllamav3": (1, 256)}
-SCORE_OPTIONS: dict[str, dict] = {"higgs": {"noise_wbits": (2, 3, 4)}}
+SCORE_TOKENS = {"hawq-v3": (2, 512), "higgs": (1, 512), "modelopt-gradient": (8, 512), "modelopt-kl": (1, 256),
+                "autoround": (4, 512), "exllamav2": (4, 512), "exllamav3": (1, 256)}
+SCORE_OPTIONS: dict[str, dict] = {"higgs": {"noise_wbits": (2, 3, 4)}, "hawq-v3": {"n_probes": 16}}
 
 
 def _write(path: Path, obj) -> None:
@@ -126,10 +126,10 @@ def plans_of(b: Bench, method: str) -> dict:
             out[name] = (Plan.load(path), json.loads(meta.read_text()))
             continue
         t0 = time.perf_counter()
-        if method == "bitalloc":
+        if method in ("bitalloc", "bitalloc-refine"):
             plan = api.solve(b.profile, budget)
             profile_s = b.profile.metadata.get("wall_s", {}).get("total")
-            if b.a.refine:
+            if method == "bitalloc-refine":
                 plan = refine_plan(b, plan, budget)
         elif method == "evopress":
             plan = peer_plan("evopress", b.profile, budget, fitness=b.fitness(b.ctx(1)), seed=b.a.seed,
@@ -145,7 +145,8 @@ def plans_of(b: Bench, method: str) -> dict:
             t0 = time.perf_counter()
             plan = peer_plan(method, b.profile, budget, scores)
         search_s = time.perf_counter() - t0
-        m = {"profile_s": profile_s, "search_s": plan.solver.get("search_s", search_s),
+        m = {"profile_s": profile_s, "search_s": search_s if method == "bitalloc-refine" else
+             (plan.solver.get("search_s") or plan.solver.get("solve_time_s") or search_s),
              "evaluations": plan.solver.get("evaluations") or plan.solver.get("refine", {}).get("evaluations")}
         plan.save(path)
         _write(meta, m)
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--other-windows", type=int, default=8, help="Tiny Shakespeare windows (text of another kind)")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--refine", type=int, default=0, help="end-to-end refinement evaluations for bitalloc (0: off)")
+    ap.add_argument("--refine", type=int, default=100, help="end-to-end refinement evaluations of bitalloc-refine")
     ap.add_argument("--evo-generations", type=int, default=20, help="EvoPress generations (theirs: 150)")
     ap.add_argument("--evo-offspring", type=int, default=8, help="EvoPress offspring per generation (theirs: 128)")
     ap.add_argument("--fitness-rows", default="1,2", help="calibration rows per fitness stage")
