@@ -189,10 +189,11 @@ def _monotone(table: np.ndarray, bits: Sequence[float]) -> np.ndarray:
     return out
 
 
-def _fisher_batch(ctx: PeerContext, batch: dict, acc: np.ndarray) -> None:
-    """One forward + one backward: acc[l, j] += Σ (∂L/∂Y_l)² · (X_l (Q_j(W_l) − W_l)ᵀ)²."""
+def _fisher_batch(ctx: PeerContext, batch: dict, acc: np.ndarray, layers: Sequence[int] | None = None) -> None:
+    """One forward + one backward: acc[l, j] += Σ (∂L/∂Y_l)² · (X_l (Q_j(W_l) − W_l)ᵀ)² for ``layers`` (all)."""
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
+    layers = range(ctx.n_layers) if layers is None else layers
 
     def hook(i):
         def fn(module, args, output):
@@ -200,7 +201,7 @@ def _fisher_batch(ctx: PeerContext, batch: dict, acc: np.ndarray) -> None:
             outputs[i] = output
         return fn
 
-    handles = [ctx.module(i).register_forward_hook(hook(i)) for i in range(ctx.n_layers)]
+    handles = [ctx.module(i).register_forward_hook(hook(i)) for i in layers]
     try:
         loss = lm_loss(ctx.model, batch)
     finally:
@@ -244,18 +245,36 @@ def score_modelopt_gradient(ctx: PeerContext, group: bool = True, monotone: bool
     """
     t0 = time.perf_counter()
     acc = np.zeros((ctx.n_layers, ctx.n_schemes))  # (L, S)
+    chunks = _cache_chunks(ctx)
     with _grad_only(_weight_params(ctx), ctx.model):
-        for batch in ctx.batches:
-            _fisher_batch(ctx, batch, acc)
+        for layers in chunks:  # every batch per chunk, so each (layer, scheme) is quantized once
+            for batch in ctx.batches:
+                _fisher_batch(ctx, batch, acc, layers)
     groups = modelopt_groups(ctx) if group else None
     table = np.stack([acc[list(g)].sum(axis=0) for g in groups]) if groups else acc
     bits = [_bits(ctx, j) for j in range(ctx.n_schemes)]
     if monotone:
         table = _monotone(table, bits)
-    nb = len(ctx.batches)
+    nb = len(ctx.batches) * len(chunks)
     info = {"group": group, "monotone": monotone, "per_layer_raw": acc.tolist(), "scheme_bits": bits,
-            "forwards": nb, "backwards": nb, "seconds": time.perf_counter() - t0}
+            "forwards": nb, "backwards": nb, "layer_chunks": len(chunks), "seconds": time.perf_counter() - t0}
     return PeerScores("modelopt-gradient", table, groups, info)
+
+
+def _cache_chunks(ctx: PeerContext) -> list[list[int]]:
+    """Layers in runs whose quantized weights at every scheme fit the context's cache (with room
+    to spare): the forward/backward is repeated per run, but no weight is quantized twice."""
+    room = 0.8 * ctx.cache_bytes
+    chunks: list[list[int]] = [[]]
+    used = 0.0
+    for i, layer in enumerate(ctx.layers):
+        need = 4.0 * layer.out_features * layer.in_features * ctx.n_schemes
+        if chunks[-1] and used + need > room:
+            chunks.append([])
+            used = 0.0
+        chunks[-1].append(i)
+        used += need
+    return chunks
 
 
 # --------------------------------------------------------------------------- AutoRound AutoScheme

@@ -341,6 +341,14 @@ def _exl2_options(ctx: PeerContext, members: Sequence[int], kind: str | None, mi
     return opts
 
 
+def _one_batch(batches: list[dict]) -> list[dict]:
+    """The batches as one (rows stacked) when their tensors have the same shapes, else as they are."""
+    keys = set(batches[0])
+    same = all(set(b) == keys and all(torch.is_tensor(b[k]) and b[k].shape[1:] == batches[0][k].shape[1:]
+                                      for k in keys) for b in batches)
+    return [{k: torch.cat([b[k] for b in batches]) for k in keys}] if same and len(batches) > 1 else batches
+
+
 def score_exllamav2(ctx: PeerContext, rows: int | None = None, mixed: bool = False) -> PeerScores:
     """exllamav2's measurement pass (turboderp/exllamav2, ``exllamav2/conversion/measure.py``:
     ``measure_quant`` → ``measure_attn`` / ``measure_mlp`` → ``test_error``).
@@ -373,7 +381,7 @@ def score_exllamav2(ctx: PeerContext, rows: int | None = None, mixed: bool = Fal
     options = [_exl2_options(ctx, g, kind, mixed) for g, (_, kind) in zip(gs, unit_kind)]
     sums = [np.zeros(len(o)) for o in options]
     n_rows, module_forwards, model_forwards = 0, 0, 0
-    for batch in _rows(ctx, rows):
+    for batch in _one_batch(list(_rows(ctx, rows))):  # one capture: each (layer, scheme) quantized once
         rec = _capture(ctx, batch, units)
         model_forwards += 1
         n_rows += int(batch["input_ids"].shape[0])

@@ -231,3 +231,17 @@ def test_autoround_uses_the_gradient_at_the_quantized_model(branch_ctx):
     at_q, at_16 = score([0] * ctx.n_layers), score([None] * ctx.n_layers)
     assert np.allclose(r.table[:, 0], at_q, rtol=1e-4), f"{r.table[:, 0]} vs {at_q}"
     assert not np.allclose(at_q, at_16, rtol=1e-2), "the 2-bit and 16-bit gradients should differ (test has teeth)"
+
+
+def test_modelopt_gradient_chunked_equals_one_pass(tiny_ctx):
+    """Layers scored in cache-sized runs (one forward/backward per run) give the same table."""
+    import numpy as np
+
+    from bitalloc.sensitivity.peer_grad import _cache_chunks, score_modelopt_gradient
+
+    one = score_modelopt_gradient(tiny_ctx)
+    tiny_ctx.cache_bytes = 4 * 64 * 128 * tiny_ctx.n_schemes * 2  # room for about two MLP layers
+    assert len(_cache_chunks(tiny_ctx)) > 3
+    many = score_modelopt_gradient(tiny_ctx)
+    np.testing.assert_allclose(many.table, one.table, rtol=1e-5, atol=1e-12)
+    assert many.info["layer_chunks"] > 3
