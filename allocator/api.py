@@ -368,9 +368,18 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     loaded = load(cfg.model.spec, log=log)
     prof_path = out / "profile.json"
     prof = _reuse_profile(prof_path, cfg, log)
+    llamacpp = cfg.profile.target == "llamacpp"
     if prof is None:
         t0 = time.perf_counter()
-        prof = profile(loaded, cfg.profile_config(), out=prof_path, progress=progress, log=log)
+        if llamacpp:
+            p, c = cfg.profile, cfg.calibration
+            prof = profile(loaded, target="llamacpp", imatrix=p.imatrix, out=prof_path, progress=progress, log=log,
+                           calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
+                           kl_samples=c.kl_samples, kl_stride=c.kl_stride, schemes=p.schemes, include=p.include,
+                           exclude=p.exclude, ref_schemes=p.ref_schemes or None,
+                           measured=p.measured, workers=p.workers or None, ray_address=p.ray_address or None)
+        else:
+            prof = profile(loaded, cfg.profile_config(), out=prof_path, progress=progress, log=log)
         timings["profile_s"] = time.perf_counter() - t0
         log(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes in {timings['profile_s']:.1f}s -> {prof_path}")
 
@@ -379,10 +388,14 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     plan_paths = {}
     for b in cfg.solve.budgets:
         bname = parse_budget(b).name
+        extra = {"target": cfg.solve.target} if cfg.solve.target else {}
         plan = _solve.solve(prof, b, method=cfg.solve.method, backend=cfg.solve.backend, profile_path=prof_path,
-                            policy=cfg.group_policy())
+                            policy=cfg.group_policy(), **extra)
         entries.append((bname, "bitalloc", plan))
-        if cfg.eval.baselines:
+        if cfg.eval.baselines and llamacpp:
+            log(f"baselines skipped at {bname}: the llama.cpp target's references are llama.cpp's presets "
+                "(experiments/llamacpp_benchmark.py)")
+        elif cfg.eval.baselines:
             entries.append((bname, "uniform", baselines.nearest_uniform(prof, b)))
             try:
                 entries.append((bname, "rule-mix", baselines.rule_mix(prof, b)))

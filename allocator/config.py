@@ -104,6 +104,8 @@ class ProfileCfg:
     groups: tuple = ()               # metric groups: [[profile.groups]] tables (sensitivity.groups)
     saliency: str = "hessian"        # hessian | obq | fisher: the channels split schemes keep high
     quantizer: str = "rtn"           # rtn | gptq
+    target: str = "bitalloc"         # bitalloc | llamacpp (ggml types, ggml's quantizer, whole-GGUF budget)
+    imatrix: bool = True             # llamacpp target: the Hessian diagonal as llama.cpp importance matrix
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class SolveCfg:
     group_norm: str = "auto"            # auto | ref | range | none
     group_limits: dict | None = None    # {group = max predicted loss}
     group_shares: dict | None = None    # {group = fraction of the bit budget}
+    target: str = ""                    # "" | vllm (q/k/v and gate/up tied to one scheme, as vLLM fuses them)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class RunConfig:
     output: OutputCfg = field(default_factory=OutputCfg)
 
     def __post_init__(self) -> None:
-        if not self.profile.ref_schemes:
+        if not self.profile.ref_schemes and self.profile.target != "llamacpp":  # llamacpp: the target's own
             import dataclasses
 
             try:
@@ -189,6 +192,15 @@ class RunConfig:
             raise ConfigError(f"[profile] saliency must be hessian, obq or fisher, got {self.profile.saliency!r}")
         if self.profile.quantizer not in ("rtn", "gptq"):
             raise ConfigError(f"[profile] quantizer must be rtn or gptq, got {self.profile.quantizer!r}")
+        if self.profile.target not in ("bitalloc", "llamacpp"):
+            raise ConfigError(f"[profile] target must be bitalloc or llamacpp, got {self.profile.target!r}")
+        if self.solve.target not in ("", "vllm"):
+            raise ConfigError(f"[solve] target must be vllm (or absent), got {self.solve.target!r}")
+        if self.profile.target == "llamacpp" and self.solve.target:
+            raise ConfigError("[solve] target = vllm does not go with [profile] target = llamacpp (a GGUF plan)")
+        if self.profile.target == "llamacpp" and (self.profile.groups or self.profile.quantizer != "rtn"):
+            raise ConfigError("[profile] target = llamacpp uses ggml's quantizer and one KL table "
+                              "(no quantizer or groups settings)")
         for b in self.solve.budgets:
             parse_budget(b)  # BudgetError names the budget
         from bitalloc.solvers.ilp_backends import ILP_BACKENDS

@@ -43,6 +43,8 @@ class ProfileSection(Strict):
     groups: list[dict[str, Any]] = []
     saliency: NonEmpty = "hessian"
     quantizer: NonEmpty = "rtn"
+    target: NonEmpty = "bitalloc"
+    imatrix: bool = True
 
 
 class SolveSection(Strict):
@@ -53,6 +55,7 @@ class SolveSection(Strict):
     group_norm: NonEmpty = "auto"
     group_limits: Optional[dict[str, Finite]] = None
     group_shares: Optional[dict[str, Finite]] = None
+    target: str = ""
 
 
 class EvalSection(Strict):

@@ -136,3 +136,51 @@ dir = "{tmp_path / 'out'}"
     assert "pass --overwrite" in capsys.readouterr().err
     cli(capsys, "run", cfg, "--overwrite")
     assert json.loads((out / "timings.json").read_text()).get("profile_s") is None
+
+
+def test_run_config_vllm_target_ties_fused_layers(capsys, tmp_path):
+    """[solve] target = "vllm": every plan of the run gives q/k/v and gate/up one scheme each."""
+    cfg = tmp_path / "vllm.toml"
+    cfg.write_text(f"""
+[model]
+spec = "random:llama-tiny"
+[calibration]
+n_samples = 4
+seq_len = 32
+kl_samples = 1
+[profile]
+schemes = {json.dumps(SCHEMES.split(","))}
+[solve]
+budgets = ["3.5bpw"]
+target = "vllm"
+[eval]
+n_windows = 2
+seq_len = 32
+baselines = false
+[output]
+dir = "{tmp_path / 'out'}"
+""")
+    cli(capsys, "run", cfg)
+    plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
+    layers = plan["layers"]
+    blocks = {f.rsplit(".", 1)[0] for f in layers if ".self_attn." in f}
+    assert blocks
+    for b in blocks:
+        assert len({layers[f"{b}.{p}_proj"]["scheme"] for p in "qkv"}) == 1, b
+    mlps = {f.rsplit(".", 1)[0] for f in layers if ".mlp." in f}
+    for m in mlps:
+        assert layers[f"{m}.gate_proj"]["scheme"] == layers[f"{m}.up_proj"]["scheme"], m
+
+
+@pytest.mark.parametrize("body,msg", [
+    ('[profile]\ntarget = "onnx"', "[profile] target must be bitalloc or llamacpp"),
+    ('[solve]\ntarget = "tgi"', "[solve] target must be vllm"),
+    ('[profile]\ntarget = "llamacpp"\n[solve]\ntarget = "vllm"', "does not go with"),
+    ('[profile]\ntarget = "llamacpp"\nquantizer = "gptq"', "uses ggml's quantizer"),
+])
+def test_run_config_target_errors(capsys, tmp_path, body, msg):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(body + "\n")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1, err
