@@ -38,8 +38,8 @@ METHODS = ("bitalloc", "bitalloc-refine", *SCORED, "evopress", "llamacpp-rules",
 # score functions' docstrings for the peers' own defaults). Rows = calibration rows of 512 tokens.
 # (rows, tokens per row) of the calibration set each peer's score uses; bitalloc's own profile used
 # 32 x 512 for its Hessians and 2 x 512 (every 4th position) for its 630 reference KL items.
-SCORE_TOKENS = {"hawq-v3": (2, 512), "higgs": (1, 512), "modelopt-gradient": (8, 512), "modelopt-kl": (1, 256),
-                "autoround": (4, 512), "exllamav2": (4, 512), "exllamav3": (1, 256)}
+SCORE_TOKENS = {"hawq-v3": (2, 512), "higgs": (1, 512), "modelopt-gradient": (8, 512), "modelopt-kl": (1, 128),
+                "autoround": (4, 512), "exllamav2": (4, 512), "exllamav3": (1, 128)}
 SCORE_OPTIONS: dict[str, dict] = {"higgs": {"noise_wbits": (2, 3, 4)}, "hawq-v3": {"n_probes": 16}}
 
 
