@@ -5,7 +5,10 @@ run gives, and the finished jobs, profiles and plans are all still there."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +35,39 @@ def _items(path) -> int:
     return max(0, len(path.read_bytes().splitlines()) - 1) if path.exists() else 0
 
 
+def _wait_for(pred, what: str, timeout: float = 300.0, poll: float = 0.005):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _worker_pid(server_pid: int, jid: str) -> int | None:
+    """The job's worker process: a child of the server whose command line names the job."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == server_pid and "bitalloc.allocator.service.worker" in cmd and jid in cmd:
+            return int(proc.name)
+    return None
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_kill9_mid_job_then_restart_resumes(tmp_path, tiny_profile_path):
     state = tmp_path / "state"
     a = start_server(state)
@@ -48,25 +84,31 @@ def test_kill9_mid_job_then_restart_resumes(tmp_path, tiny_profile_path):
         job = a.http.post("/v1/profiles", json={**ARGS, "schemes": MEASURED, "measured": True})
         assert job.status_code == 202
         jid = job.json()["id"]
-        mid = _wait(a.http, jid, lambda j: (j["progress"]["done"] or 0) >= 10 or j["state"] != "running" and j["state"] != "queued",
-                    poll=0.02)
-        assert mid["state"] == "running" and mid["progress"]["total"] == 14 * len(MEASURED), mid
+        ckpt = state / "jobs" / jid / "profile.measure-checkpoint.jsonl"
+        # freeze the worker once it has measured 10 items, so "mid-job" holds however fast the
+        # machine is (the whole job can finish between two 0.5 s progress reports); the server's
+        # kill -9 then takes the stopped worker with it (PR_SET_PDEATHSIG: SIGKILL)
+        worker = _wait_for(lambda: _items(ckpt) >= 10 and _worker_pid(a.proc.pid, jid), "10 measured items")
+        os.kill(worker, signal.SIGSTOP)
+        n_stopped = _items(ckpt)
+        mid = a.http.get(f"/v1/jobs/{jid}").json()
+        assert mid["state"] == "running", mid
         a.kill9()
     finally:
         if a.proc.poll() is None:
             a.kill9()
-    ckpt = state / "jobs" / jid / "profile.measure-checkpoint.jsonl"
-    time.sleep(1.5)
+    _wait_for(lambda: not Path(f"/proc/{worker}").exists() or _zombie(worker), "the worker to die with the server", timeout=10)
     n_killed = _items(ckpt)
-    time.sleep(1.5)
+    time.sleep(1.0)
     assert _items(ckpt) == n_killed, "the job's worker outlived the server"
     total = 14 * len(MEASURED)
-    assert 10 <= n_killed < total
+    assert 10 <= n_stopped == n_killed < total
 
     b = start_server(state)
     try:
         done = _wait(b.http, jid, lambda j: j["state"] in ("done", "failed", "cancelled"), poll=0.5)
         assert done["state"] == "done" and done["attempts"] == 2, done
+        assert done["progress"]["total"] == total and done["progress"]["done"] == total, done
         served = b.http.get(f"/v1/artifacts/{done['result']['profile_id']}")
         prof = bitalloc.SensitivityProfile.from_dict(served.json())
         m = prof.metadata["measure"]
