@@ -80,6 +80,34 @@ def _llama():
     return require("llama_cpp", "llama-cpp-python", "the llama.cpp target")
 
 
+@contextlib.contextmanager
+def _plain_cpu_buffers(L):
+    """Load models with ggml's CPU "extra buffer types" off (``use_extra_bufts = False``).
+
+    Those buffers repack weights for special kernels (AMX, the x86/ARM repack path); with
+    llama-cpp-python 0.3.36 built on an AMX CPU (Xeon, Rocket Lake-class flags),
+    ``llama_decode`` of a Q4_0 or other quantized file segfaults in them (reproduced on the
+    project's 2-core CI-class machine: F32 decodes, Q4_0 crashes at any length). Perplexity
+    here is a measurement, so it takes ggml's plain CPU path, which every x86 CPU runs and
+    which gives the same numbers on every machine. ``Llama`` has no argument for it: its
+    default model parameters are patched while it loads.
+    """
+    low = L.llama_cpp
+    orig = low.llama_model_default_params
+
+    def params():
+        mp = orig()
+        if hasattr(mp, "use_extra_bufts"):
+            mp.use_extra_bufts = False
+        return mp
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = orig
+
+
 def _check_writable(out: Path) -> None:
     d = out.parent if str(out.parent) else Path(".")
     if not d.is_dir():
@@ -349,7 +377,7 @@ def perplexity(gguf_path: str | os.PathLike, windows, *, n_threads: int = 2, pro
         raise LlamaCppError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
     ids = np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows, dtype=np.int64)
     n, T = ids.shape
-    with _quiet():
+    with _quiet(), _plain_cpu_buffers(L):
         llm = L.Llama(model_path=str(p), n_ctx=T, n_batch=T, n_ubatch=T, logits_all=True, n_threads=n_threads,
                       verbose=False, seed=0)
     nll, count = 0.0, 0
@@ -357,10 +385,11 @@ def perplexity(gguf_path: str | os.PathLike, windows, *, n_threads: int = 2, pro
         for w in ids:
             llm.reset()
             llm.eval([int(x) for x in w])
-            logits = np.asarray(llm.scores[: T - 1], dtype=np.float64)  # (T-1, V)
-            m = logits.max(-1, keepdims=True)
-            lse = np.log(np.exp(logits - m).sum(-1)) + m[:, 0]
-            nll += float((lse - logits[np.arange(T - 1), w[1:]]).sum())
+            logits = np.asarray(llm.scores[: T - 1], dtype=np.float32)  # (T-1, V), llama.cpp's own float32
+            m = logits.max(-1, keepdims=True)  # (T-1, 1)
+            # float32 exp-sum (relative error ~1e-6 per row; float64 tripled the time), float64 total
+            lse = np.log(np.exp(logits - m).sum(-1, dtype=np.float64)) + m[:, 0].astype(np.float64)
+            nll += float((lse - logits[np.arange(T - 1), w[1:]].astype(np.float64)).sum())
             count += T - 1
     finally:
         with _quiet():
