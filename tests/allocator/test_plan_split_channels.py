@@ -155,5 +155,6 @@ def test_solving_and_planning_need_no_torch(split_profile, tmp_path, version):
         assert (tuple(idx) if idx is not None else None) == _old_rule(prof, f, scheme), f"{f} {scheme}"
     api = Plan.load(tmp_path / "plan.json.api.json")
     for f, idx in res["api"].items():
-        assert (tuple(idx) if idx is not None else None) == _old_rule(prof, f, api.layers[f].scheme), f
-    assert api.layers[f].high_idx == (tuple(idx) if idx is not None else None), f"{f}: the saved plan differs"
+        want = _old_rule(prof, f, api.layers[f].scheme)
+        assert (tuple(idx) if idx is not None else None) == want, f
+        assert api.layers[f].high_idx == want, f"{f}: the saved plan differs"
