@@ -248,15 +248,12 @@ def build_qp(profile, problem):
 
 
 def _high_idx(profile, i: int, scheme_name: str):
-    """The split channels of layer i in a scheme, from the profile's stored saliency (None: no split or no saliency)."""
-    sal = getattr(profile, "saliency", None)
-    layer = profile.layers[i]
-    scheme = parse_scheme(scheme_name)
-    if not sal or not scheme.n_high(layer.in_features) or layer.fqn not in sal:
-        return None
-    from bitalloc.sensitivity.saliency import select_split_channels
+    """The split channels of layer i in a scheme, the ones the profile measured (stored, or
+    chosen from its stored saliency for an older profile); None: no split or no saliency."""
+    from bitalloc.sensitivity.split_channels import high_channels
 
-    return tuple(int(x) for x in select_split_channels(sal[layer.fqn], scheme, layer.in_features).tolist())
+    return high_channels(getattr(profile, "split_channels", None), getattr(profile, "saliency", None),
+                         profile.layers[i], scheme_name)
 
 
 def quantization_of(profile) -> dict:
@@ -275,8 +272,8 @@ def plan_from_choice(profile, choice: Sequence[int], *, budget: Budget | None = 
                      label: str = "", profile_path=None, capacity: int | None = None) -> Plan:
     """A Plan from one chosen scheme index per profile layer, with exact predicted bytes and losses.
 
-    Split layers get their high-impact channels from the profile's stored saliency (the
-    channels the profile measured), so the executor quantizes exactly what was profiled.
+    Split layers get the high-impact channels the profile stored for them (the channels it
+    measured), so the executor quantizes exactly what was profiled.
     """
     choice = np.asarray(choice, dtype=np.int64)
     cost = np.asarray(profile.cost_bits, dtype=np.int64)

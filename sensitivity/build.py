@@ -330,7 +330,21 @@ def build_profile(
         metadata=metadata,
         saliency={f: v.numpy().astype(np.float64) for f, v in sal.items()},
         pairs=pair_field,
+        split_channels=_split_channels(layers, names, sal),
     )
+
+
+def _split_channels(layers, names, sal) -> dict | None:
+    """``fqn -> {k: (k,) int64}`` of every split among ``names``: the channels the proxy and
+    the measurements quantized with (the torch rule they use), stored so plans need no torch."""
+    from bitalloc.kernels.quant import select_high_channels
+
+    from .split_channels import split_channels_for
+
+    def select(v, k):
+        return select_high_channels(torch.as_tensor(v, dtype=torch.float64).flatten(), k).numpy()
+
+    return split_channels_for(layers, names, sal, select) or None
 
 
 def _is_16bit(net: torch.nn.Module) -> bool:

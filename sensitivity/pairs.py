@@ -31,13 +31,15 @@ from .. import BitallocError
 import math
 from collections.abc import Mapping, Sequence
 from itertools import combinations
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .defaults import PAIR_MODELS
 from .errors import ProfileError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 __all__ = ["PAIR_MODELS", "PairError", "block_pairs", "pair_items", "pair_item_count", "pairs_from_values",
            "check_pairs", "pair_matrices", "measure_joint"]
@@ -182,7 +184,6 @@ def pair_matrices(profile: Any, diag: np.ndarray | None = None) -> dict[tuple[st
     return fixed
 
 
-@torch.no_grad()
 def measure_joint(model: torch.nn.Module, parts: Sequence[tuple[Any, Any, Any, Any]], reference: Any, *,
                   quantizer: str = "rtn") -> float | dict[str, float]:
     """Metric delta of quantizing several layers together: ``parts`` = [(layer, scheme, hessian, saliency)].
@@ -194,6 +195,15 @@ def measure_joint(model: torch.nn.Module, parts: Sequence[tuple[Any, Any, Any, A
     same layer and scheme, prefix replay from the first changed block, weights restored
     bit for bit). Activation-quantized schemes are not supported here.
     """
+    import torch  # here, not at the top: reading and solving pair terms needs no torch
+
+    with torch.no_grad():
+        return _joint_delta(model, parts, reference, quantizer)
+
+
+def _joint_delta(model, parts, reference, quantizer: str):
+    import torch
+
     from .layers import get_weight
     from .proxy import as_scheme, hessian_tensor, module_at, quantize_layer_weight, score_batches
 

@@ -4,10 +4,12 @@ A profile is everything the solvers need, without the model: the selected layers
 candidate schemes, the exact storage cost of every (layer, scheme) in bits, and one
 expected-loss table per metric group (default group ``"all"``: the calibrated proxy in
 nats/token of KL for causal LMs). It is saved as JSON in the common envelope
-(``schema: bitalloc.profile/2``, :mod:`.artifact`), its bulk arrays (per-layer channel
-saliency, full pair terms) in a safetensors sidecar ``<name>.arrays.safetensors`` whose
-sha256 the JSON records; the previous version (``schema_version: bitalloc.profile/1``,
-everything inline) is still read. Loading validates the file against the declared schema
+(``schema: bitalloc.profile/3``, :mod:`.artifact`), its bulk arrays (per-layer channel
+saliency, the channels each split scheme keeps high, full pair terms) in a safetensors
+sidecar ``<name>.arrays.safetensors`` whose sha256 the JSON records. Earlier versions are
+still read: ``/2`` (the same, without the split channels: they are chosen from the stored
+saliency by the same rule, :mod:`.split_channels`) and ``/1`` (``schema_version``,
+everything inline). Loading validates the file against the declared schema
 (:mod:`.profile_schema`) before any field is used.
 
 Size accounting: ``cost_bits[i, s]`` is ``Scheme.storage_bits(out, in)`` of layer i's
@@ -31,13 +33,15 @@ import numpy as np
 from .artifact import ArtifactError, atomic_path, check_schema, envelope, file_sha256, read_json, validate, write_json
 from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES  # re-exported
 from .errors import ProfileError  # re-exported: defined beside the code that raises it
-from .layers import LayerInfo, Skipped
+from .layer_info import LayerInfo, Skipped
+from .split_channels import SPLIT_PREFIX, check_split_channels, high_channels, split_from_sidecar, split_to_sidecar
 
 __all__ = [
     "PROFILE_SCHEMA",
     "ProfileError",
     "SensitivityProfile",
     "PROFILE_SCHEMA_V1",
+    "PROFILE_SCHEMA_V2",
     "build_profile",
     "ProfileConfig",
     "cost_table",
@@ -46,7 +50,8 @@ __all__ = [
     "DEFAULT_REF_SCHEMES",
 ]
 
-PROFILE_SCHEMA = "bitalloc.profile/2"
+PROFILE_SCHEMA = "bitalloc.profile/3"
+PROFILE_SCHEMA_V2 = "bitalloc.profile/2"  # no split_channels (read: chosen from the saliency)
 PROFILE_SCHEMA_V1 = "bitalloc.profile/1"  # everything inline, the version under "schema_version"
 MAX_PROFILE_BYTES = 1 << 30
 
@@ -104,9 +109,12 @@ class SensitivityProfile:
     # the method in metadata["saliency"]; and measured pair terms (see sensitivity.pairs)
     saliency: dict | None = None
     pairs: dict | None = None
+    # optional (/3): fqn -> {k: (k,) int64 ascending}, the channels the split schemes with
+    # k high channels keep (the ones measured); absent: chosen from the saliency
+    split_channels: dict | None = None
 
     def __post_init__(self) -> None:
-        if self.schema_version not in (PROFILE_SCHEMA, PROFILE_SCHEMA_V1):
+        if self.schema_version not in (PROFILE_SCHEMA, PROFILE_SCHEMA_V2, PROFILE_SCHEMA_V1):
             raise ProfileError(f"unknown profile schema {self.schema_version!r}; this bitalloc reads {PROFILE_SCHEMA!r}")
         object.__setattr__(self, "schema_version", PROFILE_SCHEMA)
         from bitalloc.kernels.formats import FormatError, parse_scheme
@@ -159,6 +167,8 @@ class SensitivityProfile:
             from .pairs import check_pairs
 
             object.__setattr__(self, "pairs", check_pairs(self.pairs, fqns, self.schemes))
+        if self.split_channels is not None:
+            object.__setattr__(self, "split_channels", check_split_channels(self.split_channels, self.layers))
 
     # -- access ----------------------------------------------------------------------
     @property
@@ -186,6 +196,12 @@ class SensitivityProfile:
             raise KeyError(f"metric group {group!r} is not in the profile (groups: {', '.join(self.tables)})")
         return self.tables[group]
 
+    def high_channels(self, layer: int | str, scheme: str) -> tuple[int, ...] | None:
+        """The ascending input channels ``scheme`` keeps high in a layer (index or fqn), the
+        ones the profile measured; None when the scheme has no split or the profile no saliency."""
+        i = layer if isinstance(layer, int) else self.layer_index(layer)
+        return high_channels(self.split_channels, self.saliency, self.layers[i], scheme)
+
     @property
     def fingerprint(self) -> dict:
         return self.model.get("fingerprint", {})
@@ -212,6 +228,9 @@ class SensitivityProfile:
             "metadata": self.metadata,
             **({"saliency": {f: _jsonable(v) for f, v in self.saliency.items()}} if self.saliency is not None else {}),
             **({"pairs": self.pairs} if self.pairs is not None else {}),
+            **({"split_channels": {f: {str(k): v.tolist() for k, v in per_k.items()}
+                                   for f, per_k in self.split_channels.items()}}
+               if self.split_channels is not None else {}),
         }
 
     @classmethod
@@ -232,12 +251,12 @@ class SensitivityProfile:
         if missing:
             raise ProfileError(f"{where}: profile is missing field(s): {', '.join(missing)}")
         f = validate(ProfileFile, d, where, error=ProfileError)
-        saliency, pairs = f.saliency, f.pairs
+        saliency, pairs, split = f.saliency, f.pairs, f.split_channels
         if f.arrays is not None:
             if arrays is None:
                 raise ProfileError(f"{where}: field 'arrays' names the sidecar {f.arrays.file!r}; load the profile "
                                    "from its file (SensitivityProfile.load) so the sidecar is read")
-            saliency, pairs = _from_sidecar(arrays, saliency, pairs, where)
+            saliency, pairs, split = _from_sidecar(arrays, saliency, pairs, split, where)
         try:
             return cls(
                 model=d["model"], calibration=d["calibration"],
@@ -245,7 +264,7 @@ class SensitivityProfile:
                 skipped=[Skipped(**x.model_dump()) for x in f.skipped],
                 schemes=list(f.schemes), cost_bits=f.cost_bits, tables=dict(f.tables), proxy=f.proxy, kl_ref=f.kl_ref,
                 ref_schemes=list(f.ref_schemes), scales=f.scales, other_bits=f.other_bits, other_params=f.other_params,
-                metadata=d.get("metadata") or {}, saliency=saliency, pairs=pairs,
+                metadata=d.get("metadata") or {}, saliency=saliency, pairs=pairs, split_channels=split,
             )
         except ProfileError as e:
             raise ProfileError(f"{where}: {e}") from None
@@ -311,7 +330,7 @@ def sidecar_name(path: str | os.PathLike) -> str:
 
 
 def _upgrade(d: dict, where: str) -> dict:
-    """A /1 profile (``schema_version``) as a /2 dict; the schema checked either way."""
+    """A /1 profile (``schema_version``) or a /2 one as a /3 dict; the schema checked either way."""
     if "schema_version" in d:
         version = check_schema(d["schema_version"], PROFILE_SCHEMA, where, readable=(PROFILE_SCHEMA_V1,),
                                error=ProfileError)
@@ -321,16 +340,16 @@ def _upgrade(d: dict, where: str) -> dict:
         d = {k: v for k, v in d.items() if k != "schema_version"}
         d["schema"] = PROFILE_SCHEMA
         return d
-    check_schema(d.get("schema"), PROFILE_SCHEMA, where, error=ProfileError)
-    return d
+    check_schema(d.get("schema"), PROFILE_SCHEMA, where, readable=(PROFILE_SCHEMA_V2,), error=ProfileError)
+    return {**d, "schema": PROFILE_SCHEMA}
 
 
 _SAL, _TERMS = "saliency/", "pairs.terms/"
 
 
 def _to_sidecar(d: dict) -> dict:
-    """Move the bulk arrays out of ``d`` (in place) into ``name -> float64 array``."""
-    tensors = {}
+    """Move the bulk arrays out of ``d`` (in place) into ``name -> array`` (float64; int64 channels)."""
+    tensors = split_to_sidecar(d.pop("split_channels", None) or {})
     for fqn, v in (d.pop("saliency", None) or {}).items():
         tensors[_SAL + fqn] = np.asarray(v, dtype=np.float64)
     pairs = d.get("pairs")
@@ -358,11 +377,15 @@ def _read_sidecar(side: Path, ref, where: str) -> dict:
     return tensors
 
 
-def _from_sidecar(arrays: dict, saliency, pairs, where: str):
-    if saliency is not None:
-        raise ProfileError(f"{where}: field 'saliency' is both inline and in the sidecar")
-    sal, terms = {}, {}
+def _from_sidecar(arrays: dict, saliency, pairs, split, where: str):
+    if saliency is not None or split is not None:
+        raise ProfileError(f"{where}: field {'saliency' if saliency is not None else 'split_channels'!r} is both "
+                           "inline and in the sidecar")
+    sal, terms, split = {}, {}, {}
     for k, v in arrays.items():
+        if k.startswith(SPLIT_PREFIX):
+            split_from_sidecar(k, v, split, where)
+            continue
         if v.dtype != np.float64:
             raise ProfileError(f"{where}: sidecar array {k!r} is {v.dtype}, expected float64")
         if k.startswith(_SAL):
@@ -370,9 +393,9 @@ def _from_sidecar(arrays: dict, saliency, pairs, where: str):
         elif k.startswith(_TERMS):
             terms[k[len(_TERMS):]] = v.tolist()
         else:
-            raise ProfileError(f"{where}: sidecar array {k!r} is not a saliency vector or pair term")
+            raise ProfileError(f"{where}: sidecar array {k!r} is not a saliency vector, split channels or pair term")
     if terms:
         if not isinstance(pairs, dict) or "terms" in pairs:
             raise ProfileError(f"{where}: the sidecar holds pair terms but field 'pairs' does not expect them")
         pairs = {**pairs, "terms": terms}
-    return (sal or None), pairs
+    return (sal or None), pairs, (split or None)

@@ -58,7 +58,7 @@ class ModelSection(Open):
 
 
 class ArraysRef(Strict):
-    """The safetensors sidecar holding a profile's bulk arrays (saliency, pair terms)."""
+    """The safetensors sidecar holding a profile's bulk arrays (saliency, split channels, pair terms)."""
 
     file: Annotated[str, Field(pattern=r"^[^/\\]+\.safetensors$", max_length=255)]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -86,4 +86,6 @@ class ProfileFile(Strict):
     metadata: dict[str, Any] = Field(default_factory=dict)
     saliency: Optional[dict[Name, list[Finite]]] = None
     pairs: Optional[dict[str, Any]] = None
+    # fqn -> {"k": the k channels a split scheme keeps high}; checked further by the profile
+    split_channels: Optional[dict[Name, dict[str, list[NonNegInt]]]] = None
     arrays: Optional[ArraysRef] = None
