@@ -284,3 +284,29 @@ def test_an_unreachable_database_is_a_one_line_error(pg, tmp_path):
         start_server(tmp_path / "state", "--db-url", pg.url("no_such_database"))
     log = (tmp_path / "state-server.log").read_text()
     assert "no_such_database" in log and "does not exist" in log and "Traceback" not in log, log
+
+
+def test_sqlite_schema_1_upgrades_too(tmp_path):
+    """Migration 2 is PostgreSQL's; on SQLite (64-bit INTEGER, unenforced VARCHAR) it is a
+    recorded no-op, and a state dir made by schema 1 keeps its rows."""
+    import sqlalchemy as sa
+
+    from bitalloc.allocator.service import db as _db
+
+    url = _db.default_url(tmp_path)
+    old = sa.create_engine(url)
+    with old.begin() as c:  # what the schema-1 server left: its tables, one artifact, version 1
+        _db.metadata.create_all(c, tables=list(_db._V1))
+        c.execute(_db.schema_migrations.insert().values(version=1, description="v1", applied_at=0.0))
+        c.execute(_db.artifacts.insert().values(id="c" * 64, kind="plan", media_type="application/json", bytes=5,
+                                                filename="p.json", created_at=0.0))
+    old.dispose()
+    db = _db.Database(url)
+    try:
+        assert db.version() == _db.SCHEMA_VERSION == 2
+        assert db.one(_db.artifacts, "c" * 64)["bytes"] == 5
+        assert db.insert(_db.artifacts, id="d" * 64, kind="export", media_type="application/x-tar", bytes=5 << 30,
+                         filename="x" * 300, created_at=0.0)
+        assert db.one(_db.artifacts, "d" * 64)["bytes"] == 5 << 30
+    finally:
+        db.dispose()
