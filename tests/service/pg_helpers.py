@@ -6,7 +6,8 @@ build, so CI gets a real server through pip alone. Only its binaries are used he
 permissions of every folder above the data directory, which a test should not do to a machine.
 PostgreSQL itself refuses to run as root, so when the tests run as root the server runs as the
 unprivileged ``nobody`` account instead (a fresh data directory under the system temp folder,
-owned by it); otherwise as the current user. It listens on 127.0.0.1 on a free port (and on a
+owned by it; when ``nobody`` cannot reach the virtual environment, say one under a 0700 home,
+the binaries are copied in there too, 0.3 s); otherwise as the current user. It listens on 127.0.0.1 on a free port (and on a
 Unix socket in its own folder), with fsync off: it holds test data only.
 """
 
@@ -59,7 +60,7 @@ def _die_with_parent() -> None:  # preexec_fn (runs after the uid change, which 
 class Postgres:
     """``with Postgres() as pg: pg.url("db")``; ``create_database(name)`` gives a fresh, empty database."""
 
-    def __init__(self, *, timeout: float = 60.0):
+    def __init__(self, *, timeout: float = 60.0, copy_binaries: bool | None = None):
         self.bin = bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="bitalloc-pg-"))
         self.data = self.root / "data"
@@ -77,7 +78,11 @@ class Postgres:
                 os.chown(self.root, pw.pw_uid, pw.pw_gid)
                 self.root.chmod(0o700)
                 self.as_user = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
-                self._check_readable_by(pw)
+                if copy_binaries or (copy_binaries is None and not self._runs_as(pw)):
+                    self.bin = self._copy_binaries(pw)
+                if not self._runs_as(pw):
+                    raise PostgresUnavailable(f"the account {pw.pw_name!r} (PostgreSQL refuses to run as root) cannot "
+                                              f"run {self.bin / 'postgres'} in {self.root}: {self._why}")
             self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
                        "--encoding=UTF8", "--no-locale", "--no-sync", "--no-instructions"], "initdb")
             self._start(timeout)
@@ -86,14 +91,31 @@ class Postgres:
             raise
 
     # -- life cycle ------------------------------------------------------------------------
-    def _check_readable_by(self, pw) -> None:
-        """The server's account must reach the binaries (a venv in a 0700 home folder would not do)."""
-        r = subprocess.run([str(self.bin / "postgres"), "--version"], capture_output=True, text=True,
-                           env=self._env(), **self.as_user)
-        if r.returncode != 0:
-            raise PostgresUnavailable(f"the account {pw.pw_name!r} (PostgreSQL refuses to run as root) cannot run "
-                                      f"{self.bin / 'postgres'}: {(r.stderr or r.stdout).strip()[-500:]} (make the "
-                                      f"virtual environment's folders world-readable: chmod o+rx)")
+    def _runs_as(self, pw) -> bool:
+        """Can the server's account reach the binaries and the data folder?"""
+        try:
+            r = subprocess.run([str(self.bin / "postgres"), "--version"], capture_output=True, text=True,
+                               env=self._env(), cwd=self.root, timeout=60, **self.as_user)
+        except OSError as e:  # the child could not enter cwd or exec the binary
+            self._why = f"{type(e).__name__}: {e}"
+            return False
+        self._why = (r.stderr or r.stdout).strip()[-500:]
+        return r.returncode == 0
+
+    def _copy_binaries(self, pw) -> Path:
+        """bin/, lib/ and share/ (and the wheel's bundled libpq, which initdb finds by a relative
+        RPATH) into the server's own folder, rather than widening permissions above the venv."""
+        src = self.bin.parent  # .../site-packages/pgserver/pginstall
+        dst = self.root / "pkg" / "pgserver" / "pginstall"
+        for sub in ("bin", "lib", "share"):
+            shutil.copytree(src / sub, dst / sub, symlinks=True)
+        libs = src.parent.parent / "pgserver.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, self.root / "pkg" / "pgserver.libs", symlinks=True)
+        for d, _dirs, files in os.walk(self.root / "pkg"):
+            for name in [*_dirs, *files, None]:
+                os.lchown(os.path.join(d, name) if name else d, pw.pw_uid, pw.pw_gid)
+        return dst / "bin"
 
     def _env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
