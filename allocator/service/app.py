@@ -34,7 +34,7 @@ from .db import Database, default_url, dumps, loads
 from .errors import ApiError, BodyTooLarge, install_handlers
 from .exports import ExportTarget, available_targets
 from .jobs import ACTIVE, JobManager, job_view
-from .planning import Planner, profile_meta, profile_view
+from .planning import Planner, profile_meta, profile_text_problem, profile_view
 from .schemas import HEX64, JOB_ID, ExportRequest, PlanRequest, ProfileRequest
 from .storage import ArtifactStore
 
@@ -277,6 +277,9 @@ def _register_upload(db: Database, store: ArtifactStore, tmp: Path) -> tuple[dic
         raise ApiError(422, f"not a valid profile: {msg}", "body") from None
     except (KeyError, TypeError, AttributeError, IndexError, ValueError, RecursionError) as e:
         raise ApiError(422, f"not a valid profile ({type(e).__name__}: {e})", "body") from None
+    problem = profile_text_problem(prof)
+    if problem:
+        raise ApiError(422, f"not a valid profile: {problem}", "body")
     pid = store.put_file(tmp)
     existed = db.one(_db.profiles, pid) is not None
     db.insert(_db.artifacts, id=pid, kind="profile", media_type="application/json", bytes=tmp.stat().st_size,

@@ -2,13 +2,18 @@
 
 Default: SQLite in the state dir (``sqlite:///STATE/bitalloc.db``) in WAL mode with a busy
 timeout, so request threads and the job manager share it safely and a ``kill -9`` loses
-nothing that was committed. Any SQLAlchemy URL works (``--db-url
-postgresql+psycopg://...`` for a team; the driver is then the user's to install).
+nothing that was committed. Any SQLAlchemy URL works; PostgreSQL (``--db-url
+postgresql+psycopg://USER@HOST/DB``, the driver ``psycopg[binary]``) is tested against a real
+server (tests/service/test_service_postgres.py). One server per database: on start a server
+queues again every job left ``running``, which assumes no other server is running them.
 
 Migrations are versioned: :data:`MIGRATIONS` is an append-only list of ``(version,
 description, steps)``; :func:`migrate` applies the missing ones in order, each in one
 transaction, and records it in ``schema_migrations``. A database newer than this code is
-refused. Never edit a released migration: add the next one.
+refused. Never edit a released migration: add the next one. Migration 1 creates the tables as
+they are defined below (the current schema), so every later step must also hold on a database
+that already has its change. On PostgreSQL the migrations run under an advisory lock: servers
+that meet an empty database at the same moment migrate it once.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text
 
 from bitalloc import BitallocError
 
@@ -62,19 +68,20 @@ artifacts = Table(
     Column("id", String(64), primary_key=True),  # sha256 of the file
     Column("kind", String(16), nullable=False),  # profile | plan | export
     Column("media_type", String(80), nullable=False),
-    Column("bytes", Integer, nullable=False),
-    Column("filename", String(200), nullable=False),
+    Column("bytes", BigInteger, nullable=False),  # exports pass 2 GiB (v2: PostgreSQL's INTEGER is 32-bit)
+    Column("filename", Text, nullable=False),
     Column("created_at", Float, nullable=False),
 )
 profiles = Table(
     "profiles", metadata,
     Column("id", String(64), primary_key=True),  # = its artifact id
-    Column("model_spec", String(200)),
-    Column("model_sha256", String(64), index=True),
+    # v2: TEXT, as an uploaded profile says them (PostgreSQL enforces VARCHAR(n); SQLite does not)
+    Column("model_spec", Text),
+    Column("model_sha256", Text, index=True),
     Column("n_layers", Integer, nullable=False),
     Column("schemes", Text, nullable=False),  # JSON list
     Column("groups", Text, nullable=False),  # JSON list
-    Column("table_kind", String(32)),  # measured | calibrated-proxy
+    Column("table_kind", Text),  # measured | calibrated-proxy
     Column("source", String(16), nullable=False),  # job | upload
     Column("job_id", String(40)),
     Column("created_at", Float, nullable=False),
@@ -102,11 +109,25 @@ def _create(tables) -> Callable[[sa.Connection], None]:
     return lambda conn: metadata.create_all(conn, tables=list(tables))
 
 
+def _v2_widen(conn: sa.Connection) -> None:
+    """Artifact sizes to BIGINT, a profile's free text to TEXT. SQLite: nothing to do (its
+    INTEGER is 64-bit and VARCHAR(n) is not enforced); PostgreSQL refused an export over 2 GiB
+    and an uploaded profile whose model spec passed 200 characters (a 500)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("ALTER TABLE artifacts ALTER COLUMN bytes TYPE BIGINT, ALTER COLUMN filename TYPE TEXT"))
+        conn.execute(sa.text("ALTER TABLE profiles ALTER COLUMN model_spec TYPE TEXT, "
+                             "ALTER COLUMN model_sha256 TYPE TEXT, ALTER COLUMN table_kind TYPE TEXT"))
+
+
 # (version, description, step): append only
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "jobs, artifacts, profiles, plans, tokens", _create(_V1)),
+    (2, "artifact sizes BIGINT, profile text TEXT (PostgreSQL)", _v2_widen),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+_MIGRATION_LOCK_KEY = int.from_bytes(b"bitalloc", "big") >> 1  # any fixed 63-bit key of ours
 
 
 def default_url(state_dir: str | Path) -> str:
@@ -121,8 +142,8 @@ class Database:
                 self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                                pool_size=16, max_overflow=48)
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-            else:
-                self.engine = sa.create_engine(url, pool_pre_ping=True)
+            else:  # 40 connections at most: one for each of the request threads (anyio's default limit)
+                self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=32)
             self.migrate()
         except sa.exc.ArgumentError as e:
             raise DatabaseError(f"--db-url {url!r} is not a database URL ({e})") from None
@@ -140,18 +161,37 @@ class Database:
             return int(v or 0)
 
     def migrate(self) -> list[int]:
-        have = self.version()
-        if have > SCHEMA_VERSION:
-            raise DatabaseError(f"the database is at schema version {have}, newer than this bitalloc ({SCHEMA_VERSION})")
-        done = []
-        for v, desc, step in MIGRATIONS:
-            if v <= have:
-                continue
-            with self.engine.begin() as c:
-                step(c)
-                c.execute(schema_migrations.insert().values(version=v, description=desc, applied_at=time.time()))
-            done.append(v)
-        return done
+        with self._migration_lock():
+            have = self.version()
+            if have > SCHEMA_VERSION:
+                raise DatabaseError(f"the database is at schema version {have}, newer than this bitalloc ({SCHEMA_VERSION})")
+            done = []
+            for v, desc, step in MIGRATIONS:
+                if v <= have:
+                    continue
+                with self.engine.begin() as c:
+                    step(c)
+                    c.execute(schema_migrations.insert().values(version=v, description=desc, applied_at=time.time()))
+                done.append(v)
+            return done
+
+    @contextmanager
+    def _migration_lock(self):
+        """PostgreSQL: a session advisory lock around the version check and the steps, so two
+        servers starting on one empty database do not both create the tables (the second
+        failed with a duplicate ``pg_class`` key). Released when its connection closes, so a
+        server killed mid-migration leaves no lock behind."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        with self.engine.connect() as c:
+            c.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            c.commit()
+            try:
+                yield
+            finally:
+                c.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                c.commit()
 
     # -- small helpers -----------------------------------------------------------------
     def one(self, table: Table, key: Any, col: str = "id") -> dict | None:

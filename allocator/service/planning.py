@@ -38,9 +38,25 @@ def plan_id(req: PlanRequest) -> str:
 def profile_meta(pid: str, prof, *, source: str, job_id: str | None = None) -> dict:
     """The profile's row in the database."""
     md = prof.metadata or {}
-    return dict(id=pid, model_spec=str(prof.model.get("spec", "")), model_sha256=(prof.fingerprint or {}).get("sha256"),
+    return dict(id=pid, model_spec=str(prof.model.get("spec", "")), model_sha256=_text((prof.fingerprint or {}).get("sha256")),
                 n_layers=prof.n_layers, schemes=dumps(list(prof.schemes)), groups=dumps(sorted(prof.tables)),
-                table_kind=md.get("table"), source=source, job_id=job_id, created_at=time.time())
+                table_kind=_text(md.get("table")), source=source, job_id=job_id, created_at=time.time())
+
+
+def _text(v) -> str | None:
+    """A profile's free-form value as the TEXT column holds it (PostgreSQL will not cast a number)."""
+    return None if v is None else v if isinstance(v, str) else dumps(v)
+
+
+def profile_text_problem(prof) -> str | None:
+    """What in an (uploaded) profile no database text column can hold: a NUL character, which
+    PostgreSQL refuses (SQLite would store it); None when all is well."""
+    meta = profile_meta("", prof, source="upload")
+    for col, field in (("model_spec", "model.spec"), ("model_sha256", "model.fingerprint.sha256"),
+                       ("table_kind", "metadata.table")):
+        if meta[col] is not None and "\x00" in meta[col]:
+            return f"{field} contains a NUL character"
+    return None
 
 
 def profile_view(row: dict, artifact: dict | None) -> dict:

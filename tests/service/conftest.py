@@ -30,11 +30,23 @@ def tiny_cli_profile_path(tiny_profile_path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("svc") / "state",
-                     "--export-target", "stub=export_target_stub:export", "--max-body-mb", "1",
-                     "--max-upload-mb", "2")
-    yield s
-    s.stop()
+    """BITALLOC_TEST_DB=postgres runs the module's server on a throwaway PostgreSQL instead of
+    SQLite (the whole route suite against it; test_service_postgres.py does so always)."""
+    import contextlib
+    import os
+
+    with contextlib.ExitStack() as stack:
+        db = []
+        if os.environ.get("BITALLOC_TEST_DB", "sqlite") == "postgres":
+            from pg_helpers import Postgres
+
+            pg = stack.enter_context(Postgres())
+            db = ["--db-url", pg.create_database("bitalloc")]
+        s = start_server(tmp_path_factory.mktemp("svc") / "state",
+                         "--export-target", "stub=export_target_stub:export", "--max-body-mb", "1",
+                         "--max-upload-mb", "2", *db)
+        stack.callback(s.stop)
+        yield s
 
 
 @pytest.fixture(scope="module")

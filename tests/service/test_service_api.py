@@ -24,8 +24,10 @@ def wait_job(server, jid: str, timeout: float = 240.0) -> dict:
 
 
 def test_health_openapi_docs(server):
+    from bitalloc.allocator.service.db import SCHEMA_VERSION
+
     r = server.http.get("/v1/health")
-    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["schema_version"] == 1
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["schema_version"] == SCHEMA_VERSION == 2
     spec = server.http.get("/openapi.json").json()
     for path in ("/v1/health", "/v1/profiles", "/v1/profiles/upload", "/v1/profiles/{id}", "/v1/profiles/{id}/frontier",
                  "/v1/jobs/{id}", "/v1/plans", "/v1/plans/{id}", "/v1/exports", "/v1/artifacts/{id}"):
