@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,13 +121,15 @@ def profile(
         cfg = ProfileConfig.from_settings(None, **base)
     else:
         cfg = ProfileConfig.from_settings(config, **settings)
-    if not cfg.measured and checkpoint_dir is not None:
-        raise ValueError("workers, ray_address and checkpoint_dir are for the measured profile (measured=True)")
+    ray = bool(cfg.workers or cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    if not (cfg.measured or ray) and checkpoint_dir is not None:
+        raise ValueError("checkpoint_dir is for the measured profile or a profile on Ray (measured=True, workers "
+                         "or ray_address)")
     if out is not None:  # writable, and not the calibration text, before the expensive part
         from bitalloc.sensitivity.artifact import check_output
 
         check_output(out, inputs=[cfg.calibration], overwrite=True, what="profile output")
-    ckpt = measure_checkpoint_path(out, checkpoint_dir) if cfg.measured else None
+    ckpt = measure_checkpoint_path(out, checkpoint_dir) if (cfg.measured or ray) else None
     if cfg.ray_address:
         from bitalloc.sensitivity.runner import check_ray_address
 

@@ -112,11 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--measured", action="store_true",
                     help="measure every (layer, scheme) end to end (the expensive table; resumable)")
     sp.add_argument("--workers", type=int, default=None,
-                    help="with --measured: run on a local Ray instance with N workers (default in-process)")
+                    help="profile on a local Ray instance with N workers: Hessian shards, proxy rows and "
+                         "measurements (with --measured the whole table) run as checkpointed items (default in-process)")
     sp.add_argument("--ray-address", default=None,
-                    help="with --measured: run on an existing Ray cluster (default: $RAY_ADDRESS if set)")
+                    help="profile on an existing Ray cluster, as --workers (default: $RAY_ADDRESS if set)")
     sp.add_argument("--checkpoint-dir", default=None,
-                    help="with --measured: folder of the resumable checkpoint (default: beside --out)")
+                    help="with --measured, --workers or --ray-address: folder of the resumable checkpoints "
+                         "(default: beside --out)")
     sp.add_argument("--saliency", choices=SALIENCY_METHODS, default="hessian",
                     help="input-channel saliency choosing the high-impact channels of split schemes")
     sp.add_argument("--quantizer", choices=QUANTIZERS, default="rtn",
@@ -248,8 +250,9 @@ def _cmd_profile(a) -> int:
         pair_schemes=tuple(a.pair_schemes) if a.pair_schemes else None, pair_ref=a.pair_ref)
     if a.calib != "generated" and not Path(a.calib).is_file():
         raise _UsageError(f"--calib {a.calib!r}: no such file (give a text file or 'generated')")
-    if a.checkpoint_dir is not None and not a.measured:
-        raise _UsageError("--checkpoint-dir is for the measured profile (--measured)")
+    if a.checkpoint_dir is not None and not (a.measured or a.workers or a.ray_address or os.environ.get("RAY_ADDRESS")):
+        raise _UsageError("--checkpoint-dir is for the measured profile (--measured) or a profile on Ray "
+                          "(--workers, --ray-address)")
     check_output(a.out, inputs=[a.calib, a.model], overwrite=a.overwrite, what="--out")
     prof = api.profile(a.model, config=cfg, out=a.out, progress=not a.quiet, checkpoint_dir=a.checkpoint_dir)
     how = ""

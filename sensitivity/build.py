@@ -215,7 +215,11 @@ def build_profile(
     if quantizer != "rtn" and grouping is not None:
         raise ProfileError("metric groups with quantizer 'gptq' are not supported yet")
     setup = None
-    if measured:
+    from . import profile_ray
+
+    ray = profile_ray.on_ray(workers, ray_address)  # the default profile's items go to Ray too
+    acts = sorted({s.act for s in scheme_objs if s.act != "a16"})
+    if measured or ray:
         # the workers' setup (saliency values are added once computed); a mismatched
         # checkpoint is refused now, not after minutes of Hessians and proxy
         from .runner import Checkpoint, checkpoint_header
@@ -223,11 +227,18 @@ def build_profile(
         setup = _worker_setup(loaded, data, calib_desc, fp, kl_samples=kl_samples, kl_stride=kl_stride,
                               batch_size=batch_size, include=include, exclude=exclude, quantize_tied=quantize_tied,
                               quantizer=quantizer, saliency=saliency, grouping=grouping)
+        setup = profile_ray.with_schemes(setup, names, acts, None)
         if checkpoint is not None:
             Checkpoint(checkpoint, checkpoint_header(setup, names, quantizer=quantizer)).check()
 
-    acts = sorted({s.act for s in scheme_objs if s.act != "a16"})
-    stats = collect_input_statistics(net, layers, data, progress, batch_size=batch_size, dtype=hessian_dtype, act_formats=acts)
+    ray_info: dict = {}
+    if ray:
+        stats, ray_info["hessians"] = profile_ray.sharded_statistics(
+            setup, int(ids.shape[0]), workers=workers, address=ray_address, checkpoint=checkpoint,
+            dtype=hessian_dtype, progress=progress, say=say)
+    else:
+        stats = collect_input_statistics(net, layers, data, progress, batch_size=batch_size, dtype=hessian_dtype,
+                                         act_formats=acts)
     t = lap("hessians", t)
     say(f"hessians: {len({id(a) for a in stats.values()})} distinct layer inputs in {walls['hessians']:.1f} s")
 
@@ -235,8 +246,14 @@ def build_profile(
     sal = layer_saliencies(net, layers, saliency, hessians=stats, fisher=fisher)
     del fisher
     t = lap("saliency", t)
-    proxy = proxy_table(net, layers, stats, scheme_objs, progress, act_stats=stats if acts else None,
-                        quantizer=quantizer, saliency=sal)
+    if ray:
+        proxy, ray_info["proxy"] = profile_ray.proxy_rows(
+            profile_ray.with_schemes(setup, names, acts, sal), [layer.fqn for layer in layers], names, stats,
+            workers=workers, address=ray_address, checkpoint=checkpoint, hessian_dtype=cfg.hessian_dtype,
+            shards=ray_info["hessians"]["shards"], progress=progress, say=say)
+    else:
+        proxy = proxy_table(net, layers, stats, scheme_objs, progress, act_stats=stats if acts else None,
+                            quantizer=quantizer, saliency=sal)
     t = lap("proxy", t)
     say(f"proxy: {len(layers)} layers x {len(names)} schemes in {walls['proxy']:.1f} s; measuring {', '.join(refs)}")
 
@@ -251,6 +268,10 @@ def build_profile(
                                                   else [as_scheme(x).name for x in pair_ref])) if pairs else None)
         pair_field = measure_info.pop("pairs_field", None)
         kl = measured_table[:, [names.index(r) for r in refs]]
+    elif ray:  # the reference columns as measured items (the measured checkpoint's own items)
+        kl, ray_info["measure"], metric_name, replay = _measure_all(
+            loaded, setup, layers, names, data, stats, progress, say, workers=workers, ray_address=ray_address,
+            checkpoint=checkpoint, saliency=sal, grouping=grouping, item_schemes=refs)
     else:
         kl_data = data
         if kl_samples is not None:
@@ -311,6 +332,8 @@ def build_profile(
     }
     if measure_info is not None:
         metadata["measure"] = measure_info
+    if ray_info:
+        metadata["ray"] = ray_info
     if grouping is not None:
         metadata.update(grouping.metadata())
     return SensitivityProfile(
@@ -357,7 +380,7 @@ def _is_16bit(net: torch.nn.Module) -> bool:
 
 
 def _measure_all(loaded, setup, layers, names, data, stats, progress, say, *, workers, ray_address, checkpoint,
-                 saliency=None, pairs=None, grouping=None):
+                 saliency=None, pairs=None, grouping=None, item_schemes=None):
     """The measured (L, S) table through :mod:`sensitivity.runner` (in-process or on Ray).
 
     ``setup`` (from :func:`_worker_setup`) gets the per-layer ``saliency`` values here.
@@ -377,7 +400,8 @@ def _measure_all(loaded, setup, layers, names, data, stats, progress, say, *, wo
         raise ProfileError("metric groups with callables (layer matchers or metric functions) cannot be shipped to "
                            "Ray workers; use name patterns and built-in metric names, or measure in-process")
     fqns = [layer.fqn for layer in layers]
-    items = [(f, s) for f in fqns for s in names]
+    item_schemes = list(item_schemes or names)  # the default profile on Ray: the ref schemes only
+    items = [(f, s) for f in fqns for s in item_schemes]
     pair_list = None
     if pairs is not None:
         from .pairs import block_pairs, pair_items
@@ -390,12 +414,13 @@ def _measure_all(loaded, setup, layers, names, data, stats, progress, say, *, wo
         joint = pair_items(pair_list, pair_names, model_kind, ref)
         say(f"pair terms ({model_kind}): {len(pair_list)} same-block pairs -> {len(joint)} joint items")
         items += joint
-    say(f"measuring {len(items)} items ({len(fqns)} layers x {len(names)} schemes)"
+    say(f"measuring {len(items)} items ({len(fqns)} layers x {len(item_schemes)} schemes)"
         + (f" on Ray ({'cluster ' + address if address else f'{workers} local workers'})" if context is None else " in-process")
         + (f"; checkpoint {checkpoint}" if checkpoint else ""))
     header = checkpoint_header(setup, names, quantizer=setup.quantizer)
     res = run_items(setup, items, checkpoint=checkpoint, header=header, workers=workers, address=address,
-                    context=context, progress=progress, log_fn=say)
+                    context=context, progress=progress, log_fn=say,
+                    shared={"hessians": stats} if context is None else None)
     replay = bool(context.reference.replay) if context is not None else bool(
         (res.info.get("worker_info") or [{}])[0].get("block_replay", False))
     if context is not None:
@@ -410,9 +435,9 @@ def _measure_all(loaded, setup, layers, names, data, stats, progress, say, *, wo
         res.info["pair_items"] = len(joint_v)
     if grouping is not None:
         own = grouping.group_of()
-        table = np.array([[res.values[(f, s)][own[f]] for s in names] for f in fqns], dtype=np.float64)
+        table = np.array([[res.values[(f, s)][own[f]] for s in item_schemes] for f in fqns], dtype=np.float64)
         return table, res.info, "groups", replay
-    return res.table(fqns, names, setup.metric), res.info, setup.metric, replay
+    return res.table(fqns, item_schemes, setup.metric), res.info, setup.metric, replay
 
 
 def _worker_setup(loaded, data, calib_desc, fp, *, kl_samples, kl_stride, batch_size, include, exclude,

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 from .errors import CheckpointError, RunnerError
 from .worker import Key, WorkerSetup
 
-__all__ = ["CHECKPOINT_SCHEMA", "checkpoint_header", "Checkpoint"]
+__all__ = ["CHECKPOINT_SCHEMA", "checkpoint_header", "Checkpoint", "item_file_name", "make_header"]
 
 CHECKPOINT_SCHEMA = "bitalloc.measure-checkpoint/1"
+_ITEM = {"layer", "scheme", "values"}
+_FILE_ITEM = _ITEM | {"file", "sha256"}  # an item whose value is too large for a line (Hessian shards)
 
 
 def _sha(obj: Any) -> str:
@@ -48,12 +51,23 @@ def checkpoint_header(setup: WorkerSetup, schemes: Sequence[str], *, quantizer: 
     }
     if setup.saliency != "hessian":  # only when not the default, so older checkpoints keep their hash
         config["saliency"] = setup.saliency
+    return make_header(CHECKPOINT_SCHEMA, setup, config, model_sha256=model_sha256)
+
+
+def make_header(schema: str, setup: WorkerSetup, config: dict, *, model_sha256: str | None = None) -> dict:
+    """A checkpoint header: ``schema``, the model, ``config`` and its sha256 (what :class:`Checkpoint` checks)."""
     return {
-        "schema": CHECKPOINT_SCHEMA,
+        "schema": schema,
         "model": {"spec": setup.model, "fingerprint_sha256": model_sha256 or setup.fingerprint_sha256},
         "config_sha256": _sha(config),
         "config": config,
     }
+
+
+def item_file_name(key: Key) -> str:
+    """A file name made of an item's key, unique per key."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{key[0]}.{key[1]}").strip("._")[:80]
+    return f"{stem}.{_sha(list(key))[:10]}.safetensors"
 
 
 def check_finite(key, values: dict, where: str) -> None:
@@ -75,7 +89,10 @@ class Checkpoint:
     item ``{"layer", "scheme", "values"}``, written, flushed and fsynced as it arrives. A
     torn last line (the process was killed mid-write) is dropped (and cut off before the
     next append). A duplicate item keeps its first value. A header for another model or
-    configuration is a :class:`CheckpointError`: nothing is merged.
+    configuration is a :class:`CheckpointError`: nothing is merged. An item whose value is
+    large (a Hessian shard) keeps it in a file of :attr:`files_dir` written atomically before
+    its line, which records the file's name and sha256 (``"file"``, ``"sha256"``); a line
+    whose file is missing or changed does not count (the item runs again).
     """
 
     def __init__(self, path: str | os.PathLike, header: dict) -> None:
@@ -83,6 +100,9 @@ class Checkpoint:
         self.header = header
         self.duplicates = 0
         self.dropped_tail = False
+        self.lost_files = 0
+        self.files: dict[Key, Path] = {}  # items whose value has a file (see append)
+        self.files_dir = self.path.with_suffix(".files")
         self._f = None
 
     def _mismatch(self, have: dict) -> str | None:
@@ -165,7 +185,9 @@ class Checkpoint:
                 break
             else:
                 try:
-                    if not isinstance(rec, dict) or set(rec) != {"layer", "scheme", "values"}:
+                    if not isinstance(rec, dict) or set(rec) not in (_ITEM, _FILE_ITEM):
+                        raise TypeError
+                    if set(rec) == _FILE_ITEM and not all(isinstance(rec[k], str) for k in ("file", "sha256")):
                         raise TypeError
                     key = (rec["layer"], rec["scheme"])
                     if not all(isinstance(x, str) for x in key) or not isinstance(rec["values"], dict):
@@ -180,6 +202,8 @@ class Checkpoint:
                 values = {k: float(v) for k, v in values.items()}
                 if key in done:
                     self.duplicates += 1
+                elif "file" in rec and not self._file_ok(key, rec):
+                    self.lost_files += 1  # its file is missing or not what was written: the item runs again
                 else:
                     done[key] = values
                 good_end = end
@@ -190,8 +214,31 @@ class Checkpoint:
         self._f = open(self.path, "a", encoding="utf-8")
         return done
 
-    def append(self, key: Key, values: dict) -> None:
+    def _file_ok(self, key: Key, rec: dict) -> bool:
+        """Whether the file a line references is in :attr:`files_dir` with the recorded sha256."""
+        from .artifact import file_sha256
+
+        p = self.files_dir / rec["file"]
+        if Path(rec["file"]).name != rec["file"] or not p.is_file() or file_sha256(p) != rec["sha256"]:
+            return False
+        self.files[key] = p
+        return True
+
+    def file_for(self, key: Key) -> Path:
+        """Where an item's file goes: :func:`item_file_name` in :attr:`files_dir`."""
+        return self.files_dir / item_file_name(key)
+
+    def append(self, key: Key, values: dict, *, file: Path | None = None) -> None:
+        """Record a finished item (fsynced). ``file``: its value's file (already written
+        atomically, in :attr:`files_dir`), recorded with its sha256; on load the item counts
+        as finished only while that file is there, unchanged."""
         rec = {"layer": key[0], "scheme": key[1], "values": values}
+        if file is not None:
+            from .artifact import file_sha256
+
+            assert Path(file).parent == self.files_dir, f"item file {file} is not in {self.files_dir}"
+            rec.update(file=Path(file).name, sha256=file_sha256(file))
+            self.files[key] = Path(file)
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())

@@ -85,6 +85,22 @@ class HessianAccumulator:
                 fold_mean_outer(self.noise[a], e, e, n)
         self.nsamples = n + m
 
+    @classmethod
+    def from_statistics(cls, H: torch.Tensor, nsamples: int, cross: dict | None = None,
+                        noise: dict | None = None) -> HessianAccumulator:
+        """An accumulator holding already-reduced statistics (``H (in, in)`` the mean over
+        ``nsamples`` rows; ``cross`` / ``noise``: act format -> (in, in)), e.g. the reduction of
+        data-parallel shards (:mod:`sensitivity.hessian_shards`)."""
+        assert H.dim() == 2 and H.shape[0] == H.shape[1], f"H must be (in, in), got {tuple(H.shape)}"
+        cross, noise = dict(cross or {}), dict(noise or {})
+        assert set(cross) == set(noise), f"cross {sorted(cross)} and noise {sorted(noise)} name other formats"
+        acc = cls(H.shape[0], H.dtype, device=H.device)
+        acc._H = H
+        acc.act_formats = tuple(cross)
+        acc.cross, acc.noise = cross, noise
+        acc.nsamples = int(nsamples)
+        return acc
+
     @property
     def H(self) -> torch.Tensor:
         if self._H is None:

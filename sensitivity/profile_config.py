@@ -136,8 +136,6 @@ class ProfileConfig:
             raise err(f"workers must be a positive integer, got {self.workers!r}")
         if self.ray_address is not None and not isinstance(self.ray_address, str):
             raise err(f"ray_address must be a string, got {self.ray_address!r}")
-        if not self.measured and (self.workers is not None or self.ray_address):
-            raise err("workers and ray_address are for the measured profile (measured=True)")
         if isinstance(self.groups, list):
             set_("groups", tuple(self.groups))
         if self.groups is None:

@@ -35,9 +35,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from .checkpoint import CHECKPOINT_SCHEMA, Checkpoint, check_finite, checkpoint_header
+from .checkpoint import CHECKPOINT_SCHEMA, Checkpoint, check_finite, checkpoint_header, item_file_name
 from .errors import CheckpointError, RunnerError
 from .runner_ray import IN_FLIGHT_PER_ACTOR, check_ray_address, run_ray
 from .worker import PAIR_SEP, WORKER_METRICS, Key, WorkerContext, WorkerSetup
@@ -68,6 +70,7 @@ class ItemResults:
 
     values: dict[Key, dict]
     info: dict
+    files: dict[Key, Path] = field(default_factory=dict)  # items whose value was saved to a file
 
     def table(self, fqns: Sequence[str], schemes: Sequence[str], metric: str = "kl"):
         import numpy as np
@@ -117,6 +120,9 @@ def run_items(
     stall_timeout_s: float = 600.0,
     wait_all_ready: bool = False,
     log_fn: Callable[[str], None] | None = None,
+    files_dir: str | os.PathLike | None = None,
+    shared: Any = None,
+    warmup: bool = True,
 ) -> ItemResults:
     """Evaluate every (layer fqn, scheme name) item; values come back as a dict per item.
 
@@ -128,6 +134,13 @@ def run_items(
     Ray is not imported). ``on_result(key, values)`` is called for each new result.
     ``wait_all_ready``: on Ray, hand out items only once every worker has loaded (for
     timing; by default the first ready worker starts at once).
+
+    An item may return an object with ``values`` (numbers, for the checkpoint line) and
+    ``save(path)`` (a Hessian shard, :mod:`sensitivity.hessian_shards`): the driver saves it
+    atomically in the checkpoint's ``files_dir`` (else in ``files_dir``), records the line
+    with the file's sha256, and lists it in ``ItemResults.files``. ``shared``: passed once to
+    every Ray worker's context (``WorkerContext(shared=...)``, e.g. the reduced Hessians);
+    ``warmup=False``: Ray workers skip the warm-up measurement (which computes the reference pass).
     """
     say = log_fn or log.info
     items = list(dict.fromkeys((str(f), str(s)) for f, s in items))
@@ -143,9 +156,10 @@ def run_items(
         schemes = list(dict.fromkeys(s for _, s in items))
         ckpt = Checkpoint(ckpt, header or checkpoint_header(setup, schemes))
     done: dict[Key, dict] = ckpt.load() if ckpt is not None else {}
-    if ckpt is not None and (ckpt.dropped_tail or ckpt.duplicates):
+    if ckpt is not None and (ckpt.dropped_tail or ckpt.duplicates or ckpt.lost_files):
         say(f"checkpoint {ckpt.path}: {len(done)} items"
             + (", a torn last line dropped" if ckpt.dropped_tail else "")
+            + (f", {ckpt.lost_files} item(s) whose file is gone run again" if ckpt.lost_files else "")
             + (f", {ckpt.duplicates} duplicate line(s) ignored" if ckpt.duplicates else ""))
     todo = [k for k in items if k not in done]
     values = {k: done[k] for k in items if k in done}
@@ -156,14 +170,22 @@ def run_items(
         say(f"resuming: {len(values)} of {len(items)} items already in {ckpt.path}")
     t0 = time.perf_counter()
 
-    def record(key: Key, v: dict) -> None:
+    files: dict[Key, Path] = dict(ckpt.files) if ckpt is not None else {}
+
+    def record(key: Key, v: Any) -> None:
         if key in values:  # a duplicate (e.g. a resubmitted item that also finished): first wins
             return
+        path = None
+        if hasattr(v, "save"):  # a large value: its file first (atomic), then the line naming it
+            path = ckpt.file_for(key) if ckpt is not None else _file_in(files_dir, key)
+            v.save(path)
+            files[key] = path
+            v = v.values
         check_finite(key, v, "measured")  # never merged, never checkpointed
         values[key] = v
         info["computed"] += 1
         if ckpt is not None:
-            ckpt.append(key, v)
+            ckpt.append(key, v, file=path)
         if on_result is not None:
             on_result(key, v)
 
@@ -171,7 +193,7 @@ def run_items(
     try:
         if todo:
             if mode == "in-process":
-                ctx = context or WorkerContext(setup)
+                ctx = context or WorkerContext(setup, shared=shared)
                 for key in todo:
                     record(key, ctx.evaluate(*key))
                     bar.update()
@@ -179,7 +201,8 @@ def run_items(
             else:
                 run_ray(setup, todo, record, bar, info, workers=workers, address=address,
                          threads_per_worker=threads_per_worker, max_item_failures=max_item_failures,
-                         stall_timeout_s=stall_timeout_s, wait_all_ready=wait_all_ready, say=say)
+                         stall_timeout_s=stall_timeout_s, wait_all_ready=wait_all_ready, say=say,
+                         shared=shared, warmup=warmup)
     finally:
         bar.close()
         if ckpt is not None and not isinstance(checkpoint, Checkpoint):
@@ -190,4 +213,11 @@ def run_items(
     missing = [k for k in items if k not in values]
     if missing:
         raise RunnerError(f"{len(missing)} item(s) were not measured, e.g. {missing[0]}")
-    return ItemResults(values, info)
+    return ItemResults(values, info, files)
+
+
+def _file_in(folder: str | os.PathLike | None, key: Key) -> Path:
+    """Where an item's file goes without a checkpoint: ``folder`` (required then)."""
+    if folder is None:
+        raise RunnerError(f"item {key} returns a file but the run has neither a checkpoint nor files_dir")
+    return Path(folder) / item_file_name(key)

@@ -39,19 +39,20 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
 def _actor_class(ray):
     @ray.remote(max_restarts=0, max_task_retries=0)
     class MeasureWorker:
-        def __init__(self, setup: dict, threads: int) -> None:
+        def __init__(self, setup: dict, threads: int, shared: Any = None, warmup: bool = True) -> None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             import torch
 
             torch.set_num_threads(max(1, int(threads)))
-            self.ctx = WorkerContext(WorkerSetup.from_dict(setup))
-            self.ctx.warmup()
+            self.ctx = WorkerContext(WorkerSetup.from_dict(setup), shared=shared)
+            if warmup:
+                self.ctx.warmup()
 
         def ready(self) -> dict:
             return self.ctx.info()
 
-        def evaluate(self, fqn: str, scheme: str) -> dict:
+        def evaluate(self, fqn: str, scheme: str) -> Any:
             return self.ctx.evaluate(fqn, scheme)
 
         def info(self) -> dict:
@@ -68,7 +69,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_worker, max_item_failures,
-             stall_timeout_s, wait_all_ready, say) -> None:
+             stall_timeout_s, wait_all_ready, say, shared=None, warmup=True) -> None:
     if address:
         check_ray_address(address)
     try:
@@ -98,6 +99,7 @@ def run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wor
         info["threads_per_worker"] = threads_per_worker
         Worker = _actor_class(ray)
         setup_d = setup.to_dict()
+        shared_ref = ray.put(shared) if shared is not None else None  # once, read by every worker
 
         actors: dict[int, Any] = {}  # actor id -> handle
         ready_refs: dict[Any, int] = {}  # ready() ref -> actor id
@@ -113,7 +115,7 @@ def run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wor
         def spawn() -> None:
             aid = next_id[0]
             next_id[0] += 1
-            h = Worker.options(num_cpus=1).remote(setup_d, threads_per_worker)
+            h = Worker.options(num_cpus=1).remote(setup_d, threads_per_worker, shared_ref, warmup)
             actors[aid] = h
             load[aid] = 0
             ready_refs[h.ready.remote()] = aid

@@ -14,13 +14,14 @@ from typing import Any
 
 from .errors import RunnerError
 
-__all__ = ["WORKER_METRICS", "PAIR_SEP", "Key", "WorkerSetup", "WorkerContext"]
+__all__ = ["WORKER_METRICS", "PAIR_SEP", "PROXY_ITEM", "Key", "WorkerSetup", "WorkerContext"]
 
 # the metrics (names of sensitivity.metrics.METRICS) a measured table can be made with
 WORKER_METRICS = ("kl", "cosine")
 
 Key = tuple[str, str]  # (layer fqn, scheme name); a joint item: ("a|b", "sa|sb")
 PAIR_SEP = "|"
+PROXY_ITEM = "@proxy"  # (fqn, PROXY_ITEM): the layer's proxy row, {scheme: tr(ΔW H ΔWᵀ)} (finite cells)
 
 
 def _peak_rss_mb() -> float:
@@ -62,6 +63,10 @@ class WorkerSetup:
     # metric groups (sensitivity.groups): [{name, match: [patterns], metric, options}], JSON only;
     # every item then measures each group's metric from one forward ({group: value})
     groups: Any = None
+    # the default profile's items (sensitivity.profile_ray): Hessian shards accumulate these
+    # activation formats' statistics too; proxy rows cover these schemes
+    act_formats: tuple[str, ...] = ()
+    schemes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -72,10 +77,13 @@ class WorkerSetup:
             raise RunnerError(f"worker setup weights must be '16bit' or 'as-loaded', got {self.weights!r}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "act_formats", tuple(self.act_formats))
+        object.__setattr__(self, "schemes", tuple(self.schemes))
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        for k in ("include", "exclude", "act_formats", "schemes"):
+            d[k] = list(getattr(self, k))
         return d
 
     @classmethod
@@ -100,7 +108,7 @@ class WorkerContext:
     """
 
     def __init__(self, setup: WorkerSetup, *, loaded: Any = None, data: Any = None, hessians: dict | None = None,
-                 saliency: dict | None = None, grouping: Any = None) -> None:
+                 saliency: dict | None = None, grouping: Any = None, shared: dict | None = None) -> None:
         import torch
 
         from .calibration import CalibrationSpec, load_calibration, tokens_sha256
@@ -138,7 +146,7 @@ class WorkerContext:
             if setup.tokens_sha256 is not None and tokens_sha256(data) != setup.tokens_sha256:
                 raise RunnerError("worker calibration tokens differ from the driver's (tokens_sha256 mismatch)")
         self.data = data
-        self.hessians = hessians
+        self.hessians = hessians if hessians is not None else (shared or {}).get("hessians")
         kl_data = data
         if setup.kl_samples is not None:
             kl_data = {k: v[: setup.kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[: setup.kl_samples]
@@ -151,13 +159,23 @@ class WorkerContext:
             grouping = setup_grouping(setup.groups, self.layers)
         self.grouping = grouping
         metric = grouping.metric_set if grouping is not None else _metric(setup.metric)
-        self.reference = compute_reference(net, self.layers, batches, metric, False, batch_size=setup.batch_size)
+        # the reference pass is computed when an item first needs it (Hessian shards do not)
+        self._reference_of = lambda: compute_reference(net, self.layers, batches, metric, False,
+                                                       batch_size=setup.batch_size)
+        self._reference = None
         self.metric_name = setup.metric
         self._saliency = saliency if saliency is not None else (
             {f: torch.tensor(v, dtype=torch.float64) for f, v in setup.saliency_values.items()}
             if setup.saliency_values is not None else None)
         self.setup_s = time.perf_counter() - t0
         self.n_items = 0
+
+    @property
+    def reference(self) -> Any:
+        """The 16-bit reference pass (:func:`proxy.compute_reference`), computed on first use."""
+        if self._reference is None:
+            self._reference = self._reference_of()
+        return self._reference
 
     def _hessian(self, fqn: str, scheme) -> Any:
         layer = self.by_fqn[fqn]
@@ -202,6 +220,10 @@ class WorkerContext:
         """
         from .proxy import as_scheme, measure_item
 
+        if fqn == "@hessians":  # sensitivity.hessian_shards.SHARD_LAYER
+            return self._hessian_shard(scheme)
+        if scheme == PROXY_ITEM:
+            return self._proxy_row(fqn)
         if PAIR_SEP in fqn or PAIR_SEP in scheme:
             return self._evaluate_joint(fqn, scheme)
         if fqn not in self.by_fqn:
@@ -211,6 +233,33 @@ class WorkerContext:
                          quantizer=self.setup.quantizer, saliency=self.saliency_of(fqn))
         self.n_items += 1
         return v if isinstance(v, dict) else {self.metric_name: float(v)}
+
+    def _hessian_shard(self, rows: str) -> Any:
+        """A :class:`~sensitivity.hessian_shards.ShardStats` of calibration rows ``rows<a>-<b>``."""
+        from .hessian_shards import compute_shard, shard_rows
+
+        out = compute_shard(self.loaded.model, self.layers, self.data, shard_rows(rows),
+                            batch_size=self.setup.batch_size, act_formats=self.setup.act_formats)
+        self.n_items += 1
+        return out
+
+    def _proxy_row(self, fqn: str) -> dict[str, float]:
+        """The layer's proxy row over ``setup.schemes`` from the context's (the driver's) Hessians;
+        a cell that is no candidate (NaN) is left out."""
+        import math
+
+        from .proxy import proxy_table
+
+        assert self.setup.schemes, "proxy items need setup.schemes"
+        if fqn not in self.by_fqn:
+            raise RunnerError(f"layer {fqn!r} is not among the worker's selected layers")
+        h = self._hessian_any(fqn)
+        sal = self.saliency_of(fqn)
+        row = proxy_table(self.loaded.model, [self.by_fqn[fqn]], {fqn: h}, self.setup.schemes, False,
+                          act_stats={fqn: h} if self.setup.act_formats else None, quantizer=self.setup.quantizer,
+                          saliency={fqn: sal} if sal is not None else None)[0]
+        self.n_items += 1
+        return {s: float(v) for s, v in zip(self.setup.schemes, row) if math.isfinite(v)}
 
     def _evaluate_joint(self, fqn: str, scheme: str) -> dict[str, float]:
         from .pairs import measure_joint
@@ -265,4 +314,4 @@ class WorkerContext:
 
         return {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_mb": round(_peak_rss_mb(), 1),
                 "torch_threads": torch.get_num_threads(), "items": self.n_items, "setup_s": round(self.setup_s, 3),
-                "block_replay": bool(self.reference.replay)}
+                "block_replay": bool(self._reference.replay) if self._reference is not None else None}
