@@ -225,7 +225,6 @@ PROFILE_CMD = [
     ("profile-kl-stride-zero", None, profile_cmd("--kl-stride", "0"), "kl_stride"),
     ("profile-n-samples-text", None, profile_cmd("--n-samples", "eight"), "--n-samples"),
     ("profile-calib-missing", None, lambda ws: profile_cmd("--calib", str(ws / "nope.txt"))(ws), "no such file"),
-    ("profile-checkpoint-dir-in-process", None, profile_cmd("--checkpoint-dir", "ck"), "measured"),
     ("profile-pairs-unmeasured", None, profile_cmd("--pairs", "full"), "measured"),
     ("profile-checkpoint-unmeasured", None, lambda ws: profile_cmd("--checkpoint-dir", str(ws / "ck"))(ws), "--measured"),
     ("profile-saliency-unknown", None, profile_cmd("--saliency", "vibes"), "vibes"),
