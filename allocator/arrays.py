@@ -53,6 +53,7 @@ class ProblemArrays:
     parts: tuple[SharePart, ...] = ()  # non-empty: a shares solve, one independent part per group
     qp: Any = None  # solvers.QuadraticProblem when pair terms were asked for
     groups: dict | None = field(default=None)  # the report: policy, normalisation, scales (None: nothing to say)
+    pairs: dict | None = None  # with ``qp``: the pair model for the report (model, n_pairs, items)
 
 
 def build_arrays(
@@ -86,7 +87,9 @@ def build_arrays(
     if qp_method is not None:
         if policy.shares or policy.limits:
             raise AllocationError(f"method {qp_method!r} does not support group_shares / group_limits")
-        return ProblemArrays(problem, capacity, qp=build_qp(profile, problem), groups=groups)
+        qp = build_qp(profile, problem)
+        pairs = {"model": profile.pairs.get("model"), "n_pairs": len(qp.pairs), "items": profile.pairs.get("items")}
+        return ProblemArrays(problem, capacity, qp=qp, groups=groups, pairs=pairs)
     if policy.shares:
         return ProblemArrays(problem, capacity, parts=_share_parts(profile, problem, budget, capacity, policy, rows),
                              groups=groups)
