@@ -72,9 +72,9 @@ def build_arrays(
     are for (adds the QP; named in its errors)."""
     policy.check(profile)
     mode = policy.mode(profile)
+    tie_names = target_ties(profile, target)
     # group rows are needed only to normalise or to split the budget; an ungrouped
     # multi-table profile must not fail when neither is asked for
-    tie_names = target_ties(profile, target)
     rows = group_rows(profile) if mode != "none" or policy.shares else None
     scales = group_scales(profile, mode, rows)
     loss = objective_table(profile, policy, mode, scales)
