@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from .budget import Budget, parse_budget
-from .solve import capacity_bits, plan_from_choice
+from .arrays import capacity_bits
+from .solve import plan_from_choice
 from .plan import Plan
 
 __all__ = ["UNIFORM_FAMILY", "uniform_plan", "nearest_uniform", "rule_mix", "use_more_bits"]

@@ -168,7 +168,8 @@ def peer_plan(name: str, profile, budget: str | float | Budget, scores=None, *, 
     start) for ``evopress``; nothing more for the
     rule-based ``llamacpp-rules`` and ``uniform``."""
     from .baselines import nearest_uniform, rule_mix
-    from .solve import capacity_bits, plan_from_choice
+    from .arrays import capacity_bits
+    from .solve import plan_from_choice
 
     p = peer(name)
     budget = parse_budget(budget)
@@ -212,7 +213,8 @@ def refine_plan(profile, plan: Plan, budget: str | float | Budget, fitness, *, e
     ``plan`` (the ILP's) and guided by the profile's predicted losses; at most
     ``evaluations`` fitness calls. The plan's ``solver`` block keeps the ILP's record and
     adds ``refine`` (evaluations used, fitness before and after)."""
-    from .solve import capacity_bits, loss_table, plan_from_choice
+    from .arrays import capacity_bits, loss_table
+    from .solve import plan_from_choice
 
     budget = parse_budget(budget)
     capacity = capacity_bits(profile, budget)

@@ -44,7 +44,8 @@ import numpy as np
 
 from .errors import AllocationError
 
-__all__ = ["GroupPolicy", "NORMALIZE", "group_rows", "group_scales", "combined_loss", "limit_constraints"]
+__all__ = ["GroupPolicy", "NORMALIZE", "group_rows", "group_scales", "raw_loss", "objective_table",
+           "limit_constraints"]
 
 NORMALIZE = ("auto", "ref", "range", "none")
 
@@ -139,9 +140,11 @@ def _ref_index(profile) -> int | None:
     return profile.schemes.index(refs[0]) if refs and refs[0] in profile.schemes else None
 
 
-def group_scales(profile, mode: str) -> dict[str, float]:
-    """``{group: n_g}`` the divisor of each group's table (1.0 for ``"none"``)."""
-    rows = group_rows(profile) if mode != "none" else {}
+def group_scales(profile, mode: str, rows: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+    """``{group: n_g}`` the divisor of each group's table (1.0 for ``"none"``); ``rows``:
+    :func:`group_rows` when the caller has it already."""
+    if mode != "none" and rows is None:
+        rows = group_rows(profile)
     out = {}
     for g, t in profile.tables.items():
         if mode == "none":
@@ -159,18 +162,31 @@ def group_scales(profile, mode: str) -> dict[str, float]:
     return out
 
 
-def combined_loss(profile, policy: GroupPolicy) -> tuple[np.ndarray, dict[str, float]]:
-    """``(Σ_g w_g · T_g / n_g  (L, S), {group: n_g})``."""
-    policy.check(profile)
-    scales = group_scales(profile, policy.mode(profile))
+def raw_loss(profile, weights: Mapping[str, float] | None = None) -> np.ndarray:
+    """``Σ_g w_g · T_g`` in raw units over the groups ``weights`` names (all, at 1, if none).
+
+    Unlike the normalised sum, a group left out of ``weights`` counts 0 here and a zero
+    weight still adds its NaNs: how raw-unit solves have always been made, kept so that their
+    plans do not change."""
+    tables = profile.tables
+    total = np.zeros_like(np.asarray(next(iter(tables.values())), dtype=np.float64))
+    for g, w in dict(weights or {g: 1.0 for g in tables}).items():
+        total += w * np.asarray(tables[g], dtype=np.float64)
+    return total
+
+
+def objective_table(profile, policy: GroupPolicy, mode: str, scales: Mapping[str, float]) -> np.ndarray:
+    """The solver's loss (L, S) for ``mode`` (:meth:`GroupPolicy.mode`): raw units for
+    ``"none"``, else ``Σ_g w_g · T_g / n_g`` with ``n_g`` = ``scales[g]``."""
+    if mode == "none":
+        return raw_loss(profile, policy.weights)
     weights = policy.weights or {}
-    first = np.asarray(next(iter(profile.tables.values())), dtype=np.float64)
-    total = np.zeros_like(first)
+    total = np.zeros_like(np.asarray(next(iter(profile.tables.values())), dtype=np.float64))
     for g, t in profile.tables.items():
         w = weights.get(g, 1.0)
         if w:
             total += (w / scales[g]) * np.asarray(t, dtype=np.float64)
-    return total, scales
+    return total
 
 
 def limit_constraints(profile, policy: GroupPolicy, rows: np.ndarray | None = None, only: str | None = None) -> list:

@@ -149,7 +149,8 @@ class Planner:
                 return self._frontiers[key]
         prof = self.profile(pid, "id")
         from bitalloc.allocator.budget import Budget
-        from bitalloc.allocator.solve import AllocationError, build_problem, solve
+        from bitalloc.allocator.arrays import build_problem
+        from bitalloc.allocator.solve import AllocationError, solve
         from bitalloc.solvers import achievable_range
         from bitalloc.solvers.sweep import frontier_capacities
 
