@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
@@ -118,8 +119,21 @@ def table(rows, columns=ROW_COLUMNS) -> str:
 
 
 def _plain(v: Any) -> Any:
-    """JSON-comparable form of a setting (tuples as lists, paths as strings)."""
-    return json.loads(json.dumps(v, default=str))
+    """JSON form of a value (tuples as lists, paths and numpy scalars as strings or numbers,
+    NaN and infinities as None: strict JSON)."""
+    def finite(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(y) for k, y in x.items()}
+        if isinstance(x, list):
+            return [finite(y) for y in x]
+        return x
+
+    def default(x):
+        return x.item() if hasattr(x, "item") else str(x)
+
+    return finite(json.loads(json.dumps(v, default=default)))
 
 
 class Bench:
@@ -131,10 +145,12 @@ class Bench:
 
         self.t0 = time.perf_counter()
         self.a = a
-        files = wikitext_files(a.data)
-        if files is None:
-            raise SystemExit(2)
-        self.valid, self.test = files
+        self.valid = self.test = None  # the WikiText-2 files, when the calibration or evaluation reads them
+        if "wikitext" in (a.calibration, a.text):
+            files = wikitext_files(a.data)
+            if files is None:
+                raise SystemExit(2)
+            self.valid, self.test = files
         self.out = Path(a.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.budgets = budget_names(a.budgets)

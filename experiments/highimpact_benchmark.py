@@ -24,23 +24,20 @@ layers, with scales, zero-points and channel indices counted. Results:
     python experiments/highimpact_benchmark.py                      # full run (hours on 2 CPU cores)
     python experiments/highimpact_benchmark.py --layers 're:layers\\.(0|1)\\.' --windows 4 \\
         --calib-samples 4 --calib-len 128 --kl-samples 1 --quantizers rtn   # smoke test
+
+Profiles, their checkpoints (``profile-<quantizer>.measure-checkpoint.jsonl``, resumable) and
+the GPTQ Hessians go under --out; a saved profile made with the same settings is reused.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
+from _driver import Bench, add_args
 
 
-def _uniform_plan(profile, scheme: str, label: str, quantization: dict):
+def uniform_plan_any(profile, scheme: str, label: str, quantization: dict):
     """Every layer of the profile in one scheme (need not be a profiled scheme)."""
     from bitalloc.allocator.plan import LayerPlan, Plan
     from bitalloc.kernels.formats import parse_scheme
@@ -54,32 +51,9 @@ def _uniform_plan(profile, scheme: str, label: str, quantization: dict):
                 solver={"method": "uniform", "status": "rule"}, label=label, quantization=quantization)
 
 
-def _dense(qmodel):
-    """The applied model with each (16-bit-activation) QuantLinear as an nn.Linear holding its
-    dequantized weight: what the CPU reference path computes (the same F.linear on the same
-    weight), without unpacking the codes in every forward. The packed bytes were checked
-    against the plan by ``apply``."""
-    import torch
-
-    from bitalloc.kernels.qlinear import QuantLinear
-
-    for name, m in list(qmodel.named_modules()):
-        if isinstance(m, QuantLinear) and m.scheme.act == "a16":
-            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            with torch.no_grad():
-                lin.weight = torch.nn.Parameter(m.dequantized_weight(), requires_grad=False)
-                if m.bias is not None:
-                    lin.bias = torch.nn.Parameter(m.bias.detach().float(), requires_grad=False)
-            parent, _, child = name.rpartition(".")
-            setattr(qmodel.get_submodule(parent) if parent else qmodel, child, lin)
-    return qmodel
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--data", default=str(DATA), help="folder with wikitext2-valid.txt and wikitext2-test.txt")
-    ap.add_argument("--budgets", default="2.5,3.0,3.5", help="bits per weight over the quantized layers")
+    add_args(ap, out="highimpact", budgets="2.5,3.0,3.5", calib_samples=16, kl_samples=4, kl_stride=4)
     ap.add_argument("--quantizers", default="rtn,gptq")
     ap.add_argument("--lows", default="w2g64z,w3g64z", help="low formats of the split families")
     ap.add_argument("--high-bits", default="3,4", help="high-part bits per low format")
@@ -94,42 +68,18 @@ def main(argv=None) -> int:
     ap.add_argument("--uniform", default="w2g64z,w2g32z,w3g128z,w3g64z,w3g32z,w4g128z,w4g64z",
                     help="uniform baseline family (the smallest not below the budget is used)")
     ap.add_argument("--layers", action="append", default=[], help="include pattern (repeatable; default all)")
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--calib-len", type=int, default=512)
-    ap.add_argument("--kl-samples", type=int, default=4, help="calibration rows for each measured item")
-    ap.add_argument("--kl-stride", type=int, default=4, help="score KL at every N-th position")
-    ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--time-limit", type=float, default=120.0, help="MILP time limit per solve (s)")
     ap.add_argument("--workers", type=int, default=None, help="local Ray workers for the measured items")
     ap.add_argument("--packed-eval", action="store_true",
                     help="evaluate through QuantLinear (packed codes) instead of the dequantized weights")
-    ap.add_argument("--eval-chunk", type=int, default=6, help="models evaluated per pass over the windows")
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "highimpact"))
     a = ap.parse_args(argv)
 
-    import torch
-
     from bitalloc.allocator import api
-    from bitalloc.allocator.evaluate import evaluate_models, windows_from_file
-    from bitalloc.allocator.executor import apply
-    from bitalloc.allocator.solve import quantization_of, solve
-    from bitalloc.kernels.formats import split_families
-    from bitalloc.sensitivity.calibration import CalibrationSpec, load_calibration
-    from bitalloc.sensitivity.hessian import collect_input_statistics
+    from bitalloc.allocator.solve import quantization_of
+    from bitalloc.kernels.formats import parse_scheme, split_families
     from bitalloc.sensitivity.layers import find_layers
     from bitalloc.sensitivity.pairs import block_pairs, pair_item_count
-    from bitalloc.sensitivity.profile import SensitivityProfile
-    from bitalloc.sensitivity.build import build_profile
 
-    from _data import wikitext_files
-
-    files = wikitext_files(a.data)
-    if files is None:
-        return 2
-    valid, test = files
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     lows = [x for x in a.lows.split(",") if x]
     hbits = [int(x) for x in a.high_bits.split(",")]
     ratios = [float(x) for x in a.ratios.split(",")]
@@ -142,15 +92,11 @@ def main(argv=None) -> int:
     if len(fixed) == len(extra):
         print(f"--fixed-ratio {a.fixed_ratio} is not one of --ratios", file=sys.stderr)
         return 2
-    budgets = [f"{float(b):g}bpw" for b in a.budgets.split(",")]
-    t_all = time.perf_counter()
+    fam = [x for x in a.uniform.split(",") if x]
 
-    loaded = api.load(a.model)
-    net = loaded.model
-    spec = CalibrationSpec("file", str(valid), a.calib_samples, a.calib_len, 0)
-    calib = load_calibration(spec, net, loaded.tokenizer, loaded.kind)
-    windows = windows_from_file(loaded.tokenizer, test, a.seq_len, a.windows)
-    layers, _ = find_layers(net, a.layers, ())
+    bench = Bench(a)
+    out = bench.out
+    layers, _ = find_layers(bench.loaded.model, a.layers, ())
     n_pairs = len(block_pairs(layers))
     counts = {"layers": len(layers), "options": len(options), "single_items": len(layers) * len(options),
               "pairs": n_pairs, "pair_items_reduced": pair_item_count(n_pairs, len(options), "reduced"),
@@ -158,46 +104,29 @@ def main(argv=None) -> int:
     print(f"{len(layers)} layers, {len(options)} options ({', '.join(options)}); items per quantizer: "
           f"{counts['single_items']} single + {counts['pair_items_' + a.pairs]} pair ({a.pairs}; "
           f"full would be {counts['pair_items_full']})", flush=True)
-    t = time.perf_counter()
-    hessians = collect_input_statistics(net, layers, calib, False)
-    t_hess = time.perf_counter() - t
 
-    rows, solves, walls = [], [], {"hessians_s": round(t_hess, 1)}
+    rows, solves = [], []
 
-    def write_results() -> dict:
-        walls["total_s"] = round(time.perf_counter() - t_all, 1)
-        result = {
-            "model": a.model, "options": options, "saliency": a.saliency, "pairs": a.pairs, "counts": counts,
-            "calibration": {"file": str(valid), "samples": a.calib_samples, "len": a.calib_len,
-                            "kl_samples": a.kl_samples, "kl_stride": a.kl_stride},
-            "eval": {"file": str(test), "windows": a.windows, "seq_len": a.seq_len,
-                     "weights": "packed QuantLinear" if a.packed_eval else "dequantized"},
-            "layers": a.layers, "rows": rows, "solves": solves, "wall": walls,
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "torch_threads": torch.get_num_threads(),
-        }
-        (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
-        return result
+    def write_results() -> None:
+        bench.write({"options": options, "saliency": a.saliency, "pairs": a.pairs, "counts": counts,
+                     "weights": "packed QuantLinear" if a.packed_eval else "dequantized", "layers": a.layers,
+                     "rows": rows, "solves": solves})
 
     for quantizer in [q for q in a.quantizers.split(",") if q]:
-        ppath = out / f"profile-{quantizer}.json"
-        t = time.perf_counter()
-        prof = build_profile(
-            loaded, schemes=options, calibration=spec, include=a.layers, ref_schemes=[lows[0]], progress=True,
-            kl_samples=a.kl_samples, kl_stride=a.kl_stride, measured=True, workers=a.workers,
-            checkpoint=out / f"checkpoint-{quantizer}-{a.saliency}-{a.pairs}.jsonl", saliency=a.saliency,
-            quantizer=quantizer, pairs=a.pairs, pair_ref=lows[0])
-        prof.save(ppath)
-        walls[f"profile_{quantizer}_s"] = round(time.perf_counter() - t, 1)
+        name = f"profile-{quantizer}.json"
+        ppath = out / name
+        prof = bench.profile(name, schemes=options, include=a.layers, ref_schemes=[lows[0]], measured=True,
+                             workers=a.workers, saliency=a.saliency, quantizer=quantizer, pairs=a.pairs,
+                             pair_ref=lows[0])
         quant = quantization_of(prof)
         plans = {}
-        for b in budgets:
+        for b in bench.budgets:
             for method, kw in (("qp", dict(method="qp")), ("qp-relax", dict(method="qp-relax")),
                                ("separable", dict(method="separable")),
                                (f"fixed-r{a.fixed_ratio:g}", dict(method="separable", schemes=fixed)),
                                ("no-split", dict(method="separable", schemes=plain))):
                 try:
-                    plan = solve(prof, b, time_limit_s=a.time_limit, profile_path=ppath, **kw)
+                    plan = api.solve(prof, b, time_limit_s=a.time_limit, profile_path=ppath, **kw)
                 except ValueError as e:
                     print(f"{quantizer} {b} {method}: {e}", flush=True)
                     continue
@@ -207,47 +136,25 @@ def main(argv=None) -> int:
                                "interaction": s.get("interaction"), "gap": s["gap"], "solve_time_s": s["solve_time_s"],
                                "bpw": plan.predicted["bpw"], "schemes": plan.scheme_counts()})
                 plans[b, method] = plan
-            fam = [x for x in a.uniform.split(",") if x]
-            from bitalloc.kernels.formats import parse_scheme
-
             n = sum(l.out_features * l.in_features for l in prof.layers)
             cap = float(b[:-3]) * n
             sizes = sorted((sum(parse_scheme(u).storage_bits(l.out_features, l.in_features) for l in prof.layers), u)
                            for u in fam)
             pick = next((u for c, u in sizes if c >= cap), sizes[-1][1])
-            plans[b, "uniform"] = _uniform_plan(prof, pick, f"uniform {pick}", quant)
-        # evaluate: identical choices are evaluated once (qp-relax often equals qp); models are
-        # built per chunk so only eval_chunk dequantized copies exist at a time
-        todo, key_of, seen = {}, {}, {}
+            plans[b, "uniform"] = uniform_plan_any(prof, pick, f"uniform {pick}", quant)
         for (b, method), plan in plans.items():
-            sig = tuple(lp.scheme for lp in plan.layers.values())
-            if sig in seen:
-                key_of[b, method] = seen[sig]
-                continue
-            label = f"{b}/{method}"
-            seen[sig] = key_of[b, method] = label
-            todo[label] = plan
             plan.save(out / "plans" / f"{quantizer}-{b}-{method}.json")
-        t = time.perf_counter()
-        res = {}
-        labels = list(todo)
-        for i in range(0, len(labels), max(1, a.eval_chunk)):
-            chunk = {}
-            for k in labels[i:i + a.eval_chunk]:
-                q = apply(net, todo[k], hessians=hessians if quantizer == "gptq" else None)
-                chunk[k] = q if a.packed_eval else _dense(q)
-            res.update(evaluate_models(net, chunk, windows, progress=True))
-            del chunk
-        walls[f"eval_{quantizer}_s"] = round(time.perf_counter() - t, 1)
+        # identical choices are evaluated once (qp-relax often equals qp); --chunk models at a time
+        res = bench.evaluate({f"{quantizer}/{b}/{m}": p for (b, m), p in plans.items()},
+                             hessians=bench.hessians(name) if quantizer == "gptq" else None,
+                             packed=a.packed_eval)
         if not rows:
-            rows.append({"quantizer": "-", "budget": "-", "method": "fp16", "bpw": 16.0, "ppl": res["fp16"].ppl,
-                         "kl": 0.0})
+            rows.append({"quantizer": "-", "budget": "-", "method": "fp16", "bpw": 16.0, **res["fp16"]})
         for (b, method), plan in plans.items():
-            r = res[key_of[b, method]]
             srow = next((s for s in solves if s["quantizer"] == quantizer and s["budget"] == b
                          and s["method"] == method), {})
             rows.append({"quantizer": quantizer, "budget": b, "method": method, "label": plan.label,
-                         "bpw": plan.predicted["bpw"], "ppl": r.ppl, "kl": r.kl, "top1": r.top1_agree,
+                         "bpw": plan.predicted["bpw"], **res[f"{quantizer}/{b}/{method}"],
                          "objective": srow.get("objective"), "gap": srow.get("gap"),
                          "solve_time_s": srow.get("solve_time_s"), "status": srow.get("status")})
         write_results()  # after each quantizer: a partial run leaves its rows
@@ -255,10 +162,10 @@ def main(argv=None) -> int:
     print(f"\n{'quant':>5} {'budget':>7} {'method':>14} {'bpw':>7} {'ppl':>9} {'KL':>8} {'objective':>10} "
           f"{'gap':>8} {'solve s':>8}")
     for r in rows:
-        f = lambda v, p: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
+        f = lambda v, p: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
         print(f"{r['quantizer']:>5} {r['budget']:>7} {r['method']:>14} {r['bpw']:7.3f} {r['ppl']:9.3f} "
               f"{f(r['kl'], 4):>8} {f(r.get('objective'), 5):>10} {f(r.get('gap'), 4):>8} {f(r.get('solve_time_s'), 3):>8}")
-    print(f"\nwall: {walls}; results in {out / 'results.json'}")
+    print(f"\nwall: {bench.settings()['wall_s']}; results in {out / 'results.json'}")
     return 0
 
 
