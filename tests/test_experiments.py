@@ -1,0 +1,121 @@
+"""The benchmark scripts' driver (experiments/_driver.py) on the random-weight tiny Llama, so
+the scripts cannot rot silently: profile (built, then reused), solve, evaluate through one
+quantized-layer cache on two texts, results JSON; and the scripts on the driver stay on the
+public API (no private bitalloc names, no sys.path edits)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+ON_DRIVER = ("quality_benchmark.py", "measured_vs_proxy.py", "highimpact_benchmark.py", "smollm2_groups.py",
+             "main_job_variants.py", "_driver.py")
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n") * 20
+
+
+@pytest.fixture()
+def driver(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    for name in ("_driver", "_data"):
+        sys.modules.pop(name, None)
+    import _driver
+
+    return _driver
+
+
+@pytest.fixture()
+def data(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("wikitext2-valid.txt", "wikitext2-test.txt", "tinyshakespeare.txt"):
+        (d / name).write_text(TEXT)
+    return d
+
+
+def _args(driver, data, out, *extra):
+    ap = argparse.ArgumentParser()
+    driver.add_args(ap, out="unused", budgets="3,4")
+    return ap.parse_args(["--model", "random:llama-tiny", "--data", str(data), "--out", str(out), "--calib-samples",
+                          "2", "--calib-len", "32", "--kl-samples", "1", "--windows", "2", "--seq-len", "32",
+                          "--other-windows", "2", "--quiet", *extra])
+
+
+def test_driver_core_path(driver, data, tmp_path):
+    import bitalloc
+
+    a = _args(driver, data, tmp_path / "out")
+    bench = driver.Bench(a)
+    assert bench.budgets == ["3bpw", "4bpw"]
+    schemes = ["w2g64z", "w4g128z", "w8"]
+    prof = bench.profile("profile.json", schemes=schemes, ref_schemes=["w2g64z"])
+    assert list(prof.schemes) == schemes and (tmp_path / "out" / "profile.json").is_file()
+    assert prof.calibration["path"] == str(data / "wikitext2-valid.txt")
+
+    plans = {b: bitalloc.solve(prof, b) for b in bench.budgets}
+    plans["again"] = plans["3bpw"]
+    res = bench.evaluate(plans)
+    assert set(res) == {"fp16", "3bpw", "4bpw", "again"}
+    assert res["fp16"]["kl"] == 0.0 and res["fp16"]["other_ppl"] > 1.0
+    for k in ("3bpw", "4bpw"):
+        r = res[k]
+        assert r["ppl"] > 1.0 and r["kl"] >= 0.0 and 0.0 <= r["top1"] <= 1.0 and r["other_ppl"] > 1.0
+        assert r["same_allocation_as"] is None
+    assert res["again"]["same_allocation_as"] == "3bpw" and res["again"]["ppl"] == res["3bpw"]["ppl"]
+    assert bench.cache, "the plans' quantized layers go through the one cache"
+    n_cached = len(bench.cache)
+    assert bench.evaluate({"same": plans["4bpw"]})["same"]["ppl"] == res["4bpw"]["ppl"]  # scored once per run
+    assert len(bench.cache) == n_cached
+
+    path = bench.write({"rows": [{"method": "x", "ppl": float("nan")}]})
+    out = json.loads(path.read_text())
+    assert out["model"] == "random:llama-tiny" and out["rows"][0]["ppl"] is None  # strict JSON
+    assert out["calibration"]["n_samples"] == 2 and out["eval"]["n_windows"] == 2 and out["eval"]["other"]
+    assert "3bpw" in driver.table([{"budget": "3bpw", "method": "m", "bpw": 3.0, "ppl": 9.0}])
+
+    # the same settings reuse the saved profile; other settings rebuild it
+    again = driver.Bench(a)
+    assert again.profile("profile.json", schemes=schemes, ref_schemes=["w2g64z"]).metadata["created_at"] == \
+        prof.metadata["created_at"]
+    assert again.walls["profile profile.json"] == 0.0
+    assert driver.budget_names("2.5, 3bpw,120MB") == ["2.5bpw", "3bpw", "120MB"]
+
+
+def _private_uses(script: str) -> list[str]:
+    """Private names the script takes from bitalloc: ``from bitalloc.x import _y``,
+    ``bitalloc._x`` modules, and ``mod._y`` on a name bound to a bitalloc module."""
+    tree = ast.parse((EXPERIMENTS / script).read_text(), script)
+    bound, private = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("bitalloc"):
+                private += [m for m in node.module.split(".") if m.startswith("_")]
+                private += [a.name for a in node.names if a.name.startswith("_")]
+                bound |= {a.asname or a.name for a in node.names}
+            elif node.module.startswith("_") and node.module != "__future__":
+                assert node.module in ("_data", "_driver"), f"{script} imports {node.module}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("bitalloc"):
+                    private += [m for m in a.name.split(".") if m.startswith("_")]
+                    bound.add((a.asname or a.name).split(".")[0])
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "sys":
+            assert node.attr != "path", f"{script} edits sys.path"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in bound:
+                private.append(node.attr)
+    return private
+
+
+@pytest.mark.parametrize("script", ON_DRIVER)
+def test_scripts_on_the_public_api(script):
+    assert not _private_uses(script), f"{script} uses private bitalloc names"
