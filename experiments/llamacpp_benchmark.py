@@ -138,7 +138,11 @@ def phase_bitalloc(args, only_imatrix: bool = False) -> None:
             r = lc.export_gguf(plan, out)
             assert r["bytes"] == plan.predicted["gguf"]["file_bytes"], (r, plan.predicted)
             ppl, secs = evaluate(out, win)
-            save_row(work, {"name": name, "kind": "bitalloc", "file_bytes": r["bytes"], "ppl": ppl, "imatrix": imatrix,
+            # the imatrix flag says what this file was built with (the profile's), which may differ from
+            # the preset it is measured against (--profile-plain may name the imatrix profile)
+            used = bool((prof.metadata or {}).get("imatrix"))
+            save_row(work, {"name": name, "kind": "bitalloc", "file_bytes": r["bytes"], "ppl": ppl, "imatrix": used,
+                            "against_preset_imatrix": imatrix,
                             "budget_bytes": target["file_bytes"], "predicted_file_bytes": plan.predicted["gguf"]["file_bytes"],
                             "types": plan.scheme_counts(), "predicted_loss": plan.predicted["loss_total"],
                             "plan": plan_file.name, "eval_s": secs})
