@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metric-samples", "--kl-samples", dest="metric_samples", type=int, default=DEFAULT_KL_SAMPLES,
                     help="calibration rows used for the per-layer metric (KL, ...) measurements "
                          f"(default {DEFAULT_KL_SAMPLES}; --kl-samples is the old spelling)")
+    sp.add_argument("--logits-memory", default=None, metavar="SIZE",
+                    help="bound on logit-sized buffers, e.g. 512MiB (default 1GiB; env BITALLOC_LOGITS_MEMORY): "
+                         "logits and log-probs exist a chunk of positions at a time")
     sp.add_argument("--kl-stride", type=int, default=DEFAULT_KL_STRIDE,
                     help=f"score the KL at every N-th position of those rows (default {DEFAULT_KL_STRIDE})")
     sp.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation text file, or 'generated' (held-out text sampled from the model)")
     sp.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
     sp.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    sp.add_argument("--logits-memory", default=None, metavar="SIZE",
+                    help="bound on logit-sized buffers, e.g. 512MiB (default 1GiB; env BITALLOC_LOGITS_MEMORY): "
+                         "logits and log-probs exist a chunk of positions at a time")
     sp.add_argument("--gguf", action="append", default=[],
                     help="GGUF file whose perplexity llama.cpp computes (repeatable; same windows and tokens as "
                          "the torch evaluation, tokenized by --model's tokenizer)")
@@ -526,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         if "transformers" in sys.modules:  # imported already (an in-process call): its flag is read at import
             sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
+        if getattr(a, "logits_memory", None) is not None:
+            from bitalloc.sensitivity.logits import set_logits_memory
+
+            set_logits_memory(a.logits_memory)  # a malformed size is a one-line ValueError
         return COMMANDS[a.cmd](a)
     except KeyboardInterrupt:
         print("bitalloc: interrupted", file=sys.stderr)

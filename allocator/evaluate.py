@@ -68,9 +68,46 @@ def windows_from_file(tokenizer, path: str | Path, seq_len: int, n_windows: int)
     return text_windows(tokenizer, p.read_text(encoding="utf-8", errors="replace"), seq_len, n_windows)
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+def _outputs(model, ids: torch.Tensor):
+    """Outputs of the ``T-1`` predicting positions: chunked logits when the head splits off."""
+    from bitalloc.sensitivity.logits import forward_logits, split_head
+
+    T = ids.shape[1]
+    if split_head(model, {"input_ids": ids}) is not None:
+        return forward_logits(model, {"input_ids": ids, "logits_to_keep": torch.arange(T - 1)})
     out = model(input_ids=ids, use_cache=False)
-    return out.logits if hasattr(out, "logits") else out[0]
+    return (out.logits if hasattr(out, "logits") else out[0])[:, :-1]
+
+
+class _Totals:
+    """Sums of NLL, KL and top-1 agreement per label."""
+
+    def __init__(self, labels) -> None:
+        self.nll = {k: 0.0 for k in labels}
+        self.kl = {k: 0.0 for k in labels}
+        self.agree = {k: 0 for k in labels}
+
+    def score(self, ref_rows, rows: dict, tgt: torch.Tensor, step: int, ref_label: str | None, secs: dict) -> None:
+        """Accumulate every model in ``rows`` against the reference, ``step`` positions at a time
+        (the reference chunk is computed once per chunk and shared by the models)."""
+        for i in range(0, tgt.numel(), step):
+            t = tgt[i:i + step, None]
+            t0 = time.perf_counter()
+            ref_lp = F.log_softmax(ref_rows(i, i + step), -1)
+            if ref_label is not None:
+                secs[ref_label] += time.perf_counter() - t0
+                self.nll[ref_label] += -ref_lp.gather(1, t).sum(dtype=torch.float64).item()
+                self.agree[ref_label] += t.numel()
+            ref_top = ref_lp.argmax(-1)
+            ref_p = ref_lp.exp() if rows else None
+            for k, fn in rows.items():
+                t0 = time.perf_counter()
+                lp = F.log_softmax(fn(i, i + step), -1)
+                secs[k] += time.perf_counter() - t0
+                self.nll[k] += -lp.gather(1, t).sum(dtype=torch.float64).item()
+                self.kl[k] += (ref_p * (ref_lp - lp)).sum(-1).sum(dtype=torch.float64).item()
+                self.agree[k] += (lp.argmax(-1) == ref_top).sum().item()
+                del lp
 
 
 @torch.no_grad()
@@ -87,14 +124,19 @@ def evaluate_models(
 
     windows: (n, T) token ids. Returns {label: EvalResult}, the reference under "fp16"
     (the unquantized model) when include_reference.
+
+    Memory: models whose LM head splits off (:mod:`bitalloc.sensitivity.logits`) keep only
+    final hidden states per batch; logits and log-probs exist a chunk of positions at a
+    time, bounded by the logits memory (``--logits-memory``), whatever the vocabulary.
+    Other models are scored one at a time from their full logits (chunked log-softmax).
     """
     from tqdm.auto import tqdm
 
+    from bitalloc.sensitivity.logits import ChunkedLogits, chunk_rows, logit_rows
+
     n, T = windows.shape
     labels = (["fp16"] if include_reference else []) + list(models)
-    nll = {k: 0.0 for k in labels}
-    kl = {k: 0.0 for k in labels}
-    agree = {k: 0 for k in labels}
+    tot = _Totals(labels)
     secs = {k: 0.0 for k in ["fp16", *models]}
     count = 0
     bar = tqdm(total=n, desc=f"eval {len(models)} model(s)", unit="win", disable=not progress)
@@ -102,31 +144,33 @@ def evaluate_models(
         ids = windows[start:start + batch_size]  # (B, T)
         tgt = ids[:, 1:].reshape(-1)  # (B*(T-1),)
         t0 = time.perf_counter()
-        ref_lp = F.log_softmax(_logits(ref_model, ids)[:, :-1].float(), -1).flatten(0, 1)  # (N, V)
+        shape, ref_rows = logit_rows(_outputs(ref_model, ids))
         secs["fp16"] += time.perf_counter() - t0
-        ref_top = ref_lp.argmax(-1)
-        ref_p = ref_lp.exp() if models else None  # once per batch, shared by every model
-        if include_reference:
-            nll["fp16"] += -ref_lp.gather(1, tgt[:, None]).sum().item()
-            agree["fp16"] += tgt.numel()
+        step = chunk_rows(shape[-1], 7)  # ref logits, log p, p; a model's logits, log q; two temporaries
+        chunked: dict = {}
+        first = include_reference
         for k, m in models.items():
             t0 = time.perf_counter()
-            lp = F.log_softmax(_logits(m, ids)[:, :-1].float(), -1).flatten(0, 1)  # (N, V)
+            out = _outputs(m, ids)
             secs[k] += time.perf_counter() - t0
-            nll[k] += -lp.gather(1, tgt[:, None]).sum().item()
-            kl[k] += (ref_p * (ref_lp - lp)).sum().item()
-            agree[k] += (lp.argmax(-1) == ref_top).sum().item()
-            del lp
+            if isinstance(out, ChunkedLogits):
+                chunked[k] = out.rows  # hidden states only: scored together below
+            else:
+                tot.score(ref_rows, {k: logit_rows(out)[1]}, tgt, chunk_rows(shape[-1], 4), "fp16" if first else None, secs)
+                first = False
+            del out
+        if chunked or first:
+            tot.score(ref_rows, chunked, tgt, step, "fp16" if first else None, secs)
         count += tgt.numel()
         bar.update(ids.shape[0])
     bar.close()
     out = {}
     for k in labels:
         is_ref = include_reference and k == "fp16"
-        mean_nll = nll[k] / count
+        mean_nll = tot.nll[k] / count
         out[k] = EvalResult(
-            label=k, ppl=math.exp(mean_nll), nll=mean_nll, kl=None if is_ref else kl[k] / count,
-            top1_agree=None if is_ref else agree[k] / count, tokens=count, windows=n, seq_len=T, seconds=secs[k],
+            label=k, ppl=math.exp(mean_nll), nll=mean_nll, kl=None if is_ref else tot.kl[k] / count,
+            top1_agree=None if is_ref else tot.agree[k] / count, tokens=count, windows=n, seq_len=T, seconds=secs[k],
         )
     return out
 

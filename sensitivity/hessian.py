@@ -150,6 +150,7 @@ def collect_input_statistics(
     if len(set(fqns)) != len(fqns):
         raise ValueError("layers contain duplicate fqns")
     runner, _ = base_module_for(model, fqns)
+    head_only = _head_outside_body(model, fqns, batches) if runner is model else None
     assigned: dict[str, HessianAccumulator] = {}
     owner: dict[int, str] = {}  # id(accumulator) -> fqn that created it
     seen: dict[int, tuple[Any, HessianAccumulator]] = {}  # per batch: id(x) -> (weakref(x), acc)
@@ -206,7 +207,11 @@ def collect_input_statistics(
         for batch in it:
             state["mask"] = batch.get("attention_mask")
             try:
-                forward(runner, batch)
+                if head_only is not None:  # the body, then only the head's input hooks: no (b, T, V) logits
+                    out = forward(head_only.body, batch)
+                    _hook_only(head_only.head, out.last_hidden_state)
+                else:
+                    forward(runner, batch)
             finally:
                 seen.clear()
     finally:
@@ -240,3 +245,27 @@ def collect_hessians(
         model, layers, batches, progress, batch_size=batch_size, dtype=dtype, share_inputs=share_inputs
     )
     return {fqn: acc.H for fqn, acc in accs.items()}
+
+
+def _head_outside_body(model: torch.nn.Module, fqns: Sequence[str], batches: list[dict]):
+    """The model's :class:`~sensitivity.logits.HeadSplit` when the only selected layer outside
+    its body is the LM head (then the head's matmul is skipped: only its input is needed)."""
+    from .logits import split_head
+
+    split = split_head(model, batches[0]) if batches else None
+    if split is None:
+        return None
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    body, head = names.get(id(split.body)), names.get(id(split.head))
+    if body is None or head is None or any(f != head and not f.startswith(body + ".") for f in fqns):
+        return None
+    return split
+
+
+def _hook_only(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """Run ``module``'s forward pre-hooks on ``x`` and skip its forward."""
+    module.forward = lambda *a, **k: None
+    try:
+        module(x)
+    finally:
+        del module.forward

