@@ -11,7 +11,7 @@ own evaluation (held-out self-generated text, 8 x 256 tokens, seed 1234; or ``--
   self-generated tokens, default references and schemes; saved as ``<out>/profile-NAME.json``
   and reused when made with the same settings);
 - for each, reference subsets given with ``--refs`` (the subset's columns of the measured
-  ``kl_ref``, so a subset costs no new measurements and shows what measuring fewer costs).
+  ``ref_values``, so a subset costs no new measurements and shows what measuring fewer costs).
 
     python experiments/main_job_variants.py --profile before=bitalloc-out/profile.json \\
         --build rows1=1 --refs w2g64z,w3g128z,w4g128z --refs w2g64z,w3g128z    # -> results/main-job/variants.json
@@ -36,8 +36,8 @@ def with_refs(prof, refs: list[str]):
 
     cols = [prof.ref_schemes.index(r) for r in refs]
     idx = [prof.schemes.index(r) for r in refs]
-    tab, scales = calibrate_proxy(prof.proxy, prof.kl_ref[:, cols], idx)
-    return dataclasses.replace(prof, tables={"all": tab}, kl_ref=prof.kl_ref[:, cols], ref_schemes=list(refs),
+    tab, scales = calibrate_proxy(prof.proxy, prof.ref_values[:, cols], idx)
+    return dataclasses.replace(prof, tables={"all": tab}, ref_values=prof.ref_values[:, cols], ref_schemes=list(refs),
                                scales=scales)
 
 

@@ -71,7 +71,7 @@ def extend_profile(loaded, prof, extra: list[str], *, progress: bool = False):
                        saliency=prof.saliency)
     schemes = list(prof.schemes) + extra
     proxy = np.concatenate([prof.proxy, cols], 1)
-    tab, scales = calibrate_proxy(proxy, prof.kl_ref, [schemes.index(r) for r in prof.ref_schemes])
+    tab, scales = calibrate_proxy(proxy, prof.ref_values, [schemes.index(r) for r in prof.ref_schemes])
     assert np.allclose(tab[:, :len(prof.schemes)], prof.tables["all"], rtol=1e-9, atol=1e-15), \
         "the extended profile does not reproduce the saved columns"
     costs = np.concatenate([prof.cost_bits, cost_table(prof.layers, [as_scheme(s) for s in extra])], 1)

@@ -131,7 +131,7 @@ def job_benchmark(url: str, args: list[str], request: dict, work: Path) -> dict:
         raise SystemExit(f"service job failed: {j}")
     svc = http.get(f"/v1/artifacts/{j['result']['profile_id']}").json()
     cli = json.loads(out.read_text())
-    same = all(svc[k] == cli[k] for k in ("tables", "proxy", "kl_ref", "cost_bits", "schemes", "layers"))
+    same = all(svc[k] == cli[k] for k in ("tables", "proxy", "ref_values", "cost_bits", "schemes", "layers"))
     w = j["result"].get("worker") or {}
     return {"cli_s": round(cli_s, 1), "service_s": round(svc_s, 1), "overhead_s": round(svc_s - cli_s, 1),
             "cli_cpu_s": round(cli_cpu, 1), "service_worker_cpu_s": w.get("cpu_s"),

@@ -152,7 +152,7 @@ def build_profile(
     from .hessian import collect_input_statistics
     from .layers import find_layers
     from .models import LoadedModel, fingerprint, load_model
-    from .proxy import as_scheme, calibrate_proxy, compute_reference, measure_kl_deltas, proxy_table
+    from .proxy import as_scheme, calibrate_proxy, compute_reference, proxy_table
     from .groups import measure_ref_columns, setup_grouping
 
     say = log_fn or log.info
@@ -267,31 +267,31 @@ def build_profile(
                    None if pair_ref is None else ([as_scheme(pair_ref).name] * 2 if isinstance(pair_ref, str)
                                                   else [as_scheme(x).name for x in pair_ref])) if pairs else None)
         pair_field = measure_info.pop("pairs_field", None)
-        kl = measured_table[:, [names.index(r) for r in refs]]
+        ref_values = measured_table[:, [names.index(r) for r in refs]]
     elif ray:  # the reference columns as measured items (the measured checkpoint's own items)
-        kl, ray_info["measure"], metric_name, replay = _measure_all(
+        ref_values, ray_info["measure"], metric_name, replay = _measure_all(
             loaded, setup, layers, names, data, stats, progress, say, workers=workers, ray_address=ray_address,
             checkpoint=checkpoint, saliency=sal, grouping=grouping, item_schemes=refs)
     else:
-        kl_data = data
+        metric_data = data
         if kl_samples is not None:
-            kl_data = {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
-        kl_batches = _strided(net, as_batches(kl_data, batch_size), kl_stride)
+            metric_data = {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
+        metric_batches = _strided(net, as_batches(metric_data, batch_size), kl_stride)
         metric_set = grouping.metric_set if grouping is not None else None
-        reference = compute_reference(net, layers, kl_batches, metric_set, progress, batch_size=batch_size)
+        reference = compute_reference(net, layers, metric_batches, metric_set, progress, batch_size=batch_size)
         metric_name = reference.metric.name
         if quantizer == "rtn" and saliency == "hessian":
-            kl = measure_ref_columns(net, layers, reference, refs, progress, stats, grouping)
+            ref_values = measure_ref_columns(net, layers, reference, refs, progress, stats, grouping)
         else:  # the same items with this quantizer / these split channels (no metric groups here)
             from .proxy import measure_item
 
-            kl = np.array([[measure_item(net, layer, r, reference, stats.get(layer.fqn), quantizer=quantizer,
-                                         saliency=sal[layer.fqn]) for r in refs] for layer in layers], dtype=np.float64)
+            ref_values = np.array([[measure_item(net, layer, r, reference, stats.get(layer.fqn), quantizer=quantizer,
+                                                 saliency=sal[layer.fqn]) for r in refs] for layer in layers], dtype=np.float64)
         replay = reference.replay
         reference.free()
     t = lap("measure", t)
 
-    table, scales = calibrate_proxy(proxy, kl, [names.index(r) for r in refs])
+    table, scales = calibrate_proxy(proxy, ref_values, [names.index(r) for r in refs])
     if measured:
         table = measured_table
     costs = cost_table(layers, scheme_objs)
@@ -345,7 +345,7 @@ def build_profile(
         cost_bits=costs,
         tables=grouping.split(table, [layer.fqn for layer in layers]) if grouping is not None else {"all": table},
         proxy=proxy,
-        kl_ref=kl,
+        ref_values=ref_values,
         ref_schemes=refs,
         scales=scales,
         other_bits=other_bits,

@@ -16,7 +16,7 @@ __all__ = ["calibrate_proxy"]
 
 def calibrate_proxy(
     proxy: np.ndarray,
-    kl_measured: np.ndarray,
+    ref_values: np.ndarray,
     ref_scheme_index: int | Sequence[int],
     rel_eps: float = 1e-12,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -30,7 +30,8 @@ def calibrate_proxy(
     ``c_i = Σ_r KL_i,r P_i,r / Σ_r P_i,r²`` over the measured (finite) references
     (= ``KL_i,ref / P_i,ref`` with one reference), clipped at 0.
 
-    ``kl_measured`` is ``(L,)`` for one reference index or ``(L, R)`` for ``R`` indices.
+    ``ref_values``, the metric measured at the reference scheme(s) (a profile's
+    ``ref_values``), is ``(L,)`` for one reference index or ``(L, R)`` for ``R`` indices.
     A layer whose reference proxy is ≈ 0 (``≤ rel_eps · max|proxy|``) or that has no
     finite measurement cannot be fitted and gets the median scale of the fitted layers.
 
@@ -48,11 +49,11 @@ def calibrate_proxy(
     for i in idx:
         if not 0 <= i < P.shape[1]:
             raise ValueError(f"ref_scheme_index {i} out of range for {P.shape[1]} schemes")
-    K = np.asarray(kl_measured, dtype=np.float64)
+    K = np.asarray(ref_values, dtype=np.float64)
     if K.ndim == 1:
         K = K[:, None]
     if K.shape != (P.shape[0], len(idx)):
-        raise ValueError(f"kl_measured must be ({P.shape[0]},) or ({P.shape[0]}, {len(idx)}), got {np.shape(kl_measured)}")
+        raise ValueError(f"ref_values must be ({P.shape[0]},) or ({P.shape[0]}, {len(idx)}), got {np.shape(ref_values)}")
     Pr = P[:, idx]
     eps = rel_eps * max(float(np.nanmax(np.abs(P))) if P.size else 0.0, 1e-300)
     use = np.isfinite(K) & np.isfinite(Pr) & (Pr > eps)

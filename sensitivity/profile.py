@@ -9,7 +9,9 @@ saliency, the channels each split scheme keeps high, full pair terms) in a safet
 sidecar ``<name>.arrays.safetensors`` whose sha256 the JSON records. Earlier versions are
 still read: ``/2`` (the same, without the split channels: they are chosen from the stored
 saliency by the same rule, :mod:`.split_channels`) and ``/1`` (``schema_version``,
-everything inline). Loading validates the file against the declared schema
+everything inline); both call the measured reference values ``kl_ref``, which ``/3``
+calls ``ref_values`` (a ``/3`` file written before the rename may still say ``kl_ref``;
+never both). Loading validates the file against the declared schema
 (:mod:`.profile_schema`) before any field is used.
 
 Size accounting: ``cost_bits[i, s]`` is ``Scheme.storage_bits(out, in)`` of layer i's
@@ -22,9 +24,10 @@ a plan is ``cost_bits[chosen].sum() + other_bits``.
 from __future__ import annotations
 from .. import BitallocError
 
+import inspect
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +89,12 @@ class SensitivityProfile:
     """Per-layer costs and expected losses for every candidate scheme (see module docstring).
 
     Arrays: ``cost_bits`` (L, S) int64; ``tables[group]`` (L, S) float64 expected loss;
-    ``proxy`` (L, S) raw ``tr(ΔW H ΔWᵀ)``; ``kl_ref`` (L, R) measured metric at the
-    ``ref_schemes``; ``scales`` (L,) the fitted proxy-to-metric scale per layer.
+    ``proxy`` (L, S) raw ``tr(ΔW H ΔWᵀ)``; ``ref_values`` (L, R) the metric (KL, or the
+    model's own) measured at each of the ``ref_schemes``, which calibrates the proxy;
+    ``scales`` (L,) the fitted proxy-to-metric scale per layer.
+
+    ``kl_ref`` is the deprecated old name of ``ref_values`` (a read-only property, and a
+    constructor keyword), kept for one release.
     """
 
     model: dict
@@ -98,7 +105,7 @@ class SensitivityProfile:
     cost_bits: np.ndarray
     tables: dict[str, np.ndarray]
     proxy: np.ndarray
-    kl_ref: np.ndarray
+    ref_values: np.ndarray
     ref_schemes: list[str]
     scales: np.ndarray
     other_bits: int
@@ -137,7 +144,8 @@ class SensitivityProfile:
         for r in self.ref_schemes:
             if r not in self.schemes:
                 raise ProfileError(f"profile ref scheme {r!r} is not one of its schemes")
-        object.__setattr__(self, "kl_ref", _array(self.kl_ref, np.float64, "kl_ref", (L, len(self.ref_schemes))))
+        object.__setattr__(self, "ref_values",
+                           _array(self.ref_values, np.float64, "ref_values", (L, len(self.ref_schemes))))
         object.__setattr__(self, "scales", _array(self.scales, np.float64, "scales", (L,)))
         if not self.tables:
             raise ProfileError("profile has no loss tables")
@@ -203,6 +211,11 @@ class SensitivityProfile:
         return high_channels(self.split_channels, self.saliency, self.layers[i], scheme)
 
     @property
+    def kl_ref(self) -> np.ndarray:
+        """Deprecated: the old name of :attr:`ref_values` (the values are any metric's, not only KL)."""
+        return self.ref_values
+
+    @property
     def fingerprint(self) -> dict:
         return self.model.get("fingerprint", {})
 
@@ -223,7 +236,7 @@ class SensitivityProfile:
             "other_params": self.other_params,
             "tables": {g: _jsonable(t) for g, t in self.tables.items()},
             "proxy": _jsonable(self.proxy),
-            "kl_ref": _jsonable(self.kl_ref),
+            "ref_values": _jsonable(self.ref_values),
             "scales": _jsonable(self.scales),
             "metadata": self.metadata,
             **({"saliency": {f: _jsonable(v) for f, v in self.saliency.items()}} if self.saliency is not None else {}),
@@ -241,11 +254,11 @@ class SensitivityProfile:
 
         if not isinstance(d, dict):
             raise ProfileError(f"{where}: profile must be a JSON object, got {type(d).__name__}")
-        d = _upgrade(d, where)
+        d, ref_key = _upgrade(d, where)
         d = {k: _lists(v) for k, v in d.items()}  # numpy arrays of an in-memory dict -> the JSON form
         required = (
             "model", "calibration", "layers", "skipped", "schemes", "ref_schemes", "cost_bits",
-            "other_bits", "other_params", "tables", "proxy", "kl_ref", "scales",
+            "other_bits", "other_params", "tables", "proxy", ref_key, "scales",
         )  # fmt: skip
         missing = [k for k in required if k not in d]
         if missing:
@@ -262,7 +275,8 @@ class SensitivityProfile:
                 model=d["model"], calibration=d["calibration"],
                 layers=[LayerInfo(**x.model_dump()) for x in f.layers],
                 skipped=[Skipped(**x.model_dump()) for x in f.skipped],
-                schemes=list(f.schemes), cost_bits=f.cost_bits, tables=dict(f.tables), proxy=f.proxy, kl_ref=f.kl_ref,
+                schemes=list(f.schemes), cost_bits=f.cost_bits, tables=dict(f.tables), proxy=f.proxy,
+                ref_values=f.ref_values,
                 ref_schemes=list(f.ref_schemes), scales=f.scales, other_bits=f.other_bits, other_params=f.other_params,
                 metadata=d.get("metadata") or {}, saliency=saliency, pairs=pairs, split_channels=split,
             )
@@ -314,6 +328,23 @@ class SensitivityProfile:
         return cls.from_dict(d, where, arrays=arrays)
 
 
+_dataclass_init = SensitivityProfile.__init__
+_REF_POSITION = [f.name for f in fields(SensitivityProfile)].index("ref_values")
+
+
+def _init(self, *args: Any, kl_ref: Any = None, **kwargs: Any) -> None:
+    """The dataclass's ``__init__``, also taking ``ref_values`` by its deprecated old name."""
+    if kl_ref is not None:
+        if "ref_values" in kwargs or len(args) > _REF_POSITION:
+            raise TypeError("SensitivityProfile() got both 'ref_values' and its old name 'kl_ref'")
+        kwargs["ref_values"] = kl_ref
+    _dataclass_init(self, *args, **kwargs)
+
+
+_init.__signature__ = inspect.signature(_dataclass_init)  # what help() and IDEs show: the fields
+SensitivityProfile.__init__ = _init
+
+
 def _lists(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return _jsonable(v) if v.dtype.kind == "f" else v.tolist()
@@ -329,8 +360,12 @@ def sidecar_name(path: str | os.PathLike) -> str:
     return f"{stem}.arrays.safetensors"
 
 
-def _upgrade(d: dict, where: str) -> dict:
-    """A /1 profile (``schema_version``) or a /2 one as a /3 dict; the schema checked either way."""
+_REF, _OLD_REF = "ref_values", "kl_ref"  # the field's /3 name and its /1, /2 (and early /3) one
+
+
+def _upgrade(d: dict, where: str) -> tuple[dict, str]:
+    """A /1 profile (``schema_version``) or a /2 one as a /3 dict, the schema checked either
+    way; and the name the file gives the reference values (see :func:`_ref_key`)."""
     if "schema_version" in d:
         version = check_schema(d["schema_version"], PROFILE_SCHEMA, where, readable=(PROFILE_SCHEMA_V1,),
                                error=ProfileError)
@@ -339,9 +374,24 @@ def _upgrade(d: dict, where: str) -> dict:
                                f"the /1 format's; this bitalloc writes 'schema': {PROFILE_SCHEMA!r})")
         d = {k: v for k, v in d.items() if k != "schema_version"}
         d["schema"] = PROFILE_SCHEMA
-        return d
-    check_schema(d.get("schema"), PROFILE_SCHEMA, where, readable=(PROFILE_SCHEMA_V2,), error=ProfileError)
-    return {**d, "schema": PROFILE_SCHEMA}
+        return d, _ref_key(d, version, where)
+    version = check_schema(d.get("schema"), PROFILE_SCHEMA, where, readable=(PROFILE_SCHEMA_V2,), error=ProfileError)
+    return {**d, "schema": PROFILE_SCHEMA}, _ref_key(d, version, where)
+
+
+def _ref_key(d: dict, version: str, where: str) -> str:
+    """``kl_ref`` in a /1 or /2 file (``ref_values`` there is an unknown field); in a /3
+    file ``ref_values`` or, as /3 files written before the rename have it, ``kl_ref``, never
+    both. The one the file has (the one it should have when it has neither)."""
+    if version != PROFILE_SCHEMA:
+        if _REF in d:
+            raise ProfileError(f"{where}: field {_REF!r} is not in a {version!r} profile (there it is {_OLD_REF!r}; "
+                               f"{_REF!r} is {PROFILE_SCHEMA!r}'s)")
+        return _OLD_REF
+    if _REF in d and _OLD_REF in d:
+        raise ProfileError(f"{where}: field {_OLD_REF!r} is the old name of field {_REF!r}; a profile has one "
+                           "of them, not both")
+    return _OLD_REF if _OLD_REF in d else _REF
 
 
 _SAL, _TERMS = "saliency/", "pairs.terms/"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 __all__ = ["ProfileFile", "LayerModel", "SkippedModel", "ArraysRef", "Finite", "NonNegInt", "Strict"]
 
@@ -81,7 +81,10 @@ class ProfileFile(Strict):
     other_params: NonNegInt
     tables: Annotated[dict[Name, list[Row]], Field(min_length=1)]
     proxy: list[Row]
-    kl_ref: list[Row]
+    # (L, R) the metric measured at each reference scheme; "kl_ref" is the /1 and /2 spelling
+    # (and that of /3 files written before the rename): the profile lets a file have one of
+    # the two as its version allows, never both (SensitivityProfile.from_dict)
+    ref_values: list[Row] = Field(validation_alias=AliasChoices("ref_values", "kl_ref"))
     scales: Row
     metadata: dict[str, Any] = Field(default_factory=dict)
     saliency: Optional[dict[Name, list[Finite]]] = None

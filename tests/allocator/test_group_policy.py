@@ -35,7 +35,7 @@ def _profile(scale_b: float = 1.0, n_a: int = 4, n_b: int = 4, tables=None) -> S
                        "b": {"metric": "sqnr", "layers": [l.fqn for l in layers[n_a:]]}}}
     return SensitivityProfile(
         model={"spec": "synthetic"}, calibration={}, layers=layers, skipped=[], schemes=SCHEMES, cost_bits=cost,
-        tables=tables, proxy=np.ones((L, len(SCHEMES))), kl_ref=np.ones((L, 1)), ref_schemes=["w3g128z"],
+        tables=tables, proxy=np.ones((L, len(SCHEMES))), ref_values=np.ones((L, 1)), ref_schemes=["w3g128z"],
         scales=np.ones(L), other_bits=0, other_params=0, metadata=meta)
 
 

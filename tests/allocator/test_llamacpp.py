@@ -126,7 +126,7 @@ def gguf_profile(smollm2):
     return SensitivityProfile(
         model={"spec": "smollm2", "kind": smollm2.kind, "description": "", "fingerprint": fingerprint(smollm2.model)},
         calibration={}, layers=layers, skipped=skipped, schemes=SCHEMES, cost_bits=costs, tables={"all": table},
-        proxy=table, kl_ref=table[:, :1], ref_schemes=["q4_0"], scales=np.ones(len(layers)), other_bits=other_bits,
+        proxy=table, ref_values=table[:, :1], ref_schemes=["q4_0"], scales=np.ones(len(layers)), other_bits=other_bits,
         other_params=0, metadata={"target": "llamacpp", "gguf": gmeta, "quantizer": "ggml"})
 
 

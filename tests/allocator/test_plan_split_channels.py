@@ -42,6 +42,7 @@ def _as_v2(path, tmp_path):
     p = old.save(tmp_path / "v2.json")
     d = json.loads(p.read_text())
     d["schema"] = PROFILE_SCHEMA_V2
+    d["kl_ref"] = d.pop("ref_values")  # the /2 name of the field
     p.write_text(json.dumps(d))
     return p
 

@@ -19,6 +19,7 @@ def test_previous_profile_version_is_read(golden, tmp_path):
     d = p.to_dict()
     d.pop("schema")
     d["schema_version"] = "bitalloc.profile/1"  # the /1 layout: version key, saliency inline
+    d["kl_ref"] = d.pop("ref_values")  # and the reference values' old name
     (tmp_path / "old.json").write_text(json.dumps(d))
     q = SensitivityProfile.load(tmp_path / "old.json")
     assert q.schema_version == PROFILE_SCHEMA and q.fqns == p.fqns
@@ -26,6 +27,7 @@ def test_previous_profile_version_is_read(golden, tmp_path):
     q.save(tmp_path / "new.json")  # re-saved in the current version, bulk in the sidecar
     new = json.loads((tmp_path / "new.json").read_text())
     assert new["schema"] == PROFILE_SCHEMA and "saliency" not in new and "schema_version" not in new
+    assert "kl_ref" not in new and np.array_equal(np.array(new["ref_values"], dtype=float), p.ref_values, equal_nan=True)
     assert (tmp_path / "new.arrays.safetensors").is_file()
     assert new["arrays"]["file"] == "new.arrays.safetensors" and len(new["bitalloc_version"]) > 0
 

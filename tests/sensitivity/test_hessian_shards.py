@@ -96,7 +96,7 @@ def test_default_profile_on_local_ray(tmp_path):
     r = ray1.metadata["ray"]
     assert r["hessians"]["mode"] == "ray-local" and r["hessians"]["shards"] == ["rows0-2", "rows2-4"]
     assert r["proxy"]["computed"] == ray1.n_layers and r["measure"]["computed"] == ray1.n_layers
-    assert np.array_equal(ray1.kl_ref, base.kl_ref)  # the ref measurements need no Hessian: equal
+    assert np.array_equal(ray1.ref_values, base.ref_values)  # the ref measurements need no Hessian: equal
     assert np.allclose(ray1.proxy, base.proxy, rtol=1e-5, atol=0)  # float32 Hessians: in-process running mean
     ray2 = bitalloc.profile("random:llama-tiny", workers=2, out=out, **kw)  # resumed from the checkpoints
     assert ray2.metadata["ray"]["hessians"]["resumed"] == 2 and ray2.metadata["ray"]["proxy"]["computed"] == 0

@@ -205,7 +205,7 @@ def test_measured_profile_api_and_config(tmp_path):
     t = prof.table()
     assert (t[:, 3] == 0).all() and (t[:, 0] > 0).all()
     assert prof.ref_schemes == ["w2g64z", "w3g128z", "w4g128z"]  # the defaults
-    assert np.array_equal(prof.kl_ref, t[:, :3])  # the ref columns calibrate the proxy
+    assert np.array_equal(prof.ref_values, t[:, :3])  # the ref columns calibrate the proxy
     again = bitalloc.profile("random:llama-tiny", n_samples=2, seq_len=16, kl_samples=2, kl_stride=1,
                               schemes=["w2g64z", "w3g128z", "w4g128z", "fp16"], measured=True, out=out,
                               progress=False, log=None)
@@ -337,4 +337,4 @@ def test_killed_job_resumes(tmp_path):
     fresh = bitalloc.profile("random:llama-tiny", n_samples=2, seq_len=16, kl_samples=2, kl_stride=1, schemes=SCHEMES,
                               measured=True, progress=False, log=None)
     assert np.array_equal(prof.table(), fresh.table())
-    assert np.array_equal(prof.kl_ref, fresh.kl_ref)
+    assert np.array_equal(prof.ref_values, fresh.ref_values)

@@ -47,8 +47,8 @@ def test_build_profile_contents(profile):
     assert p.other_params == sum(t.numel() for t in loaded.model.parameters()) - sum(x.n_params for x in p.layers)
     table = p.table()
     np.testing.assert_allclose(table, p.scales[:, None] * p.proxy)
-    np.testing.assert_allclose(table[:, 1], p.kl_ref[:, 0], rtol=1e-9)  # single reference: exact at the ref
-    assert (table >= 0).all() and (p.kl_ref > 0).all()
+    np.testing.assert_allclose(table[:, 1], p.ref_values[:, 0], rtol=1e-9)  # single reference: exact at the ref
+    assert (table >= 0).all() and (p.ref_values > 0).all()
     assert p.calibration["source"] == "generated" and p.calibration["shape"] == [4, 24]
     meta = p.metadata
     assert meta["metric"] == "kl" and meta["torch_version"] == torch.__version__
@@ -63,7 +63,7 @@ def test_save_load_round_trip(profile, tmp_path):
     q = SensitivityProfile.load(path)
     assert q.layers == p.layers and q.skipped == p.skipped and q.schemes == p.schemes
     assert q.model == p.model and q.calibration == p.calibration and q.metadata == p.metadata
-    for name in ("cost_bits", "proxy", "kl_ref", "scales"):
+    for name in ("cost_bits", "proxy", "ref_values", "scales"):
         np.testing.assert_array_equal(getattr(q, name), getattr(p, name))
         assert getattr(q, name).dtype == getattr(p, name).dtype
     np.testing.assert_array_equal(q.table("all"), p.table("all"))
@@ -145,16 +145,88 @@ def test_profile_validation():
     layer = LayerInfo("a", "Linear", 2, 32, 64)
     kw = dict(
         model={}, calibration={}, layers=[layer], skipped=[], schemes=["w4g32"], cost_bits=[[10]],
-        tables={"all": [[0.5]]}, proxy=[[1.0]], kl_ref=[[0.5]], ref_schemes=["w4g32"], scales=[0.5],
+        tables={"all": [[0.5]]}, proxy=[[1.0]], ref_values=[[0.5]], ref_schemes=["w4g32"], scales=[0.5],
         other_bits=0, other_params=0,
     )  # fmt: skip
     SensitivityProfile(**kw)
     with pytest.raises(ProfileError, match="not one of its schemes"):
-        SensitivityProfile(**{**kw, "ref_schemes": ["w8"], "kl_ref": [[0.1]]})
+        SensitivityProfile(**{**kw, "ref_schemes": ["w8"], "ref_values": [[0.1]]})
     with pytest.raises(ProfileError, match="non-negative"):
         SensitivityProfile(**{**kw, "cost_bits": [[-1]]})
     with pytest.raises(ProfileError, match="no loss tables"):
         SensitivityProfile(**{**kw, "tables": {}})
-    nan = SensitivityProfile(**{**kw, "kl_ref": [[float("nan")]]})
-    assert nan.to_dict()["kl_ref"] == [[None]]
-    assert np.isnan(SensitivityProfile.from_dict(nan.to_dict()).kl_ref[0, 0])
+    nan = SensitivityProfile(**{**kw, "ref_values": [[float("nan")]]})
+    assert nan.to_dict()["ref_values"] == [[None]]
+    assert np.isnan(SensitivityProfile.from_dict(nan.to_dict()).ref_values[0, 0])
+
+
+def _tiny(**over):
+    layer = LayerInfo("a", "Linear", 2, 32, 64)
+    kw = dict(
+        model={}, calibration={}, layers=[layer], skipped=[], schemes=["w4g32", "w8"], cost_bits=[[10, 20]],
+        tables={"all": [[0.5, 0.1]]}, proxy=[[1.0, 0.2]], ref_values=[[0.5]], ref_schemes=["w4g32"], scales=[0.5],
+        other_bits=0, other_params=0,
+    )  # fmt: skip
+    return SensitivityProfile(**{k: v for k, v in {**kw, **over}.items() if v is not None})  # None: left out
+
+
+def test_kl_ref_is_a_read_only_alias_of_ref_values():
+    p = _tiny()
+    assert p.kl_ref is p.ref_values and p.kl_ref.shape == (1, 1) and p.kl_ref[0, 0] == 0.5
+    with pytest.raises(AttributeError):
+        p.kl_ref = np.zeros((1, 1))
+    old = _tiny(ref_values=None, kl_ref=[[0.25]])  # the constructor still takes the old keyword
+    assert old.ref_values.dtype == np.float64 and old.ref_values[0, 0] == 0.25 and old.kl_ref[0, 0] == 0.25
+    with pytest.raises(TypeError, match="both 'ref_values' and its old name 'kl_ref'"):
+        _tiny(kl_ref=[[0.25]])
+    d = p.to_dict()
+    assert "ref_values" in d and "kl_ref" not in d
+
+
+def _file(tmp_path, d, name="p.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_v2_and_v1_files_with_kl_ref_load_and_resave_as_v3(tmp_path):
+    p = _tiny(ref_values=[[0.125]])
+    v2 = {**{k: v for k, v in p.to_dict().items() if k != "ref_values"}, "schema": "bitalloc.profile/2",
+          "kl_ref": [[0.125]]}
+    q = SensitivityProfile.load(_file(tmp_path, v2, "v2.json"))
+    assert q.schema_version == PROFILE_SCHEMA and q.ref_values.tolist() == [[0.125]] and q.to_dict() == p.to_dict()
+    new = json.loads(q.save(tmp_path / "v3.json").read_text())
+    assert new["schema"] == PROFILE_SCHEMA and new["ref_values"] == [[0.125]] and "kl_ref" not in new
+    assert SensitivityProfile.load(tmp_path / "v3.json").ref_values.tolist() == [[0.125]]
+    v1 = {**{k: v for k, v in v2.items() if k != "schema"}, "schema_version": "bitalloc.profile/1"}
+    assert SensitivityProfile.load(_file(tmp_path, v1, "v1.json")).ref_values.tolist() == [[0.125]]
+    # errors in an old file's field name the field the file has
+    with pytest.raises(ProfileError, match=r"field 'kl_ref\[0\]\[0\]': Input should be a valid number"):
+        SensitivityProfile.load(_file(tmp_path, {**v2, "kl_ref": [["x"]]}))
+    with pytest.raises(ProfileError, match=r"missing field\(s\): kl_ref$"):
+        SensitivityProfile.load(_file(tmp_path, {k: v for k, v in v2.items() if k != "kl_ref"}))
+    # the new name is not part of the old versions
+    for old in (v2, v1):
+        bad = {**{k: v for k, v in old.items() if k != "kl_ref"}, "ref_values": [[0.125]]}
+        with pytest.raises(ProfileError, match="field 'ref_values' is not in a 'bitalloc.profile/[12]' profile") as e:
+            SensitivityProfile.load(_file(tmp_path, bad))
+        assert "\n" not in str(e.value)
+
+
+def test_v3_file_with_the_old_key_loads_and_both_keys_are_refused(tmp_path):
+    p = _tiny(ref_values=[[0.375]])
+    d = p.to_dict()
+    early = {**{k: v for k, v in d.items() if k != "ref_values"}, "kl_ref": [[0.375]]}  # /3 before the rename
+    q = SensitivityProfile.load(_file(tmp_path, early))
+    assert q.ref_values.tolist() == [[0.375]] and q.to_dict() == d
+    assert SensitivityProfile.from_dict(early).ref_values.tolist() == [[0.375]]
+    for both in ({**d, "kl_ref": [[0.375]]}, {**d, "kl_ref": [[0.5]]}):
+        with pytest.raises(ProfileError, match="field 'kl_ref' is the old name of field 'ref_values'.*not both") as e:
+            SensitivityProfile.load(_file(tmp_path, both))
+        assert "\n" not in str(e.value) and str(tmp_path / "p.json") in str(e.value)
+        with pytest.raises(ProfileError, match="not both"):
+            SensitivityProfile.from_dict(both)
+    with pytest.raises(ProfileError, match=r"missing field\(s\): ref_values$"):
+        SensitivityProfile.load(_file(tmp_path, {k: v for k, v in d.items() if k != "ref_values"}))
+    with pytest.raises(ProfileError, match=r"field 'ref_values\[0\]\[0\]': Input should be a valid number"):
+        SensitivityProfile.load(_file(tmp_path, {**d, "ref_values": [["x"]]}))

@@ -204,7 +204,7 @@ def test_calibrate_proxy_guards():
     assert np.isfinite(table).all()
     with pytest.raises(ValueError, match="out of range"):
         calibrate_proxy(P, K, 5)
-    with pytest.raises(ValueError, match="kl_measured"):
+    with pytest.raises(ValueError, match="ref_values"):
         calibrate_proxy(P, K[:2], 1)
 
 
