@@ -170,6 +170,9 @@ def phase_report(args) -> None:
     for p in (work / "plans").glob("*.json"):  # small plans: drop the per-layer high-channel lists (none here)
         d = json.loads(p.read_text())
         write_json(RESULTS / "plans" / p.name, d, indent=1)
+    from _driver import write_allocations
+
+    write_allocations(RESULTS / "plans", RESULTS / "allocations.json")  # plans/ itself is not committed
     keys = ("name", "kind", "file_bytes", "ppl", "imatrix")
     write_json(RESULTS / "results.json", {
         "schema": "bitalloc.llamacpp-benchmark/1", "model": "smollm2 (SmolLM2-135M-Instruct GGUF, F32 source)",

@@ -12,7 +12,7 @@ win is not a WikiText artefact.
     python experiments/peers_benchmark.py --profile PROFILE.json --quick    # 8 windows: for trying changes
 
 Rows ``{"method", "budget", "bpw", "ppl", "kl", "profile_s", "search_s", ...}`` go to
-``experiments/results/peers/results.json`` (plans beside it); every step is cached under
+``experiments/results/peers/results.json`` (each plan's schemes in ``allocations.json``; the plans in ``plans/``, not committed); every step is cached under
 ``--work`` (scores, plans, evaluated rows), so a run cut short resumes where it stopped.
 Seeds are fixed (``--seed``).
 """
@@ -245,6 +245,9 @@ def main(argv=None) -> int:
                      "evo_options": a.evo_options, "fitness_rows": a.fitness_rows,
                      "fitness_len": a.fitness_len, "seed": a.seed},
         "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None, "rows": rows})
+    from _driver import write_allocations
+
+    write_allocations(Path(a.out) / "plans", Path(a.out) / "allocations.json")  # plans/ itself is not committed
     print_table(rows, a.budgets)
     return 0
 
