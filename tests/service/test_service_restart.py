@@ -22,13 +22,9 @@ ARGS = dict(TINY, seq_len=256)
 
 
 def _wait(http, jid, pred, timeout=300.0, poll=0.1):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        job = http.get(f"/v1/jobs/{jid}").json()
-        if pred(job):
-            return job
-        time.sleep(poll)
-    raise AssertionError(f"job {jid}: condition not met in {timeout}s: {job}")
+    """The job's view once ``pred`` holds for it."""
+    return _wait_for(lambda: (lambda job: job if pred(job) else None)(http.get(f"/v1/jobs/{jid}").json()),
+                     f"job {jid} to reach the condition", timeout=timeout, poll=poll)
 
 
 def _items(path) -> int:
