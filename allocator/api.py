@@ -25,7 +25,8 @@ from .config import DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_REF_SCHEMES, 
 from .plan import Plan
 from . import solve as _solve
 
-__all__ = ["load", "profile", "load_profile", "solve", "sweep", "apply", "evaluate", "run", "RunResult"]
+__all__ = ["load", "profile", "load_profile", "solve", "sweep", "apply", "evaluate", "run", "RunResult",
+           "add_fisher_table", "selection_fitness"]
 
 
 def _log_default(msg: str) -> None:
@@ -141,7 +142,8 @@ def profile(
         hessians_out=(Path(out).with_suffix(".hessians.safetensors") if out is not None and cfg.quantizer == "gptq" else None),
     )
     prof.metadata["request"] = _request(loaded.spec, cfg.schemes, spec, (cfg.kl_samples, cfg.kl_stride), cfg.include,
-                                        cfg.exclude, cfg.ref_schemes, measured=cfg.measured, groups=list(cfg.groups) or None)
+                                        cfg.exclude, cfg.ref_schemes, measured=cfg.measured, groups=list(cfg.groups) or None,
+                                        ref_method=cfg.ref_method, fisher_table=cfg.fisher_table)
     if out is not None:
         prof.save(out)
     return prof
@@ -198,12 +200,17 @@ def measure_checkpoint_path(out: str | Path | None, checkpoint_dir: str | Path |
     return folder / f"{stem}.measure-checkpoint.jsonl"
 
 
-def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, measured: bool = False, groups=None) -> dict:
+def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, measured: bool = False, groups=None,
+             ref_method: str = "measured", fisher_table: bool = False) -> dict:
     """What a profile was asked for; a saved profile is reused only for the same request."""
     req = {"spec": spec, "schemes": list(schemes), "calibration": calib.describe(), "kl_samples": kl_samples,
            "include": list(include), "exclude": list(exclude), "ref_schemes": list(ref_schemes)}
     if measured:
         req["table"] = "measured"
+    if ref_method != "measured":
+        req["ref_method"] = ref_method
+    if fisher_table:
+        req["fisher_table"] = True
     if groups:
         from bitalloc.sensitivity.groups import parse_groups
 
@@ -211,15 +218,116 @@ def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, me
     return req
 
 
-def solve(profile, budget, **kw) -> Plan:
-    """A plan for one budget (``3.5bpw``, ``120MB``, ``layers:90MB``). See bitalloc.solve.solve."""
-    prof, path = _as_profile(profile)
-    return _solve.solve(prof, budget, profile_path=kw.pop("profile_path", path), **kw)
+def _profile_calibration(loaded, prof):
+    """The profile's calibration ids, rebuilt from its description and checked against its hash."""
+    from bitalloc.sensitivity.calibration import load_calibration, tokens_sha256
+
+    c = prof.calibration
+    if c.get("source") not in ("generated", "file"):
+        raise ValueError(f"the profile's calibration ({c.get('source')!r}) cannot be rebuilt here")
+    spec = _calibration_spec("generated" if c["source"] == "generated" else c["path"], c["n_samples"], c["seq_len"],
+                             c["seed"])
+    data = load_calibration(spec, loaded.model, loaded.tokenizer, loaded.kind)
+    if c.get("tokens_sha256") and tokens_sha256(data) != c["tokens_sha256"]:
+        raise ValueError("the profile's calibration tokens cannot be reproduced here (another tokenizer, file or "
+                         "torch version)")
+    return data
 
 
-def sweep(profile, budgets: Sequence, **kw) -> list[Plan]:
+def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | None = None, labels: str = "sampled",
+                     seed: int | None = None, progress: bool = False):
+    """The profile with its output-Fisher table (:mod:`bitalloc.sensitivity.fisher_refs`) added:
+    every (layer, scheme)'s estimated KL per token from one backward pass per batch over the
+    first ``rows`` rows of the profile's own calibration (default: all), scored at every
+    ``stride``-th position (default: the profile's ``kl_stride``). What a profile built with
+    ``fisher_table=True`` has, for a stored profile whose measurements were expensive; the
+    settings go to ``metadata["options"]["fisher"]``. Only the rtn quantizer's profiles."""
+    import dataclasses
+
+    import torch
+
+    from bitalloc.sensitivity.fisher_refs import fisher_ref_values
+
+    loaded = _as_loaded(model)
+    prof, _ = _as_profile(profile)
+    if loaded.kind != "causal-lm":
+        raise ValueError(f"a Fisher table needs a causal LM, {loaded.spec} is a {loaded.kind}")
+    if prof.metadata.get("quantizer", "rtn") != "rtn":
+        raise ValueError("a Fisher table is added to rtn profiles only (the gptq quantizer needs the Hessians)")
+    fp = prof.fingerprint
+    from bitalloc.sensitivity.models import fingerprint
+
+    if fp and fp.get("sha256") and fingerprint(loaded.model).get("sha256") != fp["sha256"]:
+        raise ValueError("the model is not the one the profile was made of (fingerprints differ)")
+    data = _profile_calibration(loaded, prof)
+    if rows is not None:
+        data = data[: int(rows)]
+    opts = prof.metadata.get("options", {})
+    stride = int(stride or opts.get("kl_stride") or 1)
+    seed = int(prof.calibration.get("seed", 0) if seed is None else seed)
+    sal = {f: torch.as_tensor(v) for f, v in (prof.saliency or {}).items()}
+    vals, info = fisher_ref_values(loaded.model, prof.layers, data, prof.schemes, None, saliency=sal or None,
+                                   stride=stride, labels=labels, seed=seed, progress=progress)
+    info.update(schemes=len(prof.schemes), rows=int(len(data)), added=True)
+    meta = {**prof.metadata, "options": {**opts, "fisher": info}}
+    return dataclasses.replace(prof, fisher=vals, metadata=meta)
+
+
+def selection_fitness(model, profile, rows: int = 4):
+    """``fitness(choices) -> [KL]`` for :func:`bitalloc.allocator.candidates.select_plan`: each
+    choice (one scheme index per profile layer) fake-quantized into the model at once, KL per
+    token to the 16-bit model on the last ``rows`` rows of the profile's own calibration set
+    (rebuilt from its description and checked against its token hash)."""
+    from bitalloc.sensitivity.calibration import as_batches
+    from bitalloc.sensitivity.peer_context import PeerContext
+
+    loaded = _as_loaded(model)
+    prof, _ = _as_profile(profile)
+    if loaded.kind != "causal-lm":
+        raise ValueError(f"selecting plans end to end needs a causal LM, {loaded.spec} is a {loaded.kind}")
+    quantizer = prof.metadata.get("quantizer", "rtn")
+    if quantizer != "rtn":
+        raise ValueError(f"selecting plans end to end supports the rtn quantizer, the profile used {quantizer!r}")
+    data = _profile_calibration(loaded, prof)
+    sel = data[-min(int(rows), len(data)):]
+    ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, 1), quantizer="rtn")
+    fit = ctx.fitness([as_batches(sel, 4)])
+    return lambda choices: fit(choices, 0)
+
+
+def _with_table(prof, table: str | None):
+    """The profile solving on one of its candidate calibrations (allocator.candidates)."""
+    if table in (None, "profile"):
+        return prof
+    import dataclasses
+
+    from .candidates import candidate_tables
+
+    tabs = candidate_tables(prof)
+    if table not in tabs:
+        raise ValueError(f"table {table!r} is not available for this profile (available: {', '.join(tabs)}; "
+                         "the Fisher calibrations need a profile made with --fisher-table)")
+    return dataclasses.replace(prof, tables={**prof.tables, "all": tabs[table]})
+
+
+def solve(profile, budget, *, table: str | None = None, **kw) -> Plan:
+    """A plan for one budget (``3.5bpw``, ``120MB``, ``layers:90MB``). See bitalloc.solve.solve.
+    ``table``: solve on that candidate calibration of the profile (default: its own table)."""
     prof, path = _as_profile(profile)
-    return _solve.sweep(prof, budgets, profile_path=kw.pop("profile_path", path), **kw)
+    plan = _solve.solve(_with_table(prof, table), budget, profile_path=kw.pop("profile_path", path), **kw)
+    return plan if table in (None, "profile") else _tagged(plan, table)
+
+
+def _tagged(plan: Plan, table: str) -> Plan:
+    import dataclasses
+
+    return dataclasses.replace(plan, solver={**plan.solver, "table": table})
+
+
+def sweep(profile, budgets: Sequence, *, table: str | None = None, **kw) -> list[Plan]:
+    prof, path = _as_profile(profile)
+    plans = _solve.sweep(_with_table(prof, table), budgets, profile_path=kw.pop("profile_path", path), **kw)
+    return plans if table in (None, "profile") else [_tagged(p, table) for p in plans]
 
 
 def apply(model, plan: Plan | str | Path, *, inplace: bool = False, check_fingerprint: bool = True, hessians=None):
@@ -389,11 +497,23 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     t0 = time.perf_counter()
     entries: list[tuple[str, str, Plan]] = []  # (budget, method, plan)
     plan_paths = {}
+    fitness = None
+    if cfg.solve.select and prof.fisher is not None:
+        fitness = selection_fitness(loaded, prof, cfg.solve.select_rows)
     for b in cfg.solve.budgets:
         bname = parse_budget(b).name
         extra = {"target": cfg.solve.target} if cfg.solve.target else {}
-        plan = _solve.solve(prof, b, method=cfg.solve.method, backend=cfg.solve.backend, profile_path=prof_path,
-                            policy=cfg.group_policy(), **extra)
+        kw = dict(method=cfg.solve.method, backend=cfg.solve.backend, profile_path=prof_path,
+                  policy=cfg.group_policy(), **extra)
+        if fitness is not None:
+            from .candidates import select_plan
+
+            plan = select_plan(prof, b, fitness, **kw)
+            sel = plan.solver["select"]
+            log(f"{bname}: {sel['chosen']} chosen among {sel['distinct_plans']} plans "
+                f"({', '.join(f'{k} {v:.4f}' for k, v in sel['fitness'].items())}) in {sel['seconds']:.1f}s")
+        else:
+            plan = _solve.solve(prof, b, **kw)
         entries.append((bname, "bitalloc", plan))
         if cfg.eval.baselines and llamacpp:
             log(f"baselines skipped at {bname}: the llama.cpp target's references are llama.cpp's presets "
@@ -458,7 +578,8 @@ def _reuse_profile(path: Path, cfg: RunConfig, log):
     calib = _calibration_spec(c.source, c.n_samples, c.seq_len, c.seed)
     want = _request(cfg.model.spec, cfg.profile.schemes, calib, (c.kl_samples, c.kl_stride), cfg.profile.include,
                     cfg.profile.exclude, cfg.profile.ref_schemes, measured=cfg.profile.measured,
-                    groups=list(cfg.profile.groups) or None)
+                    groups=list(cfg.profile.groups) or None, ref_method=cfg.profile.ref_method,
+                    fisher_table=cfg.profile.fisher_table)
     want = json.loads(json.dumps(want))
     have = prof.metadata.get("request")
     if have != want:

@@ -62,7 +62,10 @@ def _patterns(items: list[str] | None, what: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from bitalloc.sensitivity.defaults import PAIR_MODELS, QUANTIZERS, SALIENCY_METHODS
+    from bitalloc.sensitivity.profile_config import FISHER_LABELS, REF_METHODS
     from bitalloc.solvers.ilp_backends import ILP_BACKENDS
+
+    from .candidates import CANDIDATES
 
     from .config import DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES
     from .policy import NORMALIZE
@@ -130,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --measured: same-block pair terms for `solve --method qp`")
     sp.add_argument("--pair-schemes", type=_csv, default=None, help="schemes the pair terms cover (default all)")
     sp.add_argument("--pair-ref", default=None, help="reduced pairs: the scheme both layers take (default the first)")
+    sp.add_argument("--ref-method", choices=REF_METHODS, default="measured",
+                    help="reference values that calibrate the proxy: measured end to end per (layer, reference), "
+                         "or estimated by the output Fisher from one backward pass per batch (much faster)")
+    sp.add_argument("--fisher-table", action="store_true",
+                    help="also store the output-Fisher estimate of every (layer, scheme): the candidate "
+                         "calibrations `solve --table` and `run`'s [solve] select choose among")
+    sp.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",
+                    help="Fisher labels: sampled from the model (the KL's Fisher) or the text's next tokens")
 
     def solve_args(sp):
         sp.add_argument("profile", help="a profile JSON written by `bitalloc profile`")
@@ -151,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MixDQ-style: the group gets this fraction of the bit budget (give every group)")
         sp.add_argument("--target", choices=("vllm",), default=None,
                         help="serving target: vllm ties the layers it fuses (q/k/v, gate/up) to one scheme")
+        sp.add_argument("--table", choices=CANDIDATES, default="profile",
+                        help="the candidate calibration to solve on (allocator.candidates; all but 'profile' "
+                             "need a profile made with --fisher-table)")
 
     sp = sub.add_parser("solve", help="solve one budget: profile -> plan JSON")
     solve_args(sp)
@@ -253,7 +267,8 @@ def _cmd_profile(a) -> int:
         calibration=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed, kl_samples=a.metric_samples,
         kl_stride=a.kl_stride, measured=a.measured, workers=a.workers, ray_address=a.ray_address,
         saliency=a.saliency, quantizer=a.quantizer, pairs=a.pairs,
-        pair_schemes=tuple(a.pair_schemes) if a.pair_schemes else None, pair_ref=a.pair_ref)
+        pair_schemes=tuple(a.pair_schemes) if a.pair_schemes else None, pair_ref=a.pair_ref,
+        ref_method=a.ref_method, fisher_table=a.fisher_table, fisher_labels=a.fisher_labels)
     if a.calib != "generated" and not Path(a.calib).is_file():
         raise _UsageError(f"--calib {a.calib!r}: no such file (give a text file or 'generated')")
     if a.checkpoint_dir is not None and not (a.measured or a.workers or a.ray_address or os.environ.get("RAY_ADDRESS")):
@@ -281,6 +296,8 @@ def _solve_kw(a) -> dict:
               group_shares=_group_numbers(a.group_share, "--group-share"))
     if a.target:
         kw["target"] = a.target
+    if getattr(a, "table", "profile") != "profile":
+        kw["table"] = a.table
     return kw
 
 

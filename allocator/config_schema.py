@@ -45,6 +45,8 @@ class ProfileSection(Strict):
     quantizer: NonEmpty = "rtn"
     target: NonEmpty = "bitalloc"
     imatrix: bool = True
+    ref_method: NonEmpty = "measured"
+    fisher_table: bool = False
 
 
 class SolveSection(Strict):
@@ -56,6 +58,8 @@ class SolveSection(Strict):
     group_limits: Optional[dict[str, Finite]] = None
     group_shares: Optional[dict[str, Finite]] = None
     target: str = ""
+    select: bool = False
+    select_rows: PosInt = 4
 
 
 class EvalSection(Strict):

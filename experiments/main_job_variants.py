@@ -10,6 +10,9 @@ own evaluation (held-out self-generated text, 8 x 256 tokens, seed 1234; or ``--
   profiles it builds with ``--build NAME=KL_SAMPLES`` (the main job's calibration: 8 x 256
   self-generated tokens, default references and schemes; saved as ``<out>/profile-NAME.json``
   and reused when made with the same settings);
+- profiles built with ``--build NAME=fisher`` (or ``NAME=fisher-text``): reference values
+  estimated from one backward pass (``ref_method="fisher"``, :mod:`sensitivity.fisher_refs`)
+  instead of measured;
 - for each, reference subsets given with ``--refs`` (the subset's columns of the measured
   ``ref_values``, so a subset costs no new measurements and shows what measuring fewer costs).
 
@@ -25,7 +28,7 @@ import sys
 
 from _driver import Bench, add_args, table
 
-COLUMNS = (("profile", "profile", ""), ("kl_samples", "rows", ""), ("refs", "refs", ""),
+COLUMNS = (("profile", "profile", ""), ("ref_method", "references", ""), ("kl_samples", "rows", ""), ("refs", "refs", ""),
            ("measure_s", "measure s", ".1f"), ("budget", "budget", ""), ("bpw", "bpw", ".3f"), ("ppl", "ppl", ".3f"),
            ("kl", "KL", ".4f"), ("top1", "top-1", ".3f"), ("other_ppl", "Shakespeare ppl", ".3f"))
 
@@ -62,7 +65,11 @@ def main(argv=None) -> int:
     for item in a.build:
         name, k = item.split("=", 1)
         extra = {"schemes": [s for s in a.schemes.split(",") if s]} if a.schemes else {}
-        profiles[name] = bench.profile(f"profile-{name}.json", kl_samples=int(k), **extra)
+        if k.startswith("fisher"):  # fisher (labels sampled from the model) or fisher-text
+            extra.update(ref_method="fisher", fisher_labels=k.partition("-")[2] or "sampled")
+        else:
+            extra["kl_samples"] = int(k)
+        profiles[name] = bench.profile(f"profile-{name}.json", **extra)
     plans = {}
     for pname, prof in profiles.items():
         subsets = [s.split(",") for s in a.refs] or [list(prof.ref_schemes)]
@@ -78,7 +85,9 @@ def main(argv=None) -> int:
         pname, refs, b = key.split("|")
         prof = profiles[pname]
         r = res[key]
-        rows.append({"profile": pname, "kl_samples": prof.metadata["options"]["kl_samples"], "refs": refs,
+        opts = prof.metadata["options"]
+        rows.append({"profile": pname, "kl_samples": opts["kl_samples"], "refs": refs,
+                     "ref_method": opts.get("ref_method", "measured") + (f"/{opts['fisher']['labels']}" if "fisher" in opts else ""),
                      "measure_s": prof.metadata["wall_s"]["measure"], "budget": b, "bpw": round(plan.bpw, 4),
                      "ppl": round(r["ppl"], 3), "kl": round(r["kl"], 4), "top1": round(r["top1"], 4),
                      "other_ppl": r["other_ppl"], "other_kl": r["other_kl"]})

@@ -33,7 +33,7 @@ from _data import DATA, wikitext_files  # noqa: E402
 RESULTS = HERE / "results" / "peers"
 BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
 SCORED = ("hawq-v3", "higgs", "modelopt-gradient", "modelopt-kl", "autoround", "exllamav2", "exllamav3")
-METHODS = ("bitalloc", "bitalloc-refine", *SCORED, "evopress", "llamacpp-rules", "uniform")
+METHODS = ("bitalloc", "bitalloc-refine", "bitalloc-select", *SCORED, "evopress", "llamacpp-rules", "uniform")
 # What each peer's score spends on this 2-core CPU (their defaults where affordable; see the
 # score functions' docstrings for the peers' own defaults). Rows = calibration rows of 512 tokens.
 # (rows, tokens per row) of the calibration set each peer's score uses; bitalloc's own profile used
@@ -88,6 +88,20 @@ class Bench:
         return PeerContext(self.loaded.model, self.profile.layers, list(self.profile.schemes), batches,
                            quantizer=self.profile.metadata.get("quantizer", "rtn"), seed=self.a.seed)
 
+    def fisher_profile(self):
+        """The profile with its output-Fisher table (bitalloc.add_fisher_table over the first
+        ``--fisher-rows`` calibration rows), cached under --work."""
+        import bitalloc
+        from bitalloc.allocator import api
+
+        path = self.work / f"profile-fisher{self.a.fisher_rows}.json"
+        if path.is_file():
+            return api.load_profile(path)
+        print(f"[bitalloc-select] Fisher table over {self.a.fisher_rows} calibration rows ...", flush=True)
+        prof = bitalloc.add_fisher_table(self.profile, self.loaded, rows=self.a.fisher_rows)
+        prof.save(path)
+        return prof
+
     def fitness(self, ctx):
         """EvoPress-style stages: few tokens for offspring, more for survivors (rows of 512 from the end of
         the calibration set, so they are not the rows the peers' scores used)."""
@@ -126,7 +140,17 @@ def plans_of(b: Bench, method: str) -> dict:
             out[name] = (Plan.load(path), json.loads(meta.read_text()))
             continue
         t0 = time.perf_counter()
-        if method in ("bitalloc", "bitalloc-refine"):
+        if method == "bitalloc-select":
+            import bitalloc
+
+            prof = b.fisher_profile()
+            fit = bitalloc.selection_fitness(b.loaded, prof, rows=b.a.select_rows)
+            plan = bitalloc.select_plan(prof, budget, fit)
+            sel = plan.solver["select"]
+            profile_s = (b.profile.metadata.get("wall_s", {}).get("total") or 0.0) + prof.metadata["options"]["fisher"]["seconds"]
+            print(f"[bitalloc-select] {name}: {sel['chosen']} ({', '.join(f'{k} {v:.4f}' for k, v in sel['fitness'].items())})",
+                  flush=True)
+        elif method in ("bitalloc", "bitalloc-refine"):
             plan = api.solve(b.profile, budget)
             profile_s = b.profile.metadata.get("wall_s", {}).get("total")
             if method == "bitalloc-refine":
@@ -145,9 +169,10 @@ def plans_of(b: Bench, method: str) -> dict:
             t0 = time.perf_counter()
             plan = peer_plan(method, b.profile, budget, scores)
         search_s = time.perf_counter() - t0
-        m = {"profile_s": profile_s, "search_s": search_s if method == "bitalloc-refine" else
+        m = {"profile_s": profile_s, "search_s": search_s if method in ("bitalloc-refine", "bitalloc-select") else
              (plan.solver.get("search_s") or plan.solver.get("solve_time_s") or search_s),
-             "evaluations": plan.solver.get("evaluations") or plan.solver.get("refine", {}).get("evaluations")}
+             "evaluations": plan.solver.get("evaluations") or plan.solver.get("refine", {}).get("evaluations")
+             or plan.solver.get("select", {}).get("distinct_plans")}
         plan.save(path)
         _write(meta, m)
         out[name] = (plan, m)
@@ -199,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--evo-offspring", type=int, default=8, help="EvoPress offspring per generation (theirs: 128)")
     ap.add_argument("--fitness-rows", default="1,2", help="calibration rows per fitness stage")
     ap.add_argument("--fitness-len", type=int, default=256, help="tokens per fitness row")
+    ap.add_argument("--fisher-rows", type=int, default=8, help="calibration rows of bitalloc-select's Fisher table")
+    ap.add_argument("--select-rows", type=int, default=4, help="calibration rows bitalloc-select measures plans on")
     ap.add_argument("--chunk", type=int, default=6, help="quantized models held at once during evaluation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/peers_bench")
@@ -242,6 +269,7 @@ def main(argv=None) -> int:
         "eval": {"text": "wikitext2-test.txt", "windows": a.windows, "seq_len": a.seq_len,
                  "other_text": "tinyshakespeare.txt", "other_windows": a.other_windows},
         "settings": {"score_tokens": SCORE_TOKENS, "score_options": SCORE_OPTIONS, "refine": a.refine,
+                     "fisher_rows": a.fisher_rows, "select_rows": a.select_rows,
                      "evo_options": a.evo_options, "fitness_rows": a.fitness_rows,
                      "fitness_len": a.fitness_len, "seed": a.seed},
         "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None, "rows": rows})

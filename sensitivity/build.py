@@ -258,6 +258,7 @@ def build_profile(
     say(f"proxy: {len(layers)} layers x {len(names)} schemes in {walls['proxy']:.1f} s; measuring {', '.join(refs)}")
 
     measure_info = None
+    fisher_info = fisher_vals = None
     pair_field = None
     if measured:
         measured_table, measure_info, metric_name, replay = _measure_all(
@@ -268,10 +269,15 @@ def build_profile(
                                                   else [as_scheme(x).name for x in pair_ref])) if pairs else None)
         pair_field = measure_info.pop("pairs_field", None)
         ref_values = measured_table[:, [names.index(r) for r in refs]]
-    elif ray:  # the reference columns as measured items (the measured checkpoint's own items)
+    elif ray and cfg.ref_method != "fisher":  # the reference columns as measured items (the measured checkpoint's own items)
         ref_values, ray_info["measure"], metric_name, replay = _measure_all(
             loaded, setup, layers, names, data, stats, progress, say, workers=workers, ray_address=ray_address,
             checkpoint=checkpoint, saliency=sal, grouping=grouping, item_schemes=refs)
+    elif cfg.ref_method == "fisher":  # one backward per batch instead of 210 x R forwards
+        fisher_vals, fisher_info = _fisher(cfg, loaded, net, layers, data, scheme_objs if cfg.fisher_table else refs,
+                                           stats, quantizer, sal, batch_size, progress, say)
+        ref_values = fisher_vals[:, [(names if cfg.fisher_table else refs).index(r) for r in refs]]
+        metric_name, replay = "kl", None
     else:
         metric_data = data
         if kl_samples is not None:
@@ -289,6 +295,9 @@ def build_profile(
                                                  saliency=sal[layer.fqn]) for r in refs] for layer in layers], dtype=np.float64)
         replay = reference.replay
         reference.free()
+    if cfg.fisher_table and fisher_vals is None:
+        fisher_vals, fisher_info = _fisher(cfg, loaded, net, layers, data, scheme_objs, stats, quantizer, sal,
+                                           batch_size, progress, say)
     t = lap("measure", t)
 
     table, scales = calibrate_proxy(proxy, ref_values, [names.index(r) for r in refs])
@@ -324,6 +333,8 @@ def build_profile(
             "block_replay": replay,
             # "rtn": round-to-nearest with the per-group clip search (kernels.quant); "gptq": kernels.gptq
             "quantizer": "rtn-clip" if quantizer == "rtn" else quantizer,
+            "ref_method": cfg.ref_method,
+            **({"fisher": fisher_info} if fisher_info else {}),
         },
         "quantizer": quantizer,
         "saliency": saliency,
@@ -354,7 +365,22 @@ def build_profile(
         saliency={f: v.numpy().astype(np.float64) for f, v in sal.items()},
         pairs=pair_field,
         split_channels=_split_channels(layers, names, sal),
+        fisher=fisher_vals if cfg.fisher_table else None,
     )
+
+
+def _fisher(cfg, loaded, net, layers, data, schemes, stats, quantizer, sal, batch_size, progress, say):
+    """The output-Fisher KL estimates ``(L, len(schemes))`` (:mod:`.fisher_refs`) and their info."""
+    from .fisher_refs import fisher_ref_values
+
+    if loaded.kind != "causal-lm" or isinstance(data, dict):
+        raise ProfileError(f"Fisher estimates need a causal LM's next-token logits; {loaded.spec} is a {loaded.kind}")
+    vals, info = fisher_ref_values(net, layers, data, schemes, stats, quantizer=quantizer, saliency=sal,
+                                   stride=cfg.kl_stride, labels=cfg.fisher_labels, seed=cfg.seed, progress=progress)
+    info["schemes"] = len(schemes)
+    say(f"fisher estimates: {len(layers)} layers x {len(schemes)} schemes from {info['tokens']} positions "
+        f"in {info['seconds']:.1f} s")
+    return vals, info
 
 
 def _split_channels(layers, names, sal) -> dict | None:

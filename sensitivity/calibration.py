@@ -12,6 +12,8 @@ into mini-batches of dicts that the Hessian and measurement passes consume.
 """
 
 from __future__ import annotations
+
+import weakref
 from .. import BitallocError
 
 import hashlib
@@ -264,7 +266,20 @@ def load_calibration(spec: CalibrationSpec, model: Any, tokenizer: Any, kind: st
         return calibration_from_sentences(tokenizer, sentences[: spec.n_samples], spec.seq_len)
     if spec.source == "file":
         return calibration_from_file(tokenizer, spec.path, spec.n_samples, spec.seq_len, spec.seed)
-    return generate_calibration(model, tokenizer, spec.n_samples, spec.seq_len, spec.seed, spec.temperature, spec.top_k)
+    # generated text is kept per model (weakly), so a run that profiles and then selects among
+    # plans on the same calibration rows samples them once
+    key = (spec.n_samples, spec.seq_len, spec.seed, spec.temperature, spec.top_k)
+    try:
+        memo = _GENERATED.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: no memo
+        memo = {}
+    if key not in memo:
+        memo[key] = generate_calibration(model, tokenizer, spec.n_samples, spec.seq_len, spec.seed, spec.temperature,
+                                         spec.top_k)
+    return memo[key].clone()
+
+
+_GENERATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _as_dict(item: Any) -> dict[str, torch.Tensor]:

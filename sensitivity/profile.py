@@ -119,6 +119,10 @@ class SensitivityProfile:
     # optional (/3): fqn -> {k: (k,) int64 ascending}, the channels the split schemes with
     # k high channels keep (the ones measured); absent: chosen from the saliency
     split_channels: dict | None = None
+    # optional (/3): (L, S) the output-Fisher estimate of each (layer, scheme)'s KL per token
+    # (sensitivity.fisher_refs), a second, independent estimate of the table: the solver's
+    # candidate calibrations (allocator.candidates) mix it with the measured one
+    fisher: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.schema_version not in (PROFILE_SCHEMA, PROFILE_SCHEMA_V2, PROFILE_SCHEMA_V1):
@@ -177,6 +181,11 @@ class SensitivityProfile:
             object.__setattr__(self, "pairs", check_pairs(self.pairs, fqns, self.schemes))
         if self.split_channels is not None:
             object.__setattr__(self, "split_channels", check_split_channels(self.split_channels, self.layers))
+        if self.fisher is not None:
+            fisher = _array(self.fisher, np.float64, "fisher", (L, S))
+            if not (np.isfinite(fisher).all() and (fisher >= 0).all()):
+                raise ProfileError("profile field 'fisher' must hold finite non-negative values")
+            object.__setattr__(self, "fisher", fisher)
 
     # -- access ----------------------------------------------------------------------
     @property
@@ -244,6 +253,7 @@ class SensitivityProfile:
             **({"split_channels": {f: {str(k): v.tolist() for k, v in per_k.items()}
                                    for f, per_k in self.split_channels.items()}}
                if self.split_channels is not None else {}),
+            **({"fisher": _jsonable(self.fisher)} if self.fisher is not None else {}),
         }
 
     @classmethod
@@ -279,6 +289,7 @@ class SensitivityProfile:
                 ref_values=f.ref_values,
                 ref_schemes=list(f.ref_schemes), scales=f.scales, other_bits=f.other_bits, other_params=f.other_params,
                 metadata=d.get("metadata") or {}, saliency=saliency, pairs=pairs, split_channels=split,
+                fisher=f.fisher,
             )
         except ProfileError as e:
             raise ProfileError(f"{where}: {e}") from None

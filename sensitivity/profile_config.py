@@ -17,13 +17,19 @@ from typing import Any
 
 from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, PAIR_MODELS, QUANTIZERS, SALIENCY_METHODS
 
-__all__ = ["ProfileConfig", "SALIENCY_NAMES", "QUANTIZER_NAMES", "PAIR_NAMES", "HESSIAN_DTYPES"]
+__all__ = ["ProfileConfig", "SALIENCY_NAMES", "QUANTIZER_NAMES", "PAIR_NAMES", "HESSIAN_DTYPES", "REF_METHODS",
+           "FISHER_LABELS"]
 
 # the registries' names, torch-free (sensitivity.defaults)
 SALIENCY_NAMES = SALIENCY_METHODS
 QUANTIZER_NAMES = QUANTIZERS
 PAIR_NAMES = PAIR_MODELS
 HESSIAN_DTYPES = ("float32", "float64")
+# how the reference values that calibrate the proxy are obtained: "measured" end to end per
+# (layer, reference scheme), or "fisher": the output-Fisher estimate from one backward pass
+# per calibration batch (sensitivity.fisher_refs; labels sampled from the model or the text's)
+REF_METHODS = ("measured", "fisher")
+FISHER_LABELS = ("sampled", "text")
 
 
 def _error():
@@ -68,6 +74,9 @@ class ProfileConfig:
     pairs: str | None = None
     pair_schemes: tuple[str, ...] | None = None
     pair_ref: Any = None
+    ref_method: str = "measured"
+    fisher_labels: str = "sampled"
+    fisher_table: bool = False
 
     def __post_init__(self) -> None:
         err = _error()
@@ -118,7 +127,7 @@ class ProfileConfig:
                 raise err(f"profile setting {k!r} must be an integer >= {lo}, got {v!r}")
         if self.kl_samples is not None and (not _is_int(self.kl_samples) or self.kl_samples < 1):
             raise err(f"profile setting 'kl_samples' must be a positive integer or None (all rows), got {self.kl_samples!r}")
-        for k in ("quantize_tied", "measured"):
+        for k in ("quantize_tied", "measured", "fisher_table"):
             if not isinstance(getattr(self, k), bool):
                 raise err(f"profile setting {k!r} must be true or false, got {getattr(self, k)!r}")
         dt = str(self.hessian_dtype).replace("torch.", "")
@@ -132,6 +141,14 @@ class ProfileConfig:
             raise err(f"pairs must be one of {PAIR_NAMES} or None, got {self.pairs!r}")
         if self.pairs is not None and not self.measured:
             raise err("pair terms need the measured table (measured=True): M's diagonal is measured")
+        if self.ref_method not in REF_METHODS:
+            raise err(f"ref_method must be one of {REF_METHODS}, got {self.ref_method!r}")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise err(f"fisher_labels must be one of {FISHER_LABELS}, got {self.fisher_labels!r}")
+        if self.ref_method == "fisher" and self.measured:
+            raise err("ref_method 'fisher' estimates the references; measured=True measures every scheme instead")
+        if self.ref_method == "fisher" and self.groups:
+            raise err("ref_method 'fisher' estimates KL only; metric groups need ref_method 'measured'")
         if self.workers is not None and (not _is_int(self.workers) or self.workers < 1):
             raise err(f"workers must be a positive integer, got {self.workers!r}")
         if self.ray_address is not None and not isinstance(self.ray_address, str):

@@ -91,4 +91,6 @@ class ProfileFile(Strict):
     pairs: Optional[dict[str, Any]] = None
     # fqn -> {"k": the k channels a split scheme keeps high}; checked further by the profile
     split_channels: Optional[dict[Name, dict[str, list[NonNegInt]]]] = None
+    # (L, S) the output-Fisher KL estimate of every (layer, scheme) (sensitivity.fisher_refs)
+    fisher: Optional[list[Row]] = None
     arrays: Optional[ArraysRef] = None

@@ -1,0 +1,109 @@
+"""Candidate calibrations of one profile, and the plan chosen among them end to end.
+
+A profile holds two independent estimates of what quantizing each (layer, scheme) alone
+costs in KL per token: the proxy calibrated by reference values (measured end to end, or
+estimated by the output Fisher), and, when it was built with ``fisher_table``, the
+output-Fisher estimate of every cell (:mod:`bitalloc.sensitivity.fisher_refs`). Neither sees
+how layers interact, and each errs differently: measured references follow KL's growth past
+quadratic at 2-3 bits but come from two rows, the Fisher sees every calibration token but
+only the quadratic term. Solving the same budget on several calibrations gives a handful of
+different plans; one end-to-end measurement of each on calibration tokens (the metric the
+tables predict, now with every layer quantized at once) picks the plan to ship.
+
+    tables = candidate_tables(profile)        # name -> (L, S) expected KL; numpy only
+    plan = select_plan(profile, "3bpw", fitness)  # fitness(choices) -> [measured KL]
+
+``select_plan`` records every candidate's measured value in ``plan.solver["select"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = ["CANDIDATES", "candidate_tables", "select_plan"]
+
+# in the order they are tried (a tie keeps the earlier one)
+CANDIDATES = ("profile", "fisher-refs", "fisher", "mix", "mix-refs")
+
+
+def _geomean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise geometric mean; a zero in either stays zero (a lossless cell), NaN stays NaN."""
+    return np.sqrt(np.clip(a, 0.0, None) * np.clip(b, 0.0, None))
+
+
+def candidate_tables(profile, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``{name: (L, S) table}``: the profile's own table and, when it has a Fisher table, the
+    other calibrations (pure numpy; see the module docstring):
+
+    - ``profile``: the profile's table (its proxy through its reference values);
+    - ``fisher-refs``: the proxy through the Fisher estimates at the same reference schemes
+      (the same as ``profile`` when the references were Fisher estimates: left out);
+    - ``fisher``: the Fisher estimate of every cell;
+    - ``mix``: the geometric mean of ``profile`` and ``fisher`` (the Fisher scaled to the
+      references by one global factor, the median ratio), when the references were measured;
+    - ``mix-refs``: the proxy through the geometric mean of the measured and Fisher
+      references (same scaling).
+    """
+    from bitalloc.sensitivity.calibrate import calibrate_proxy
+
+    base = np.asarray(profile.table(), dtype=np.float64)
+    out = {"profile": base}
+    F = profile.fisher
+    if F is not None:
+        ri = [profile.scheme_index(r) for r in profile.ref_schemes]
+        P, K, Fr = np.asarray(profile.proxy), np.asarray(profile.ref_values), F[:, ri]
+        fisher_refs = profile.metadata.get("options", {}).get("ref_method") == "fisher"
+        if not fisher_refs:
+            out["fisher-refs"] = calibrate_proxy(P, Fr, ri)[0]
+        out["fisher"] = F.copy()
+        ok = np.isfinite(K) & (K > 0) & (Fr > 0)
+        if not fisher_refs and ok.any():
+            c = float(np.exp(np.median(np.log(K[ok] / Fr[ok]))))  # one global unit change, Fisher -> measured
+            out["mix"] = _geomean(base, c * F)
+            out["mix-refs"] = calibrate_proxy(P, np.where(ok, _geomean(K, c * Fr), K), ri)[0]
+    if names is not None:
+        unknown = [n for n in names if n not in CANDIDATES]
+        if unknown:
+            raise ValueError(f"unknown candidate calibration(s) {unknown}; known: {', '.join(CANDIDATES)}")
+        out = {n: t for n, t in out.items() if n in names}
+    return out
+
+
+def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[float]], *,
+                names: Sequence[str] | None = None, profile_path=None, **solve_kw):
+    """The plan of ``budget`` with the lowest ``fitness`` among the candidate calibrations' plans.
+
+    ``fitness(choices) -> [value per choice]`` (each choice a per-layer scheme index array;
+    lower is better), e.g. :meth:`bitalloc.sensitivity.peer_context.PeerContext.fitness` on
+    calibration rows: KL to the 16-bit model with every layer quantized at once. Identical
+    plans are measured once. ``solve_kw`` go to :func:`bitalloc.allocator.solve.solve`.
+    The returned plan's ``solver["select"]`` holds each candidate's value, the choice and
+    the seconds spent measuring.
+    """
+    from .solve import solve
+
+    tables = candidate_tables(profile, names)
+    plans, choices = {}, {}
+    for name, table in tables.items():
+        prof = dataclasses.replace(profile, tables={**profile.tables, "all": table})
+        plan = solve(prof, budget, profile_path=profile_path, **solve_kw)
+        plans[name] = plan
+        choices[name] = np.array([profile.schemes.index(plan.layers[f].scheme) for f in profile.fqns], dtype=np.int64)
+    unique: dict[bytes, list[str]] = {}
+    for name, c in choices.items():
+        unique.setdefault(c.tobytes(), []).append(name)
+    t0 = time.perf_counter()
+    keys = list(unique)
+    values = fitness([np.frombuffer(k, dtype=np.int64) for k in keys]) if len(keys) > 1 else [float("nan")]
+    seconds = time.perf_counter() - t0
+    measured = {n: float(v) for k, v in zip(keys, values) for n in unique[k]}
+    best = min(range(len(keys)), key=lambda i: (values[i] if np.isfinite(values[i]) else np.inf, i))
+    chosen = unique[keys[best]][0]
+    plan = plans[chosen]
+    record = {"chosen": chosen, "candidates": list(tables), "fitness": measured, "distinct_plans": len(keys),
+              "seconds": round(seconds, 3)}
+    return dataclasses.replace(plan, solver={**plan.solver, "select": record})

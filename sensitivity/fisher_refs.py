@@ -1,0 +1,179 @@
+"""Reference values from one backward pass: the output-Fisher estimate of each layer's KL.
+
+The profile's proxy ``tr(ΔW H ΔWᵀ)`` ranks schemes within a layer; reference values at a
+few schemes turn each row into expected KL per token (:func:`calibrate.calibrate_proxy`).
+Measuring them end to end costs one forward from the layer's block to the logits per
+(layer, reference scheme): 630 forwards for SmolLM2, most of the main job's time.
+
+For a small perturbation ΔY_l of layer l's output, the KL of the model's next-token
+distribution is quadratic in it, with the Fisher information as its Hessian:
+
+    KL(p ‖ p_q) ≈ ½ ΔYᵀ F ΔY,   F = E_{y ~ p}[∇_Y log p(y) ∇_Y log p(y)ᵀ].
+
+Kept to its diagonal (the score of NVIDIA ModelOpt's ``auto_quantize`` gradient method),
+with ΔY_l = X_l (Q(W_l) − W_l)ᵀ from the layer's own calibration inputs, this gives every
+(layer, scheme) from one forward and one backward per calibration batch:
+
+    KL_l(s) ≈ ½ · (1/N) · Σ_{t,o} g_{t,o}² · ΔY_{t,o}²,   g = ∂(Σ_t −log p(y_t)) / ∂Y_l,
+
+with labels y_t drawn from the model's own next-token distribution at every position
+(``labels="sampled"``, seeded), so ``g²`` is an unbiased one-sample estimate of the
+Fisher diagonal whatever the calibration text, or the text's own next tokens
+(``labels="text"``: ModelOpt's empirical Fisher). Cross terms between positions vanish in
+expectation because the sampled labels are independent; cross terms between output
+channels are dropped (the diagonal approximation).
+
+What it does not see: the growth of KL beyond quadratic at 2-3 bits, which the measured
+references capture (``ref_method="measured"``); see experiments/README.md for what each
+costs the plans.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["FISHER_LABELS", "fisher_ref_values"]
+
+FISHER_LABELS = ("sampled", "text")
+
+
+def _labels(logits: torch.Tensor, ids: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """``(B, T-1)`` targets for positions 0..T-2: sampled from the model, or the text's next tokens."""
+    if mode == "text":
+        return ids[:, 1:]
+    probs = torch.softmax(logits[:, :-1].detach().to(torch.float32), dim=-1)  # (B, T-1, V)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:2])
+
+
+def fisher_ref_values(
+    model: torch.nn.Module,
+    layers: Sequence[Any],
+    data: Any,
+    schemes: Sequence[Any],
+    hessians: Mapping[str, Any] | None = None,
+    *,
+    quantizer: str = "rtn",
+    saliency: Mapping[str, Any] | None = None,
+    batch_tokens: int = 4096,
+    stride: int = 1,
+    labels: str = "sampled",
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """``(L, R)`` estimated KL per token of quantizing each layer alone at each scheme, and info.
+
+    ``data``: the calibration ids ``(n, seq)`` (causal LMs only: the estimate needs next-token
+    logits). Weights are quantized exactly as the measured references quantize them
+    (:func:`proxy.quantize_layer_weight` with the layer's Hessian, ``quantizer`` and split
+    ``saliency``); activation-quantized schemes quantize the layer's input the same way.
+    One forward + one backward per batch of whole rows, up to ``batch_tokens`` tokens each
+    (every layer's input is kept for the batch, and every (layer, scheme) is quantized once
+    per batch); ΔY is scored at every ``stride``-th position (all positions still shape the
+    gradients), as the measured references are. The model's parameters get no ``.grad`` and
+    keep their ``requires_grad``. Info: ``{"labels", "seed", "tokens", "stride", "batches",
+    "seconds"}``.
+    """
+    from .calibration import as_batches
+    from .hessian import hessian_tensor
+    from .layers import get_weight
+    from .proxy import as_scheme, module_at, progress_bar, quantize_layer_weight
+
+    if labels not in FISHER_LABELS:
+        raise ValueError(f"labels must be one of {FISHER_LABELS}, got {labels!r}")
+    if isinstance(data, dict):
+        raise ValueError("Fisher reference values need a causal LM's token ids, not an encoder batch")
+    schemes = [as_scheme(s) for s in schemes]
+    t0 = time.perf_counter()
+    mods = [module_at(model, layer.fqn) for layer in layers]
+    acc = np.zeros((len(layers), len(schemes)), dtype=np.float64)  # Σ g² ΔY² per (layer, scheme)
+    gen = torch.Generator().manual_seed(seed)
+    n_tok = 0
+    flags = {p: p.requires_grad for p in model.parameters()}
+    training = model.training
+    if not (isinstance(stride, int) and stride >= 1):
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    batches = as_batches(data, max(1, int(batch_tokens) // max(1, int(data.shape[-1]))))
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for batch in progress_bar(batches, progress, "fisher refs"):
+            n_tok += _accumulate(model, layers, mods, batch, schemes, hessians, quantizer, saliency, labels, gen,
+                                 stride, acc, hessian_tensor, get_weight, quantize_layer_weight)
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(training)
+    values = 0.5 * acc / max(n_tok, 1)
+    info = {"labels": labels, "seed": seed, "tokens": n_tok, "stride": stride, "batches": len(batches),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return values, info
+
+
+def _accumulate(model, layers, mods, batch, schemes, hessians, quantizer, saliency, labels, gen, stride, acc,
+                hessian_tensor, get_weight, quantize_layer_weight) -> int:
+    """One forward + backward over ``batch``; adds Σ g² ΔY² over the scored positions (0, stride,
+    2·stride, ... of the first T-1, the ones with a next token) into ``acc``; returns their count."""
+    ids = batch["input_ids"]  # (B, T)
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def fn(module, args, output):
+            inputs[i] = args[0].detach()
+            outputs[i] = output.requires_grad_(True) if not output.requires_grad else output
+            return outputs[i]
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(mods)]
+    try:
+        kw = {k: v for k, v in batch.items() if k != "logits_to_keep"}
+        out = model(**kw, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    logits = out.logits  # (B, T, V)
+    assert logits.shape[:2] == ids.shape, f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}"
+    y = _labels(logits, ids, labels, gen)  # (B, T-1)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        y = y.masked_fill(mask[:, 1:] == 0, -100)
+    pred = logits[:, :-1].to(torch.float32)
+    loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1),
+                                             ignore_index=-100, reduction="sum")  # Σ_t −log p(y_t)
+    keep = torch.zeros(ids.shape[1], dtype=torch.bool)
+    keep[: ids.shape[1] - 1: stride] = True  # positions whose output error is scored
+    keep_bt = keep.expand(ids.shape[0], -1)  # (B, T)
+    if mask is not None:
+        keep_bt = keep_bt & (mask != 0)
+    n = int(keep_bt.sum())
+    idx = sorted(outputs)
+    grads = torch.autograd.grad(loss, [outputs[i] for i in idx], allow_unused=True)
+    del outputs, loss, out, logits, pred
+    with torch.no_grad():
+        for i, g in zip(idx, grads):
+            if g is None:  # a layer that does not reach the logits
+                continue
+            layer = layers[i]
+            x = inputs.pop(i)[keep_bt].reshape(-1, layer.in_features).to(torch.float32)  # (N, in), N scored
+            g2 = g[keep_bt].reshape(-1, g.shape[-1]).to(torch.float32).pow(2)  # (N, out)
+            w = get_weight(mods[i], layer.module_type).detach().to(torch.float32)  # (out, in)
+            H = hessian_tensor(hessians[layer.fqn]) if hessians and layer.fqn in hessians else None
+            sal = saliency.get(layer.fqn) if saliency else None
+            for j, s in enumerate(schemes):
+                wq = quantize_layer_weight(w, s, H, quantizer=quantizer, saliency=sal).to(torch.float32)
+                if s.act != "a16":
+                    from bitalloc.kernels.quant import quantize_activation
+
+                    dy = quantize_activation(x, s.act) @ wq.t() - x @ w.t()  # (N, out)
+                else:
+                    dy = x @ (wq - w).t()  # (N, out) = Y_q − Y (the bias is not quantized)
+                acc[i, j] += float(dy.square_().mul_(g2).sum(dtype=torch.float64))
+            del x, g2
+    return n

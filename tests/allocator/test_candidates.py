@@ -1,0 +1,157 @@
+"""Candidate calibrations of a profile and the plan chosen among them end to end (allocator.candidates)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bitalloc
+from bitalloc.allocator.candidates import CANDIDATES, candidate_tables, select_plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_user_paths import SCHEMES, cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fisher_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cand") / "profile.json"
+    prof = bitalloc.profile("random:llama-tiny", n_samples=4, seq_len=32, kl_samples=2, fisher_table=True, out=path,
+                            progress=False, log=None)
+    return prof, path
+
+
+def test_tables_of_a_measured_profile_with_fisher(fisher_profile):
+    prof, _ = fisher_profile
+    tabs = candidate_tables(prof)
+    assert list(tabs) == list(CANDIDATES)
+    np.testing.assert_array_equal(tabs["profile"], prof.table())
+    np.testing.assert_array_equal(tabs["fisher"], prof.fisher)
+    ri = [prof.scheme_index(r) for r in prof.ref_schemes]
+    np.testing.assert_allclose(tabs["fisher-refs"][:, ri], prof.fisher[:, ri], rtol=1e-9)
+    # mix: the geometric mean of the two tables (Fisher in the measured references' units)
+    ok = prof.ref_values > 0
+    c = np.exp(np.median(np.log(prof.ref_values[ok] / prof.fisher[:, ri][ok])))
+    np.testing.assert_allclose(tabs["mix"], np.sqrt(prof.table() * c * prof.fisher), rtol=1e-12)
+    assert set(candidate_tables(prof, ["profile", "mix"])) == {"profile", "mix"}
+    with pytest.raises(ValueError, match="unknown candidate"):
+        candidate_tables(prof, ["profile", "best"])
+
+
+def test_a_profile_without_fisher_has_one_candidate(tiny_profile):
+    prof, _ = tiny_profile
+    assert list(candidate_tables(prof)) == ["profile"]
+    calls = []
+    plan = select_plan(prof, "4bpw", lambda cs: calls.append(cs) or [0.0] * len(cs))
+    assert calls == [] and plan.solver["select"]["chosen"] == "profile"  # nothing to choose: nothing measured
+
+
+def test_select_keeps_the_lowest_measured_plan(fisher_profile):
+    prof, path = fisher_profile
+    seen = []
+
+    def fitness(choices):  # a stand-in measurement: more 8-bit layers is "better"
+        seen.extend(choices)
+        w8 = prof.scheme_index("w8")
+        return [-float((np.asarray(c) == w8).sum()) + 1e-3 * k for k, c in enumerate(choices)]
+
+    plan = select_plan(prof, "4bpw", fitness, profile_path=path)
+    sel = plan.solver["select"]
+    assert sel["candidates"] == list(CANDIDATES)
+    assert len(seen) == sel["distinct_plans"] <= len(CANDIDATES)  # identical plans measured once
+    assert sel["fitness"][sel["chosen"]] == min(sel["fitness"].values())
+    assert plan.bpw <= 4.0 + 1e-9
+    # the chosen plan is exactly that candidate table's plan, with the file's hash
+    import dataclasses
+
+    alone = bitalloc.solve(dataclasses.replace(prof, tables={"all": candidate_tables(prof)[sel["chosen"]]}), "4bpw")
+    assert {f: lp.scheme for f, lp in plan.layers.items()} == {f: lp.scheme for f, lp in alone.layers.items()}
+    assert plan.profile["sha256"]
+
+
+def test_run_selects_among_candidates(capsys, tmp_path):
+    """[solve] select = true with a Fisher table: each budget's plan records the measured candidates."""
+    cfg = tmp_path / "sel.toml"
+    cfg.write_text(f"""
+[model]
+spec = "random:llama-tiny"
+[calibration]
+n_samples = 4
+seq_len = 32
+kl_samples = 1
+[profile]
+schemes = {json.dumps(SCHEMES.split(","))}
+fisher_table = true
+[solve]
+budgets = ["3.5bpw"]
+select = true
+select_rows = 2
+[eval]
+n_windows = 2
+seq_len = 32
+baselines = false
+[output]
+dir = "{tmp_path / 'out'}"
+""")
+    cli(capsys, "run", cfg)
+    plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
+    sel = plan["solver"]["select"]
+    assert sel["chosen"] in CANDIDATES and sel["fitness"]
+    if sel["distinct_plans"] > 1:
+        assert sel["fitness"][sel["chosen"]] == min(sel["fitness"].values())
+        assert all(v > 0 for v in sel["fitness"].values())  # real KL of quantized models
+    prof = bitalloc.load_profile(tmp_path / "out" / "profile.json")
+    assert prof.fisher is not None and prof.metadata["request"]["fisher_table"] is True
+
+
+@pytest.mark.parametrize("body,msg", [
+    ('[profile]\nref_method = "guess"', "[profile] ref_method must be measured or fisher"),
+    ('[profile]\nref_method = "fisher"\nmeasured = true', "does not go with"),
+    ('[profile]\ntarget = "llamacpp"\nfisher_table = true', "target = llamacpp"),
+    ('[solve]\nselect = "yes"', "select"),
+    ('[solve]\nselect_rows = 0', "select_rows"),
+])
+def test_select_config_errors(capsys, tmp_path, body, msg):
+    from bitalloc.allocator.cli import main
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(body + "\n")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1, err
+
+
+def test_add_fisher_table_to_a_stored_profile(tiny_profile):
+    """A measured profile gets the Fisher table of its own calibration rows (rebuilt, hash-checked)."""
+    prof, path = tiny_profile
+    assert prof.fisher is None
+    out = bitalloc.add_fisher_table(path, "random:llama-tiny", rows=2)
+    assert out.fisher.shape == (prof.n_layers, len(prof.schemes)) and (out.fisher >= 0).all()
+    info = out.metadata["options"]["fisher"]
+    assert info["added"] and info["rows"] == 2 and info["stride"] == prof.metadata["options"]["kl_stride"]
+    np.testing.assert_array_equal(out.table(), prof.table())  # the profile's own table is untouched
+    assert list(candidate_tables(out)) == list(CANDIDATES)
+    with pytest.raises(ValueError, match="fingerprints differ"):
+        bitalloc.add_fisher_table(path, "random:gpt2-tiny")
+
+
+def test_cli_profile_fisher_and_solve_on_a_candidate(capsys, tmp_path, tiny_profile):
+    from bitalloc.allocator.cli import main
+
+    prof_path = tmp_path / "p.json"
+    cli(capsys, "profile", "--model", "random:llama-tiny", "--n-samples", "2", "--seq-len", "16",
+        "--schemes", SCHEMES, "--ref-method", "fisher", "--fisher-table", "--out", prof_path)
+    prof = bitalloc.load_profile(prof_path)
+    assert prof.metadata["options"]["ref_method"] == "fisher" and prof.fisher is not None
+    cli(capsys, "solve", prof_path, "--budget", "4bpw", "--table", "fisher", "--out", tmp_path / "plan.json")
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["solver"]["table"] == "fisher"
+    # a profile without a Fisher table: one line naming the problem
+    _, plain = tiny_profile
+    assert main(["solve", str(plain), "--budget", "4bpw", "--table", "mix", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "table 'mix' is not available" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.json").exists()

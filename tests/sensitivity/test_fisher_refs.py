@@ -1,0 +1,143 @@
+"""The output-Fisher reference values (sensitivity.fisher_refs) and the profiles built with them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from bitalloc.sensitivity.build import build_profile
+from bitalloc.sensitivity.calibration import CalibrationSpec, as_batches
+from bitalloc.sensitivity.fisher_refs import fisher_ref_values
+from bitalloc.sensitivity.layers import find_layers
+from bitalloc.sensitivity.peer_context import PeerContext
+from bitalloc.sensitivity.peer_grad import score_modelopt_gradient
+from bitalloc.sensitivity.profile import ProfileError, SensitivityProfile
+from bitalloc.sensitivity.profile_config import ProfileConfig
+
+SCHEMES = ["w2g32z", "w3g64z", "w4g32", "w8", "fp16"]
+REFS = ["w2g32z", "w3g64z", "w4g32"]
+CAL = CalibrationSpec(n_samples=4, seq_len=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The same calibration profiled with measured and with Fisher references (and the Fisher table)."""
+    measured = build_profile("random:llama-tiny", SCHEMES, CAL, ref_schemes=REFS, progress=False, fisher_table=True)
+    fisher = build_profile("random:llama-tiny", SCHEMES, CAL, ref_schemes=REFS, progress=False, ref_method="fisher",
+                           fisher_table=True)
+    return measured, fisher
+
+
+def test_fisher_estimates_track_the_measured_kl(pair):
+    """Same units (KL per token) and the same ranking of layers as the end-to-end measurement."""
+    measured, fisher = pair
+    K, F = measured.ref_values, fisher.ref_values  # (L, 3) each
+    assert K.shape == F.shape == (measured.n_layers, 3)
+    for r in range(3):
+        rho = spearmanr(K[:, r], F[:, r]).correlation
+        assert rho > 0.8, f"{REFS[r]}: rank correlation {rho:.2f} with the measured KL"
+    ratio = np.median(F / K)
+    assert 0.3 < ratio < 3.0, f"Fisher / measured KL median ratio {ratio:.2f}: not the same units"
+
+
+def test_fisher_profile_records_its_method(pair):
+    measured, fisher = pair
+    opts = fisher.metadata["options"]
+    assert opts["ref_method"] == "fisher" and opts["fisher"]["labels"] == "sampled"
+    assert opts["fisher"]["tokens"] == CAL.n_samples * (CAL.seq_len - 1)
+    assert measured.metadata["options"]["ref_method"] == "measured"
+    # the references are the Fisher table's reference columns, and the table follows them
+    idx = [fisher.scheme_index(r) for r in REFS]
+    np.testing.assert_allclose(fisher.ref_values, fisher.fisher[:, idx])
+    np.testing.assert_allclose(fisher.table()[:, idx], fisher.ref_values, rtol=1e-9)
+    # fewer bits, more estimated loss (median over layers)
+    med = [float(np.median(fisher.fisher[:, fisher.scheme_index(s)])) for s in ["fp16", "w8", "w4g32", "w2g32z"]]
+    assert med == sorted(med) and med[0] < 1e-3 * med[-1], med
+
+
+def test_fisher_table_round_trips(pair, tmp_path):
+    _, fisher = pair
+    path = fisher.save(tmp_path / "p.json")
+    back = SensitivityProfile.load(path)
+    np.testing.assert_array_equal(back.fisher, fisher.fisher)
+    d = fisher.to_dict()
+    d["fisher"][0][0] = -1.0
+    with pytest.raises(ProfileError, match="fisher"):
+        SensitivityProfile.from_dict(d)
+    d["fisher"] = [[0.0]]
+    with pytest.raises(ProfileError, match="fisher"):
+        SensitivityProfile.from_dict(d)
+
+
+def test_text_labels_are_modelopts_empirical_fisher():
+    """labels="text": the same Σ g²ΔY² as the ModelOpt peer score (its loss is the per-row mean,
+    so its gradient is 1/(T-1) of the summed loss's), scaled to ½ per token."""
+    from bitalloc.sensitivity.models import load_model
+
+    loaded = load_model("random:llama-tiny")
+    net = loaded.model
+    layers, _ = find_layers(net)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, net.config.vocab_size, (3, 16), generator=g)
+    vals, info = fisher_ref_values(net, layers, ids, ["w3g64z", "w4g32"], labels="text", batch_tokens=16)
+    ctx = PeerContext(net, layers, ["w3g64z", "w4g32"], as_batches(ids, 1))
+    raw = np.array(score_modelopt_gradient(ctx, group=False, monotone=False).info["per_layer_raw"])
+    n = info["tokens"]
+    assert n == 3 * 15
+    np.testing.assert_allclose(vals, 0.5 * raw * 15 ** 2 / n, rtol=2e-4)
+
+
+def test_model_is_left_as_it_was():
+    from bitalloc.sensitivity.models import load_model
+
+    net = load_model("random:llama-tiny").model
+    layers, _ = find_layers(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    ids = torch.randint(3, net.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    a, _ = fisher_ref_values(net, layers, ids, ["w3g64z"], seed=5)
+    b, _ = fisher_ref_values(net, layers, ids, ["w3g64z"], seed=5)
+    c, _ = fisher_ref_values(net, layers, ids, ["w3g64z"], seed=6)
+    np.testing.assert_array_equal(a, b)  # seeded label sampling
+    assert not np.array_equal(a, c)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for n, p in net.named_parameters():
+        assert p.grad is None and p.requires_grad == flags[n], n
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(ProfileError, match="ref_method"):
+        ProfileConfig(ref_method="guess")
+    with pytest.raises(ProfileError, match="fisher_labels"):
+        ProfileConfig(fisher_labels="gold")
+    with pytest.raises(ProfileError, match="measured=True"):
+        ProfileConfig(ref_method="fisher", measured=True)
+    with pytest.raises(ProfileError, match="fisher_table"):
+        ProfileConfig(fisher_table="yes")
+    with pytest.raises(ProfileError, match="causal LM"):
+        build_profile("random:bert-tiny", ["w4g32", "w8"], CalibrationSpec(n_samples=2, seq_len=8),
+                      ref_schemes=["w4g32"], progress=False, ref_method="fisher")
+    with pytest.raises(ValueError, match="labels"):
+        fisher_ref_values(torch.nn.Linear(2, 2), [], torch.zeros(1, 2, dtype=torch.long), [], labels="gold")
+
+
+def test_batching_and_stride():
+    """Text labels: batches of whole rows give the same sums (rows are independent); a stride
+    scores every stride-th position only."""
+    from bitalloc.sensitivity.models import load_model
+
+    net = load_model("random:llama-tiny").model
+    layers, _ = find_layers(net)
+    ids = torch.randint(3, net.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(2))
+    one, i1 = fisher_ref_values(net, layers, ids, ["w3g64z"], labels="text", batch_tokens=12)
+    all_, i4 = fisher_ref_values(net, layers, ids, ["w3g64z"], labels="text", batch_tokens=4096)
+    assert (i1["batches"], i4["batches"]) == (4, 1)
+    np.testing.assert_allclose(one, all_, rtol=1e-4)
+    s3, i3 = fisher_ref_values(net, layers, ids, ["w3g64z"], labels="text", stride=3)
+    assert i3["tokens"] == 4 * len(range(0, 11, 3))
+    assert not np.allclose(s3, all_) and np.all(s3 > 0)
+    with pytest.raises(ValueError, match="stride"):
+        fisher_ref_values(net, layers, ids, ["w3g64z"], stride=0)
