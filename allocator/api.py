@@ -143,7 +143,8 @@ def profile(
     )
     prof.metadata["request"] = _request(loaded.spec, cfg.schemes, spec, (cfg.kl_samples, cfg.kl_stride), cfg.include,
                                         cfg.exclude, cfg.ref_schemes, measured=cfg.measured, groups=list(cfg.groups) or None,
-                                        ref_method=cfg.ref_method, fisher_table=cfg.fisher_table)
+                                        ref_method=_ref_request(cfg.ref_method, cfg.measure_every),
+                                        fisher_table=cfg.fisher_table)
     if out is not None:
         prof.save(out)
     return prof
@@ -198,6 +199,10 @@ def measure_checkpoint_path(out: str | Path | None, checkpoint_dir: str | Path |
     stem = Path(out).stem if out is not None else "profile"
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(out).parent
     return folder / f"{stem}.measure-checkpoint.jsonl"
+
+
+def _ref_request(method: str, every: int) -> str:
+    return f"hybrid:{every}" if method == "hybrid" else method
 
 
 def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, measured: bool = False, groups=None,
@@ -578,7 +583,8 @@ def _reuse_profile(path: Path, cfg: RunConfig, log):
     calib = _calibration_spec(c.source, c.n_samples, c.seq_len, c.seed)
     want = _request(cfg.model.spec, cfg.profile.schemes, calib, (c.kl_samples, c.kl_stride), cfg.profile.include,
                     cfg.profile.exclude, cfg.profile.ref_schemes, measured=cfg.profile.measured,
-                    groups=list(cfg.profile.groups) or None, ref_method=cfg.profile.ref_method,
+                    groups=list(cfg.profile.groups) or None,
+                    ref_method=_ref_request(cfg.profile.ref_method, cfg.profile.measure_every),
                     fisher_table=cfg.profile.fisher_table)
     want = json.loads(json.dumps(want))
     have = prof.metadata.get("request")

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ref-method", choices=REF_METHODS, default="measured",
                     help="reference values that calibrate the proxy: measured end to end per (layer, reference), "
                          "or estimated by the output Fisher from one backward pass per batch (much faster)")
+    sp.add_argument("--measure-every", type=int, default=3,
+                    help="--ref-method hybrid: measure the references end to end on every N-th block (default 3); "
+                         "elsewhere the Fisher estimate, corrected per layer kind by the measured ones")
     sp.add_argument("--fisher-table", action="store_true",
                     help="also store the output-Fisher estimate of every (layer, scheme): the candidate "
                          "calibrations `solve --table` and `run`'s [solve] select choose among")
@@ -268,7 +271,8 @@ def _cmd_profile(a) -> int:
         kl_stride=a.kl_stride, measured=a.measured, workers=a.workers, ray_address=a.ray_address,
         saliency=a.saliency, quantizer=a.quantizer, pairs=a.pairs,
         pair_schemes=tuple(a.pair_schemes) if a.pair_schemes else None, pair_ref=a.pair_ref,
-        ref_method=a.ref_method, fisher_table=a.fisher_table, fisher_labels=a.fisher_labels)
+        ref_method=a.ref_method, fisher_table=a.fisher_table, fisher_labels=a.fisher_labels,
+        measure_every=a.measure_every)
     if a.calib != "generated" and not Path(a.calib).is_file():
         raise _UsageError(f"--calib {a.calib!r}: no such file (give a text file or 'generated')")
     if a.checkpoint_dir is not None and not (a.measured or a.workers or a.ray_address or os.environ.get("RAY_ADDRESS")):

@@ -106,7 +106,8 @@ class ProfileCfg:
     quantizer: str = "rtn"           # rtn | gptq
     target: str = "bitalloc"         # bitalloc | llamacpp (ggml types, ggml's quantizer, whole-GGUF budget)
     imatrix: bool = True             # llamacpp target: the Hessian diagonal as llama.cpp importance matrix
-    ref_method: str = "measured"     # measured | fisher: how the reference values are obtained
+    ref_method: str = "measured"     # measured | fisher | hybrid: how the reference values are obtained
+    measure_every: int = 3           # hybrid: every N-th block measured end to end
     fisher_table: bool = False       # also the output-Fisher estimate of every (layer, scheme)
 
 
@@ -206,11 +207,11 @@ class RunConfig:
         if self.profile.target == "llamacpp" and (self.profile.groups or self.profile.quantizer != "rtn"):
             raise ConfigError("[profile] target = llamacpp uses ggml's quantizer and one KL table "
                               "(no quantizer or groups settings)")
-        if self.profile.ref_method not in ("measured", "fisher"):
-            raise ConfigError(f"[profile] ref_method must be measured or fisher, got {self.profile.ref_method!r}")
-        if self.profile.ref_method == "fisher" and (self.profile.measured or self.profile.groups):
-            raise ConfigError("[profile] ref_method = fisher estimates KL references; it does not go with "
-                              "measured = true or metric groups")
+        if self.profile.ref_method not in ("measured", "fisher", "hybrid"):
+            raise ConfigError(f"[profile] ref_method must be measured, fisher or hybrid, got {self.profile.ref_method!r}")
+        if self.profile.ref_method != "measured" and (self.profile.measured or self.profile.groups):
+            raise ConfigError(f"[profile] ref_method = {self.profile.ref_method} estimates KL references; it does not "
+                              "go with measured = true or metric groups")
         if self.profile.target == "llamacpp" and (self.profile.ref_method != "measured" or self.profile.fisher_table
                                                   or self.solve.select):
             raise ConfigError("[profile] target = llamacpp measures its references in llama.cpp's types "
@@ -228,7 +229,7 @@ class RunConfig:
         if self.solve.backend not in ILP_BACKENDS:
             raise ConfigError(f"[solve] backend must be one of {', '.join(ILP_BACKENDS)}, got {self.solve.backend!r}")
         for sec, key in ((self.calibration, "n_samples"), (self.calibration, "seq_len"), (self.calibration, "kl_samples"), (self.calibration, "kl_stride"),
-                         (self.solve, "select_rows"), (self.eval, "n_windows"), (self.eval, "seq_len")):
+                         (self.solve, "select_rows"), (self.profile, "measure_every"), (self.eval, "n_windows"), (self.eval, "seq_len")):
             v = getattr(sec, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {v!r}")
@@ -245,7 +246,7 @@ class RunConfig:
             kl_samples=c.kl_samples, kl_stride=c.kl_stride, groups=tuple(p.groups), measured=p.measured,
             workers=(p.workers or None) if p.measured else None,
             ray_address=(p.ray_address or None) if p.measured else None, saliency=p.saliency, quantizer=p.quantizer,
-            ref_method=p.ref_method, fisher_table=p.fisher_table)
+            ref_method=p.ref_method, fisher_table=p.fisher_table, measure_every=p.measure_every)
 
     def group_policy(self):
         """The [solve] group_* keys as an :class:`allocator.policy.GroupPolicy`."""

@@ -47,6 +47,7 @@ class ProfileSection(Strict):
     imatrix: bool = True
     ref_method: NonEmpty = "measured"
     fisher_table: bool = False
+    measure_every: PosInt = 3
 
 
 class SolveSection(Strict):

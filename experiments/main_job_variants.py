@@ -12,7 +12,8 @@ own evaluation (held-out self-generated text, 8 x 256 tokens, seed 1234; or ``--
   and reused when made with the same settings);
 - profiles built with ``--build NAME=fisher`` (or ``NAME=fisher-text``): reference values
   estimated from one backward pass (``ref_method="fisher"``, :mod:`sensitivity.fisher_refs`)
-  instead of measured;
+  instead of measured; ``--build NAME=hybridN``: measured on every N-th block, the Fisher
+  estimate corrected per layer kind elsewhere (``ref_method="hybrid"``);
 - for each, reference subsets given with ``--refs`` (the subset's columns of the measured
   ``ref_values``, so a subset costs no new measurements and shows what measuring fewer costs).
 
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
         extra = {"schemes": [s for s in a.schemes.split(",") if s]} if a.schemes else {}
         if k.startswith("fisher"):  # fisher (labels sampled from the model) or fisher-text
             extra.update(ref_method="fisher", fisher_labels=k.partition("-")[2] or "sampled")
+        elif k.startswith("hybrid"):  # hybridN: every N-th block measured, the Fisher corrected elsewhere
+            extra.update(ref_method="hybrid", measure_every=int(k[6:] or 3))
         else:
             extra["kl_samples"] = int(k)
         profiles[name] = bench.profile(f"profile-{name}.json", **extra)

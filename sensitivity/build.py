@@ -269,7 +269,7 @@ def build_profile(
                                                   else [as_scheme(x).name for x in pair_ref])) if pairs else None)
         pair_field = measure_info.pop("pairs_field", None)
         ref_values = measured_table[:, [names.index(r) for r in refs]]
-    elif ray and cfg.ref_method != "fisher":  # the reference columns as measured items (the measured checkpoint's own items)
+    elif ray and cfg.ref_method == "measured":  # the reference columns as measured items (the measured checkpoint's own items)
         ref_values, ray_info["measure"], metric_name, replay = _measure_all(
             loaded, setup, layers, names, data, stats, progress, say, workers=workers, ray_address=ray_address,
             checkpoint=checkpoint, saliency=sal, grouping=grouping, item_schemes=refs)
@@ -286,15 +286,32 @@ def build_profile(
         metric_set = grouping.metric_set if grouping is not None else None
         reference = compute_reference(net, layers, metric_batches, metric_set, progress, batch_size=batch_size)
         metric_name = reference.metric.name
+        sub = list(range(len(layers)))
+        if cfg.ref_method == "hybrid":  # a few blocks measured; the Fisher, corrected per layer kind, elsewhere
+            from .fisher_refs import measured_subset
+
+            sub = measured_subset(layers, cfg.measure_every)
+        mlayers = [layers[i] for i in sub]
         if quantizer == "rtn" and saliency == "hessian":
-            ref_values = measure_ref_columns(net, layers, reference, refs, progress, stats, grouping)
+            ref_values = measure_ref_columns(net, mlayers, reference, refs, progress, stats, grouping)
         else:  # the same items with this quantizer / these split channels (no metric groups here)
             from .proxy import measure_item
 
             ref_values = np.array([[measure_item(net, layer, r, reference, stats.get(layer.fqn), quantizer=quantizer,
-                                                 saliency=sal[layer.fqn]) for r in refs] for layer in layers], dtype=np.float64)
+                                                 saliency=sal[layer.fqn]) for r in refs] for layer in mlayers], dtype=np.float64)
         replay = reference.replay
         reference.free()
+        if cfg.ref_method == "hybrid":
+            from .fisher_refs import hybrid_ref_values, layer_kind
+
+            fisher_vals, fisher_info = _fisher(cfg, loaded, net, layers, data, scheme_objs if cfg.fisher_table else refs,
+                                               stats, quantizer, sal, batch_size, progress, say)
+            cols = [(names if cfg.fisher_table else refs).index(r) for r in refs]
+            ref_values, hyb = hybrid_ref_values([layer_kind(x.fqn) for x in layers], sub, ref_values,
+                                                fisher_vals[:, cols])
+            fisher_info["hybrid"] = {**hyb, "measure_every": cfg.measure_every}
+            say(f"hybrid references: {hyb['measured_layers']} layers measured, {hyb['estimated_layers']} from the "
+                "Fisher corrected per layer kind")
     if cfg.fisher_table and fisher_vals is None:
         fisher_vals, fisher_info = _fisher(cfg, loaded, net, layers, data, scheme_objs, stats, quantizer, sal,
                                            batch_size, progress, say)

@@ -27,8 +27,9 @@ PAIR_NAMES = PAIR_MODELS
 HESSIAN_DTYPES = ("float32", "float64")
 # how the reference values that calibrate the proxy are obtained: "measured" end to end per
 # (layer, reference scheme), or "fisher": the output-Fisher estimate from one backward pass
-# per calibration batch (sensitivity.fisher_refs; labels sampled from the model or the text's)
-REF_METHODS = ("measured", "fisher")
+# per calibration batch (sensitivity.fisher_refs; labels sampled from the model or the text's),
+# or "hybrid": measured on every measure_every-th block, the Fisher corrected per layer kind elsewhere
+REF_METHODS = ("measured", "fisher", "hybrid")
 FISHER_LABELS = ("sampled", "text")
 
 
@@ -77,6 +78,7 @@ class ProfileConfig:
     ref_method: str = "measured"
     fisher_labels: str = "sampled"
     fisher_table: bool = False
+    measure_every: int = 3
 
     def __post_init__(self) -> None:
         err = _error()
@@ -145,10 +147,13 @@ class ProfileConfig:
             raise err(f"ref_method must be one of {REF_METHODS}, got {self.ref_method!r}")
         if self.fisher_labels not in FISHER_LABELS:
             raise err(f"fisher_labels must be one of {FISHER_LABELS}, got {self.fisher_labels!r}")
-        if self.ref_method == "fisher" and self.measured:
-            raise err("ref_method 'fisher' estimates the references; measured=True measures every scheme instead")
-        if self.ref_method == "fisher" and self.groups:
-            raise err("ref_method 'fisher' estimates KL only; metric groups need ref_method 'measured'")
+        if self.ref_method != "measured" and self.measured:
+            raise err(f"ref_method {self.ref_method!r} estimates the references; measured=True measures every "
+                      "scheme instead")
+        if self.ref_method != "measured" and self.groups:
+            raise err(f"ref_method {self.ref_method!r} estimates KL only; metric groups need ref_method 'measured'")
+        if not _is_int(self.measure_every) or self.measure_every < 1:
+            raise err(f"profile setting 'measure_every' must be an integer >= 1, got {self.measure_every!r}")
         if self.workers is not None and (not _is_int(self.workers) or self.workers < 1):
             raise err(f"workers must be a positive integer, got {self.workers!r}")
         if self.ray_address is not None and not isinstance(self.ray_address, str):

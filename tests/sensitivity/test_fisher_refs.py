@@ -141,3 +141,45 @@ def test_batching_and_stride():
     assert not np.allclose(s3, all_) and np.all(s3 > 0)
     with pytest.raises(ValueError, match="stride"):
         fisher_ref_values(net, layers, ids, ["w3g64z"], stride=0)
+
+
+def test_hybrid_ref_values_correct_the_fisher_per_kind():
+    from bitalloc.sensitivity.fisher_refs import hybrid_ref_values
+
+    kinds = ["q", "k", "q", "k", "q", "k", "v"]
+    F = np.array([[1.0, 0.1]] * 7) * np.arange(1, 8)[:, None]
+    truth = F * np.array([[2.0, 3.0] if k == "q" else [0.5, 0.25] for k in kinds[:6]] + [[1.0, 1.0]])
+    measured = [0, 1]  # one q and one k layer measured; no v layer measured
+    out, info = hybrid_ref_values(kinds, measured, truth[measured], F)
+    np.testing.assert_allclose(out[:6], truth[:6])  # the per-kind ratio carries over exactly
+    overall = np.exp(np.median(np.log(truth[measured] / F[measured]), axis=0))
+    np.testing.assert_allclose(out[6], F[6] * overall)  # an unmeasured kind: the overall median ratio
+    assert info["measured_layers"] == 2 and info["estimated_layers"] == 5 and set(info["ratio_by_kind"]) == {"q", "k", "v"}
+
+
+def test_hybrid_profile_measures_a_subset(pair):
+    from bitalloc.sensitivity.fisher_refs import measured_subset
+
+    measured, _ = pair
+    hyb = build_profile("random:llama-tiny", SCHEMES, CAL, ref_schemes=REFS, progress=False, ref_method="hybrid",
+                        measure_every=2)
+    sub = measured_subset(hyb.layers, 2)
+    assert 0 < len(sub) < hyb.n_layers or {x.block_index for x in hyb.layers} <= {0, 1}
+    # the measured layers hold exactly the measured profile's values (same calibration and items)
+    np.testing.assert_allclose(hyb.ref_values[sub], measured.ref_values[sub], rtol=1e-6)
+    info = hyb.metadata["options"]["fisher"]["hybrid"]
+    assert info["measured_layers"] == len(sub) and info["measure_every"] == 2
+    with pytest.raises(ProfileError, match="measure_every"):
+        ProfileConfig(measure_every=0)
+
+
+def test_measured_subset_blocks():
+    from types import SimpleNamespace
+
+    from bitalloc.sensitivity.fisher_refs import measured_subset
+
+    layers = [SimpleNamespace(block_index=b) for b in range(7) for _ in range(2)] + [SimpleNamespace(block_index=None)]
+    got = measured_subset(layers, 3)
+    assert sorted({layers[i].block_index for i in got if layers[i].block_index is not None}) == [0, 3, 6]
+    assert len(layers) - 1 in got  # a layer outside the blocks is always measured
+    assert len(measured_subset(layers, 1)) == len(layers)
