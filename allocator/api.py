@@ -478,6 +478,10 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     from bitalloc.sensitivity.artifact import write_json
 
     write_json(out / "config.json", cfg.to_dict(), indent=1)
+    if cfg.eval.logits_memory:  # the profile's and the evaluation's logit-sized buffers (and Ray workers')
+        from bitalloc.sensitivity.logits import set_logits_memory
+
+        set_logits_memory(cfg.eval.logits_memory)
     timings = {}
     t_all = time.perf_counter()
 

@@ -32,6 +32,7 @@ typo must not silently fall back to a default).
     n_windows = 8
     seq_len = 256
     baselines = true                 # uniform and llama.cpp-style mixes beside each plan
+    logits_memory = ""               # bound on logit-sized buffers, e.g. "512MiB" ("" : 1GiB or $BITALLOC_LOGITS_MEMORY)
     [output]
     dir = "bitalloc-out"
 """
@@ -132,6 +133,7 @@ class EvalCfg:
     n_windows: int = 8
     seq_len: int = 256
     baselines: bool = True
+    logits_memory: str = ""
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,13 @@ class RunConfig:
                 from bitalloc.sensitivity.patterns import check_pattern
 
                 check_pattern(pat, f"[profile] {k}", error=ConfigError)
+        if self.eval.logits_memory:
+            from bitalloc.sensitivity.logits import parse_size
+
+            try:
+                parse_size(self.eval.logits_memory, "[eval] logits_memory")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if not isinstance(self.eval.baselines, bool):
             raise ConfigError(f"[eval] baselines must be true or false, got {self.eval.baselines!r}")
         if self.profile.saliency not in ("hessian", "obq", "fisher"):

@@ -68,6 +68,7 @@ class EvalSection(Strict):
     n_windows: PosInt = 8
     seq_len: Annotated[int, Field(ge=2)] = 256
     baselines: bool = True
+    logits_memory: str = ""
 
 
 class OutputSection(Strict):

@@ -39,3 +39,12 @@ def test_bad_config(tmp_path, text, err, match):
 def test_missing_config(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_logits_memory_key(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[eval]\nlogits_memory = "512MiB"\n')
+    assert load_config(p).eval.logits_memory == "512MiB"
+    p.write_text('[eval]\nlogits_memory = "lots"\n')
+    with pytest.raises(ConfigError, match="logits_memory"):
+        load_config(p)
