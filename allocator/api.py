@@ -301,18 +301,9 @@ def selection_fitness(model, profile, rows: int = 4):
 
 
 def _with_table(prof, table: str | None):
-    """The profile solving on one of its candidate calibrations (allocator.candidates)."""
-    if table in (None, "profile"):
-        return prof
-    import dataclasses
+    from .candidates import with_table
 
-    from .candidates import candidate_tables
-
-    tabs = candidate_tables(prof)
-    if table not in tabs:
-        raise ValueError(f"table {table!r} is not available for this profile (available: {', '.join(tabs)}; "
-                         "the Fisher calibrations need a profile made with --fisher-table)")
-    return dataclasses.replace(prof, tables={**prof.tables, "all": tabs[table]})
+    return with_table(prof, table)
 
 
 def solve(profile, budget, *, table: str | None = None, **kw) -> Plan:

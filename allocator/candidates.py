@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["CANDIDATES", "candidate_tables", "select_plan"]
+__all__ = ["CANDIDATES", "candidate_tables", "with_table", "select_plan"]
 
 # in the order they are tried (a tie keeps the earlier one)
 CANDIDATES = ("profile", "fisher-refs", "fisher", "mix", "mix-refs")
@@ -71,6 +71,18 @@ def candidate_tables(profile, names: Sequence[str] | None = None) -> dict[str, n
             raise ValueError(f"unknown candidate calibration(s) {unknown}; known: {', '.join(CANDIDATES)}")
         out = {n: t for n, t in out.items() if n in names}
     return out
+
+
+def with_table(profile, name: str | None):
+    """The profile solving on its candidate calibration ``name`` (None or "profile": itself);
+    a ValueError naming what is available when the profile lacks it."""
+    if name in (None, "profile"):
+        return profile
+    tabs = candidate_tables(profile)
+    if name not in tabs:
+        raise ValueError(f"table {name!r} is not available for this profile (available: {', '.join(tabs)}; "
+                         "the Fisher calibrations need a profile made with --fisher-table)")
+    return dataclasses.replace(profile, tables={**profile.tables, "all": tabs[name]})
 
 
 def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[float]], *,

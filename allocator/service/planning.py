@@ -31,8 +31,17 @@ __all__ = ["Planner", "plan_id", "profile_meta"]
 PLAN_REQUEST_SCHEMA = "bitalloc.plan-request/1"
 
 
+def _request_dict(req: PlanRequest) -> dict:
+    """The request as stored and hashed; the default table is left out, so plan ids of requests
+    made before the field existed stay the same."""
+    d = req.model_dump()
+    if d.get("table") == "profile":
+        d.pop("table")
+    return d
+
+
 def plan_id(req: PlanRequest) -> str:
-    return hashlib.sha256(dumps({"schema": PLAN_REQUEST_SCHEMA, **req.model_dump()}).encode()).hexdigest()
+    return hashlib.sha256(dumps({"schema": PLAN_REQUEST_SCHEMA, **_request_dict(req)}).encode()).hexdigest()
 
 
 def profile_meta(pid: str, prof, *, source: str, job_id: str | None = None) -> dict:
@@ -113,9 +122,15 @@ class Planner:
         kw = dict(method=req.method, backend=req.backend, time_limit_s=req.time_limit_s, schemes=req.schemes,
                   pins=req.pins or None, forbid=req.forbid or None, group_weights=req.group_weights,
                   group_limits=req.group_limits, group_shares=req.group_shares, group_norm=req.group_norm)
+        if req.table != "profile":
+            from bitalloc.allocator.candidates import with_table
+
+            prof = with_table(prof, req.table)
         with self._solves:
             try:
                 plan = solve(prof, req.budget, **kw)
+                if req.table != "profile":
+                    plan = dataclasses.replace(plan, solver={**plan.solver, "table": req.table})
             except InfeasibleBudget as e:
                 raise ApiError(422, f"budget: {e}", "budget", min_bpw=e.min_bpw, max_bpw=e.max_bpw) from None
             except AllocationError as e:
@@ -130,7 +145,7 @@ class Planner:
                    "layers": {f: lp.scheme for f, lp in plan.layers.items()}, "predicted": plan.predicted,
                    "solver": {k: plan.solver.get(k) for k in ("method", "solver", "status", "objective", "gap",
                                                               "solve_time_s", "capacity_bits", "used_bits")}}
-        if not self.db.insert(_db.plans, id=pid, profile_id=req.profile, artifact_id=aid, request=dumps(req.model_dump()),
+        if not self.db.insert(_db.plans, id=pid, profile_id=req.profile, artifact_id=aid, request=dumps(_request_dict(req)),
                               summary=dumps(summary), created_at=time.time()):
             return self.db.one(_db.plans, pid)["summary"], False  # a concurrent twin got there first
         return summary, True
@@ -227,5 +242,7 @@ def _check_request(prof, req: PlanRequest) -> None:
         unknown = sorted(set(getattr(req, name) or {}) - set(prof.tables))
         if unknown:
             raise ApiError(422, f"{name}: unknown metric group(s) {unknown}; the profile has {sorted(prof.tables)}", name)
+    if req.table != "profile" and prof.fisher is None:
+        raise ApiError(422, f"table: {req.table!r} needs a profile made with fisher_table; this one has none", "table")
     if req.method in ("qp", "qp-relax", "separable") and not prof.pairs:
         raise ApiError(422, f"method: {req.method!r} needs pair terms in the profile; use 'ilp'", "method")

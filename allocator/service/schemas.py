@@ -91,6 +91,10 @@ class ProfileRequest(Strict):
     pairs: Literal["full", "reduced"] | None = None
     pair_schemes: list[str] | None = Field(None, min_length=1, max_length=MAX_SCHEMES)
     pair_ref: str | None = None
+    ref_method: Literal["measured", "fisher", "hybrid"] = "measured"
+    measure_every: int = Field(3, ge=1, le=4096)
+    fisher_table: bool = False
+    fisher_labels: Literal["sampled", "text"] = "sampled"
 
     @field_validator("model")
     @classmethod
@@ -130,6 +134,11 @@ class ProfileRequest(Strict):
                 raise _FieldError("ref_schemes", f"ref scheme {r!r} is not one of the schemes")
         if self.pairs is not None and not self.measured:
             raise _FieldError("pairs", "pair terms need the measured table (measured: true)")
+        if self.ref_method != "measured" and (self.measured or self.groups):
+            raise _FieldError("ref_method", f"ref_method {self.ref_method!r} estimates KL references; it does not go "
+                                            "with measured: true or metric groups")
+        if self.fisher_table and self.groups:
+            raise _FieldError("fisher_table", "a Fisher table estimates KL only; it does not go with metric groups")
         if self.pairs is not None and self.groups:
             raise _FieldError("pairs", "pair terms with metric groups are not supported")
         if (self.pair_schemes or self.pair_ref) and self.pairs is None:
@@ -159,6 +168,9 @@ class PlanRequest(Strict):
     group_limits: dict[str, float] | None = None
     group_shares: dict[str, float] | None = None
     group_norm: Literal["auto", "ref", "range", "none"] = "auto"
+    # the profile's candidate calibration to solve on (allocator.candidates); all but "profile"
+    # need a profile made with fisher_table
+    table: Literal["profile", "fisher-refs", "fisher", "mix", "mix-refs"] = "profile"
     # the client's model (weights sha256, as in a profile's model.fingerprint): refused if the profile is for another
     model_sha256: str | None = Field(None, pattern=HEX64)
 

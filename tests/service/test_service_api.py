@@ -185,3 +185,25 @@ def test_export_job_with_a_builtin_target(server, profile_id, tmp_path):
         cfg = json.load(tf.extractfile(next(n for n in names if n.endswith("config.json") and "bitalloc" not in n)))
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
     assert any(n.endswith("bitalloc-plan.json") for n in names) and any(n.endswith(".safetensors") for n in names)
+
+
+def test_plan_on_a_candidate_calibration(server, tmp_path):
+    """A profile with a Fisher table: plans on request from any of its candidate calibrations,
+    the same as `bitalloc solve --table`."""
+    import bitalloc
+    from svc_helpers import SCHEMES, TINY
+
+    path = tmp_path / "fisher.json"
+    prof = bitalloc.profile(TINY["model"], n_samples=2, seq_len=16, kl_samples=2, schemes=SCHEMES, fisher_table=True,
+                            out=path, progress=False, log=None)
+    r = server.http.post("/v1/profiles/upload", content=prof.to_json_bytes(), headers={"content-type": "application/json"})
+    assert r.status_code in (200, 201), r.text
+    pid = r.json()["id"]
+    plain = server.http.post("/v1/plans", json={"profile": pid, "budget": "4bpw"})
+    mixed = server.http.post("/v1/plans", json={"profile": pid, "budget": "4bpw", "table": "mix"})
+    assert plain.status_code == 201 and mixed.status_code == 201, mixed.text
+    assert mixed.json()["id"] != plain.json()["id"]
+    served = json.loads(server.http.get(f"/v1/plans/{mixed.json()['id']}").text)
+    assert served["solver"]["table"] == "mix"
+    local = bitalloc.solve(prof, "4bpw", table="mix")
+    assert {f: v["scheme"] for f, v in served["layers"].items()} == {f: lp.scheme for f, lp in local.layers.items()}
