@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FISHER_LABELS", "fisher_ref_values", "hybrid_ref_values", "measured_subset", "layer_kind"]
+__all__ = ["FISHER_LABELS", "FisherStats", "fisher_ref_values", "hybrid_ref_values", "measured_subset", "layer_kind"]
 
 FISHER_LABELS = ("sampled", "text")
 
@@ -49,6 +49,100 @@ def _labels(logits: torch.Tensor, ids: torch.Tensor, mode: str, gen: torch.Gener
     probs = torch.softmax(logits[:, :-1].detach().to(torch.float32), dim=-1)  # (B, T-1, V)
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:2])
+
+
+class FisherStats:
+    """Each layer's scored inputs ``X`` (N, in) and squared output gradients ``G²`` (N, out).
+
+    GPTQ's shape: :meth:`collect` runs the forward and backward passes and keeps, per layer,
+    what the estimate needs; :meth:`value` scores any weight error from them with one
+    ``(N, in) × (in, out)`` product, so a caller that already quantizes each (layer, scheme)
+    (the proxy table) adds the Fisher estimate for the cost of that product;
+    :meth:`free` drops the buffers. Layers reading one input share its ``X``.
+    """
+
+    def __init__(self, x: dict, g2: dict, n: int, info: dict):
+        self.x, self.g2, self.n, self.info = x, g2, n, info  # layer index -> (N, in) / (N, out) float32
+
+    @classmethod
+    def collect(cls, model: torch.nn.Module, layers: Sequence[Any], data: Any, *, stride: int = 1,
+                labels: str = "sampled", seed: int = 0, memory: int = 1 << 30, batch_tokens: int = 2048,
+                progress: bool = False) -> "FisherStats":
+        """Forward + backward over whole rows of ``data`` (causal-LM ids ``(n, T)``), scoring every
+        ``stride``-th position; rows are taken in order while the kept buffers fit ``memory``
+        bytes (at least one row). Info: ``{"labels", "seed", "tokens", "stride", "rows", "batches"}``."""
+        from .calibration import as_batches
+        from .proxy import module_at, progress_bar
+
+        if labels not in FISHER_LABELS:
+            raise ValueError(f"labels must be one of {FISHER_LABELS}, got {labels!r}")
+        if isinstance(data, dict) or not isinstance(data, torch.Tensor) or data.dim() != 2:
+            raise ValueError("Fisher estimates need a causal LM's token ids (n, seq), not an encoder batch")
+        if not (isinstance(stride, int) and stride >= 1):
+            raise ValueError(f"stride must be a positive integer, got {stride!r}")
+        T = int(data.shape[1])
+        per_row = len(range(0, T - 1, stride))  # scored positions of one row
+        inputs = {}
+        for layer in layers:  # layers reading one input share it (q/k/v, gate/up): count it once
+            inputs.setdefault((layer.block_index, layer.in_features, _input_key(layer.fqn)), layer.in_features)
+        per_token = 4 * (sum(inputs.values()) + sum(layer.out_features for layer in layers))
+        rows = max(1, min(int(data.shape[0]), int(memory) // max(1, per_token * per_row)))
+        data = data[:rows]
+        mods = [module_at(model, layer.fqn) for layer in layers]
+        xs: dict[int, list] = {i: [] for i in range(len(layers))}
+        gs: dict[int, list] = {i: [] for i in range(len(layers))}
+        gen = torch.Generator().manual_seed(seed)
+        flags = {p: p.requires_grad for p in model.parameters()}
+        training = model.training
+        batches = as_batches(data, max(1, int(batch_tokens) // max(1, T)))
+        n = 0
+        try:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for batch in progress_bar(batches, progress, "fisher"):
+                n += _collect_batch(model, layers, mods, batch, labels, gen, stride, xs, gs)
+        finally:
+            for p, f in flags.items():
+                p.requires_grad_(f)
+            model.train(training)
+        joined: dict[tuple, torch.Tensor] = {}  # layers that shared an input share the joined tensor too
+        x = {i: _cat(v, joined) for i, v in xs.items() if v}
+        g2 = {i: torch.cat(v) for i, v in gs.items() if v}
+        info = {"labels": labels, "seed": seed, "tokens": n, "stride": stride, "rows": rows, "batches": len(batches)}
+        return cls(x, g2, n, info)
+
+    def value(self, i: int, w: torch.Tensor, wq: torch.Tensor, act: str = "a16") -> float:
+        """½ · (1/N) Σ G² ⊙ (X (Wq − W)ᵀ)²: layer ``i``'s estimated KL per token with weight ``wq``
+        (``(out, in)``, as ``w``); an activation format quantizes ``X`` too. 0.0 for a layer the
+        loss does not reach."""
+        if i not in self.x or i not in self.g2:
+            return 0.0
+        x = self.x[i]  # (N, in)
+        if act != "a16":
+            from bitalloc.kernels.quant import quantize_activation
+
+            dy = quantize_activation(x, act) @ wq.t().to(torch.float32) - x @ w.t().to(torch.float32)  # (N, out)
+        else:
+            dy = x @ (wq.to(torch.float32) - w.to(torch.float32)).t()  # (N, out) = Y_q − Y (bias not quantized)
+        return 0.5 * float(dy.square_().mul_(self.g2[i]).sum(dtype=torch.float64)) / max(self.n, 1)
+
+    def free(self) -> None:
+        self.x, self.g2 = {}, {}
+
+
+def _input_key(fqn: str) -> str:
+    """Which input a layer reads, by role: q/k/v read one, gate/up one (the rest their own)."""
+    kind = fqn.rsplit(".", 1)[-1]
+    return {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(kind, kind)
+
+
+def _cat(parts: list, joined: dict) -> torch.Tensor:
+    """One tensor per layer; layers that read the same input tensors share the result."""
+    key = tuple(id(p) for p in parts)
+    if key not in joined:
+        joined[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return joined[key]
 
 
 def fisher_ref_values(
@@ -64,62 +158,41 @@ def fisher_ref_values(
     stride: int = 1,
     labels: str = "sampled",
     seed: int = 0,
+    memory: int = 1 << 30,
     progress: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """``(L, R)`` estimated KL per token of quantizing each layer alone at each scheme, and info.
 
-    ``data``: the calibration ids ``(n, seq)`` (causal LMs only: the estimate needs next-token
-    logits). Weights are quantized exactly as the measured references quantize them
-    (:func:`proxy.quantize_layer_weight` with the layer's Hessian, ``quantizer`` and split
-    ``saliency``); activation-quantized schemes quantize the layer's input the same way.
-    One forward + one backward per batch of whole rows, up to ``batch_tokens`` tokens each
-    (every layer's input is kept for the batch, and every (layer, scheme) is quantized once
-    per batch); ΔY is scored at every ``stride``-th position (all positions still shape the
-    gradients), as the measured references are. The model's parameters get no ``.grad`` and
-    keep their ``requires_grad``. Info: ``{"labels", "seed", "tokens", "stride", "batches",
-    "seconds"}``.
+    :meth:`FisherStats.collect` (``data``: causal-LM ids ``(n, seq)``; rows within ``memory``;
+    every ``stride``-th position scored), then each (layer, scheme) quantized exactly as the
+    measured references quantize it (:func:`proxy.quantize_layer_weight` with the layer's
+    Hessian, ``quantizer`` and split ``saliency``) and scored by :meth:`FisherStats.value`.
+    Info: the collection's, plus ``"seconds"``.
     """
-    from .calibration import as_batches
     from .hessian import hessian_tensor
     from .layers import get_weight
-    from .proxy import as_scheme, module_at, progress_bar, quantize_layer_weight
+    from .proxy import as_scheme, module_at, quantize_layer_weight
 
-    if labels not in FISHER_LABELS:
-        raise ValueError(f"labels must be one of {FISHER_LABELS}, got {labels!r}")
-    if isinstance(data, dict):
-        raise ValueError("Fisher reference values need a causal LM's token ids, not an encoder batch")
     schemes = [as_scheme(s) for s in schemes]
     t0 = time.perf_counter()
-    mods = [module_at(model, layer.fqn) for layer in layers]
-    acc = np.zeros((len(layers), len(schemes)), dtype=np.float64)  # Σ g² ΔY² per (layer, scheme)
-    gen = torch.Generator().manual_seed(seed)
-    n_tok = 0
-    flags = {p: p.requires_grad for p in model.parameters()}
-    training = model.training
-    if not (isinstance(stride, int) and stride >= 1):
-        raise ValueError(f"stride must be a positive integer, got {stride!r}")
-    batches = as_batches(data, max(1, int(batch_tokens) // max(1, int(data.shape[-1]))))
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for batch in progress_bar(batches, progress, "fisher refs"):
-            n_tok += _accumulate(model, layers, mods, batch, schemes, hessians, quantizer, saliency, labels, gen,
-                                 stride, acc, hessian_tensor, get_weight, quantize_layer_weight)
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(training)
-    values = 0.5 * acc / max(n_tok, 1)
-    info = {"labels": labels, "seed": seed, "tokens": n_tok, "stride": stride, "batches": len(batches),
-            "seconds": round(time.perf_counter() - t0, 3)}
-    return values, info
+    stats = FisherStats.collect(model, layers, data, stride=stride, labels=labels, seed=seed, memory=memory,
+                                batch_tokens=batch_tokens, progress=progress)
+    out = np.zeros((len(layers), len(schemes)), dtype=np.float64)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            w = get_weight(module_at(model, layer.fqn), layer.module_type).detach().to(torch.float32)  # (out, in)
+            H = hessian_tensor(hessians[layer.fqn]) if hessians and layer.fqn in hessians else None
+            sal = saliency.get(layer.fqn) if saliency else None
+            for j, s in enumerate(schemes):
+                wq = quantize_layer_weight(w, s, H, quantizer=quantizer, saliency=sal)
+                out[i, j] = stats.value(i, w, wq, s.act)
+    stats.free()
+    return out, {**stats.info, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _accumulate(model, layers, mods, batch, schemes, hessians, quantizer, saliency, labels, gen, stride, acc,
-                hessian_tensor, get_weight, quantize_layer_weight) -> int:
-    """One forward + backward over ``batch``; adds Σ g² ΔY² over the scored positions (0, stride,
-    2·stride, ... of the first T-1, the ones with a next token) into ``acc``; returns their count."""
+def _collect_batch(model, layers, mods, batch, labels, gen, stride, xs, gs) -> int:
+    """One forward + backward over ``batch``; appends each layer's scored inputs and squared
+    output gradients (``g = ∂ Σ_t −log p(y_t) / ∂Y``) to ``xs`` / ``gs``; returns the scored count."""
     ids = batch["input_ids"]  # (B, T)
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
@@ -147,36 +220,29 @@ def _accumulate(model, layers, mods, batch, schemes, hessians, quantizer, salien
     pred = logits[:, :-1].to(torch.float32)
     loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1),
                                              ignore_index=-100, reduction="sum")  # Σ_t −log p(y_t)
+    del pred, logits, out
     keep = torch.zeros(ids.shape[1], dtype=torch.bool)
     keep[: ids.shape[1] - 1: stride] = True  # positions whose output error is scored
     keep_bt = keep.expand(ids.shape[0], -1)  # (B, T)
     if mask is not None:
         keep_bt = keep_bt & (mask != 0)
-    n = int(keep_bt.sum())
     idx = sorted(outputs)
     grads = torch.autograd.grad(loss, [outputs[i] for i in idx], allow_unused=True)
-    del outputs, loss, out, logits, pred
+    del outputs, loss
+    shared: dict[int, torch.Tensor] = {}  # one scored copy per distinct input tensor
     with torch.no_grad():
         for i, g in zip(idx, grads):
             if g is None:  # a layer that does not reach the logits
                 continue
             layer = layers[i]
-            x = inputs.pop(i)[keep_bt].reshape(-1, layer.in_features).to(torch.float32)  # (N, in), N scored
-            g2 = g[keep_bt].reshape(-1, g.shape[-1]).to(torch.float32).pow(2)  # (N, out)
-            w = get_weight(mods[i], layer.module_type).detach().to(torch.float32)  # (out, in)
-            H = hessian_tensor(hessians[layer.fqn]) if hessians and layer.fqn in hessians else None
-            sal = saliency.get(layer.fqn) if saliency else None
-            for j, s in enumerate(schemes):
-                wq = quantize_layer_weight(w, s, H, quantizer=quantizer, saliency=sal).to(torch.float32)
-                if s.act != "a16":
-                    from bitalloc.kernels.quant import quantize_activation
-
-                    dy = quantize_activation(x, s.act) @ wq.t() - x @ w.t()  # (N, out)
-                else:
-                    dy = x @ (wq - w).t()  # (N, out) = Y_q − Y (the bias is not quantized)
-                acc[i, j] += float(dy.square_().mul_(g2).sum(dtype=torch.float64))
-            del x, g2
-    return n
+            x = inputs[i]
+            assert x.shape[:2] == ids.shape, f"{layer.fqn}: input {tuple(x.shape)} is not (batch, seq, features)"
+            key = id(x.untyped_storage()) if hasattr(x, "untyped_storage") else id(x)
+            if key not in shared:
+                shared[key] = x[keep_bt].reshape(-1, layer.in_features).to(torch.float32)  # (N, in)
+            xs[i].append(shared[key])
+            gs[i].append(g[keep_bt].reshape(-1, g.shape[-1]).to(torch.float32).pow_(2))  # (N, out)
+    return int(keep_bt.sum())
 
 
 def layer_kind(fqn: str) -> str:

@@ -175,8 +175,15 @@ def proxy_table(
     act_stats: dict[str, Any] | None = None,
     quantizer: str = "rtn",
     saliency: dict[str, Any] | None = None,
+    fisher: Any = None,
+    fisher_out: np.ndarray | None = None,
+    fisher_cols: Sequence[int] | None = None,
 ) -> np.ndarray:
     """``(L, S)`` float64 table of output errors ``tr(ΔW H ΔWᵀ)``, ``ΔW = Q_s(W) − W``.
+
+    ``fisher`` (a :class:`~.fisher_refs.FisherStats`): also writes each (layer, scheme)'s
+    output-Fisher KL estimate into ``fisher_out`` (L, S) from the same quantized weight, for
+    the schemes ``fisher_cols`` (default all), so no weight is quantized twice.
 
     ``W`` is the layer's (out, in) weight (Conv1D transposed), ``H`` its input Hessian
     (``hessians[fqn]``: a tensor or a :class:`HessianAccumulator`). Splits keep the most
@@ -223,6 +230,8 @@ def proxy_table(
             else:
                 wq = fq(w, s, idx)
             d = wq - w
+            if fisher is not None and (fisher_cols is None or j in fisher_cols):
+                fisher_out[i, j] = fisher.value(i, w, wq, s.act)
             err = ((d @ H) * d).sum(dtype=torch.float64)
             if s.act != "a16":
                 acc = (act_stats or {}).get(layer.fqn)

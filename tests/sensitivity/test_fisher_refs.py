@@ -183,3 +183,21 @@ def test_measured_subset_blocks():
     assert sorted({layers[i].block_index for i in got if layers[i].block_index is not None}) == [0, 3, 6]
     assert len(layers) - 1 in got  # a layer outside the blocks is always measured
     assert len(measured_subset(layers, 1)) == len(layers)
+
+
+def test_fisher_table_made_with_the_proxy_equals_a_separate_pass(pair):
+    """The profile's table comes from the proxy's own quantized weights; a separate pass over the
+    same calibration, positions and labels gives the same numbers."""
+    from bitalloc.sensitivity.calibration import load_calibration
+    from bitalloc.sensitivity.models import load_model
+
+    measured, _ = pair
+    loaded = load_model("random:llama-tiny")
+    data = load_calibration(CAL, loaded.model, loaded.tokenizer)
+    opts = measured.metadata["options"]
+    assert opts["fisher"]["with_proxy"] and opts["fisher"]["schemes"] == len(SCHEMES)
+    sal = {f: torch.as_tensor(v) for f, v in measured.saliency.items()}
+    vals, info = fisher_ref_values(loaded.model, measured.layers, data, SCHEMES, saliency=sal,
+                                   stride=opts["kl_stride"], seed=opts["fisher"]["seed"])
+    assert info["tokens"] == opts["fisher"]["tokens"]
+    np.testing.assert_allclose(measured.fisher, vals, rtol=1e-5, atol=1e-12)
