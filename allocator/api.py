@@ -478,7 +478,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
 
     loaded = load(cfg.model.spec, log=log)
     prof_path = out / "profile.json"
-    prof = _reuse_profile(prof_path, cfg, log)
+    prof = _reuse_profile(prof_path, cfg, log, loaded.kind)
     llamacpp = cfg.profile.target == "llamacpp"
     if prof is None:
         t0 = time.perf_counter()
@@ -490,7 +490,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
                            exclude=p.exclude, ref_schemes=p.ref_schemes or None,
                            measured=p.measured, workers=p.workers or None, ray_address=p.ray_address or None)
         else:
-            prof = profile(loaded, cfg.profile_config(), out=prof_path, progress=progress, log=log)
+            prof = profile(loaded, cfg.profile_config(loaded.kind), out=prof_path, progress=progress, log=log)
         timings["profile_s"] = time.perf_counter() - t0
         log(f"profile: {len(prof.layers)} layers x {len(prof.schemes)} schemes in {timings['profile_s']:.1f}s -> {prof_path}")
 
@@ -498,7 +498,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     entries: list[tuple[str, str, Plan]] = []  # (budget, method, plan)
     plan_paths = {}
     fitness = None
-    if cfg.solve.select and prof.fisher is not None:
+    if cfg.fisher_settings(loaded.kind)[2] and prof.fisher is not None:
         fitness = selection_fitness(loaded, prof, cfg.solve.select_rows)
     for b in cfg.solve.budgets:
         bname = parse_budget(b).name
@@ -563,7 +563,7 @@ def _measured_kw(cfg: RunConfig) -> dict:
     return {"measured": True, "workers": p.workers or None, "ray_address": p.ray_address or None}
 
 
-def _reuse_profile(path: Path, cfg: RunConfig, log):
+def _reuse_profile(path: Path, cfg: RunConfig, log, kind: str = "causal-lm"):
     """A saved profile in the output folder is reused when it was made with the same settings."""
     if not path.is_file():
         return None
@@ -576,11 +576,11 @@ def _reuse_profile(path: Path, cfg: RunConfig, log):
         return None
     c = cfg.calibration
     calib = _calibration_spec(c.source, c.n_samples, c.seq_len, c.seed)
+    ref_method, fisher_table, _ = cfg.fisher_settings(kind)
     want = _request(cfg.model.spec, cfg.profile.schemes, calib, (c.kl_samples, c.kl_stride), cfg.profile.include,
                     cfg.profile.exclude, cfg.profile.ref_schemes, measured=cfg.profile.measured,
                     groups=list(cfg.profile.groups) or None,
-                    ref_method=_ref_request(cfg.profile.ref_method, cfg.profile.measure_every),
-                    fisher_table=cfg.profile.fisher_table)
+                    ref_method=_ref_request(ref_method, cfg.profile.measure_every), fisher_table=fisher_table)
     want = json.loads(json.dumps(want))
     have = prof.metadata.get("request")
     if have != want:

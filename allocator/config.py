@@ -23,10 +23,18 @@ typo must not silently fall back to a default).
     measured = false                 # true: measure every (layer, scheme) (the expensive table)
     workers = 0                      # measured on a local Ray instance with N workers (0: in-process)
     ray_address = ""                 # or on an existing Ray cluster ("" : RAY_ADDRESS or none)
+    ref_method = "auto"              # measured | fisher | hybrid (every measure_every-th block measured);
+                                     # auto: hybrid for a causal LM on the bitalloc target, else measured
+    measure_every = 3
+    fisher_table = true              # also the output-Fisher estimate of every (layer, scheme)
+                                     # (default: with ref_method auto, as that; else false)
     [solve]
     budgets = ["2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw"]
     method = "ilp"                   # ilp | dp | lagrangian
     backend = "highs"                # highs | cbc
+    select = true                    # solve on each candidate calibration, keep the plan with the lowest
+    select_rows = 4                  # ... measured KL on the last select_rows calibration rows
+                                     # (default: true where the profile has a Fisher table)
     [eval]
     text = "generated"               # "generated" (held-out, another seed) or a text file
     n_windows = 8
@@ -107,9 +115,9 @@ class ProfileCfg:
     quantizer: str = "rtn"           # rtn | gptq
     target: str = "bitalloc"         # bitalloc | llamacpp (ggml types, ggml's quantizer, whole-GGUF budget)
     imatrix: bool = True             # llamacpp target: the Hessian diagonal as llama.cpp importance matrix
-    ref_method: str = "measured"     # measured | fisher | hybrid: how the reference values are obtained
+    ref_method: str = "auto"         # measured | fisher | hybrid | auto: how the reference values are obtained
     measure_every: int = 3           # hybrid: every N-th block measured end to end
-    fisher_table: bool = False       # also the output-Fisher estimate of every (layer, scheme)
+    fisher_table: bool | None = None # also the output-Fisher estimate of every (layer, scheme); None: auto
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,7 @@ class SolveCfg:
     group_limits: dict | None = None    # {group = max predicted loss}
     group_shares: dict | None = None    # {group = fraction of the bit budget}
     target: str = ""                    # "" | vllm (q/k/v and gate/up tied to one scheme, as vLLM fuses them)
-    select: bool = False                # solve on every candidate calibration, keep the plan with the lowest
+    select: bool | None = None          # solve on every candidate calibration (None: where there are several), keep the plan with the lowest
                                         # measured KL on select_rows calibration rows (allocator.candidates)
     select_rows: int = 4
 
@@ -216,13 +224,13 @@ class RunConfig:
         if self.profile.target == "llamacpp" and (self.profile.groups or self.profile.quantizer != "rtn"):
             raise ConfigError("[profile] target = llamacpp uses ggml's quantizer and one KL table "
                               "(no quantizer or groups settings)")
-        if self.profile.ref_method not in ("measured", "fisher", "hybrid"):
-            raise ConfigError(f"[profile] ref_method must be measured, fisher or hybrid, got {self.profile.ref_method!r}")
-        if self.profile.ref_method != "measured" and (self.profile.measured or self.profile.groups):
+        if self.profile.ref_method not in ("auto", "measured", "fisher", "hybrid"):
+            raise ConfigError(f"[profile] ref_method must be auto, measured, fisher or hybrid, got {self.profile.ref_method!r}")
+        if self.profile.ref_method not in ("auto", "measured") and (self.profile.measured or self.profile.groups):
             raise ConfigError(f"[profile] ref_method = {self.profile.ref_method} estimates KL references; it does not "
                               "go with measured = true or metric groups")
-        if self.profile.target == "llamacpp" and (self.profile.ref_method != "measured" or self.profile.fisher_table
-                                                  or self.solve.select):
+        if self.profile.target == "llamacpp" and (self.profile.ref_method not in ("auto", "measured")
+                                                  or self.profile.fisher_table or self.solve.select):
             raise ConfigError("[profile] target = llamacpp measures its references in llama.cpp's types "
                               "(no ref_method, fisher_table or [solve] select)")
         if self.profile.fisher_table and self.profile.groups:
@@ -243,19 +251,33 @@ class RunConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {v!r}")
 
-    def profile_config(self):
+    def fisher_settings(self, kind: str = "causal-lm") -> tuple[str, bool, bool]:
+        """(ref_method, fisher_table, select) with "auto" / unset resolved for a model of ``kind``:
+        the hybrid references, the Fisher table and selection for a causal LM on the bitalloc
+        target (the main job; experiments/README.md has what it costs and wins), measured
+        references alone otherwise (encoders have no next-token Fisher; llama.cpp measures its
+        own types; measured tables and metric groups measure)."""
+        p = self.profile
+        fisher_ok = kind == "causal-lm" and p.target == "bitalloc" and not p.measured and not p.groups
+        method = p.ref_method if p.ref_method != "auto" else ("hybrid" if fisher_ok else "measured")
+        table = p.fisher_table if p.fisher_table is not None else (fisher_ok and p.ref_method == "auto")
+        select = self.solve.select if self.solve.select is not None else bool(table)
+        return method, bool(table), bool(select)
+
+    def profile_config(self, kind: str = "causal-lm"):
         """The [profile] and [calibration] sections as one
-        :class:`~bitalloc.sensitivity.profile_config.ProfileConfig`."""
+        :class:`~bitalloc.sensitivity.profile_config.ProfileConfig` (for a model of ``kind``)."""
         from bitalloc.sensitivity.profile_config import ProfileConfig
 
         p, c = self.profile, self.calibration
+        ref_method, fisher_table, _ = self.fisher_settings(kind)
         return ProfileConfig(
             schemes=p.schemes, ref_schemes=p.ref_schemes, include=p.include, exclude=p.exclude,
             calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
             kl_samples=c.kl_samples, kl_stride=c.kl_stride, groups=tuple(p.groups), measured=p.measured,
             workers=(p.workers or None) if p.measured else None,
             ray_address=(p.ray_address or None) if p.measured else None, saliency=p.saliency, quantizer=p.quantizer,
-            ref_method=p.ref_method, fisher_table=p.fisher_table, measure_every=p.measure_every)
+            ref_method=ref_method, fisher_table=fisher_table, measure_every=p.measure_every)
 
     def group_policy(self):
         """The [solve] group_* keys as an :class:`allocator.policy.GroupPolicy`."""

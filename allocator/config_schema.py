@@ -45,8 +45,8 @@ class ProfileSection(Strict):
     quantizer: NonEmpty = "rtn"
     target: NonEmpty = "bitalloc"
     imatrix: bool = True
-    ref_method: NonEmpty = "measured"
-    fisher_table: bool = False
+    ref_method: NonEmpty = "auto"
+    fisher_table: Optional[bool] = None
     measure_every: PosInt = 3
 
 
@@ -59,7 +59,7 @@ class SolveSection(Strict):
     group_limits: Optional[dict[str, Finite]] = None
     group_shares: Optional[dict[str, Finite]] = None
     target: str = ""
-    select: bool = False
+    select: Optional[bool] = None
     select_rows: PosInt = 4
 
 

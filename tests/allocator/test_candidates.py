@@ -108,7 +108,7 @@ dir = "{tmp_path / 'out'}"
 
 
 @pytest.mark.parametrize("body,msg", [
-    ('[profile]\nref_method = "guess"', "[profile] ref_method must be measured, fisher or hybrid"),
+    ('[profile]\nref_method = "guess"', "[profile] ref_method must be auto, measured, fisher or hybrid"),
     ('[profile]\nref_method = "fisher"\nmeasured = true', "does not go with"),
     ('[profile]\ntarget = "llamacpp"\nfisher_table = true', "target = llamacpp"),
     ('[solve]\nselect = "yes"', "select"),

@@ -48,3 +48,21 @@ def test_logits_memory_key(tmp_path):
     p.write_text('[eval]\nlogits_memory = "lots"\n')
     with pytest.raises(ConfigError, match="logits_memory"):
         load_config(p)
+
+
+def test_fisher_settings_resolve_auto(tmp_path):
+    """The main job: hybrid references, Fisher table and selection for a causal LM; measured
+    references alone for an encoder, the llama.cpp target, a measured table; explicit keys win."""
+    cfg = load_config(None)
+    assert cfg.fisher_settings("causal-lm") == ("hybrid", True, True)
+    assert cfg.fisher_settings("encoder") == ("measured", False, False)
+    assert cfg.profile_config("causal-lm").ref_method == "hybrid" and cfg.profile_config("encoder").fisher_table is False
+    p = tmp_path / "c.toml"
+    for body, want in [('[profile]\ntarget = "llamacpp"', ("measured", False, False)),
+                       ('[profile]\nmeasured = true', ("measured", False, False)),
+                       ('[profile]\nref_method = "measured"', ("measured", False, False)),
+                       ('[profile]\nref_method = "measured"\nfisher_table = true', ("measured", True, True)),
+                       ('[profile]\nfisher_table = false', ("hybrid", False, False)),
+                       ('[solve]\nselect = false', ("hybrid", True, False))]:
+        p.write_text(body + "\n")
+        assert load_config(p).fisher_settings("causal-lm") == want, body
