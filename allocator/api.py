@@ -295,7 +295,9 @@ def selection_fitness(model, profile, rows: int = 4):
         raise ValueError(f"selecting plans end to end supports the rtn quantizer, the profile used {quantizer!r}")
     data = _profile_calibration(loaded, prof)
     sel = data[-min(int(rows), len(data)):]
-    ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, 1), quantizer="rtn")
+    # quantized weights shared by the candidates' plans (most layers agree): 1 GiB of them at most
+    ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, 1), quantizer="rtn",
+                      cache_bytes=1 << 30)
     fit = ctx.fitness([as_batches(sel, 4)])
     return lambda choices: fit(choices, 0)
 
@@ -524,6 +526,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
                 entries.append((bname, "rule-mix", baselines.rule_mix(prof, b)))
             except ValueError as e:
                 log(f"rule mix skipped at {bname}: {e}")
+    fitness = None  # the selection's quantized weights and reference go before the evaluation
     for bname, method, plan in entries:
         p = out / "plans" / f"{method}-{bname.replace(':', '_')}.json"
         plan.save(p)
