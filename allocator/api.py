@@ -239,6 +239,19 @@ def _profile_calibration(loaded, prof):
     return data
 
 
+def _causal_rtn(model, profile, what: str):
+    """(loaded model, profile) for the model-side Fisher and selection steps: a causal LM and a
+    profile of the rtn quantizer (the gptq quantizer would need the Hessians), else a ValueError."""
+    loaded = _as_loaded(model)
+    prof, _ = _as_profile(profile)
+    if loaded.kind != "causal-lm":
+        raise ValueError(f"{what} needs a causal LM, {loaded.spec} is a {loaded.kind}")
+    quantizer = prof.metadata.get("quantizer", "rtn")
+    if quantizer != "rtn":
+        raise ValueError(f"{what} supports the rtn quantizer's profiles, this one used {quantizer!r}")
+    return loaded, prof
+
+
 def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | None = None, labels: str = "sampled",
                      seed: int | None = None, progress: bool = False):
     """The profile with its output-Fisher table (:mod:`bitalloc.sensitivity.fisher_refs`) added:
@@ -253,12 +266,7 @@ def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | N
 
     from bitalloc.sensitivity.fisher_refs import fisher_ref_values
 
-    loaded = _as_loaded(model)
-    prof, _ = _as_profile(profile)
-    if loaded.kind != "causal-lm":
-        raise ValueError(f"a Fisher table needs a causal LM, {loaded.spec} is a {loaded.kind}")
-    if prof.metadata.get("quantizer", "rtn") != "rtn":
-        raise ValueError("a Fisher table is added to rtn profiles only (the gptq quantizer needs the Hessians)")
+    loaded, prof = _causal_rtn(model, profile, "a Fisher table")
     fp = prof.fingerprint
     from bitalloc.sensitivity.models import fingerprint
 
@@ -286,13 +294,7 @@ def selection_fitness(model, profile, rows: int = 4):
     from bitalloc.sensitivity.calibration import as_batches
     from bitalloc.sensitivity.peer_context import PeerContext
 
-    loaded = _as_loaded(model)
-    prof, _ = _as_profile(profile)
-    if loaded.kind != "causal-lm":
-        raise ValueError(f"selecting plans end to end needs a causal LM, {loaded.spec} is a {loaded.kind}")
-    quantizer = prof.metadata.get("quantizer", "rtn")
-    if quantizer != "rtn":
-        raise ValueError(f"selecting plans end to end supports the rtn quantizer, the profile used {quantizer!r}")
+    loaded, prof = _causal_rtn(model, profile, "selecting plans end to end")
     data = _profile_calibration(loaded, prof)
     sel = data[-min(int(rows), len(data)):]
     # quantized weights shared by the candidates' plans (most layers agree): 1 GiB of them at most
@@ -302,30 +304,21 @@ def selection_fitness(model, profile, rows: int = 4):
     return lambda choices: fit(choices, 0)
 
 
-def _with_table(prof, table: str | None):
-    from .candidates import with_table
-
-    return with_table(prof, table)
-
-
 def solve(profile, budget, *, table: str | None = None, **kw) -> Plan:
     """A plan for one budget (``3.5bpw``, ``120MB``, ``layers:90MB``). See bitalloc.solve.solve.
     ``table``: solve on that candidate calibration of the profile (default: its own table)."""
+    from .candidates import tagged, with_table
+
     prof, path = _as_profile(profile)
-    plan = _solve.solve(_with_table(prof, table), budget, profile_path=kw.pop("profile_path", path), **kw)
-    return plan if table in (None, "profile") else _tagged(plan, table)
-
-
-def _tagged(plan: Plan, table: str) -> Plan:
-    import dataclasses
-
-    return dataclasses.replace(plan, solver={**plan.solver, "table": table})
+    return tagged(_solve.solve(with_table(prof, table), budget, profile_path=kw.pop("profile_path", path), **kw), table)
 
 
 def sweep(profile, budgets: Sequence, *, table: str | None = None, **kw) -> list[Plan]:
+    from .candidates import tagged, with_table
+
     prof, path = _as_profile(profile)
-    plans = _solve.sweep(_with_table(prof, table), budgets, profile_path=kw.pop("profile_path", path), **kw)
-    return plans if table in (None, "profile") else [_tagged(p, table) for p in plans]
+    plans = _solve.sweep(with_table(prof, table), budgets, profile_path=kw.pop("profile_path", path), **kw)
+    return [tagged(p, table) for p in plans]
 
 
 def apply(model, plan: Plan | str | Path, *, inplace: bool = False, check_fingerprint: bool = True, hessians=None):

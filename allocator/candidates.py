@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["CANDIDATES", "candidate_tables", "with_table", "select_plan"]
+__all__ = ["CANDIDATES", "candidate_tables", "with_table", "tagged", "select_plan"]
 
 # in the order they are tried (a tie keeps the earlier one)
 CANDIDATES = ("profile", "fisher-refs", "fisher", "mix", "mix-refs")
@@ -82,7 +82,16 @@ def with_table(profile, name: str | None):
     if name not in tabs:
         raise ValueError(f"table {name!r} is not available for this profile (available: {', '.join(tabs)}; "
                          "the Fisher calibrations need a profile made with --fisher-table)")
-    return dataclasses.replace(profile, tables={**profile.tables, "all": tabs[name]})
+    return _on(profile, tabs[name])
+
+
+def tagged(plan, name: str | None):
+    """``plan`` recording, in ``solver["table"]``, the candidate calibration it was solved on."""
+    return plan if name in (None, "profile") else dataclasses.replace(plan, solver={**plan.solver, "table": name})
+
+
+def _on(profile, table: np.ndarray):
+    return dataclasses.replace(profile, tables={**profile.tables, "all": table})
 
 
 def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[float]], *,
@@ -96,18 +105,14 @@ def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[
     The returned plan's ``solver["select"]`` holds each candidate's value, the choice and
     the seconds spent measuring.
     """
-    from .solve import solve
+    from .solve import choice_of, solve
 
     tables = candidate_tables(profile, names)
-    plans, choices = {}, {}
-    for name, table in tables.items():
-        prof = dataclasses.replace(profile, tables={**profile.tables, "all": table})
-        plan = solve(prof, budget, profile_path=profile_path, **solve_kw)
-        plans[name] = plan
-        choices[name] = np.array([profile.schemes.index(plan.layers[f].scheme) for f in profile.fqns], dtype=np.int64)
-    unique: dict[bytes, list[str]] = {}
-    for name, c in choices.items():
-        unique.setdefault(c.tobytes(), []).append(name)
+    plans = {name: solve(_on(profile, table), budget, profile_path=profile_path, **solve_kw)
+             for name, table in tables.items()}
+    unique: dict[bytes, list[str]] = {}  # identical plans are measured once
+    for name, plan in plans.items():
+        unique.setdefault(choice_of(profile, plan).tobytes(), []).append(name)
     t0 = time.perf_counter()
     keys = list(unique)
     values = fitness([np.frombuffer(k, dtype=np.int64) for k in keys]) if len(keys) > 1 else [float("nan")]

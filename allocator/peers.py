@@ -169,7 +169,7 @@ def peer_plan(name: str, profile, budget: str | float | Budget, scores=None, *, 
     rule-based ``llamacpp-rules`` and ``uniform``."""
     from .baselines import nearest_uniform, rule_mix
     from .arrays import capacity_bits
-    from .solve import plan_from_choice
+    from .solve import choice_of, plan_from_choice
 
     p = peer(name)
     budget = parse_budget(budget)
@@ -214,12 +214,12 @@ def refine_plan(profile, plan: Plan, budget: str | float | Budget, fitness, *, e
     ``evaluations`` fitness calls. The plan's ``solver`` block keeps the ILP's record and
     adds ``refine`` (evaluations used, fitness before and after)."""
     from .arrays import capacity_bits, loss_table
-    from .solve import plan_from_choice
+    from .solve import choice_of, plan_from_choice
 
     budget = parse_budget(budget)
     capacity = capacity_bits(profile, budget)
     cost = np.asarray(profile.cost_bits, dtype=np.int64)
-    start = np.array([profile.schemes.index(plan.layers[l.fqn].scheme) for l in profile.layers], dtype=np.int64)
+    start = choice_of(profile, plan)
     t0 = time.perf_counter()
     refine = _resolve("solvers", "evolve:refine")
     choice, status = refine(fitness, cost, capacity, start, evaluations=evaluations, seed=seed,

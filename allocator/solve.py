@@ -227,6 +227,12 @@ def quantization_of(profile) -> dict:
     return out
 
 
+def choice_of(profile, plan: Plan) -> np.ndarray:
+    """``(L,)`` int64: the profile's scheme index of each of its layers in ``plan`` (the inverse
+    of :func:`plan_from_choice`)."""
+    return np.array([profile.schemes.index(plan.layers[f].scheme) for f in profile.fqns], dtype=np.int64)
+
+
 def plan_from_choice(profile, choice: Sequence[int], *, budget: Budget | None = None, solver: dict | None = None,
                      label: str = "", profile_path=None, capacity: int | None = None) -> Plan:
     """A Plan from one chosen scheme index per profile layer, with exact predicted bytes and losses.

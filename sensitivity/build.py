@@ -246,7 +246,12 @@ def build_profile(
     sal = layer_saliencies(net, layers, saliency, hessians=stats, fisher=fisher)
     del fisher
     t = lap("saliency", t)
-    fisher_info = fisher_vals = None  # the output-Fisher estimates (sensitivity.fisher_refs), when asked for
+    # the output-Fisher estimates (sensitivity.fisher_refs): every scheme for the table, else the references
+    fisher_info = fisher_vals = None
+    want_fisher = cfg.fisher_table or cfg.ref_method != "measured"
+    fisher_cols = list(range(len(names))) if cfg.fisher_table else [names.index(r) for r in refs]
+    if want_fisher and (loaded.kind != "causal-lm" or isinstance(data, dict)):
+        raise ProfileError(f"Fisher estimates need a causal LM's next-token logits; {loaded.spec} is a {loaded.kind}")
     if ray:
         proxy, ray_info["proxy"] = profile_ray.proxy_rows(
             profile_ray.with_schemes(setup, names, acts, sal), [layer.fqn for layer in layers], names, stats,
@@ -254,22 +259,27 @@ def build_profile(
             shards=ray_info["hessians"]["shards"], progress=progress, say=say)
     else:
         fisher_stats = None
-        if cfg.fisher_table or cfg.ref_method != "measured":  # the Fisher estimates from the proxy's own weights
+        if want_fisher:  # the estimates from the proxy's own quantized weights
+            from .fisher_refs import FisherStats
+
             t_f = time.perf_counter()
-            fisher_stats = _fisher_stats(cfg, loaded, net, layers, data, progress)
+            fisher_stats = FisherStats.collect(net, layers, data, stride=cfg.kl_stride, labels=cfg.fisher_labels,
+                                               seed=cfg.seed, progress=progress)
             t_f = time.perf_counter() - t_f
             fisher_vals = np.full((len(layers), len(names)), np.nan)
-            fisher_cols = None if cfg.fisher_table else [names.index(r) for r in refs]
         proxy = proxy_table(net, layers, stats, scheme_objs, progress, act_stats=stats if acts else None,
                             quantizer=quantizer, saliency=sal, fisher=fisher_stats, fisher_out=fisher_vals,
-                            fisher_cols=fisher_cols if fisher_stats is not None else None)
+                            fisher_cols=fisher_cols)
         if fisher_stats is not None:
             # seconds: the forward/backward pass; each estimate's product is inside the proxy's time
-            fisher_info = {**fisher_stats.info, "schemes": len(names) if cfg.fisher_table else len(refs),
-                           "seconds": round(t_f, 3), "with_proxy": True}
+            fisher_info = {**fisher_stats.info, "schemes": len(fisher_cols), "seconds": round(t_f, 3),
+                           "with_proxy": True}
             fisher_stats.free()
-            say(f"fisher estimates: {len(layers)} layers x {fisher_info['schemes']} schemes from "
+            say(f"fisher estimates: {len(layers)} layers x {len(fisher_cols)} schemes from "
                 f"{fisher_info['tokens']} positions, with the proxy")
+    if want_fisher and fisher_vals is None:  # the Ray path: the proxy ran on the workers, the Fisher pass runs here
+        fisher_vals, fisher_info = _fisher_pass(cfg, net, layers, data, scheme_objs, fisher_cols, stats, quantizer,
+                                                sal, progress, say)
     t = lap("proxy", t)
     say(f"proxy: {len(layers)} layers x {len(names)} schemes in {walls['proxy']:.1f} s; measuring {', '.join(refs)}")
 
@@ -289,8 +299,6 @@ def build_profile(
             loaded, setup, layers, names, data, stats, progress, say, workers=workers, ray_address=ray_address,
             checkpoint=checkpoint, saliency=sal, grouping=grouping, item_schemes=refs)
     elif cfg.ref_method == "fisher":  # one backward per batch instead of 210 x R forwards
-        fisher_vals, fisher_info = _fisher_full(cfg, loaded, net, layers, data, scheme_objs, names, refs, stats,
-                                                quantizer, sal, progress, say, fisher_vals, fisher_info)
         ref_values = fisher_vals[:, [names.index(r) for r in refs]]
         metric_name, replay = "kl", None
     else:
@@ -319,16 +327,11 @@ def build_profile(
         if cfg.ref_method == "hybrid":
             from .fisher_refs import hybrid_ref_values, layer_kind
 
-            fisher_vals, fisher_info = _fisher_full(cfg, loaded, net, layers, data, scheme_objs, names, refs, stats,
-                                                    quantizer, sal, progress, say, fisher_vals, fisher_info)
             ref_values, hyb = hybrid_ref_values([layer_kind(x.fqn) for x in layers], sub, ref_values,
                                                 fisher_vals[:, [names.index(r) for r in refs]])
             fisher_info["hybrid"] = {**hyb, "measure_every": cfg.measure_every}
             say(f"hybrid references: {hyb['measured_layers']} layers measured, {hyb['estimated_layers']} from the "
                 "Fisher corrected per layer kind")
-    if cfg.fisher_table:  # on the Ray path the proxy ran on the workers: the Fisher pass runs here
-        fisher_vals, fisher_info = _fisher_full(cfg, loaded, net, layers, data, scheme_objs, names, refs, stats,
-                                                quantizer, sal, progress, say, fisher_vals, fisher_info)
     t = lap("measure", t)
 
     table, scales = calibrate_proxy(proxy, ref_values, [names.index(r) for r in refs])
@@ -400,31 +403,15 @@ def build_profile(
     )
 
 
-def _fisher_stats(cfg, loaded, net, layers, data, progress):
-    """The output-Fisher statistics of the calibration (:class:`.fisher_refs.FisherStats`)."""
-    from .fisher_refs import FisherStats
-
-    if loaded.kind != "causal-lm" or isinstance(data, dict):
-        raise ProfileError(f"Fisher estimates need a causal LM's next-token logits; {loaded.spec} is a {loaded.kind}")
-    return FisherStats.collect(net, layers, data, stride=cfg.kl_stride, labels=cfg.fisher_labels, seed=cfg.seed,
-                               progress=progress)
-
-
-def _fisher_full(cfg, loaded, net, layers, data, scheme_objs, names, refs, stats, quantizer, sal, progress, say,
-                 have, info):
-    """``(L, S)`` Fisher estimates (NaN where not needed) and info: those the proxy pass made
-    (``have``), else a separate pass over the needed schemes (the Ray path)."""
-    if have is not None:
-        return have, info
+def _fisher_pass(cfg, net, layers, data, scheme_objs, cols, stats, quantizer, sal, progress, say):
+    """``(L, S)`` Fisher estimates at the scheme indices ``cols`` (NaN elsewhere) and their info,
+    from a pass of their own (the proxy ran on Ray workers, so its quantized weights are not here)."""
     from .fisher_refs import fisher_ref_values
 
-    if loaded.kind != "causal-lm" or isinstance(data, dict):
-        raise ProfileError(f"Fisher estimates need a causal LM's next-token logits; {loaded.spec} is a {loaded.kind}")
-    cols = list(range(len(names))) if cfg.fisher_table else [names.index(r) for r in refs]
     vals, info = fisher_ref_values(net, layers, data, [scheme_objs[j] for j in cols], stats, quantizer=quantizer,
                                    saliency=sal, stride=cfg.kl_stride, labels=cfg.fisher_labels, seed=cfg.seed,
                                    progress=progress)
-    out = np.full((len(layers), len(names)), np.nan)
+    out = np.full((len(layers), len(scheme_objs)), np.nan)
     out[:, cols] = vals
     info["schemes"] = len(cols)
     say(f"fisher estimates: {len(layers)} layers x {len(cols)} schemes from {info['tokens']} positions "

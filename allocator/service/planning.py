@@ -122,15 +122,11 @@ class Planner:
         kw = dict(method=req.method, backend=req.backend, time_limit_s=req.time_limit_s, schemes=req.schemes,
                   pins=req.pins or None, forbid=req.forbid or None, group_weights=req.group_weights,
                   group_limits=req.group_limits, group_shares=req.group_shares, group_norm=req.group_norm)
-        if req.table != "profile":
-            from bitalloc.allocator.candidates import with_table
+        from bitalloc.allocator.candidates import tagged, with_table
 
-            prof = with_table(prof, req.table)
         with self._solves:
             try:
-                plan = solve(prof, req.budget, **kw)
-                if req.table != "profile":
-                    plan = dataclasses.replace(plan, solver={**plan.solver, "table": req.table})
+                plan = tagged(solve(with_table(prof, req.table), req.budget, **kw), req.table)
             except InfeasibleBudget as e:
                 raise ApiError(422, f"budget: {e}", "budget", min_bpw=e.min_bpw, max_bpw=e.max_bpw) from None
             except AllocationError as e:

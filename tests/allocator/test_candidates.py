@@ -13,7 +13,7 @@ import bitalloc
 from bitalloc.allocator.candidates import CANDIDATES, candidate_tables, select_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_user_paths import SCHEMES, cli  # noqa: E402
+from test_user_paths import SCHEMES, cli, tiny_run_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -74,29 +74,7 @@ def test_select_keeps_the_lowest_measured_plan(fisher_profile):
 
 def test_run_selects_among_candidates(capsys, tmp_path):
     """[solve] select = true with a Fisher table: each budget's plan records the measured candidates."""
-    cfg = tmp_path / "sel.toml"
-    cfg.write_text(f"""
-[model]
-spec = "random:llama-tiny"
-[calibration]
-n_samples = 4
-seq_len = 32
-kl_samples = 1
-[profile]
-schemes = {json.dumps(SCHEMES.split(","))}
-fisher_table = true
-[solve]
-budgets = ["3.5bpw"]
-select = true
-select_rows = 2
-[eval]
-n_windows = 2
-seq_len = 32
-baselines = false
-[output]
-dir = "{tmp_path / 'out'}"
-""")
-    cli(capsys, "run", cfg)
+    cli(capsys, "run", tiny_run_config(tmp_path, profile="fisher_table = true", solve="select = true\nselect_rows = 2"))
     plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
     sel = plan["solver"]["select"]
     assert sel["chosen"] in CANDIDATES and sel["fitness"]
@@ -105,23 +83,6 @@ dir = "{tmp_path / 'out'}"
         assert all(v > 0 for v in sel["fitness"].values())  # real KL of quantized models
     prof = bitalloc.load_profile(tmp_path / "out" / "profile.json")
     assert prof.fisher is not None and prof.metadata["request"]["fisher_table"] is True
-
-
-@pytest.mark.parametrize("body,msg", [
-    ('[profile]\nref_method = "guess"', "[profile] ref_method must be auto, measured, fisher or hybrid"),
-    ('[profile]\nref_method = "fisher"\nmeasured = true', "does not go with"),
-    ('[profile]\ntarget = "llamacpp"\nfisher_table = true', "target = llamacpp"),
-    ('[solve]\nselect = "yes"', "select"),
-    ('[solve]\nselect_rows = 0', "select_rows"),
-])
-def test_select_config_errors(capsys, tmp_path, body, msg):
-    from bitalloc.allocator.cli import main
-
-    cfg = tmp_path / "bad.toml"
-    cfg.write_text(body + "\n")
-    assert main(["run", str(cfg)]) == 2
-    err = capsys.readouterr().err
-    assert msg in err and err.count("\n") == 1, err
 
 
 def test_add_fisher_table_to_a_stored_profile(tiny_profile):

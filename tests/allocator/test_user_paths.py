@@ -138,9 +138,10 @@ dir = "{tmp_path / 'out'}"
     assert json.loads((out / "timings.json").read_text()).get("profile_s") is None
 
 
-def test_run_config_vllm_target_ties_fused_layers(capsys, tmp_path):
-    """[solve] target = "vllm": every plan of the run gives q/k/v and gate/up one scheme each."""
-    cfg = tmp_path / "vllm.toml"
+def tiny_run_config(tmp_path, profile: str = "", solve: str = ""):
+    """A one-budget (3.5 bpw) run of the tiny random Llama, no baselines, output in tmp_path/out;
+    ``profile`` / ``solve``: extra lines of those sections."""
+    cfg = tmp_path / "run.toml"
     cfg.write_text(f"""
 [model]
 spec = "random:llama-tiny"
@@ -150,9 +151,10 @@ seq_len = 32
 kl_samples = 1
 [profile]
 schemes = {json.dumps(SCHEMES.split(","))}
+{profile}
 [solve]
 budgets = ["3.5bpw"]
-target = "vllm"
+{solve}
 [eval]
 n_windows = 2
 seq_len = 32
@@ -160,7 +162,12 @@ baselines = false
 [output]
 dir = "{tmp_path / 'out'}"
 """)
-    cli(capsys, "run", cfg)
+    return cfg
+
+
+def test_run_config_vllm_target_ties_fused_layers(capsys, tmp_path):
+    """[solve] target = "vllm": every plan of the run gives q/k/v and gate/up one scheme each."""
+    cli(capsys, "run", tiny_run_config(tmp_path, solve='target = "vllm"'))
     plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
     layers = plan["layers"]
     blocks = {f.rsplit(".", 1)[0] for f in layers if ".self_attn." in f}
@@ -177,8 +184,13 @@ dir = "{tmp_path / 'out'}"
     ('[solve]\ntarget = "tgi"', "[solve] target must be vllm"),
     ('[profile]\ntarget = "llamacpp"\n[solve]\ntarget = "vllm"', "does not go with"),
     ('[profile]\ntarget = "llamacpp"\nquantizer = "gptq"', "uses ggml's quantizer"),
+    ('[profile]\nref_method = "guess"', "[profile] ref_method must be auto, measured, fisher or hybrid"),
+    ('[profile]\nref_method = "fisher"\nmeasured = true', "does not go with"),
+    ('[profile]\ntarget = "llamacpp"\nfisher_table = true', "target = llamacpp"),
+    ('[solve]\nselect = "yes"', "select"),
+    ('[solve]\nselect_rows = 0', "select_rows"),
 ])
-def test_run_config_target_errors(capsys, tmp_path, body, msg):
+def test_run_config_errors(capsys, tmp_path, body, msg):
     cfg = tmp_path / "bad.toml"
     cfg.write_text(body + "\n")
     assert main(["run", str(cfg)]) == 2
