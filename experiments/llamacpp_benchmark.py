@@ -40,6 +40,7 @@ PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5
 
 
 def windows(args):
+    """(WikiText-2 test windows, Tiny Shakespeare windows or None): the same token ids for every file."""
     from transformers import AutoTokenizer
 
     from bitalloc.allocator.evaluate import windows_from_file
@@ -48,7 +49,10 @@ def windows(args):
     src = model_gguf_path("smollm2")
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
     _, test = wikitext_files(args.data)
-    return windows_from_file(tok, test, args.seq_len, args.windows)
+    other = Path(args.data) / "tinyshakespeare.txt"
+    win_other = (windows_from_file(tok, other, args.seq_len, args.other_windows)
+                 if args.other_windows and other.is_file() else None)
+    return windows_from_file(tok, test, args.seq_len, args.windows), win_other
 
 
 def source(work: Path) -> Path:
@@ -69,16 +73,23 @@ def save_row(work: Path, row: dict) -> None:
     from bitalloc.sensitivity.artifact import write_json
 
     write_json(row_path(work, row["name"]), row, indent=1)
-    print(f"{row['name']:<32} {row['kind']:<9} {row['file_bytes']:>10} B  ppl {row['ppl']:.4f}  "
+    other = f"  shakespeare {row['ppl_shakespeare']:.4f}" if "ppl_shakespeare" in row else ""
+    print(f"{row['name']:<32} {row['kind']:<9} {row['file_bytes']:>10} B  ppl {row['ppl']:.4f}{other}  "
           f"({row.get('eval_s', 0):.0f} s)", flush=True)
 
 
-def evaluate(gguf: Path, win) -> tuple[float, float]:
+def evaluate(gguf: Path, win) -> dict:
+    """Perplexity by llama.cpp on WikiText-2 test and (where asked) on Tiny Shakespeare, text of
+    another kind than the WikiText calibration."""
     from bitalloc.allocator import llamacpp as lc
 
     t = time.perf_counter()
-    r = lc.perplexity(gguf, win)
-    return r["ppl"], time.perf_counter() - t
+    main, other = win
+    out = {"ppl": lc.perplexity(gguf, main)["ppl"]}
+    if other is not None:
+        out["ppl_shakespeare"] = lc.perplexity(gguf, other)["ppl"]
+    out["eval_s"] = time.perf_counter() - t
+    return out
 
 
 def imatrix_of(profile_path: Path):
@@ -101,13 +112,13 @@ def phase_presets(args, imatrix: bool, with_q41: bool = True) -> None:
             continue
         out = work / f"{name}.gguf"
         lc.preset_gguf(src, out, preset, imatrix=im)
-        ppl, secs = evaluate(out, win)
+        ev = evaluate(out, win)
         types = lc.gguf_tensor_types(out)
         mix = {}
         for t in types.values():
             mix[t] = mix.get(t, 0) + 1
-        save_row(work, {"name": name, "kind": "preset", "file_bytes": os.path.getsize(out), "ppl": ppl,
-                        "imatrix": imatrix, "types": mix, "eval_s": secs,
+        save_row(work, {"name": name, "kind": "preset", "file_bytes": os.path.getsize(out), **ev,
+                        "imatrix": imatrix, "types": mix,
                         **({"note": "reproduces SmolLM2's shipped Q4_1 blocks: not a win"} if preset == "Q4_1" else {})})
         out.unlink()
 
@@ -125,27 +136,31 @@ def phase_bitalloc(args, only_imatrix: bool = False) -> None:
             print(f"skip (no profile {prof_path})")
             continue
         prof = api.load_profile(prof_path)
+        # --drop q5_1: solve without those schemes (q5_1 has the shipped Q4_1's block layout, so it
+        # reproduces SmolLM2's stored weights almost exactly; see experiments/README.md)
+        schemes = [s for s in prof.schemes if s not in args.drop] if args.drop else None
+        tag = f"-no-{'-'.join(args.drop)}" if args.drop else ""
         for preset in args.presets:
             pname = f"{preset}{'+imatrix' if imatrix else ''}"
-            name = f"bitalloc<={pname}"
+            name = f"bitalloc{tag}<={pname}"
             if row_path(work, name).is_file() or not row_path(work, pname).is_file():
                 continue
             target = json.loads(row_path(work, pname).read_text())
-            plan = api.solve(prof, f"{target['file_bytes']}B", profile_path=prof_path)
+            plan = api.solve(prof, f"{target['file_bytes']}B", profile_path=prof_path, schemes=schemes)
             plan_file = work / "plans" / f"{name.replace('<=', '_le_')}.json"
             plan.save(plan_file)
             out = work / "bitalloc.gguf"
             r = lc.export_gguf(plan, out)
             assert r["bytes"] == plan.predicted["gguf"]["file_bytes"], (r, plan.predicted)
-            ppl, secs = evaluate(out, win)
+            ev = evaluate(out, win)
             # the imatrix flag says what this file was built with (the profile's), which may differ from
             # the preset it is measured against (--profile-plain may name the imatrix profile)
             used = bool((prof.metadata or {}).get("imatrix"))
-            save_row(work, {"name": name, "kind": "bitalloc", "file_bytes": r["bytes"], "ppl": ppl, "imatrix": used,
-                            "against_preset_imatrix": imatrix,
+            save_row(work, {"name": name, "kind": "bitalloc", "file_bytes": r["bytes"], **ev, "imatrix": used,
+                            "against_preset_imatrix": imatrix, "schemes_dropped": list(args.drop),
                             "budget_bytes": target["file_bytes"], "predicted_file_bytes": plan.predicted["gguf"]["file_bytes"],
                             "types": plan.scheme_counts(), "predicted_loss": plan.predicted["loss_total"],
-                            "plan": plan_file.name, "eval_s": secs})
+                            "plan": plan_file.name})
             out.unlink()
 
 
@@ -175,24 +190,42 @@ def phase_report(args) -> None:
     write_allocations(RESULTS / "plans", RESULTS / "allocations.json")  # plans/ itself is not committed
     keys = ("name", "kind", "file_bytes", "ppl", "imatrix")
     write_json(RESULTS / "results.json", {
-        "schema": "bitalloc.llamacpp-benchmark/1", "model": "smollm2 (SmolLM2-135M-Instruct GGUF, F32 source)",
+        "schema": "bitalloc.llamacpp-benchmark/2", "model": "smollm2 (SmolLM2-135M-Instruct GGUF, F32 source)",
         "eval": {"text": "wikitext2-test.txt", "windows": args.windows, "seq_len": args.seq_len,
+                 "other_text": "tinyshakespeare.txt", "other_windows": args.other_windows,
                  "computed_by": "llama.cpp (llama-cpp-python 0.3.36, logits_all)"},
-        "rows": [{k: r[k] for k in keys} for r in rows], "details": rows}, indent=1)
+        "rows": [{k: r[k] for k in keys} | ({"ppl_shakespeare": r["ppl_shakespeare"]} if "ppl_shakespeare" in r else {})
+                 for r in rows], "details": rows}, indent=1)
     by = {r["name"]: r for r in rows}
-    print(f"| preset | imatrix | preset bytes | preset ppl | bitalloc bytes | bitalloc ppl | win |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    tags = sorted({r["name"].split("<=")[0] for r in rows if r["kind"] == "bitalloc"})
+
+    def cell(r, key):
+        return "" if r is None or key not in r else format(r[key], ".4f")
+
+    def win(b, p):
+        if b is None:
+            return ""
+        ok = b["file_bytes"] <= p["file_bytes"] and b["ppl"] < p["ppl"]
+        if "ppl_shakespeare" in b and "ppl_shakespeare" in p:
+            return ("yes" if ok else "no") + " / " + ("yes" if b["ppl_shakespeare"] < p["ppl_shakespeare"] else "no")
+        return "yes" if ok else "no"
+
+    print("| preset | imatrix | preset bytes | preset ppl (wiki / shakespeare) | "
+          + " | ".join(f"{t} bytes | {t} ppl (wiki / shakespeare) | win (wiki / shakespeare)" for t in tags) + " |")
+    print("|---|---|---:|---:|" + "---:|---:|---|" * len(tags))
     for imatrix in (False, True):
         for preset in args.presets + ["Q4_1"]:
             pname = f"{preset}{'+imatrix' if imatrix else ''}"
-            p, b = by.get(pname), by.get(f"bitalloc<={pname}")
+            p = by.get(pname)
             if p is None:
                 continue
-            win = "" if b is None else ("yes" if b["file_bytes"] <= p["file_bytes"] and b["ppl"] < p["ppl"] else "no")
-            if preset == "Q4_1":
-                win = "(reproduces the shipped weights; not a win)"
-            print(f"| {preset} | {'yes' if imatrix else 'no'} | {p['file_bytes']} | {p['ppl']:.4f} | "
-                  f"{'' if b is None else b['file_bytes']} | {'' if b is None else format(b['ppl'], '.4f')} | {win} |")
+            cols = []
+            for t in tags:
+                b = by.get(f"{t}<={pname}")
+                w = "(reproduces the shipped weights; not a win)" if preset == "Q4_1" else win(b, p)
+                cols.append(f"{'' if b is None else b['file_bytes']} | {cell(b, 'ppl')} / {cell(b, 'ppl_shakespeare')} | {w}")
+            print(f"| {preset} | {'yes' if imatrix else 'no'} | {p['file_bytes']} | {cell(p, 'ppl')} / "
+                  f"{cell(p, 'ppl_shakespeare')} | " + " | ".join(cols) + " |")
 
 
 def main() -> int:
@@ -206,8 +239,12 @@ def main() -> int:
                     help="folder with wikitext2-{valid,test}.txt (default ../shared/data beside the repository)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--other-windows", type=int, default=8,
+                    help="Tiny Shakespeare windows per file (0: WikiText only)")
+    ap.add_argument("--drop", default="", help="schemes the bitalloc plans may not use (e.g. q5_1)")
     args = ap.parse_args()
     args.presets = [p for p in args.presets.split(",") if p]
+    args.drop = [d for d in args.drop.split(",") if d]
     if wikitext_files(args.data) is None:
         return 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -71,9 +71,11 @@ class FisherStats:
         """Forward + backward over whole rows of ``data`` (causal-LM ids ``(n, T)``), scoring every
         ``stride``-th position; rows are taken in order while the kept buffers fit ``memory``
         bytes (at least one row). Batches of whole rows up to ``batch_tokens`` tokens: the
-        batch's full-vocabulary logits and graph are the transient peak (SmolLM2, 8 × 256 rows:
+        batch's graph and full-vocabulary logits are the transient peak (SmolLM2, 8 × 256 rows:
         +4.2 GB at 2,048 tokens a batch, +2.2 GB at 512), and rows are independent, so the
-        batching changes nothing but that peak. Info: ``{"labels", "seed", "tokens", "stride", "rows", "batches"}``."""
+        batching changes nothing but that peak. Where one batch's logits would pass the
+        logits-memory bound (:func:`bitalloc.sensitivity.logits.logits_memory`, a 256k
+        vocabulary), the head and the loss run a chunk of positions at a time. Info: ``{"labels", "seed", "tokens", "stride", "rows", "batches"}``."""
         from .calibration import as_batches
         from .proxy import module_at, progress_bar
 
@@ -195,8 +197,15 @@ def fisher_ref_values(
 
 def _collect_batch(model, layers, mods, batch, labels, gen, stride, xs, gs) -> int:
     """One forward + backward over ``batch``; appends each layer's scored inputs and squared
-    output gradients (``g = ∂ Σ_t −log p(y_t) / ∂Y``) to ``xs`` / ``gs``; returns the scored count."""
+    output gradients (``g = ∂ Σ_t −log p(y_t) / ∂Y``) to ``xs`` / ``gs``; returns the scored count.
+
+    When the batch's full-vocabulary logits would pass the logits-memory bound
+    (:mod:`bitalloc.sensitivity.logits`) and the head splits off, the head and the loss run a
+    chunk of positions at a time (:func:`_head_grads`); otherwise in one piece, as before."""
+    from .logits import chunk_rows, split_head
+
     ids = batch["input_ids"]  # (B, T)
+    B, T = ids.shape
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
 
@@ -207,31 +216,47 @@ def _collect_batch(model, layers, mods, batch, labels, gen, stride, xs, gs) -> i
             return outputs[i]
         return fn
 
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(mods)]
+    split = split_head(model, batch)
+    vocab = int(getattr(split.head, "out_features", 0) or 0) if split is not None else 0
+    step = chunk_rows(vocab, 4) if vocab else 0
+    chunked = split is not None and vocab > 0 and step < B * T
+    head_idx = [i for i, m in enumerate(mods) if chunked and m is split.head]
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(mods) if i not in head_idx]
+    kw = {k: v for k, v in batch.items() if k != "logits_to_keep"}
     try:
-        kw = {k: v for k, v in batch.items() if k != "logits_to_keep"}
-        out = model(**kw, use_cache=False)
+        out = (split.body if chunked else model)(**kw, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    logits = out.logits  # (B, T, V)
-    assert logits.shape[:2] == ids.shape, f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}"
-    y = _labels(logits, ids, labels, gen)  # (B, T-1)
     mask = batch.get("attention_mask")
-    if mask is not None:
-        y = y.masked_fill(mask[:, 1:] == 0, -100)
-    pred = logits[:, :-1].to(torch.float32)
-    loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1),
-                                             ignore_index=-100, reduction="sum")  # Σ_t −log p(y_t)
-    del pred, logits, out
-    keep = torch.zeros(ids.shape[1], dtype=torch.bool)
-    keep[: ids.shape[1] - 1: stride] = True  # positions whose output error is scored
-    keep_bt = keep.expand(ids.shape[0], -1)  # (B, T)
+    keep = torch.zeros(T, dtype=torch.bool)
+    keep[: T - 1: stride] = True  # positions whose output error is scored
+    keep_bt = keep.expand(B, -1)  # (B, T)
     if mask is not None:
         keep_bt = keep_bt & (mask != 0)
     idx = sorted(outputs)
-    grads = torch.autograd.grad(loss, [outputs[i] for i in idx], allow_unused=True)
-    del outputs, loss
+    if chunked:
+        hidden = out.last_hidden_state  # (B, T, d)
+        del out
+        g_hidden, head_rows = _head_grads(split.head, hidden.detach(), ids, mask, labels, gen, step,
+                                          keep_bt, bool(head_idx))
+        grads = torch.autograd.grad(hidden, [outputs[i] for i in idx], grad_outputs=g_hidden, allow_unused=True)
+        for i in head_idx:  # the head's own rows, gathered chunk by chunk
+            xs[i].append(head_rows[0])
+            gs[i].append(head_rows[1])
+    else:
+        logits = out.logits  # (B, T, V)
+        assert logits.shape[:2] == ids.shape, f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}"
+        y = _labels(logits, ids, labels, gen)  # (B, T-1)
+        if mask is not None:
+            y = y.masked_fill(mask[:, 1:] == 0, -100)
+        pred = logits[:, :-1].to(torch.float32)
+        loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")  # Σ_t −log p(y_t)
+        del pred, logits, out
+        grads = torch.autograd.grad(loss, [outputs[i] for i in idx], allow_unused=True)
+        del loss
+    del outputs
     shared: dict[int, torch.Tensor] = {}  # one scored copy per distinct input tensor
     with torch.no_grad():
         for i, g in zip(idx, grads):
@@ -246,6 +271,47 @@ def _collect_batch(model, layers, mods, batch, labels, gen, stride, xs, gs) -> i
             xs[i].append(shared[key])
             gs[i].append(g[keep_bt].reshape(-1, g.shape[-1]).to(torch.float32).pow_(2))  # (N, out)
     return int(keep_bt.sum())
+
+
+def _head_grads(head, hidden, ids, mask, labels, gen, step, keep_bt, want_head):
+    """``(∂loss/∂hidden (B, T, d), head rows)`` with the head's logits, the labels and the loss
+    computed ``step`` flattened positions at a time: at most a few ``(step, V)`` float32
+    buffers live at once instead of the batch's ``(B·T, V)``. Head rows (when ``want_head``,
+    the head being a profiled layer): its scored inputs ``(N, d)`` and squared output gradients
+    ``(N, V)`` in the order of :func:`_collect_batch`'s scored positions, else None.
+    Sampled labels draw from each chunk's own distribution (the same law as one piece, a
+    different random stream)."""
+    B, T, d = hidden.shape
+    y = torch.full((B, T), -100, dtype=torch.long)  # (B, T): the target of position t, -100 where none
+    if labels == "text":
+        y[:, :-1] = ids[:, 1:]
+    if mask is not None:
+        y[:, :-1] = y[:, :-1].masked_fill(mask[:, 1:] == 0, -100)
+    valid = torch.zeros((B, T), dtype=torch.bool)
+    valid[:, :-1] = True if mask is None else mask[:, 1:] != 0
+    flat_h = hidden.reshape(-1, d)  # (B·T, d)
+    flat_y, flat_ok, flat_keep = y.reshape(-1), valid.reshape(-1), keep_bt.reshape(-1)
+    g_hidden = torch.zeros_like(flat_h)
+    hx, hg = [], []
+    for i in range(0, B * T, step):
+        j = min(i + step, B * T)
+        hc = flat_h[i:j].clone().requires_grad_(True)  # (n, d)
+        logits = head(hc).to(torch.float32)  # (n, V)
+        yc = flat_y[i:j]
+        if labels != "text":
+            with torch.no_grad():
+                yc = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=gen)[:, 0]
+            yc = yc.masked_fill(~flat_ok[i:j], -100)
+        loss = torch.nn.functional.cross_entropy(logits, yc, ignore_index=-100, reduction="sum")
+        g_h, g_logits = torch.autograd.grad(loss, [hc, logits])
+        g_hidden[i:j] = g_h
+        if want_head:
+            k = flat_keep[i:j]
+            hx.append(flat_h[i:j][k].to(torch.float32))
+            hg.append(g_logits[k].pow_(2))
+        del logits, loss, g_logits
+    head_rows = (torch.cat(hx), torch.cat(hg)) if want_head else None
+    return g_hidden.reshape(B, T, d), head_rows
 
 
 def layer_kind(fqn: str) -> str:

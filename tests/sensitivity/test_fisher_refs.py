@@ -201,3 +201,46 @@ def test_fisher_table_made_with_the_proxy_equals_a_separate_pass(pair):
                                    stride=opts["kl_stride"], seed=opts["fisher"]["seed"])
     assert info["tokens"] == opts["fisher"]["tokens"]
     np.testing.assert_allclose(measured.fisher, vals, rtol=1e-5, atol=1e-12)
+
+
+def test_head_chunked_by_the_logits_memory_bound(monkeypatch):
+    """A logits-memory bound below one batch's logits runs the head and the loss a few
+    positions at a time: with text labels the same statistics as one piece (float rounding),
+    the tied head's own rows included; sampled labels draw from the same law."""
+    from bitalloc.sensitivity import fisher_refs as FR
+    from bitalloc.sensitivity import logits as L
+    from bitalloc.sensitivity.fisher_refs import FisherStats
+    from bitalloc.sensitivity.models import load_model
+
+    calls = []
+    real = FR._head_grads
+    monkeypatch.setattr(FR, "_head_grads", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+
+    net = load_model("random:llama-tiny").model
+    layers, _ = find_layers(net, quantize_tied=True)
+    head = [i for i, layer in enumerate(layers) if layer.fqn == "lm_head"]
+    assert head, "the tiny model's tied head should be a profiled layer here"
+    V = net.config.vocab_size
+    T = 96
+    ids = torch.randint(3, V, (4, T), generator=torch.Generator().manual_seed(3))
+    try:
+        one = FisherStats.collect(net, layers, ids, labels="text", stride=2, batch_tokens=4 * T)
+        L.set_logits_memory("1MiB")  # the smallest bound: a few chunks of the batch's 4 x 96 positions
+        assert L.chunk_rows(V, 4) < 4 * T / 2, (L.chunk_rows(V, 4), V)
+        assert not calls  # one piece while the batch's logits fit the bound
+        chunked = FisherStats.collect(net, layers, ids, labels="text", stride=2, batch_tokens=4 * T)
+        assert calls == [L.chunk_rows(V, 4)], calls
+        assert chunked.n == one.n == 4 * len(range(0, T - 1, 2))
+        for i in range(len(layers)):
+            torch.testing.assert_close(chunked.x[i], one.x[i], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(chunked.g2[i], one.g2[i], rtol=1e-4, atol=1e-10)
+        assert chunked.g2[head[0]].shape == (one.n, V)
+        a, _ = fisher_ref_values(net, layers, ids, ["w3g64z"], batch_tokens=4 * T, seed=4)
+        b, _ = fisher_ref_values(net, layers, ids, ["w3g64z"], batch_tokens=4 * T, seed=4)
+        np.testing.assert_array_equal(a, b)  # seeded chunk by chunk too
+        L.set_logits_memory(None)
+        c, _ = fisher_ref_values(net, layers, ids, ["w3g64z"], batch_tokens=4 * T, seed=4)
+        assert np.all(a > 0) and np.isfinite(a).all()
+        assert spearmanr(a[:, 0], c[:, 0]).correlation > 0.8
+    finally:
+        L.set_logits_memory(None)
