@@ -503,10 +503,14 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
         if fitness is not None:
             from .candidates import select_plan
 
-            plan = select_plan(prof, b, fitness, **kw)
+            plan = select_plan(prof, b, fitness, refine=cfg.solve.refine, **kw)
             sel = plan.solver["select"]
             log(f"{bname}: {sel['chosen']} chosen among {sel['distinct_plans']} plans "
                 f"({', '.join(f'{k} {v:.4f}' for k, v in sel['fitness'].items())}) in {sel['seconds']:.1f}s")
+            r = sel.get("refine")
+            if r and "skipped" not in r:
+                log(f"{bname}: refined {r['fitness_start']:.4f} -> {r['fitness']:.4f} in {r['evaluations']} "
+                    f"measurements ({r['moves']} moves, {r['seconds']:.1f}s)")
         else:
             plan = _solve.solve(prof, b, **kw)
         entries.append((bname, "bitalloc", plan))

@@ -95,32 +95,93 @@ def _on(profile, table: np.ndarray):
 
 
 def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[float]], *,
-                names: Sequence[str] | None = None, profile_path=None, **solve_kw):
-    """The plan of ``budget`` with the lowest ``fitness`` among the candidate calibrations' plans.
+                names: Sequence[str] | None = None, ties: bool = True, refine: int = 0, seed: int = 0,
+                profile_path=None, **solve_kw):
+    """The plan of ``budget`` with the lowest ``fitness`` among the candidate calibrations' plans,
+    optionally refined end to end.
 
     ``fitness(choices) -> [value per choice]`` (each choice a per-layer scheme index array;
     lower is better), e.g. :meth:`bitalloc.sensitivity.peer_context.PeerContext.fitness` on
     calibration rows: KL to the 16-bit model with every layer quantized at once. Identical
     plans are measured once. ``solve_kw`` go to :func:`bitalloc.allocator.solve.solve`.
-    The returned plan's ``solver["select"]`` holds each candidate's value, the choice and
-    the seconds spent measuring.
+
+    ``ties``: each table is also solved with the layers that read one input (q/k/v, gate/up)
+    tied to one scheme (``<name>+tied``; not when ``solve_kw`` already names a target). A
+    separable table's errors add up inside one attention or MLP input, and tying those layers
+    (ModelOpt's grouping) is what wins at 3 bpw on SmolLM2 (experiments/README.md).
+    ``refine``: at most that many further fitness calls of a local search within the exact
+    budget, warm-started from the chosen plan (:func:`bitalloc.solvers.evolve.refine`, moves
+    ordered by the chosen table).
+
+    The returned plan's ``solver["select"]`` holds each candidate's value, the choice, the
+    refinement's record and the seconds spent measuring.
     """
+    from .arrays import target_ties
     from .solve import choice_of, solve
 
     tables = candidate_tables(profile, names)
-    plans = {name: solve(_on(profile, table), budget, profile_path=profile_path, **solve_kw)
-             for name, table in tables.items()}
+    tie = ties and not solve_kw.get("target") and bool(target_ties(profile, "vllm"))
+    plans, used = {}, {}
+    for name, table in tables.items():
+        plans[name], used[name] = solve(_on(profile, table), budget, profile_path=profile_path, **solve_kw), table
+        if tie:
+            p = solve(_on(profile, table), budget, profile_path=profile_path, **solve_kw, target="vllm")
+            opts = {k: v for k, v in p.solver.get("options", {}).items() if k != "target"}  # a choice, not a target
+            plans[name + "+tied"] = dataclasses.replace(p, solver={**p.solver, "options": opts, "ties": "fused inputs"})
+            used[name + "+tied"] = table
     unique: dict[bytes, list[str]] = {}  # identical plans are measured once
     for name, plan in plans.items():
         unique.setdefault(choice_of(profile, plan).tobytes(), []).append(name)
     t0 = time.perf_counter()
     keys = list(unique)
-    values = fitness([np.frombuffer(k, dtype=np.int64) for k in keys]) if len(keys) > 1 else [float("nan")]
+    values = fitness([np.frombuffer(k, dtype=np.int64) for k in keys]) if len(keys) > 1 or refine else [float("nan")]
     seconds = time.perf_counter() - t0
     measured = {n: float(v) for k, v in zip(keys, values) for n in unique[k]}
     best = min(range(len(keys)), key=lambda i: (values[i] if np.isfinite(values[i]) else np.inf, i))
     chosen = unique[keys[best]][0]
     plan = plans[chosen]
-    record = {"chosen": chosen, "candidates": list(tables), "fitness": measured, "distinct_plans": len(keys),
+    record = {"chosen": chosen, "candidates": list(plans), "fitness": measured, "distinct_plans": len(keys),
               "seconds": round(seconds, 3)}
+    if refine > 0:
+        plan, record["refine"] = _refine(profile, plan, budget, fitness, used[chosen], {keys[best]: float(values[best])},
+                                         int(refine), seed, profile_path, solve_kw)
     return dataclasses.replace(plan, solver={**plan.solver, "select": record})
+
+
+def _refine(profile, plan, budget, fitness, table, seen: dict, evaluations: int, seed: int, profile_path, solve_kw):
+    """``(plan, record)``: :func:`bitalloc.solvers.evolve.refine` from ``plan`` within its exact
+    budget and allowed schemes (``solve_kw``'s schemes, pins, forbid), ``evaluations`` fitness
+    calls at most. Skipped (recorded why) where single-layer moves could break a constraint
+    it cannot see: tied layers (a target's fusions, shared weights) or a group policy."""
+    from bitalloc.solvers.evolve import refine as local_search
+
+    from .arrays import build_problem, capacity_bits, target_ties
+    from .budget import parse_budget
+    from .solve import choice_of, plan_from_choice
+
+    policy = solve_kw.get("policy")
+    problem = build_problem(profile, schemes=solve_kw.get("schemes"), pins=solve_kw.get("pins"),
+                            forbid=solve_kw.get("forbid"), tie_names=target_ties(profile, solve_kw.get("target")))
+    if problem.ties or (policy is not None and not policy.is_default) or solve_kw.get("method", "ilp") in ("qp", "qp-relax"):
+        return plan, {"skipped": "tied layers, a group policy or pair terms: single-layer moves could break them"}
+    b = parse_budget(budget)
+    capacity = capacity_bits(profile, b)
+    cost = np.asarray(profile.cost_bits, dtype=np.int64).copy()  # (L, S)
+    cost[~np.asarray(problem.allowed)] = capacity + 1  # never fits: not a candidate there
+
+    def fit(chs, stage):  # the start was measured by the selection
+        todo = [c for c in chs if c.tobytes() not in seen]
+        for c, v in zip(todo, fitness(todo) if todo else []):
+            seen[c.tobytes()] = float(v)
+        return [seen[c.tobytes()] for c in chs]
+
+    t0 = time.perf_counter()
+    choice, status = local_search(fit, cost, capacity, choice_of(profile, plan), evaluations=evaluations + 1,
+                                  seed=seed, hint=np.where(np.isfinite(table), table, np.inf))
+    record = {"evaluations": int(status["evaluations"]) - 1, "moves": int(status["moves"]),
+              "fitness_start": float(status["fitness_start"]), "fitness": float(status["fitness"]),
+              "status": status["status"], "seconds": round(time.perf_counter() - t0, 3)}
+    if status["moves"]:
+        plan = plan_from_choice(profile, choice, budget=b, solver=plan.solver, label=plan.label,
+                                profile_path=profile_path, capacity=capacity)
+    return plan, record

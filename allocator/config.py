@@ -35,6 +35,8 @@ typo must not silently fall back to a default).
     select = true                    # solve on each candidate calibration, keep the plan with the lowest
     select_rows = 4                  # ... measured KL on the last select_rows calibration rows
                                      # (default: true where the profile has a Fisher table)
+    refine = 0                       # then at most this many more measurements of a local search from
+                                     # the chosen plan (exact budget; allocator.candidates)
     [eval]
     text = "generated"               # "generated" (held-out, another seed) or a text file
     n_windows = 8
@@ -133,6 +135,7 @@ class SolveCfg:
     select: bool | None = None          # solve on every candidate calibration (None: where there are several), keep the plan with the lowest
                                         # measured KL on select_rows calibration rows (allocator.candidates)
     select_rows: int = 4
+    refine: int = 0                     # local-search measurements after the selection (0: none)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,8 @@ class RunConfig:
             v = getattr(sec, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+        if not isinstance(self.solve.refine, int) or isinstance(self.solve.refine, bool) or self.solve.refine < 0:
+            raise ConfigError(f"refine must be a non-negative integer, got {self.solve.refine!r}")
 
     def fisher_settings(self, kind: str = "causal-lm") -> tuple[str, bool, bool]:
         """(ref_method, fisher_table, select) with "auto" / unset resolved for a model of ``kind``:

@@ -61,6 +61,7 @@ class SolveSection(Strict):
     target: str = ""
     select: Optional[bool] = None
     select_rows: PosInt = 4
+    refine: Annotated[int, Field(ge=0)] = 0
 
 
 class EvalSection(Strict):

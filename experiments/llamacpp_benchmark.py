@@ -146,6 +146,10 @@ def phase_bitalloc(args, only_imatrix: bool = False) -> None:
             if row_path(work, name).is_file() or not row_path(work, pname).is_file():
                 continue
             target = json.loads(row_path(work, pname).read_text())
+            twin = _same_plan_row(work, target["file_bytes"], args.drop, prof_path)
+            if twin is not None:  # same profile, budget and schemes: the same plan and file, measured once
+                save_row(work, {**twin, "name": name, "against_preset_imatrix": imatrix, "same_file_as": twin["name"]})
+                continue
             plan = api.solve(prof, f"{target['file_bytes']}B", profile_path=prof_path, schemes=schemes)
             plan_file = work / "plans" / f"{name.replace('<=', '_le_')}.json"
             plan.save(plan_file)
@@ -160,8 +164,18 @@ def phase_bitalloc(args, only_imatrix: bool = False) -> None:
                             "against_preset_imatrix": imatrix, "schemes_dropped": list(args.drop),
                             "budget_bytes": target["file_bytes"], "predicted_file_bytes": plan.predicted["gguf"]["file_bytes"],
                             "types": plan.scheme_counts(), "predicted_loss": plan.predicted["loss_total"],
-                            "plan": plan_file.name})
+                            "plan": plan_file.name, "profile": str(prof_path)})
             out.unlink()
+
+
+def _same_plan_row(work: Path, budget: int, drop: list, prof_path) -> dict | None:
+    """A bitalloc row already measured for the same budget, dropped schemes and profile."""
+    for p in sorted((work / "rows").glob("bitalloc*.json")):
+        r = json.loads(p.read_text())
+        if (r.get("budget_bytes") == budget and r.get("schemes_dropped", []) == list(drop)
+                and r.get("profile", str(prof_path)) == str(prof_path) and "same_file_as" not in r):
+            return r
+    return None
 
 
 def phase_pairs(args) -> None:

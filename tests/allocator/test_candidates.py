@@ -45,8 +45,10 @@ def test_a_profile_without_fisher_has_one_candidate(tiny_profile):
     prof, _ = tiny_profile
     assert list(candidate_tables(prof)) == ["profile"]
     calls = []
-    plan = select_plan(prof, "4bpw", lambda cs: calls.append(cs) or [0.0] * len(cs))
+    plan = select_plan(prof, "4bpw", lambda cs: calls.append(cs) or [0.0] * len(cs), ties=False)
     assert calls == [] and plan.solver["select"]["chosen"] == "profile"  # nothing to choose: nothing measured
+    plan = select_plan(prof, "4bpw", lambda cs: calls.append(cs) or [float(k) for k in range(len(cs))])
+    assert plan.solver["select"]["candidates"] == ["profile", "profile+tied"]
 
 
 def test_select_keeps_the_lowest_measured_plan(fisher_profile):
@@ -60,24 +62,70 @@ def test_select_keeps_the_lowest_measured_plan(fisher_profile):
 
     plan = select_plan(prof, "4bpw", fitness, profile_path=path)
     sel = plan.solver["select"]
-    assert sel["candidates"] == list(CANDIDATES)
-    assert len(seen) == sel["distinct_plans"] <= len(CANDIDATES)  # identical plans measured once
+    assert sel["candidates"] == [n for c in CANDIDATES for n in (c, c + "+tied")]
+    assert len(seen) == sel["distinct_plans"] <= 2 * len(CANDIDATES)  # identical plans measured once
     assert sel["fitness"][sel["chosen"]] == min(sel["fitness"].values())
-    assert plan.bpw <= 4.0 + 1e-9
-    # the chosen plan is exactly that candidate table's plan, with the file's hash
+    assert plan.bpw <= 4.0 + 1e-9 and "refine" not in sel
+    # the chosen plan is exactly that candidate table's plan (tied: as vLLM's fusions), with the file's hash
     import dataclasses
 
-    alone = bitalloc.solve(dataclasses.replace(prof, tables={"all": candidate_tables(prof)[sel["chosen"]]}), "4bpw")
+    table = candidate_tables(prof)[sel["chosen"].removesuffix("+tied")]
+    alone = bitalloc.solve(dataclasses.replace(prof, tables={"all": table}), "4bpw",
+                           **({"target": "vllm"} if sel["chosen"].endswith("+tied") else {}))
     assert {f: lp.scheme for f, lp in plan.layers.items()} == {f: lp.scheme for f, lp in alone.layers.items()}
     assert plan.profile["sha256"]
 
 
+def test_tied_candidates_tie_fused_inputs(fisher_profile):
+    prof, _ = fisher_profile
+    plan = select_plan(prof, "3.5bpw", lambda cs: [0.0 if k == 1 else 1.0 for k in range(len(cs))], names=["profile"])
+    sel = plan.solver["select"]
+    assert sel["chosen"] == "profile+tied" and plan.solver["ties"] == "fused inputs"
+    assert "target" not in plan.solver.get("options", {})  # a choice among plans, not a serving target
+    for b in range(2):
+        qkv = {plan.layers[f"model.layers.{b}.self_attn.{m}_proj"].scheme for m in "qkv"}
+        gate_up = {plan.layers[f"model.layers.{b}.mlp.{m}_proj"].scheme for m in ("gate", "up")}
+        assert len(qkv) == 1 and len(gate_up) == 1, (qkv, gate_up)
+
+
+def test_refine_improves_the_chosen_plan_within_its_constraints(fisher_profile):
+    """--refine N: a local search from the chosen plan on the same fitness, within the exact
+    budget and the allowed schemes; never more than N new measurements; skipped for a target."""
+    prof, path = fisher_profile
+    fp16 = prof.scheme_index("fp16")
+    rows = np.arange(prof.n_layers)
+    calls = []
+
+    def fitness(choices):  # a stand-in measurement the profile's table does not predict: the Fisher table's sum
+        calls.append(len(choices))
+        return [float(prof.fisher[rows, np.asarray(c)].sum()) for c in choices]
+
+    base = select_plan(prof, "4bpw", fitness, ties=False, names=["profile"], forbid={"*": ["fp16"]})
+    n_select = len(calls)
+    plan = select_plan(prof, "4bpw", fitness, ties=False, names=["profile"], refine=12, forbid={"*": ["fp16"]},
+                       profile_path=path)
+    ref = plan.solver["select"]["refine"]
+    assert base.solver["select"]["distinct_plans"] == 1 and n_select == 0  # one candidate: nothing to choose
+    assert 0 < ref["evaluations"] <= 12 and sum(calls[n_select:]) == 1 + ref["evaluations"]  # the start, then N
+    assert ref["fitness"] < ref["fitness_start"] and ref["moves"] > 0
+    from bitalloc.allocator.solve import choice_of
+
+    choice = choice_of(prof, plan)
+    assert fitness([choice])[0] == ref["fitness"]
+    assert plan.bpw <= 4.0 + 1e-9 and not (choice == fp16).any()
+    # under a serving target single-layer moves would break the fusions: skipped, said why
+    tied = select_plan(prof, "4bpw", fitness, refine=4, target="vllm")
+    assert "skipped" in tied.solver["select"]["refine"]
+
+
 def test_run_selects_among_candidates(capsys, tmp_path):
     """[solve] select = true with a Fisher table: each budget's plan records the measured candidates."""
-    cli(capsys, "run", tiny_run_config(tmp_path, profile="fisher_table = true", solve="select = true\nselect_rows = 2"))
+    cli(capsys, "run", tiny_run_config(tmp_path, profile="fisher_table = true",
+                                       solve="select = true\nselect_rows = 2\nrefine = 3"))
     plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
     sel = plan["solver"]["select"]
-    assert sel["chosen"] in CANDIDATES and sel["fitness"]
+    assert sel["refine"]["evaluations"] <= 3 and sel["refine"]["fitness"] <= sel["refine"]["fitness_start"]
+    assert sel["chosen"].removesuffix("+tied") in CANDIDATES and sel["fitness"]
     if sel["distinct_plans"] > 1:
         assert sel["fitness"][sel["chosen"]] == min(sel["fitness"].values())
         assert all(v > 0 for v in sel["fitness"].values())  # real KL of quantized models

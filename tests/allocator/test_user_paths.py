@@ -189,6 +189,8 @@ def test_run_config_vllm_target_ties_fused_layers(capsys, tmp_path):
     ('[profile]\ntarget = "llamacpp"\nfisher_table = true', "target = llamacpp"),
     ('[solve]\nselect = "yes"', "select"),
     ('[solve]\nselect_rows = 0', "select_rows"),
+    ('[solve]\nrefine = -1', "field 'refine': Input should be greater than or equal to 0"),
+    ('[solve]\nrefine = "many"', "refine"),
 ])
 def test_run_config_errors(capsys, tmp_path, body, msg):
     cfg = tmp_path / "bad.toml"
