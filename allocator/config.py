@@ -21,7 +21,8 @@ typo must not silently fall back to a default).
     ref_schemes = ["w2g64z", "w3g128z", "w4g128z"]   # measured end to end to calibrate the proxy
                                      # (default: these, among the schemes)
     measured = false                 # true: measure every (layer, scheme) (the expensive table)
-    workers = 0                      # measured on a local Ray instance with N workers (0: in-process)
+    workers = 0                      # profile on a local Ray instance with N workers (0: in-process):
+                                     # Hessian shards, proxy rows, measured references / table
     ray_address = ""                 # or on an existing Ray cluster ("" : RAY_ADDRESS or none)
     ref_method = "auto"              # measured | fisher | hybrid (every measure_every-th block measured);
                                      # auto: hybrid for a causal LM on the bitalloc target, else measured
@@ -185,8 +186,6 @@ class RunConfig:
             raise ConfigError(f"[profile] workers must be an integer >= 0 (0: in-process), got {w!r}")
         if not isinstance(self.profile.ray_address, str):
             raise ConfigError(f"[profile] ray_address must be a string, got {self.profile.ray_address!r}")
-        if (w or self.profile.ray_address) and not self.profile.measured:
-            raise ConfigError("[profile] workers and ray_address need measured = true")
         if self.profile.groups:
             from bitalloc.sensitivity.groups import parse_groups
 
@@ -280,8 +279,7 @@ class RunConfig:
             schemes=p.schemes, ref_schemes=p.ref_schemes, include=p.include, exclude=p.exclude,
             calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
             kl_samples=c.kl_samples, kl_stride=c.kl_stride, groups=tuple(p.groups), measured=p.measured,
-            workers=(p.workers or None) if p.measured else None,
-            ray_address=(p.ray_address or None) if p.measured else None, saliency=p.saliency, quantizer=p.quantizer,
+            workers=p.workers or None, ray_address=p.ray_address or None, saliency=p.saliency, quantizer=p.quantizer,
             ref_method=ref_method, fisher_table=fisher_table, measure_every=p.measure_every)
 
     def group_policy(self):

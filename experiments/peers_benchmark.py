@@ -94,11 +94,12 @@ class Bench:
         import bitalloc
         from bitalloc.allocator import api
 
-        path = self.work / f"profile-fisher{self.a.fisher_rows}.json"
+        labels = self.a.fisher_labels
+        path = self.work / f"profile-fisher{self.a.fisher_rows}{'' if labels == 'sampled' else '-' + labels}.json"
         if path.is_file():
             return api.load_profile(path)
-        print(f"[bitalloc-select] Fisher table over {self.a.fisher_rows} calibration rows ...", flush=True)
-        prof = bitalloc.add_fisher_table(self.profile, self.loaded, rows=self.a.fisher_rows)
+        print(f"[bitalloc-select] Fisher table over {self.a.fisher_rows} calibration rows ({labels} labels) ...", flush=True)
+        prof = bitalloc.add_fisher_table(self.profile, self.loaded, rows=self.a.fisher_rows, labels=labels)
         prof.save(path)
         return prof
 
@@ -145,11 +146,12 @@ def plans_of(b: Bench, method: str) -> dict:
 
             prof = b.fisher_profile()
             fit = bitalloc.selection_fitness(b.loaded, prof, rows=b.a.select_rows)
-            plan = bitalloc.select_plan(prof, budget, fit)
+            plan = bitalloc.select_plan(prof, budget, fit, refine=b.a.select_refine, seed=b.a.seed)
             sel = plan.solver["select"]
             profile_s = (b.profile.metadata.get("wall_s", {}).get("total") or 0.0) + prof.metadata["options"]["fisher"]["seconds"]
-            print(f"[bitalloc-select] {name}: {sel['chosen']} ({', '.join(f'{k} {v:.4f}' for k, v in sel['fitness'].items())})",
-                  flush=True)
+            print(f"[bitalloc-select] {name}: {sel['chosen']} ({', '.join(f'{k} {v:.4f}' for k, v in sel['fitness'].items())})"
+                  + (f"; refined {sel['refine']['fitness_start']:.4f} -> {sel['refine']['fitness']:.4f} in "
+                     f"{sel['refine']['evaluations']} measurements" if "fitness" in sel.get("refine", {}) else ""), flush=True)
         elif method in ("bitalloc", "bitalloc-refine"):
             plan = api.solve(b.profile, budget)
             profile_s = b.profile.metadata.get("wall_s", {}).get("total")
@@ -226,6 +228,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fitness-len", type=int, default=256, help="tokens per fitness row")
     ap.add_argument("--fisher-rows", type=int, default=8, help="calibration rows of bitalloc-select's Fisher table")
     ap.add_argument("--select-rows", type=int, default=4, help="calibration rows bitalloc-select measures plans on")
+    ap.add_argument("--select-refine", type=int, default=30,
+                    help="bitalloc-select: measured local-search steps from the chosen plan (0: none)")
+    ap.add_argument("--fisher-labels", default="text", choices=("text", "sampled"),
+                    help="bitalloc-select's Fisher table: the calibration text's next tokens or the model's samples")
     ap.add_argument("--chunk", type=int, default=6, help="quantized models held at once during evaluation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/peers_bench")
@@ -269,7 +275,8 @@ def main(argv=None) -> int:
         "eval": {"text": "wikitext2-test.txt", "windows": a.windows, "seq_len": a.seq_len,
                  "other_text": "tinyshakespeare.txt", "other_windows": a.other_windows},
         "settings": {"score_tokens": SCORE_TOKENS, "score_options": SCORE_OPTIONS, "refine": a.refine,
-                     "fisher_rows": a.fisher_rows, "select_rows": a.select_rows,
+                     "fisher_rows": a.fisher_rows, "select_rows": a.select_rows, "select_refine": a.select_refine,
+                     "fisher_labels": a.fisher_labels,
                      "evo_options": a.evo_options, "fitness_rows": a.fitness_rows,
                      "fitness_len": a.fitness_len, "seed": a.seed},
         "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None, "rows": rows})

@@ -164,3 +164,23 @@ def test_cli_profile_fisher_and_solve_on_a_candidate(capsys, tmp_path, tiny_prof
     err = capsys.readouterr().err
     assert "table 'mix' is not available" in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_run_default_profile_on_local_ray(capsys, tmp_path):
+    """[profile] workers = 2 without measured = true: the run's default profile (hybrid references,
+    Fisher table, selection) has its Hessian shards and proxy rows on a local Ray instance, and
+    the same reference values and Fisher table as in-process (float rounding: the Ray path's
+    Hessians are reduced in float64)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    cli(capsys, "run", tiny_run_config(base, profile='ref_method = "hybrid"\nfisher_table = true'))
+    cli(capsys, "run", tiny_run_config(tmp_path, profile='ref_method = "hybrid"\nfisher_table = true\nworkers = 2'))
+    p0 = bitalloc.load_profile(base / "out" / "profile.json")
+    p1 = bitalloc.load_profile(tmp_path / "out" / "profile.json")
+    ray = p1.metadata["ray"]
+    assert ray["hessians"]["mode"] == "ray-local" and ray["proxy"]["computed"] == p1.n_layers
+    np.testing.assert_allclose(p1.ref_values, p0.ref_values, rtol=1e-5)  # measured ones equal, the rest Fisher-based
+    np.testing.assert_allclose(p1.fisher, p0.fisher, rtol=1e-5)
+    np.testing.assert_allclose(p1.proxy, p0.proxy, rtol=1e-5)
+    plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
+    assert plan["solver"]["select"]["chosen"]
