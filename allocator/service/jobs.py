@@ -4,7 +4,8 @@ A job is a row in the database (``queued`` -> ``running`` -> ``done`` | ``failed
 ``cancelled``) and a folder ``STATE/jobs/<id>/``. ``--workers N`` dispatcher threads each
 claim the oldest queued job (an atomic ``UPDATE ... WHERE state = 'queued'``) and run it in
 a fresh process (:mod:`.worker`; never in a request handler), reading its progress events
-into the row. With ``--ray-address`` a measured profile's items run on that cluster.
+into the row. With ``--ray-address`` a profile's items run on that cluster (Hessian shards, proxy rows
+and measurements; checkpointed in the job folder).
 
 Nothing is lost to a crash: the worker dies with the server (``PR_SET_PDEATHSIG`` and a
 parent watch), and on start-up every job still marked ``running`` is queued again; a

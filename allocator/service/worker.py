@@ -100,7 +100,7 @@ def _run_profile(job_dir: Path, spec: dict, rep: _Reporter) -> str:
     kw = {k: v for k, v in req.items() if k != "model"}  # None is meaningful (kl_samples: all rows)
     if kw.get("groups"):
         kw["groups"] = [{k: v for k, v in g.items() if v is not None} for g in kw["groups"]]
-    if measured and spec.get("ray_address"):
+    if spec.get("ray_address"):  # every profile's items (Hessian shards, proxy rows, measurements) on that cluster
         kw["ray_address"] = spec["ray_address"]
     if measured:
         threading.Thread(target=poll, daemon=True).start()

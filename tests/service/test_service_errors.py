@@ -201,3 +201,26 @@ def test_concurrent_duplicate_submissions(server):
 def test_no_500_in_the_server_log(server):
     log = (server.state.parent / f"{server.state.name}-server.log").read_text()
     assert "internal error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_profile_jobs_use_the_servers_ray_cluster(tmp_path, monkeypatch):
+    """A server started with --ray-address hands it to every profile job, the default
+    (calibrated-proxy) profile too, not only measured tables."""
+    import bitalloc
+    from bitalloc.allocator.service import worker
+
+    seen = []
+    monkeypatch.setattr(bitalloc, "profile", lambda model, **kw: seen.append((model, kw)))
+
+    class Rep:
+        def progress(self, *a, **k):
+            pass
+
+    for measured in (False, True):
+        spec = {"kind": "profile", "ray_address": "10.0.0.1:6379",
+                "request": {"model": "random:llama-tiny", "calibration": "generated", "measured": measured}}
+        worker._run_profile(tmp_path, spec, Rep())
+    assert [kw["ray_address"] for _, kw in seen] == ["10.0.0.1:6379"] * 2
+    spec["ray_address"] = None
+    worker._run_profile(tmp_path, spec, Rep())
+    assert "ray_address" not in seen[-1][1]
