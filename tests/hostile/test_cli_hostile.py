@@ -263,7 +263,7 @@ CONFIG = [
     ("cfg-section-not-table", None, run_cmd("profile = 5\n"), "[profile]"),
     ("cfg-text-empty", None, run_cmd('[eval]\ntext = ""\n'), "text"),
     ("cfg-method-unknown", None, run_cmd('[solve]\nmethod = "guess"\n'), "guess"),
-    ("cfg-workers-unmeasured", None, run_cmd("[profile]\nworkers = 2\n"), "measured"),
+    ("cfg-workers-negative", None, run_cmd("[profile]\nworkers = -2\n"), "workers"),
     ("cfg-oversized", lambda ws: (ws / "big.toml").touch() or os.truncate(ws / "big.toml", 2 << 20),
      lambda ws: ["run", str(ws / "big.toml")], "bytes"),
     ("cfg-saliency-unknown", None, run_cmd('[profile]\nsaliency = "vibes"\n'), "vibes"),

@@ -216,8 +216,10 @@ def test_measured_profile_api_and_config(tmp_path):
     assert api.solve(prof, "4bpw").predicted["bpw"] <= 4.0
     cfg = RunConfig.from_dict({"profile": {"measured": True, "workers": 2}})
     assert cfg.profile.workers == 2
-    with pytest.raises(ConfigError, match="need measured"):
-        RunConfig.from_dict({"profile": {"workers": 2}})
+    # the default (calibrated-proxy) profile runs on Ray too: its Hessian shards and proxy rows
+    assert RunConfig.from_dict({"profile": {"workers": 2}}).profile_config().workers == 2
+    with pytest.raises(ConfigError, match="workers"):
+        RunConfig.from_dict({"profile": {"workers": -1}})
 
 
 def test_mismatched_checkpoint_refused_before_statistics(tmp_path, monkeypatch):
