@@ -149,39 +149,31 @@ def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[
 
 
 def _refine(profile, plan, budget, fitness, table, seen: dict, evaluations: int, seed: int, profile_path, solve_kw):
-    """``(plan, record)``: :func:`bitalloc.solvers.evolve.refine` from ``plan`` within its exact
-    budget and allowed schemes (``solve_kw``'s schemes, pins, forbid), ``evaluations`` fitness
-    calls at most. Skipped (recorded why) where single-layer moves could break a constraint
-    it cannot see: tied layers (a target's fusions, shared weights) or a group policy."""
-    from bitalloc.solvers.evolve import refine as local_search
-
-    from .arrays import build_problem, capacity_bits, target_ties
-    from .budget import parse_budget
-    from .solve import choice_of, plan_from_choice
+    """``(plan, record)``: :func:`bitalloc.allocator.peers.refine_plan` from ``plan`` within its
+    exact budget and allowed schemes (``solve_kw``'s schemes, pins, forbid), ``evaluations``
+    new fitness calls at most (the start was measured by the selection: ``seen``). Skipped
+    (recorded why) where single-layer moves could break a constraint it cannot see: tied
+    layers (a target's fusions, shared weights), a group policy or the QP's pair terms."""
+    from .arrays import build_problem, target_ties
+    from .peers import refine_plan
 
     policy = solve_kw.get("policy")
     problem = build_problem(profile, schemes=solve_kw.get("schemes"), pins=solve_kw.get("pins"),
                             forbid=solve_kw.get("forbid"), tie_names=target_ties(profile, solve_kw.get("target")))
     if problem.ties or (policy is not None and not policy.is_default) or solve_kw.get("method", "ilp") in ("qp", "qp-relax"):
         return plan, {"skipped": "tied layers, a group policy or pair terms: single-layer moves could break them"}
-    b = parse_budget(budget)
-    capacity = capacity_bits(profile, b)
-    cost = np.asarray(profile.cost_bits, dtype=np.int64).copy()  # (L, S)
-    cost[~np.asarray(problem.allowed)] = capacity + 1  # never fits: not a candidate there
 
-    def fit(chs, stage):  # the start was measured by the selection
+    def fit(chs, stage):
         todo = [c for c in chs if c.tobytes() not in seen]
         for c, v in zip(todo, fitness(todo) if todo else []):
             seen[c.tobytes()] = float(v)
         return [seen[c.tobytes()] for c in chs]
 
-    t0 = time.perf_counter()
-    choice, status = local_search(fit, cost, capacity, choice_of(profile, plan), evaluations=evaluations + 1,
-                                  seed=seed, hint=np.where(np.isfinite(table), table, np.inf))
-    record = {"evaluations": int(status["evaluations"]) - 1, "moves": int(status["moves"]),
-              "fitness_start": float(status["fitness_start"]), "fitness": float(status["fitness"]),
-              "status": status["status"], "seconds": round(time.perf_counter() - t0, 3)}
-    if status["moves"]:
-        plan = plan_from_choice(profile, choice, budget=b, solver=plan.solver, label=plan.label,
-                                profile_path=profile_path, capacity=capacity)
-    return plan, record
+    refined = refine_plan(profile, plan, budget, fit, evaluations=evaluations + 1, seed=seed, profile_path=profile_path,
+                          hint=np.where(np.isfinite(table), table, np.inf), allowed=problem.allowed)
+    r = refined.solver["refine"]
+    record = {"evaluations": int(r["evaluations"]) - 1, "moves": int(r["moves"]), "fitness_start": float(r["fitness_start"]),
+              "fitness": float(r["fitness"]), "status": r["status"], "seconds": round(r["seconds"], 3)}
+    if not r["moves"]:
+        return plan, record
+    return dataclasses.replace(refined, label=plan.label, solver=plan.solver), record

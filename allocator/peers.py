@@ -207,23 +207,26 @@ def peer_plan(name: str, profile, budget: str | float | Budget, scores=None, *, 
 
 
 def refine_plan(profile, plan: Plan, budget: str | float | Budget, fitness, *, evaluations: int, seed: int = 0,
-                stage: int = 0, profile_path=None) -> Plan:
+                stage: int = 0, profile_path=None, hint=None, allowed=None) -> Plan:
     """bitalloc's plan refined end to end (``--refine N``): local moves that keep the exact
     budget, scored by ``fitness`` (measured KL on calibration tokens), warm-started from
-    ``plan`` (the ILP's) and guided by the profile's predicted losses; at most
-    ``evaluations`` fitness calls. The plan's ``solver`` block keeps the ILP's record and
-    adds ``refine`` (evaluations used, fitness before and after)."""
+    ``plan`` (the ILP's) and guided by ``hint`` (``(L, S)`` predicted losses; default the
+    profile's); at most ``evaluations`` fitness calls (the start counts as one). ``allowed``
+    (``(L, S)`` bool): the only cells a move may use. The plan's ``solver`` block keeps the
+    ILP's record and adds ``refine`` (evaluations used, fitness before and after)."""
     from .arrays import capacity_bits, loss_table
     from .solve import choice_of, plan_from_choice
 
     budget = parse_budget(budget)
     capacity = capacity_bits(profile, budget)
     cost = np.asarray(profile.cost_bits, dtype=np.int64)
+    if allowed is not None:
+        cost = np.where(np.asarray(allowed, dtype=bool), cost, capacity + 1)  # never fits: not a candidate there
     start = choice_of(profile, plan)
     t0 = time.perf_counter()
     refine = _resolve("solvers", "evolve:refine")
     choice, status = refine(fitness, cost, capacity, start, evaluations=evaluations, seed=seed,
-                            hint=loss_table(profile), stage=stage)
+                            hint=loss_table(profile) if hint is None else hint, stage=stage)
     record = {k: v for k, v in status.items() if isinstance(v, (str, int, float, bool, list))}
     solver = {**plan.solver, "refine": {**record, "seconds": time.perf_counter() - t0, "max_evaluations": evaluations}}
     return plan_from_choice(profile, choice, budget=budget, solver=solver, label=f"{plan.label} refined",

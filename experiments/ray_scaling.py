@@ -85,9 +85,10 @@ def llama_layers(hidden: int, inter: int, n_layers: int, heads: int, kv_heads: i
 
 
 def _input_key(layer: dict) -> tuple:
-    kind = layer["fqn"].rsplit(".", 1)[-1]
-    role = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(kind, kind)
-    return layer["block_index"], role
+    """(block, input role): layers that read one input (q/k/v, gate/up) share one Hessian."""
+    from bitalloc.sensitivity.fisher_refs import _input_key as role
+
+    return layer["block_index"], role(layer["fqn"])
 
 
 def work(layers: list[dict], vocab: int, hidden: int, *, tokens: int, kl_tokens: int, schemes: int, refs: int = 3,
