@@ -77,7 +77,9 @@ def profile(
     (its field names: ``calibration`` "generated" or a text file, ``n_samples``, ``seq_len``,
     ``seed``, ``kl_samples``, ``kl_stride``, ``schemes``, ``ref_schemes``, ``include``,
     ``exclude``, ``measured``, ``workers``, ``ray_address``, ``groups``, ``saliency``,
-    ``quantizer``, ``pairs``, ``pair_schemes``, ``pair_ref``) override it. Without a config
+    ``quantizer``, ``pairs``, ``pair_schemes``, ``pair_ref``, ``max_memory``) override it.
+    ``max_memory`` (e.g. ``"1GiB"``): block streaming (:mod:`sensitivity.streaming`) for a
+    model directory with safetensors files, which is then never loaded whole. Without a config
     the API's defaults apply: ``kl_samples=2``, ``kl_stride=2`` and the 2/3/4-bit reference
     schemes among ``schemes``.
 
@@ -135,13 +137,14 @@ def profile(
         from bitalloc.sensitivity.runner import check_ray_address
 
         check_ray_address(cfg.ray_address)  # before the (long) model load and Hessians
-    loaded = _as_loaded(model)
+    # max_memory: block streaming reads the model a unit at a time (it is never loaded whole)
+    loaded = _as_loaded(model) if cfg.max_memory is None else None
     spec = cfg.calibration_spec()
     prof = build_profile(
-        loaded, cfg, spec, progress=progress, log_fn=log, checkpoint=ckpt,
+        loaded if loaded is not None else str(model), cfg, spec, progress=progress, log_fn=log, checkpoint=ckpt,
         hessians_out=(Path(out).with_suffix(".hessians.safetensors") if out is not None and cfg.quantizer == "gptq" else None),
     )
-    prof.metadata["request"] = _request(loaded.spec, cfg.schemes, spec, (cfg.kl_samples, cfg.kl_stride), cfg.include,
+    prof.metadata["request"] = _request(prof.model["spec"], cfg.schemes, spec, (cfg.kl_samples, cfg.kl_stride), cfg.include,
                                         cfg.exclude, cfg.ref_schemes, measured=cfg.measured, groups=list(cfg.groups) or None,
                                         ref_method=_ref_request(cfg.ref_method, cfg.measure_every),
                                         fisher_table=cfg.fisher_table)

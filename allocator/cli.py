@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fisher-table", action="store_true",
                     help="also store the output-Fisher estimate of every (layer, scheme): the candidate "
                          "calibrations `solve --table` and `run`'s [solve] select choose among")
+    sp.add_argument("--max-memory", default=None, metavar="SIZE",
+                    help="block streaming: read a model directory's safetensors one block at a time so the profile "
+                         "fits SIZE (e.g. 1GiB); the calibrated proxy with measured references, in-process")
     sp.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",
                     help="Fisher labels: sampled from the model (the KL's Fisher) or the text's next tokens")
 
@@ -254,6 +257,8 @@ def _cmd_profile(a) -> int:
     from . import api
     from .config import default_ref_schemes
 
+    if a.target == "llamacpp" and a.max_memory is not None:
+        raise _UsageError("--max-memory (block streaming) is for the bitalloc target; the llama.cpp target reads a GGUF")
     if a.target == "llamacpp":  # ggml's types and quantizer: settings are checked by the llama.cpp target
         check_output(a.out, inputs=[a.calib, a.model], overwrite=a.overwrite, what="--out")
         prof = api.profile(a.model, target="llamacpp", imatrix=not a.no_imatrix, out=a.out, progress=not a.quiet,
@@ -272,7 +277,7 @@ def _cmd_profile(a) -> int:
         saliency=a.saliency, quantizer=a.quantizer, pairs=a.pairs,
         pair_schemes=tuple(a.pair_schemes) if a.pair_schemes else None, pair_ref=a.pair_ref,
         ref_method=a.ref_method, fisher_table=a.fisher_table, fisher_labels=a.fisher_labels,
-        measure_every=a.measure_every)
+        measure_every=a.measure_every, max_memory=a.max_memory)
     if a.calib != "generated" and not Path(a.calib).is_file():
         raise _UsageError(f"--calib {a.calib!r}: no such file (give a text file or 'generated')")
     if a.checkpoint_dir is not None and not (a.measured or a.workers or a.ray_address or os.environ.get("RAY_ADDRESS")):

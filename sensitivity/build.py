@@ -28,53 +28,7 @@ __all__ = ["build_profile", "ProfileConfig", "cost_table", "other_parameter_bits
 log = logging.getLogger("bitalloc.sensitivity")
 
 
-def _bitalloc_version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-# ---------------------------------------------------------------------------------------
-# costs
-
-
-def cost_table(layers: Sequence[LayerInfo], schemes: Sequence[Any]) -> np.ndarray:
-    """``(L, S)`` exact storage bits; a shared weight is counted on its first layer only."""
-    from .proxy import as_scheme
-
-    from bitalloc.kernels.formats import ggml_fits, is_ggml
-
-    sch = [as_scheme(s) for s in schemes]
-    out = np.zeros((len(layers), len(sch)), dtype=np.int64)
-    seen_groups: set[str] = set()
-    for i, layer in enumerate(layers):
-        if layer.tie_group is not None and layer.tie_group in seen_groups:
-            continue
-        if layer.tie_group is not None:
-            seen_groups.add(layer.tie_group)
-        # a ggml type whose block does not divide the rows is no candidate there (cost 0, loss NaN)
-        out[i] = [0 if is_ggml(s) and not ggml_fits(s.name, layer.in_features)
-                  else s.storage_bits(layer.out_features, layer.in_features) for s in sch]
-    return out
-
-
-def other_parameter_bits(model: torch.nn.Module, layers: Sequence[LayerInfo]) -> tuple[int, int]:
-    """(bits, count) of all parameters other than the selected layers' weights, at their
-    stored dtype; a tensor shared by several names (tied) is counted once."""
-    from .models import storage_key as _storage_key
-
-    modules = dict(model.named_modules(remove_duplicate=False))
-    quantized = {_storage_key(modules[layer.fqn].weight) for layer in layers}
-    seen: set = set()
-    bits = count = 0
-    for _, p in model.named_parameters(remove_duplicate=False):
-        key = _storage_key(p)
-        if key in seen or key in quantized:
-            continue
-        seen.add(key)
-        bits += p.numel() * p.element_size() * 8
-        count += p.numel()
-    return int(bits), int(count)
+from .profile_parts import bitalloc_version, profile_split_channels, cost_table, other_parameter_bits  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,6 +110,14 @@ def build_profile(
     from .groups import measure_ref_columns, setup_grouping
 
     say = log_fn or log.info
+    if cfg.max_memory is not None:  # block streaming: the model is never whole in memory
+        from .streamed_profile import build_streamed_profile
+
+        extras = [k for k, v in (("checkpoint", checkpoint), ("hessians_out", hessians_out),
+                                 ("on_hessians", on_hessians)) if v is not None]
+        if extras:
+            raise ProfileError(f"{extras[0]} is not supported with max_memory (block streaming) yet")
+        return build_streamed_profile(model, cfg, calibration, progress=progress, say=say)
     t_start = time.perf_counter()
     walls: dict[str, float] = {}
 
@@ -351,7 +313,7 @@ def build_profile(
 
     metadata = {
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bitalloc_version": _bitalloc_version(),
+        "bitalloc_version": bitalloc_version(),
         "torch_version": torch.__version__,
         "wall_s": walls,
         "metric": metric_name,
@@ -398,7 +360,7 @@ def build_profile(
         metadata=metadata,
         saliency={f: v.numpy().astype(np.float64) for f, v in sal.items()},
         pairs=pair_field,
-        split_channels=_split_channels(layers, names, sal),
+        split_channels=profile_split_channels(layers, names, sal),
         fisher=fisher_vals if cfg.fisher_table else None,
     )
 
@@ -417,19 +379,6 @@ def _fisher_pass(cfg, net, layers, data, scheme_objs, cols, stats, quantizer, sa
     say(f"fisher estimates: {len(layers)} layers x {len(cols)} schemes from {info['tokens']} positions "
         f"in {info['seconds']:.1f} s")
     return out, info
-
-
-def _split_channels(layers, names, sal) -> dict | None:
-    """``fqn -> {k: (k,) int64}`` of every split among ``names``: the channels the proxy and
-    the measurements quantized with (the torch rule they use), stored so plans need no torch."""
-    from bitalloc.kernels.quant import select_high_channels
-
-    from .split_channels import split_channels_for
-
-    def select(v, k):
-        return select_high_channels(torch.as_tensor(v, dtype=torch.float64).flatten(), k).numpy()
-
-    return split_channels_for(layers, names, sal, select) or None
 
 
 def _is_16bit(net: torch.nn.Module) -> bool:

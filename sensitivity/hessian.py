@@ -15,6 +15,7 @@ Padded tokens (``attention_mask == 0``) are left out when the hooked input has t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Iterable, Sequence
@@ -28,7 +29,7 @@ from ._forward import base_module_for, forward
 from .calibration import as_batches
 from .layers import LayerInfo
 
-__all__ = ["HessianAccumulator", "collect_hessians", "collect_input_statistics", "hessian_tensor"]
+__all__ = ["HessianAccumulator", "InputHooks", "collect_hessians", "collect_input_statistics", "hessian_tensor"]
 
 log = logging.getLogger("bitalloc.sensitivity")
 
@@ -128,6 +129,95 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
+class InputHooks:
+    """Forward pre-hooks folding each selected layer's input rows into its accumulator.
+
+    One object per calibration pass (the whole model's, or one block's in
+    :mod:`sensitivity.streaming`): install, run the batches inside :meth:`batch`, then
+    :meth:`results`. Accumulators are shared between layers that read the same input tensor
+    (see the module docstring) unless ``share_inputs=False``.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[LayerInfo], *, dtype: torch.dtype = torch.float32,
+                 share_inputs: bool = True, act_formats: Sequence[str] = ()) -> None:
+        fqns = [layer.fqn for layer in layers]
+        if len(set(fqns)) != len(fqns):
+            raise ValueError("layers contain duplicate fqns")
+        self.layers, self.dtype, self.share_inputs, self.act_formats = list(layers), dtype, share_inputs, act_formats
+        self.assigned: dict[str, HessianAccumulator] = {}
+        self.owner: dict[int, str] = {}  # id(accumulator) -> fqn that created it
+        self.seen: dict[int, tuple[Any, HessianAccumulator]] = {}  # per batch: id(x) -> (weakref(x), acc)
+        self.mask: torch.Tensor | None = None
+        modules = dict(model.named_modules(remove_duplicate=False))
+        self.handles = []
+        try:
+            for layer in layers:
+                if layer.fqn not in modules:
+                    raise ValueError(f"layer {layer.fqn!r} is not a module of {type(model).__name__}")
+                self.handles.append(modules[layer.fqn].register_forward_pre_hook(self._hook(layer.fqn), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
+            return x[mask.to(device=x.device, dtype=torch.bool)]
+        return x
+
+    def _hook(self, fqn: str):
+        def hook(module, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            if x is None:
+                return
+            entry = self.seen.get(id(x))
+            same = entry is not None and entry[0]() is x
+            acc = self.assigned.get(fqn)
+            if acc is None:
+                if self.share_inputs and same and entry[1].in_features == x.shape[-1]:
+                    self.assigned[fqn] = entry[1]
+                    return
+                acc = HessianAccumulator(x.shape[-1], self.dtype, device=x.device, act_formats=self.act_formats)
+                self.assigned[fqn] = acc
+                self.owner[id(acc)] = fqn
+            elif same and entry[1] is acc:
+                return  # this exact tensor was already folded into the shared accumulator
+            elif self.owner[id(acc)] != fqn:
+                raise RuntimeError(
+                    f"{fqn} shared its input with {self.owner[id(acc)]} on the first batch but not later; "
+                    "rerun with share_inputs=False"
+                )
+            acc.add_batch(self._rows(x))
+            if not same:
+                self.seen[id(x)] = (weakref.ref(x), acc)
+
+        return hook
+
+    @contextlib.contextmanager
+    def batch(self, mask: torch.Tensor | None):
+        """Run one batch's forward inside: padded positions (``mask == 0``) are left out."""
+        self.mask = mask
+        try:
+            yield
+        finally:
+            self.seen.clear()
+            self.mask = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.seen.clear()
+
+    def results(self) -> dict[str, HessianAccumulator]:
+        """``fqn -> accumulator`` in layer order (a zero one, with a warning, for a layer never called)."""
+        for layer in self.layers:
+            if layer.fqn not in self.assigned:
+                log.warning("layer %s was never called during calibration: its Hessian is zero", layer.fqn)
+                self.assigned[layer.fqn] = HessianAccumulator(layer.in_features, self.dtype, act_formats=self.act_formats)
+        return {layer.fqn: self.assigned[layer.fqn] for layer in self.layers}
+
+
 @torch.no_grad()
 def collect_input_statistics(
     model: torch.nn.Module,
@@ -151,78 +241,23 @@ def collect_input_statistics(
         raise ValueError("layers contain duplicate fqns")
     runner, _ = base_module_for(model, fqns)
     head_only = _head_outside_body(model, fqns, batches) if runner is model else None
-    assigned: dict[str, HessianAccumulator] = {}
-    owner: dict[int, str] = {}  # id(accumulator) -> fqn that created it
-    seen: dict[int, tuple[Any, HessianAccumulator]] = {}  # per batch: id(x) -> (weakref(x), acc)
-    state: dict[str, Any] = {"mask": None}
-
-    def rows(x: torch.Tensor) -> torch.Tensor:
-        mask = state["mask"]
-        if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
-            return x[mask.to(device=x.device, dtype=torch.bool)]
-        return x
-
-    def make_hook(layer: LayerInfo):
-        fqn = layer.fqn
-
-        def hook(module, args, kwargs):
-            x = _first_tensor(args, kwargs)
-            if x is None:
-                return
-            entry = seen.get(id(x))
-            same = entry is not None and entry[0]() is x
-            acc = assigned.get(fqn)
-            if acc is None:
-                if share_inputs and same and entry[1].in_features == x.shape[-1]:
-                    assigned[fqn] = entry[1]
-                    return
-                acc = HessianAccumulator(x.shape[-1], dtype, device=x.device, act_formats=act_formats)
-                assigned[fqn] = acc
-                owner[id(acc)] = fqn
-            elif same and entry[1] is acc:
-                return  # this exact tensor was already folded into the shared accumulator
-            elif owner[id(acc)] != fqn:
-                raise RuntimeError(
-                    f"{fqn} shared its input with {owner[id(acc)]} on the first batch but not later; "
-                    "rerun with share_inputs=False"
-                )
-            acc.add_batch(rows(x))
-            if not same:
-                seen[id(x)] = (weakref.ref(x), acc)
-
-        return hook
-
-    modules = dict(model.named_modules(remove_duplicate=False))
-    handles = []
+    hooks = InputHooks(model, layers, dtype=dtype, share_inputs=share_inputs, act_formats=act_formats)
     try:
-        for layer in layers:
-            if layer.fqn not in modules:
-                raise ValueError(f"layer {layer.fqn!r} is not a module of {type(model).__name__}")
-            handles.append(modules[layer.fqn].register_forward_pre_hook(make_hook(layer), with_kwargs=True))
         it = batches
         if progress:
             from tqdm.auto import tqdm
 
             it = tqdm(batches, desc="hessians", unit="batch", leave=False)
         for batch in it:
-            state["mask"] = batch.get("attention_mask")
-            try:
+            with hooks.batch(batch.get("attention_mask")):
                 if head_only is not None:  # the body, then only the head's input hooks: no (b, T, V) logits
                     out = forward(head_only.body, batch)
-                    _hook_only(head_only.head, out.last_hidden_state)
+                    hook_only(head_only.head, out.last_hidden_state)
                 else:
                     forward(runner, batch)
-            finally:
-                seen.clear()
     finally:
-        for h in handles:
-            h.remove()
-        seen.clear()
-    for layer in layers:
-        if layer.fqn not in assigned:
-            log.warning("layer %s was never called during calibration: its Hessian is zero", layer.fqn)
-            assigned[layer.fqn] = HessianAccumulator(layer.in_features, dtype, act_formats=act_formats)
-    return {layer.fqn: assigned[layer.fqn] for layer in layers}
+        hooks.remove()
+    return hooks.results()
 
 
 def collect_hessians(
@@ -262,7 +297,7 @@ def _head_outside_body(model: torch.nn.Module, fqns: Sequence[str], batches: lis
     return split
 
 
-def _hook_only(module: torch.nn.Module, x: torch.Tensor) -> None:
+def hook_only(module: torch.nn.Module, x: torch.Tensor) -> None:
     """Run ``module``'s forward pre-hooks on ``x`` and skip its forward."""
     module.forward = lambda *a, **k: None
     try:

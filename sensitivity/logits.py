@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ._forward import forward
+from .sizes import parse_size  # noqa: F401 - re-exported (its old home)
 
 __all__ = [
     "DEFAULT_LOGITS_MEMORY",
@@ -55,25 +56,7 @@ __all__ = [
 
 DEFAULT_LOGITS_MEMORY = 1 << 30
 ENV = "BITALLOC_LOGITS_MEMORY"
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
-          "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
 _setting: list[int | None] = [None]
-
-
-def parse_size(value: Any, what: str = "logits memory") -> int:
-    """Bytes from an int or a string such as ``"512MiB"``, ``"2GB"``, ``"1e9"``."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a size such as 512MiB or 2GB, got {value!r}")
-    if isinstance(value, (int, float)):
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"{what} must be a size such as 512MiB or 2GB, got {value!r}")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n < 1 << 20:
-        raise ValueError(f"{what} must be at least 1MiB, got {value!r}")
-    return n
 
 
 def logits_memory() -> int:

@@ -376,20 +376,23 @@ def unique_parameters(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Ten
     return unique, aliases
 
 
-def fingerprint(model: torch.nn.Module) -> dict:
+def fingerprint(model: torch.nn.Module, read=None) -> dict:
     """Architecture, parameter names/shapes/dtypes and a SHA-256 over all parameter bytes.
 
     Parameters are hashed in registration order, each tied tensor once (under its first
     name), as name, dtype, shape and then the raw bytes: the hash changes if any weight
     bit, name, shape or dtype changes. Buffers (rotary tables, position ids) are derived
     from the config and not hashed. ~135M float32 parameters hash in about a second.
+
+    ``read(name, param)``: the parameter's tensor when the module holds none (a streamed
+    model's weights stay in its files, :mod:`sensitivity.streaming`); one at a time.
     """
     unique, aliases = unique_parameters(model)
     h = hashlib.sha256()
     params = []
     n = 0
     for name, p in unique:
-        t = p.detach()
+        t = p.detach() if read is None else read(name, p)
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()

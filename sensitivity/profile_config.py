@@ -79,6 +79,7 @@ class ProfileConfig:
     fisher_labels: str = "sampled"
     fisher_table: bool = False
     measure_every: int = 3
+    max_memory: Any = None
 
     def __post_init__(self) -> None:
         err = _error()
@@ -158,12 +159,36 @@ class ProfileConfig:
             raise err(f"workers must be a positive integer, got {self.workers!r}")
         if self.ray_address is not None and not isinstance(self.ray_address, str):
             raise err(f"ray_address must be a string, got {self.ray_address!r}")
+        if self.max_memory is not None:
+            self._check_streaming(err)
         if isinstance(self.groups, list):
             set_("groups", tuple(self.groups))
         if self.groups is None:
             set_("groups", ())
         if not isinstance(self.groups, tuple):
             raise err(f"profile setting 'groups' must be a list of metric groups, got {type(self.groups).__name__}")
+
+    def _check_streaming(self, err) -> None:
+        """``max_memory`` (block streaming, :mod:`sensitivity.streaming`): a size, and only the
+        calibrated-proxy profile with measured references (what streaming implements)."""
+        from .sizes import parse_size
+
+        try:
+            n = parse_size(self.max_memory, "profile setting 'max_memory'")
+        except ValueError as e:
+            raise err(str(e)) from None
+        object.__setattr__(self, "max_memory", n)
+        refused = [("measured", self.measured, "the measured table"), ("workers", self.workers is not None, "Ray workers"),
+                   ("ray_address", self.ray_address is not None, "Ray"), ("groups", bool(self.groups), "metric groups"),
+                   ("pairs", self.pairs is not None, "pair terms"),
+                   ("ref_method", self.ref_method != "measured", f"ref_method {self.ref_method!r} (a backward pass)"),
+                   ("fisher_table", self.fisher_table, "the Fisher table (a backward pass)"),
+                   ("saliency", self.saliency == "fisher", "Fisher saliency (a backward pass)"),
+                   ("quantizer", self.quantizer != "rtn", f"quantizer {self.quantizer!r}")]
+        for k, bad, what in refused:
+            if bad:
+                raise err(f"profile setting {k!r}: block streaming (max_memory) does not support {what} yet; "
+                          "it builds the calibrated-proxy profile with measured references")
 
     def replace(self, **changes) -> ProfileConfig:
         return dataclasses.replace(self, **changes)

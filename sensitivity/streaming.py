@@ -1,0 +1,460 @@
+"""Block streaming: profile a causal LM larger than the memory it is given (issue 17).
+
+:class:`StreamedModel` builds the transformers model from its ``config.json`` with every
+parameter a *placeholder*: one element expanded to the parameter's shape (right shape and
+dtype, a few bytes of memory). The weights stay in the directory's safetensors files. A
+*unit* (one block, or a module outside the blocks that owns parameters: the token
+embedding, the final norm, the LM head) is read into its parameters when it runs and
+dropped when it is done, or held while a layer of it is measured in place
+(:meth:`StreamedModel.hold`). Reads are plain file reads at the header's offsets, not a
+memory map, so the page cache is never part of the process's resident memory.
+
+:func:`streamed_statistics` runs the Hessian pass block-major: block ``b`` is read once,
+every calibration batch goes through it from the stored outputs of block ``b-1`` (kept in
+memory up to ``keep_bytes``, written to a scratch folder past that), and its layers'
+accumulators go to a callback (the proxy rows) and are freed before block ``b+1``. The
+peak is one block, its Hessians and the stored activations, never the whole model.
+
+Results equal the in-memory pass bit for bit. Every block runs inside the model's own
+forward, earlier blocks replayed from the stored outputs (as reference measurements replay
+them), so masks, rotary tables and per-layer arguments are the model's own. Each layer's
+accumulator sees the batches in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import BitallocError
+from ._forward import forward, tree_clone
+from .hessian import HessianAccumulator, InputHooks
+from .layers import LayerInfo
+
+__all__ = ["StreamingError", "SafetensorsFiles", "StreamedModel", "streamed_statistics"]
+
+log = logging.getLogger("bitalloc.sensitivity")
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_MAX_HEADER = 100 << 20
+
+
+class StreamingError(BitallocError, ValueError):
+    """A model or setting block streaming cannot work with (the message says which)."""
+
+
+# ---------------------------------------------------------------------------------------
+# reading tensors from safetensors files
+
+
+class SafetensorsFiles:
+    """Every tensor of a directory's ``*.safetensors`` files: name -> where its bytes are."""
+
+    def __init__(self, directory: str | Path) -> None:
+        files = sorted(Path(directory).glob("*.safetensors"))
+        if not files:
+            raise StreamingError(f"{str(directory)!r} has no .safetensors files: block streaming reads the weights from them")
+        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                raw = fh.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+                if not 0 < n <= _MAX_HEADER:
+                    raise StreamingError(f"{f.name} is not a safetensors file (header length {n})")
+                try:
+                    header = json.loads(fh.read(n))
+                except ValueError as e:
+                    raise StreamingError(f"{f.name}: unreadable safetensors header ({e})") from None
+            size = f.stat().st_size
+            for name, e in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _DTYPES.get(e.get("dtype"))
+                a, b = e.get("data_offsets", (0, -1))
+                if dtype is None or not 0 <= a <= b or 8 + n + b > size:
+                    raise StreamingError(f"{f.name}: tensor {name!r} has an unsupported dtype or bad offsets")
+                self.entries[name] = (f, dtype, tuple(int(d) for d in e["shape"]), 8 + n + a, 8 + n + b)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def nbytes(self, name: str) -> int:
+        _, _, _, a, b = self.entries[name]
+        return b - a
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor, in its stored dtype (one read of its bytes)."""
+        f, dtype, shape, a, b = self.entries[name]
+        buf = torch.empty(b - a, dtype=torch.uint8)
+        with open(f, "rb") as fh:
+            fh.seek(a)
+            got = fh.readinto(buf.numpy()) if b > a else 0
+        if got != b - a:
+            raise StreamingError(f"{f.name}: tensor {name!r} is truncated ({got} of {b - a} bytes)")
+        return buf.view(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------
+# a model whose parameters are read one unit at a time
+
+
+def _placeholder(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros((), dtype=dtype).expand(*shape)
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no init)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        if param is not None and not param.is_meta:  # a tied parameter is registered again as itself
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of blocks: the one holding the most parameters."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise StreamingError(f"{type(model).__name__} has no list of blocks to stream")
+    return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+
+
+class StreamedModel:
+    """A transformers causal LM whose weights stay in its safetensors files (module docstring).
+
+    ``model``: the model, every parameter a placeholder until its unit runs or is held.
+    ``units``: ``[(name, module)]`` in forward order, the blocks among them; ``unit_bytes`` of
+    each at ``dtype``. Forward hooks read a unit before it runs and drop it after, unless held.
+    """
+
+    def __init__(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        directory = Path(directory)
+        try:
+            config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad model directory
+            raise StreamingError(f"cannot read the model config in {str(directory)!r} ({type(e).__name__}: {e})") from None
+        archs = list(getattr(config, "architectures", None) or [])
+        if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            raise StreamingError(f"block streaming profiles causal LMs; {str(directory)!r} holds {archs or config.model_type}")
+        self.files = SafetensorsFiles(directory)
+        self.dtype = dtype
+        with _params_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.eval()
+        self._placeholders(model)
+        self.model = model
+        self.blocks_name, self.blocks = _blocks(model)
+        self.file_name: dict[int, str] = {}  # id(param) -> its tensor's name in the files
+        aliases: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        for pid, names in aliases.items():
+            found = [n for n in names if n in self.files]
+            if not found:
+                raise StreamingError(f"the safetensors files hold no tensor for parameter {names[0]!r}")
+            self.file_name[pid] = found[0]
+        in_blocks = {id(m) for m in self.blocks.modules()}
+        self.units: list[tuple[str, torch.nn.Module]] = []
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.ModuleList) and m is self.blocks:
+                self.units += [(f"{name}.{i}", blk) for i, blk in enumerate(m)]
+            elif id(m) not in in_blocks and any(True for _ in m.parameters(recurse=False)):
+                self.units.append((name, m))
+        self.block_units = [i for i, (_, m) in enumerate(self.units) if any(m is b for b in self.blocks)]
+        self._params = [list(m.parameters()) for _, m in self.units]
+        self.unit_bytes = [sum(p.numel() * p.element_size() for p in ps) for ps in self._params]
+        self._users: dict[int, int] = {}  # id(param) -> resident units using it
+        self.resident: set[int] = set()
+        self._auto: set[int] = set()
+        self._held: dict[int, int] = {}
+        self._handles = []
+        for u, (_, m) in enumerate(self.units):
+            self._handles.append(m.register_forward_pre_hook(self._before(u)))
+            self._handles.append(m.register_forward_hook(self._after(u)))
+
+    @staticmethod
+    def _placeholders(model: torch.nn.Module) -> None:
+        made: dict[int, torch.nn.Parameter] = {}  # a tied meta parameter stays one placeholder
+        for m in model.modules():
+            for k, p in list(m._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in made:
+                    made[id(p)] = torch.nn.Parameter(_placeholder(p.shape, p.dtype), requires_grad=False)
+                m._parameters[k] = made[id(p)]
+
+    # -- reading and dropping units ---------------------------------------------------
+
+    def unit_of(self, fqn: str) -> int:
+        """Index of the unit holding module ``fqn`` (the longest unit name that prefixes it)."""
+        best = None
+        for u, (name, _) in enumerate(self.units):
+            if fqn == name or fqn.startswith(name + "."):
+                if best is None or len(name) > len(self.units[best][0]):
+                    best = u
+        if best is None:
+            raise StreamingError(f"layer {fqn!r} is in no streamed unit")
+        return best
+
+    def read(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """Parameter ``name``'s weights from the files at this model's dtype (for fingerprints)."""
+        t = self.files.read(self.file_name[id(p)])
+        if tuple(t.shape) != tuple(p.shape):
+            raise StreamingError(f"tensor {self.file_name[id(p)]!r} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def load(self, u: int) -> None:
+        if u in self.resident:
+            return
+        for p in self._params[u]:
+            if self._users.get(id(p), 0) == 0:
+                with torch.no_grad():
+                    p.data = self.read(self.file_name[id(p)], p)
+            self._users[id(p)] = self._users.get(id(p), 0) + 1
+        self.resident.add(u)
+
+    def release(self, u: int) -> None:
+        if u not in self.resident:
+            return
+        for p in self._params[u]:
+            self._users[id(p)] -= 1
+            if self._users[id(p)] == 0:
+                with torch.no_grad():
+                    p.data = _placeholder(p.shape, p.dtype)
+        self.resident.discard(u)
+        self._auto.discard(u)
+
+    def release_all(self) -> None:
+        for u in list(self.resident):
+            if not self._held.get(u):
+                self.release(u)
+
+    @contextlib.contextmanager
+    def hold(self, u: int):
+        """Keep unit ``u`` read in while inside (its weights may be changed in place and restored)."""
+        self._held[u] = self._held.get(u, 0) + 1
+        try:
+            self.load(u)
+            yield self.units[u][1]
+        finally:
+            self._held[u] -= 1
+            if not self._held[u]:
+                self.release(u)
+
+    def _before(self, u: int):
+        def hook(module, args):
+            if u in self.resident or "forward" in module.__dict__:  # a replayed block returns its cached output
+                return
+            self.load(u)
+            self._auto.add(u)
+
+        return hook
+
+    def _after(self, u: int):
+        def hook(module, args, output):
+            if u in self._auto and not self._held.get(u):
+                self.release(u)
+
+        return hook
+
+    def fingerprint(self) -> dict:
+        """:func:`sensitivity.models.fingerprint` of the model, read a tensor at a time."""
+        from .models import fingerprint
+
+        return fingerprint(self.model, read=self.read)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._held.clear()
+        self.release_all()
+
+
+# ---------------------------------------------------------------------------------------
+# activations between blocks
+
+
+class _Outputs:
+    """One block's outputs per batch: in memory up to ``keep_bytes``, files in ``folder`` past it."""
+
+    def __init__(self, keep_bytes: int, folder: Path, tag: str) -> None:
+        self.keep, self.folder, self.tag = keep_bytes, folder, tag
+        self.items: dict[int, Any] = {}
+        self.kept = 0
+        self.spilled = 0
+
+    def put(self, k: int, x: Any) -> None:
+        if isinstance(x, torch.Tensor) and self.kept + x.nbytes > self.keep:
+            path = self.folder / f"{self.tag}-{k}.bin"
+            x.detach().contiguous().view(torch.uint8).numpy().tofile(path)
+            self.items[k] = (path, x.dtype, tuple(x.shape))
+            self.spilled += x.nbytes
+            return
+        self.items[k] = tree_clone(x)
+        self.kept += x.nbytes if isinstance(x, torch.Tensor) else 0
+
+    def get(self, k: int) -> Any:
+        x = self.items[k]
+        if isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], Path):
+            path, dtype, shape = x
+            return torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype).reshape(shape)
+        return x
+
+    def clear(self) -> None:
+        for x in self.items.values():
+            if isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], Path):
+                x[0].unlink(missing_ok=True)
+        self.items.clear()
+
+
+class _Stop(Exception):
+    def __init__(self, output: Any) -> None:
+        self.output = output
+
+
+@contextlib.contextmanager
+def _replayed(sm: StreamedModel, before: int, outputs: _Outputs | None, k: int):
+    """Blocks ``0..before-1`` return block ``before-1``'s stored output for batch ``k`` (and the
+    embedding a stand-in of its shape: nothing reads it when block 0 is replayed)."""
+    if not before:
+        yield
+        return
+    cached = outputs.get(k)
+    patched: list[torch.nn.Module] = []
+    embed = sm.model.get_input_embeddings()
+    try:
+        for i in range(before):
+            blk = sm.blocks[i]
+            blk.forward = lambda *a, _v=(tree_clone(cached) if i == before - 1 else None), **kw: _v
+            patched.append(blk)
+        if embed is not None:
+            d = embed.weight.shape[1]
+            embed.forward = lambda ids, *a, **kw: torch.zeros((), dtype=sm.dtype).expand(*ids.shape, d)
+            patched.append(embed)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+@torch.no_grad()
+def streamed_statistics(
+    sm: StreamedModel,
+    layers: Sequence[LayerInfo],
+    batches: list[dict],
+    on_unit: Callable[[int, list[LayerInfo], dict[str, HessianAccumulator]], None],
+    *,
+    dtype: torch.dtype = torch.float32,
+    act_formats: Sequence[str] = (),
+    keep_bytes: int = 256 << 20,
+    scratch: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Block-major Hessian pass (module docstring); returns what it did (for the profile's metadata).
+
+    ``on_unit(u, layers_of_u, accumulators)`` is called once per unit holding layers, with the
+    unit read in (:meth:`StreamedModel.hold`); the accumulators are freed after it returns.
+    Layers must sit in the blocks or in the LM head (the module after the final norm).
+    """
+    by_unit: dict[int, list[LayerInfo]] = {}
+    for layer in layers:
+        by_unit.setdefault(sm.unit_of(layer.fqn), []).append(layer)
+    head = sm.model.get_output_embeddings()
+    head_u = next((u for u, (_, m) in enumerate(sm.units) if m is head), None)
+    for u in by_unit:
+        if u not in sm.block_units and u != head_u:
+            raise StreamingError(f"layer {by_unit[u][0].fqn!r} sits outside the blocks and the LM head; "
+                                 "block streaming cannot replay up to it")
+    from tqdm.auto import tqdm
+
+    from .hessian import hook_only
+
+    folder = Path(tempfile.mkdtemp(prefix="bitalloc-stream-", dir=scratch))
+    base = getattr(sm.model, getattr(sm.model, "base_model_prefix", ""), None)
+    if not isinstance(base, torch.nn.Module):
+        raise StreamingError(f"{type(sm.model).__name__} has no base model to run the blocks in")
+    prev: _Outputs | None = None
+    spilled = kept = 0
+    bar = tqdm(total=len(sm.blocks) + (head_u in by_unit), desc="stream blocks", unit="unit", disable=not progress)
+    try:
+        for b, blk in enumerate(sm.blocks):
+            u = sm.block_units[b]
+            outs = _Outputs(keep_bytes, folder, f"b{b}")
+            hooks = InputHooks(sm.model, by_unit.get(u, []), dtype=dtype, act_formats=act_formats)
+
+            def stop(module, args, output):
+                raise _Stop(output)
+
+            handle = blk.register_forward_hook(stop)
+            try:
+                with sm.hold(u):
+                    for k, batch in enumerate(batches):
+                        with hooks.batch(batch.get("attention_mask")), _replayed(sm, b, prev, k):
+                            try:
+                                forward(base, batch)
+                                raise StreamingError(f"block {b} never ran in the model's forward")
+                            except _Stop as s:
+                                outs.put(k, s.output)
+                    if u in by_unit:
+                        _hand_over(on_unit, u, by_unit[u], hooks)
+            finally:
+                handle.remove()
+                hooks.remove()
+                sm.release_all()
+            if prev is not None:
+                prev.clear()
+            prev = outs
+            spilled, kept = max(spilled, outs.spilled), max(kept, outs.kept)
+            bar.update(1)
+        if head_u in by_unit:  # the head's input: the final norm of the last block's output
+            hooks = InputHooks(sm.model, by_unit[head_u], dtype=dtype, act_formats=act_formats)
+            try:
+                with sm.hold(head_u):
+                    for k, batch in enumerate(batches):
+                        with hooks.batch(batch.get("attention_mask")), _replayed(sm, len(sm.blocks), prev, k):
+                            out = forward(base, batch)
+                            hook_only(sm.units[head_u][1], out.last_hidden_state)
+                    _hand_over(on_unit, head_u, by_unit[head_u], hooks)
+            finally:
+                hooks.remove()
+                sm.release_all()
+            bar.update(1)
+    finally:
+        bar.close()
+        if prev is not None:
+            prev.clear()
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"units": len(sm.units), "blocks": len(sm.blocks), "activations_kept_bytes": int(kept),
+            "activations_spilled_bytes": int(spilled)}
+
+
+def _hand_over(on_unit, u: int, layers: list[LayerInfo], hooks: InputHooks) -> None:
+    accs = hooks.results()
+    try:
+        on_unit(u, layers, accs)
+    finally:
+        for acc in {id(a): a for a in accs.values()}.values():
+            acc.free()

@@ -1,0 +1,149 @@
+"""Block streaming (issue 17): a model read one unit at a time gives the in-memory results bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitalloc.sensitivity.build import build_profile
+from bitalloc.sensitivity.hessian import collect_input_statistics
+from bitalloc.sensitivity.layers import find_layers
+from bitalloc.sensitivity.models import fingerprint, load_model
+from bitalloc.sensitivity.profile import ProfileError
+from bitalloc.sensitivity.streaming import SafetensorsFiles, StreamedModel, StreamingError, streamed_statistics
+
+
+def _save_llama(path, *, tie: bool, vocab: int = 300, blocks: int = 3):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=blocks, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)  # stored 16-bit, profiled in float32
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    return _save_llama(tmp_path_factory.mktemp("untied"), tie=False)
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    return _save_llama(tmp_path_factory.mktemp("tied"), tie=True)
+
+
+def _ids(n=6, T=24, vocab=300):
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(3, vocab, (n, T), generator=g)
+
+
+def test_fingerprint_and_reads_equal_the_loaded_model(untied):
+    loaded = load_model(str(untied))
+    sm = StreamedModel(untied)
+    try:
+        assert sm.fingerprint() == fingerprint(loaded.model)
+        assert all(not u for u in [sm.resident]), "fingerprinting leaves no unit read in"
+        q = "model.layers.1.self_attn.q_proj.weight"
+        assert SafetensorsFiles(untied).read(q).dtype == torch.bfloat16
+        with sm.hold(sm.unit_of("model.layers.1.self_attn.q_proj")):
+            assert torch.equal(sm.model.get_parameter(q), loaded.model.get_parameter(q))
+        assert sm.model.get_parameter(q).untyped_storage().nbytes() < 64, "a dropped unit keeps a placeholder only"
+    finally:
+        sm.close()
+
+
+@pytest.mark.parametrize("keep", [1 << 30, 0], ids=["in-memory", "spilled"])
+def test_block_major_hessians_equal_the_whole_model_pass(untied, keep, tmp_path):
+    loaded = load_model(str(untied))
+    layers, _ = find_layers(loaded.model)
+    ids = _ids()
+    want = collect_input_statistics(loaded.model, layers, ids, False, batch_size=2)
+    sm = StreamedModel(untied)
+    got: dict = {}
+    seen_units = []
+
+    def on_unit(u, ulayers, accs):
+        seen_units.append(u)
+        assert u in sm.resident, "the unit is read in while its layers are handed over"
+        got.update({f: (a.H.clone(), a.nsamples) for f, a in accs.items()})
+
+    try:
+        from bitalloc.sensitivity.calibration import as_batches
+
+        info = streamed_statistics(sm, layers, as_batches(ids, 2), on_unit, keep_bytes=keep, scratch=tmp_path,
+                                   progress=False)
+    finally:
+        sm.close()
+    assert [f.fqn for f in layers] == list(got)
+    for layer in layers:
+        H, n = got[layer.fqn]
+        assert n == want[layer.fqn].nsamples
+        assert torch.equal(H, want[layer.fqn].H), f"{layer.fqn}: streamed Hessian differs"
+    assert len(seen_units) == 4, "three blocks and the untied head"
+    assert (info["activations_spilled_bytes"] > 0) == (keep == 0)
+    assert not list(tmp_path.iterdir()), "the scratch folder is removed"
+
+
+def _settings(**kw):
+    return dict(schemes=["w2g32z", "w3g32z", "w4g32", "w4g32+h8r0.1", "fp16"], ref_schemes=["w2g32z", "w4g32+h8r0.1"],
+                kl_samples=2, kl_stride=2, batch_size=2, progress=False, **kw)
+
+
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_streamed_profile_equals_the_in_memory_profile(which, request):
+    path = request.getfixturevalue(which)
+    ids = _ids()
+    whole = build_profile(str(path), calibration=ids, **_settings())
+    streamed = build_profile(str(path), calibration=ids, **_settings(max_memory="16GiB"))
+    assert streamed.model["fingerprint"] == whole.model["fingerprint"]
+    assert [x.fqn for x in streamed.layers] == [x.fqn for x in whole.layers]
+    assert np.array_equal(streamed.proxy, whole.proxy)
+    assert np.array_equal(streamed.ref_values, whole.ref_values)
+    assert np.array_equal(streamed.tables["all"], whole.tables["all"])
+    assert np.array_equal(streamed.cost_bits, whole.cost_bits) and streamed.other_bits == whole.other_bits
+    assert all(np.array_equal(streamed.saliency[f], whole.saliency[f]) for f in whole.saliency)
+    assert streamed.metadata["streaming"]["max_memory"] == 16 << 30
+    assert streamed.metadata["options"]["block_replay"] == whole.metadata["options"]["block_replay"]
+
+
+def test_streaming_refuses_what_it_cannot_do(untied, tmp_path):
+    ids = _ids()
+    with pytest.raises(ProfileError, match="ref_method 'hybrid'"):
+        build_profile(str(untied), calibration=ids, **_settings(max_memory="16GiB", ref_method="hybrid"))
+    with pytest.raises(ProfileError, match="'max_memory' must be a size"):
+        build_profile(str(untied), calibration=ids, **_settings(max_memory="12 parsecs"))
+    wide = _save_llama(tmp_path / "wide", tie=False, vocab=5000, blocks=1)  # a 1.3 MB embedding
+    with pytest.raises(ProfileError, match="less than unit 'lm_head' needs"):
+        build_profile(str(wide), calibration=ids, **_settings(max_memory="1MiB"))
+    with pytest.raises(ProfileError, match="model directory"):
+        build_profile("random:llama-tiny", calibration=ids, **_settings(max_memory="16GiB"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((untied / "config.json").read_text())
+    with pytest.raises(StreamingError, match="no .safetensors"):
+        StreamedModel(bare)
+
+
+def test_cli_profile_with_max_memory_then_solve_and_apply(untied, tmp_path):
+    """`bitalloc profile --max-memory` on a model directory; the plan applies to the model loaded whole."""
+    import bitalloc
+    from bitalloc.allocator.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "p.json"
+    rc = main(["--quiet", "profile", "--model", str(untied), "--max-memory", "16GiB", "--calib", str(calib), "--n-samples", "4",
+               "--seq-len", "24", "--kl-samples", "1", "--schemes", "w2g32z,w4g32,fp16", "--ref-schemes", "w2g32z",
+               "--out", str(out)])
+    assert rc == 0
+    prof = bitalloc.load_profile(out)
+    assert prof.metadata["streaming"]["max_memory"] == 16 << 30
+    assert prof.metadata["request"]["spec"] == prof.model["spec"] == str(untied.resolve())
+    plan = bitalloc.solve(prof, "3bpw")
+    qmodel = bitalloc.apply(load_model(str(untied)), plan)  # fingerprint checked against the whole model
+    assert sum(type(m).__name__ == "QuantLinear" for m in qmodel.modules()) == len(prof.layers)
