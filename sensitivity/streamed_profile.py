@@ -124,6 +124,9 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
             calib_desc = calibration.describe()
             say(f"calibration: {calibration.source}, {calibration.n_samples} x {calibration.seq_len} tokens "
                 f"(seed {calibration.seed})")
+            if calibration.source == "generated":
+                say("note: self-generated calibration reads every unit once per generated token; a text file "
+                    "(--calib) is much faster when streaming")
             data = load_calibration(calibration, net, tok, "causal-lm")
         else:
             data, calib_desc = calibration, {"source": "provided"}

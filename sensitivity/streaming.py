@@ -330,7 +330,7 @@ class _Outputs:
         self.items.clear()
 
 
-class _Stop(Exception):
+class _Stop(BaseException):  # control flow, not an error: no ``except Exception`` on the way may swallow it
     def __init__(self, output: Any) -> None:
         self.output = output
 
