@@ -142,6 +142,7 @@ def profile(
     spec = cfg.calibration_spec()
     prof = build_profile(
         loaded if loaded is not None else str(model), cfg, spec, progress=progress, log_fn=log, checkpoint=ckpt,
+        round16=True,  # a spec is streamed with bitalloc.load's rounding
         hessians_out=(Path(out).with_suffix(".hessians.safetensors") if out is not None and cfg.quantizer == "gptq" else None),
     )
     prof.metadata["request"] = _request(prof.model["spec"], cfg.schemes, spec, (cfg.kl_samples, cfg.kl_stride), cfg.include,

@@ -45,6 +45,7 @@ def build_profile(
     checkpoint: str | os.PathLike | None = None,
     hessians_out: str | os.PathLike | None = None,
     on_hessians: Callable[[dict], None] | None = None,
+    round16: bool = False,
     **settings: Any,
 ) -> SensitivityProfile:
     """Profile a model: layers, calibration data, Hessians, proxy, reference KL, costs.
@@ -90,6 +91,8 @@ def build_profile(
     GPTQ plan is applied with), recorded with its sha256 in ``metadata["hessians"]``.
     ``on_hessians``: called with ``{fqn: H or accumulator}`` once the tables are done (the
     llama.cpp target keeps their diagonals as its importance matrix).
+    ``round16``: a model given by spec is rounded to float16 values when loaded (as
+    :func:`bitalloc.load` does; a :class:`LoadedModel` is used as it is).
     """
     if config is not None and not isinstance(config, ProfileConfig):  # the old positional ``schemes``
         settings = {"schemes": config, **settings}
@@ -117,7 +120,7 @@ def build_profile(
                                  ("on_hessians", on_hessians)) if v is not None]
         if extras:
             raise ProfileError(f"{extras[0]} is not supported with max_memory (block streaming) yet")
-        return build_streamed_profile(model, cfg, calibration, progress=progress, say=say)
+        return build_streamed_profile(model, cfg, calibration, progress=progress, say=say, round16=round16)
     t_start = time.perf_counter()
     walls: dict[str, float] = {}
 
@@ -137,7 +140,13 @@ def build_profile(
         raise ProfileError("ref_schemes must name at least one scheme to calibrate the proxy")
 
     t = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model
+    if not isinstance(model, LoadedModel):
+        from .models import round_to_16bit
+
+        loaded = load_model(model)
+        if round16:
+            round_to_16bit(loaded.model)
     net, tok = loaded.model, loaded.tokenizer
     t = lap("load", t)
     fp = fingerprint(net)

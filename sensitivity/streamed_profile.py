@@ -82,7 +82,7 @@ def _memory_check(sm, layers, limit: int, activations: int, hessian_bytes: int) 
 
 
 def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, progress: bool,
-                           say: Callable[[str], None]) -> SensitivityProfile:
+                           say: Callable[[str], None], round16: bool = False) -> SensitivityProfile:
     from .profile_parts import bitalloc_version, profile_split_channels, cost_table, other_parameter_bits
     from .calibrate import calibrate_proxy
     from .calibration import CalibrationSpec, as_batches, load_calibration, tokens_sha256
@@ -107,7 +107,7 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
     names, refs = [s.name for s in scheme_objs], [as_scheme(r).name for r in cfg.ref_schemes]
     acts = sorted({s.act for s in scheme_objs if s.act != "a16"})
     t = time.perf_counter()
-    sm = StreamedModel(path)
+    sm = StreamedModel(path, round16=round16)
     net = sm.model
     try:
         tok = _tokenizer(path, int(net.config.vocab_size))

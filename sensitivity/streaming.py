@@ -143,11 +143,13 @@ class StreamedModel:
     """A transformers causal LM whose weights stay in its safetensors files (module docstring).
 
     ``model``: the model, every parameter a placeholder until its unit runs or is held.
+    ``round16``: weights rounded to float16 values as they are read (what
+    :func:`bitalloc.load` does to a model loaded whole: the API's "16-bit model").
     ``units``: ``[(name, module)]`` in forward order, the blocks among them; ``unit_bytes`` of
     each at ``dtype``. Forward hooks read a unit before it runs and drop it after, unless held.
     """
 
-    def __init__(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, directory: str | Path, dtype: torch.dtype = torch.float32, *, round16: bool = False) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         directory = Path(directory)
@@ -160,6 +162,7 @@ class StreamedModel:
             raise StreamingError(f"block streaming profiles causal LMs; {str(directory)!r} holds {archs or config.model_type}")
         self.files = SafetensorsFiles(directory)
         self.dtype = dtype
+        self.round16 = round16  # every weight rounded to float16 values, as bitalloc.load's round_to_16bit
         with _params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
@@ -223,7 +226,10 @@ class StreamedModel:
         t = self.files.read(self.file_name[id(p)])
         if tuple(t.shape) != tuple(p.shape):
             raise StreamingError(f"tensor {self.file_name[id(p)]!r} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
-        return t.to(self.dtype) if t.is_floating_point() else t
+        if not t.is_floating_point():
+            return t
+        t = t.to(self.dtype)
+        return t.to(torch.float16).to(self.dtype) if self.round16 and self.dtype != torch.float16 else t
 
     def load(self, u: int) -> None:
         if u in self.resident:
