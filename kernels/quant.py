@@ -340,6 +340,12 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     return w.reshape(out_f, -1)[:, :in_f].contiguous()
 
 
+# fake_quantize works on row pieces of at most this many weights: its temporaries (int64
+# codes, the clip search's candidates) are several times a piece, not several times the weight
+# (a 256k-vocabulary head, a 5632-wide MLP). Rows are independent: the result is the same.
+FAKE_QUANT_PIECE = 1 << 20
+
+
 def fake_quantize(w: torch.Tensor, fmt: Format | str, *, clip_search: bool = True) -> torch.Tensor:
     """dequantize(quantize(w, fmt)) without packing, in w's dtype (the profiler's fast path)."""
     check_weight(w)
@@ -349,6 +355,17 @@ def fake_quantize(w: torch.Tensor, fmt: Format | str, *, clip_search: bool = Tru
         return w.detach().to(torch.float16, copy=True).to(w.dtype)  # never aliases w
     if in_f == 0:
         return w.detach().clone()
+    rows = max(1, FAKE_QUANT_PIECE // in_f)
+    if out_f > rows:  # piece by piece into one output
+        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        for i in range(0, out_f, rows):
+            out[i:i + rows] = _fake_quantize_rows(w[i:i + rows], fmt, clip_search)
+        return out
+    return _fake_quantize_rows(w, fmt, clip_search)
+
+
+def _fake_quantize_rows(w: torch.Tensor, fmt: Format, clip_search: bool) -> torch.Tensor:
+    out_f, in_f = w.shape
     wg = to_groups(w.detach().to(torch.float32), fmt)  # (out, G, g)
     codes, scale, zero = _rtn(wg, fmt, clip_search)
     w_hat = decode(codes, scale, zero, fmt)  # (out, G, g) float32

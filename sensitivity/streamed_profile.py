@@ -57,12 +57,16 @@ def _rss() -> int:
         return 0
 
 
-def _memory_check(sm, layers, limit: int, activations: int, hessian_bytes: int) -> dict:
-    """The estimated peak with the largest unit read in: what the process holds already (the
-    interpreter, torch, transformers), the unit's weights, three temporaries the size of its
-    largest weight (quantized copy, error, product), its Hessians (one per distinct input:
-    layers of one parent module with one input width share it) and the stored activations.
-    A limit below it is refused before any work."""
+def _memory_check(sm, layers, limit: int, activations: int, hessian_bytes: int, reference_bytes: int) -> dict:
+    """The estimated peak of each phase from what the process holds already (the interpreter,
+    torch, transformers); a limit below either is refused before any work.
+
+    * Hessians and proxy, per unit: its weights, three temporaries the size of its largest
+      weight (quantized copy, error, product), its Hessians (one per distinct input: layers of
+      one parent module with one input width share it) and the stored activations.
+    * References: the measured layer's block held (weights, the quantized weight and its
+      backup) while the forward reads the largest other unit, plus the reference log-probs.
+    """
     by_unit: dict[int, list] = {}
     for layer in layers:
         by_unit.setdefault(sm.unit_of(layer.fqn), []).append(layer)
@@ -72,13 +76,17 @@ def _memory_check(sm, layers, limit: int, activations: int, hessian_bytes: int) 
         mine = by_unit.get(u, [])
         ins = {(layer.fqn.rsplit(".", 1)[0].rsplit(".", 1)[0], layer.in_features) for layer in mine}
         largest = max((layer.out_features * layer.in_features * 4 for layer in mine), default=0)
-        need[u] = base + w + 3 * largest + sum(n * n * hessian_bytes for _, n in ins) + activations
-    u = max(need, key=need.get)
-    if need[u] > limit:
-        raise ProfileError(f"max_memory {limit} bytes is less than unit {sm.units[u][0]!r} needs "
-                           f"(about {need[u]} bytes with the {base} this process holds already: its weights, "
-                           "quantized copies, its Hessians and the stored activations)")
-    return {"largest_unit": sm.units[u][0], "estimated_peak_bytes": int(need[u]), "process_bytes_at_start": base}
+        need[("hessians and proxy", u)] = (base + w + 3 * largest + sum(n * n * hessian_bytes for _, n in ins)
+                                           + activations)
+        if mine:
+            other = max((b for v, b in enumerate(sm.unit_bytes) if v != u), default=0)
+            need[("references", u)] = base + w + 2 * largest + other + reference_bytes + activations
+    (phase, u), peak = max(need.items(), key=lambda kv: kv[1])
+    if peak > limit:
+        raise ProfileError(f"max_memory {limit} bytes is less than the {phase} of unit {sm.units[u][0]!r} need "
+                           f"(about {peak} bytes with the {base} this process holds already)")
+    return {"largest_phase": phase, "largest_unit": sm.units[u][0], "estimated_peak_bytes": int(peak),
+            "process_bytes_at_start": base}
 
 
 def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, progress: bool,
@@ -137,7 +145,9 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         # quarter of the limit, spilled to a scratch folder past it
         keep = limit // 4
         acts_bytes = min(keep, 2 * int(ids.numel()) * int(net.config.hidden_size) * 4)
-        mem = _memory_check(sm, layers, limit, acts_bytes, dtype.itemsize * (1 + 2 * len(acts)))
+        metric_rows = min(int(ids.shape[0]), cfg.kl_samples or int(ids.shape[0]))
+        ref_bytes = metric_rows * int(ids.shape[1]) * int(net.config.vocab_size) * 4 // cfg.kl_stride
+        mem = _memory_check(sm, layers, limit, acts_bytes, dtype.itemsize * (1 + 2 * len(acts)), ref_bytes)
 
         rows: dict[str, np.ndarray] = {}
         sal: dict[str, torch.Tensor] = {}

@@ -110,6 +110,17 @@ class SafetensorsFiles:
 # a model whose parameters are read one unit at a time
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere):
+    a dropped unit's smaller tensors otherwise stay in the process's resident memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _placeholder(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype).expand(*shape)
 
@@ -228,8 +239,20 @@ class StreamedModel:
             raise StreamingError(f"tensor {self.file_name[id(p)]!r} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
         if not t.is_floating_point():
             return t
-        t = t.to(self.dtype)
-        return t.to(torch.float16).to(self.dtype) if self.round16 and self.dtype != torch.float16 else t
+        rounded = t.dtype == torch.float16
+        if t.dtype == torch.bfloat16 and self.round16:  # bf16 -> fp16 rounds as via float32 (exact there)
+            t, rounded = t.to(torch.float16), True
+        out = torch.empty(t.shape, dtype=self.dtype)
+        out.copy_(t)  # one buffer at the model's dtype, the stored bytes freed after
+        del t
+        if self.round16 and not rounded and self.dtype != torch.float16:  # rows at a time: bounded temporaries
+            if out.dim() == 0:
+                out.copy_(out.to(torch.float16))
+            step = max(1, (1 << 22) // max(1, out[0].numel())) if out.dim() else 0
+            for i in range(0, out.shape[0] if out.dim() else 0, step or 1):
+                piece = out[i:i + step]
+                piece.copy_(piece.to(torch.float16))
+        return out
 
     def load(self, u: int) -> None:
         if u in self.resident:
@@ -240,6 +263,7 @@ class StreamedModel:
                     p.data = self.read(self.file_name[id(p)], p)
             self._users[id(p)] = self._users.get(id(p), 0) + 1
         self.resident.add(u)
+        trim_heap()  # the read buffers
 
     def release(self, u: int) -> None:
         if u not in self.resident:
@@ -251,11 +275,13 @@ class StreamedModel:
                     p.data = _placeholder(p.shape, p.dtype)
         self.resident.discard(u)
         self._auto.discard(u)
+        trim_heap()
 
     def release_all(self) -> None:
         for u in list(self.resident):
             if not self._held.get(u):
                 self.release(u)
+        trim_heap()
 
     @contextlib.contextmanager
     def hold(self, u: int):
@@ -270,9 +296,13 @@ class StreamedModel:
                 self.release(u)
 
     def _before(self, u: int):
+        embed = self.model.get_input_embeddings()
+
         def hook(module, args):
             if u in self.resident or "forward" in module.__dict__:  # a replayed block returns its cached output
                 return
+            if module is embed and "forward" in self.blocks[0].__dict__:
+                return  # block 0 is replayed: nothing reads the embedding (placeholder weights give zeros)
             self.load(u)
             self._auto.add(u)
 
@@ -289,7 +319,10 @@ class StreamedModel:
         """:func:`sensitivity.models.fingerprint` of the model, read a tensor at a time."""
         from .models import fingerprint
 
-        return fingerprint(self.model, read=self.read)
+        try:
+            return fingerprint(self.model, read=self.read)
+        finally:
+            trim_heap()
 
     def close(self) -> None:
         for h in self._handles:
