@@ -507,7 +507,7 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
         if fitness is not None:
             from .candidates import select_plan
 
-            plan = select_plan(prof, b, fitness, refine=cfg.solve.refine, **kw)
+            plan = select_plan(prof, b, fitness, refine=cfg.solve.refine, ties=cfg.solve.select_ties, **kw)
             sel = plan.solver["select"]
             log(f"{bname}: {sel['chosen']} chosen among {sel['distinct_plans']} plans "
                 f"({', '.join(f'{k} {v:.4f}' for k, v in sel['fitness'].items())}) in {sel['seconds']:.1f}s")

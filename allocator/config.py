@@ -36,6 +36,8 @@ typo must not silently fall back to a default).
     select = true                    # solve on each candidate calibration, keep the plan with the lowest
     select_rows = 4                  # ... measured KL on the last select_rows calibration rows
                                      # (default: true where the profile has a Fisher table)
+    select_ties = false              # also each table's plan with q/k/v and gate/up tied (never chosen in
+                                     # the main job's measurements; 2x the selection time)
     refine = 0                       # then at most this many more measurements of a local search from
                                      # the chosen plan (exact budget; allocator.candidates)
     [eval]
@@ -136,6 +138,7 @@ class SolveCfg:
     select: bool | None = None          # solve on every candidate calibration (None: where there are several), keep the plan with the lowest
                                         # measured KL on select_rows calibration rows (allocator.candidates)
     select_rows: int = 4
+    select_ties: bool = False           # candidates also solved with fused inputs tied (allocator.candidates)
     refine: int = 0                     # local-search measurements after the selection (0: none)
 
 

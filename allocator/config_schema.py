@@ -61,6 +61,7 @@ class SolveSection(Strict):
     target: str = ""
     select: Optional[bool] = None
     select_rows: PosInt = 4
+    select_ties: bool = False
     refine: Annotated[int, Field(ge=0)] = 0
 
 

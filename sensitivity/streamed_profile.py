@@ -63,7 +63,8 @@ def _memory_check(sm, layers, limit: int, activations: int, hessian_bytes: int, 
 
     * Hessians and proxy, per unit: its weights, three temporaries the size of its largest
       weight (quantized copy, error, product), its Hessians (one per distinct input: layers of
-      one parent module with one input width share it) and the stored activations.
+      one parent module with one input width share it) with two more of the widest while a
+      batch is folded in, and the stored activations.
     * References: the measured layer's block held (weights, the quantized weight and its
       backup) while the forward reads the largest other unit, plus the reference log-probs.
     """
@@ -76,8 +77,9 @@ def _memory_check(sm, layers, limit: int, activations: int, hessian_bytes: int, 
         mine = by_unit.get(u, [])
         ins = {(layer.fqn.rsplit(".", 1)[0].rsplit(".", 1)[0], layer.in_features) for layer in mine}
         largest = max((layer.out_features * layer.in_features * 4 for layer in mine), default=0)
+        widest = max((n for _, n in ins), default=0)
         need[("hessians and proxy", u)] = (base + w + 3 * largest + sum(n * n * hessian_bytes for _, n in ins)
-                                           + activations)
+                                           + 2 * widest * widest * hessian_bytes + activations)
         if mine:
             other = max((b for v, b in enumerate(sm.unit_bytes) if v != u), default=0)
             need[("references", u)] = base + w + 2 * largest + other + reference_bytes + activations

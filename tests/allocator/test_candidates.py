@@ -121,11 +121,12 @@ def test_refine_improves_the_chosen_plan_within_its_constraints(fisher_profile):
 def test_run_selects_among_candidates(capsys, tmp_path):
     """[solve] select = true with a Fisher table: each budget's plan records the measured candidates."""
     cli(capsys, "run", tiny_run_config(tmp_path, profile="fisher_table = true",
-                                       solve="select = true\nselect_rows = 2\nrefine = 3"))
+                                       solve="select = true\nselect_rows = 2\nrefine = 3\nselect_ties = true"))
     plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
     sel = plan["solver"]["select"]
     assert sel["refine"]["evaluations"] <= 3 and sel["refine"]["fitness"] <= sel["refine"]["fitness_start"]
     assert sel["chosen"].removesuffix("+tied") in CANDIDATES and sel["fitness"]
+    assert any(k.endswith("+tied") for k in sel["fitness"]), "select_ties adds the tied candidates"
     if sel["distinct_plans"] > 1:
         assert sel["fitness"][sel["chosen"]] == min(sel["fitness"].values())
         assert all(v > 0 for v in sel["fitness"].values())  # real KL of quantized models
