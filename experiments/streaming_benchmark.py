@@ -72,8 +72,7 @@ def make_model(name: str, work: Path) -> Path:
 
 
 def calib_text() -> Path:
-    sys.path.insert(0, str(HERE))
-    from _data import DATA
+    from _data import DATA  # beside this script (its folder is on sys.path when run)
 
     f = DATA / "wikitext2-valid.txt"
     return f if f.is_file() else HERE.parent / "README.md"
