@@ -8,6 +8,8 @@ directories under ``--work`` (no tokenizer: bitalloc's byte-level fallback):
   GQA 32/4, 32k vocabulary) with tied embeddings, so the LM head is skipped as SmolLM2's is:
   1.03 B parameters, 2.07 GB of 16-bit weights, 4.1 GB at float32 where it is profiled.
 * ``small``: the same family at hidden 512, 8 blocks, intermediate 1376: 42 M parameters.
+* ``smollm2``: the real SmolLM2-135M, streamed from the package's GGUF (tensors dequantized
+  one at a time), against the whole model.
 
 Every run is ``bitalloc profile`` in a child process under ``/usr/bin/time -v`` (its peak
 RSS), with the calibrated-proxy settings: WikiText-2 validation text (this repository's
@@ -41,6 +43,7 @@ CONFIGS = {
 }
 # row: (config, max_memory or None for the whole-model profile)
 ROWS = {
+    "smollm2": [("smollm2", None), ("smollm2", "1.5GiB")],  # real weights, streamed from the package GGUF
     "small": [("small", None), ("small", "1GiB")],
     "tinyllama-1b": [("tinyllama-1b", "1.5GiB")],
     "tinyllama-1b-whole": [("tinyllama-1b", None)],
@@ -49,8 +52,11 @@ SETTINGS = ["--n-samples", "4", "--seq-len", "128", "--kl-samples", "1", "--kl-s
             "--schemes", "w2g64z,w3g128z,w4g128z,fp16", "--ref-schemes", "w3g128z"]
 
 
-def make_model(name: str, work: Path) -> Path:
-    """The config's directory (written once: seeded random weights, bfloat16 safetensors)."""
+def make_model(name: str, work: Path) -> Path | str:
+    """The config's directory (written once: seeded random weights, bfloat16 safetensors);
+    ``smollm2`` is the installed model itself."""
+    if name == "smollm2":
+        return "smollm2"
     path = work / name
     if (path / "config.json").is_file():
         return path
@@ -95,7 +101,10 @@ def profile(model: Path, max_memory: str | None, out: Path, calib: Path) -> dict
             "streaming": meta.get("streaming"), "command": " ".join(cmd[2:])}
 
 
-def weights_bytes(model: Path) -> int:
+def weights_bytes(model: Path | str) -> int:
+    """Bytes of the 16-bit weights (SmolLM2: its parameter count x 2; the GGUF holds Q4_1)."""
+    if model == "smollm2":
+        return 134_515_008 * 2
     return sum(f.stat().st_size for f in model.glob("*.safetensors"))
 
 
@@ -134,7 +143,7 @@ def main(argv=None) -> int:
             results["rows"][tag] = row
             print(f"{tag}: {row['wall_s']} s, peak RSS {row['peak_rss_mib']} MiB", flush=True)
     checks = {}
-    for name in CONFIGS:
+    for name in [*CONFIGS, "smollm2"]:
         whole = work / f"{name}@whole.json"
         for streamed in sorted(work.glob(f"{name}@*iB.json")):
             if whole.is_file():

@@ -162,6 +162,8 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         metric_rows = min(int(ids.shape[0]), cfg.kl_samples or int(ids.shape[0]))
         ref_bytes = metric_rows * int(ids.shape[1]) * int(net.config.vocab_size) * 4 // cfg.kl_stride
         mem = _memory_check(sm, layers, limit, acts_bytes, dtype.itemsize * (1 + 2 * len(acts)), ref_bytes)
+        # half of what the limit leaves beside the estimate (which runs low) keeps units between forwards
+        sm.cache_bytes = mem["unit_cache_bytes"] = max(0, (limit - mem["estimated_peak_bytes"]) // 2)
 
         rows: dict[str, np.ndarray] = {}
         sal: dict[str, torch.Tensor] = {}

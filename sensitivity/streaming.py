@@ -132,13 +132,20 @@ class GGUFTensors:
         return name in self.entries
 
     def read(self, name: str) -> torch.Tensor:
-        """The float32 tensor (dequantized, processed)."""
+        """The float32 tensor (dequantized, processed), dequantized a slab of rows at a time into
+        one buffer (gguf-py's block temporaries are several times what they decode)."""
         import numpy as np
         from gguf import dequantize
 
         t = self.tensors[self.entries[name]]
-        w = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name).weights
-        return torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
+        data = t.data  # (rows, bytes per row) for block types, (rows, cols) otherwise
+        first = dequantize(data[:1], t.tensor_type)
+        out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+        step = max(1, (1 << 20) // max(1, first.size))
+        for i in range(0, data.shape[0], step):
+            out[i:i + step] = dequantize(data[i:i + step], t.tensor_type)
+        w = self.processor.process(weights=out, name=t.name).weights
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
 
 
 def gguf_path_of(source: Path) -> Path | None:
@@ -259,6 +266,11 @@ class StreamedModel:
         self._users: dict[int, int] = {}  # id(param) -> resident units using it
         self.resident: set[int] = set()
         self._auto: set[int] = set()
+        # units a forward read are kept, least recently used first out, while their bytes fit
+        # cache_bytes (what the limit leaves beside the estimated peak): repeated forwards
+        # (the reference measurements) then read fewer units again
+        self.cache_bytes = 0
+        self._lru: dict[int, None] = {}
         self._held: dict[int, int] = {}
         self._handles = []
         for u, (_, m) in enumerate(self.units):
@@ -332,6 +344,7 @@ class StreamedModel:
                     p.data = _placeholder(p.shape, p.dtype)
         self.resident.discard(u)
         self._auto.discard(u)
+        self._lru.pop(u, None)
         trim_heap()
 
     def release_all(self) -> None:
@@ -356,6 +369,8 @@ class StreamedModel:
         embed = self.model.get_input_embeddings()
 
         def hook(module, args):
+            if u in self._lru:  # kept from an earlier forward: now the most recently used
+                self._lru[u] = self._lru.pop(u)
             if u in self.resident or "forward" in module.__dict__:  # a replayed block returns its cached output
                 return
             if module is embed and "forward" in self.blocks[0].__dict__:
@@ -367,8 +382,14 @@ class StreamedModel:
 
     def _after(self, u: int):
         def hook(module, args, output):
-            if u in self._auto and not self._held.get(u):
+            if u not in self._auto or self._held.get(u):
+                return
+            if self.unit_bytes[u] > self.cache_bytes:
                 self.release(u)
+                return
+            self._lru[u] = None
+            while sum(self.unit_bytes[v] for v in self._lru) > self.cache_bytes:
+                self.release(next(iter(self._lru)))
 
         return hook
 

@@ -171,3 +171,22 @@ def test_smollm2_streamed_from_its_gguf_equals_the_loaded_model():
     assert np.array_equal(streamed.proxy, whole.proxy)
     assert np.array_equal(streamed.ref_values, whole.ref_values)
     assert np.array_equal(streamed.tables["all"], whole.tables["all"])
+
+
+@pytest.mark.parametrize("cache_blocks", [0, 1, 100])
+def test_forward_reads_units_as_it_runs_and_keeps_what_the_cache_holds(untied, cache_blocks):
+    loaded = load_model(str(untied))
+    sm = StreamedModel(untied)
+    block = max(sm.unit_bytes[u] for u in sm.block_units)
+    sm.cache_bytes = cache_blocks * block
+    ids = _ids(2, 16)
+    try:
+        with torch.no_grad():
+            for _ in range(2):  # the second forward reads only what the cache dropped
+                got = sm.model(input_ids=ids).logits
+                assert torch.equal(got, loaded.model(input_ids=ids).logits)
+                assert sum(sm.unit_bytes[u] for u in sm.resident) <= sm.cache_bytes
+        assert (len(sm.resident) == len(sm.units)) == (cache_blocks == 100)
+    finally:
+        sm.close()
+    assert not sm.resident
