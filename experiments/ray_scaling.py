@@ -86,9 +86,9 @@ def llama_layers(hidden: int, inter: int, n_layers: int, heads: int, kv_heads: i
 
 def _input_key(layer: dict) -> tuple:
     """(block, input role): layers that read one input (q/k/v, gate/up) share one Hessian."""
-    from bitalloc.sensitivity.fisher_refs import _input_key as role
+    from bitalloc.sensitivity.fisher_refs import input_role
 
-    return layer["block_index"], role(layer["fqn"])
+    return layer["block_index"], input_role(layer["fqn"])
 
 
 def work(layers: list[dict], vocab: int, hidden: int, *, tokens: int, kl_tokens: int, schemes: int, refs: int = 3,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["model_device", "to_device", "forward", "base_module_for", "tree_clone"]
+__all__ = ["model_device", "to_device", "forward", "base_module_for", "tree_clone", "replay_blocks"]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -62,3 +63,25 @@ def tree_clone(x: Any) -> Any:
             out.update({k: tree_clone(v) for k, v in x.items()})
         return out
     return x
+
+
+@contextlib.contextmanager
+def replay_blocks(blocks: Sequence[torch.nn.Module], before: int, output: Any):
+    """Blocks ``0..before-1`` skip their work: the last returns a clone of ``output`` (block
+    ``before-1``'s cached output, so the consumer may not change the cache), the others
+    ``output`` itself (nothing reads it). Each block's own ``forward`` comes back after."""
+    patched = []
+    try:
+        for i in range(before):
+            blk = blocks[i]
+            prev = blk.__dict__.get("forward", None)
+            value = tree_clone(output) if i == before - 1 else output
+            blk.forward = lambda *a, _v=value, **k: _v
+            patched.append((blk, prev))
+        yield
+    finally:
+        for blk, prev in patched:
+            if prev is None:
+                del blk.forward
+            else:
+                blk.forward = prev

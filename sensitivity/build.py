@@ -8,7 +8,6 @@ measure the reference columns (or the whole table, :mod:`.runner`), then cost ev
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import logging
 import os
 import time
@@ -28,7 +27,7 @@ __all__ = ["build_profile", "ProfileConfig", "cost_table", "other_parameter_bits
 log = logging.getLogger("bitalloc.sensitivity")
 
 
-from .profile_parts import bitalloc_version, profile_split_channels, cost_table, other_parameter_bits  # noqa: E402,F401
+from .profile_parts import cost_table, other_parameter_bits, profile_metadata, profile_split_channels  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,32 +319,11 @@ def build_profile(
     walls["total"] = round(time.perf_counter() - t_start, 3)
     del stats
 
-    metadata = {
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bitalloc_version": bitalloc_version(),
-        "torch_version": torch.__version__,
-        "wall_s": walls,
-        "metric": metric_name,
-        "loss_units": "nats/token (KL vs unquantized)" if metric_name == "kl" else f"{metric_name} delta",
-        "options": {
-            "include": list(include),
-            "exclude": list(exclude),
-            "quantize_tied": quantize_tied,
-            "batch_size": batch_size,
-            "kl_samples": kl_samples,
-            "kl_stride": kl_stride,
-            "hessian_dtype": str(hessian_dtype).replace("torch.", ""),
-            "block_replay": replay,
-            # "rtn": round-to-nearest with the per-group clip search (kernels.quant); "gptq": kernels.gptq
-            "quantizer": "rtn-clip" if quantizer == "rtn" else quantizer,
-            "ref_method": cfg.ref_method,
-            **({"fisher": fisher_info} if fisher_info else {}),
-        },
-        "quantizer": quantizer,
-        "saliency": saliency,
-        **({"hessians": hess_rec} if hess_rec else {}),
-        "table": "measured" if measured else "calibrated-proxy",
-    }
+    metadata = profile_metadata(cfg, walls=walls, metric=metric_name, replay=replay,
+                                table="measured" if measured else "calibrated-proxy",
+                                **({"fisher": fisher_info} if fisher_info else {}))
+    if hess_rec:
+        metadata["hessians"] = hess_rec
     if measure_info is not None:
         metadata["measure"] = measure_info
     if ray_info:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FISHER_LABELS", "FisherStats", "fisher_ref_values", "hybrid_ref_values", "measured_subset", "layer_kind"]
+__all__ = ["FISHER_LABELS", "FisherStats", "fisher_ref_values", "hybrid_ref_values", "measured_subset", "layer_kind", "input_role"]
 
 FISHER_LABELS = ("sampled", "text")
 
@@ -89,7 +89,7 @@ class FisherStats:
         per_row = len(range(0, T - 1, stride))  # scored positions of one row
         inputs = {}
         for layer in layers:  # layers reading one input share it (q/k/v, gate/up): count it once
-            inputs.setdefault((layer.block_index, layer.in_features, _input_key(layer.fqn)), layer.in_features)
+            inputs.setdefault((layer.block_index, layer.in_features, input_role(layer.fqn)), layer.in_features)
         per_token = 4 * (sum(inputs.values()) + sum(layer.out_features for layer in layers))
         rows = max(1, min(int(data.shape[0]), int(memory) // max(1, per_token * per_row)))
         data = data[:rows]
@@ -136,7 +136,7 @@ class FisherStats:
         self.x, self.g2 = {}, {}
 
 
-def _input_key(fqn: str) -> str:
+def input_role(fqn: str) -> str:
     """Which input a layer reads, by role: q/k/v read one, gate/up one (the rest their own)."""
     kind = fqn.rsplit(".", 1)[-1]
     return {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(kind, kind)

@@ -237,8 +237,6 @@ def collect_input_statistics(
     """
     batches = as_batches(batches, batch_size)
     fqns = [layer.fqn for layer in layers]
-    if len(set(fqns)) != len(fqns):
-        raise ValueError("layers contain duplicate fqns")
     runner, _ = base_module_for(model, fqns)
     head_only = _head_outside_body(model, fqns, batches) if runner is model else None
     hooks = InputHooks(model, layers, dtype=dtype, share_inputs=share_inputs, act_formats=act_formats)

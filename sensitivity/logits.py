@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import weakref
 from collections.abc import Callable
 from typing import Any

@@ -36,6 +36,7 @@ __all__ = [
     "LoadedModel",
     "ByteTokenizer",
     "load_model",
+    "load_tokenizer",
     "fingerprint",
     "DEFAULT_MODEL",
     "RANDOM_SPECS",
@@ -210,14 +211,27 @@ def check_gguf_header(path: Path) -> None:
                              f"{' '.join(str(e).split())[:200]})") from None
 
 
+def load_tokenizer(path: Path, vocab: int) -> tuple[Any, str]:
+    """(tokenizer, note) of a GGUF file or a model directory; a directory without tokenizer
+    files gets the byte-level :class:`ByteTokenizer` of ``vocab`` tokens and a note saying so."""
+    from transformers import AutoTokenizer
+
+    if path.suffix.lower() == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True), ""
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True), ""
+    except Exception:  # noqa: BLE001 - no tokenizer files: byte-level fallback
+        return ByteTokenizer(vocab), " (no tokenizer files: byte-level tokenizer)"
+
+
 def _load_gguf(path: Path, spec: str, dtype: torch.dtype, description: str) -> LoadedModel:
     _offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_gguf_header(path)
     d, f = str(path.parent), path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
+        tokenizer, _ = load_tokenizer(path, 0)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, local_files_only=True)
     except (struct.error, EOFError, KeyError, IndexError, UnicodeDecodeError) as e:  # a damaged file past the header
         raise ModelSpecError(f"GGUF file {str(path)!r} cannot be read ({type(e).__name__}: "
@@ -268,7 +282,7 @@ def _random_model(name: str, dtype: torch.dtype) -> LoadedModel:
 
 def _load_directory(path: Path, spec: str, dtype: torch.dtype) -> LoadedModel:
     _offline()
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -285,12 +299,7 @@ def _load_directory(path: Path, spec: str, dtype: torch.dtype) -> LoadedModel:
         kwargs = {"add_pooling_layer": False} if config.model_type == "bert" else {}
         model = AutoModel.from_pretrained(str(path), dtype=dtype, local_files_only=True, **kwargs)
         kind = "encoder"
-    note = ""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception:  # noqa: BLE001 - no tokenizer files: byte-level fallback
-        tokenizer = ByteTokenizer(int(config.vocab_size))
-        note = " (no tokenizer files: byte-level tokenizer)"
+    tokenizer, note = load_tokenizer(path, int(config.vocab_size))
     return LoadedModel(model.eval(), tokenizer, spec, kind, f"{config.model_type} from {path}{note}")
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .layers import LayerInfo
 
-__all__ = ["bitalloc_version", "cost_table", "other_parameter_bits", "profile_split_channels"]
+__all__ = ["bitalloc_version", "cost_table", "other_parameter_bits", "profile_split_channels", "profile_metadata"]
 
 
 def bitalloc_version() -> str:
@@ -75,3 +75,35 @@ def profile_split_channels(layers, names, sal) -> dict | None:
         return select_high_channels(torch.as_tensor(v, dtype=torch.float64).flatten(), k).numpy()
 
     return split_channels_for(layers, names, sal, select) or None
+
+
+def profile_metadata(cfg: Any, *, walls: dict, metric: str, replay: bool, table: str, **options: Any) -> dict:
+    """The ``metadata`` every profile carries: versions, wall times, the metric and its units,
+    the options its values depend on (``options``: more of them) and the table's kind."""
+    import datetime as _dt
+
+    return {
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "bitalloc_version": bitalloc_version(),
+        "torch_version": torch.__version__,
+        "wall_s": walls,
+        "metric": metric,
+        "loss_units": "nats/token (KL vs unquantized)" if metric == "kl" else f"{metric} delta",
+        "options": {
+            "include": list(cfg.include),
+            "exclude": list(cfg.exclude),
+            "quantize_tied": cfg.quantize_tied,
+            "batch_size": cfg.batch_size,
+            "kl_samples": cfg.kl_samples,
+            "kl_stride": cfg.kl_stride,
+            "hessian_dtype": cfg.hessian_dtype,
+            "block_replay": replay,
+            # "rtn": round-to-nearest with the per-group clip search (kernels.quant); "gptq": kernels.gptq
+            "quantizer": "rtn-clip" if cfg.quantizer == "rtn" else cfg.quantizer,
+            "ref_method": cfg.ref_method,
+            **options,
+        },
+        "quantizer": cfg.quantizer,
+        "saliency": cfg.saliency,
+        "table": table,
+    }

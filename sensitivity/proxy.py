@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._forward import forward, tree_clone
+from ._forward import forward, replay_blocks, tree_clone
 from .logits import forward_logits, logit_rows, protect_head
 from .calibrate import calibrate_proxy  # re-exported: the proxy's calibration lives in .calibrate
 from .calibration import as_batches
@@ -290,22 +290,8 @@ def _replay_prefix(reference: Reference, block_index: int | None, batch_i: int):
     if not reference.replay or not block_index or (block_index - 1) not in reference.block_outputs:
         yield
         return
-    cached = reference.block_outputs[block_index - 1][batch_i]
-    patched = []
-    try:
-        for i in range(block_index):
-            blk = reference.blocks[i]
-            prev = blk.__dict__.get("forward", None)
-            value = tree_clone(cached) if i == block_index - 1 else cached
-            blk.forward = lambda *a, _v=value, **k: _v
-            patched.append((blk, prev))
+    with replay_blocks(reference.blocks, block_index, reference.block_outputs[block_index - 1][batch_i]):
         yield
-    finally:
-        for blk, prev in patched:
-            if prev is None:
-                del blk.forward
-            else:
-                blk.forward = prev
 
 
 def _digest(outputs: Any, key: str) -> tuple[torch.Tensor, torch.Tensor]:

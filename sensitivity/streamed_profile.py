@@ -16,7 +16,7 @@ bit (``tests/sensitivity/test_streaming.py``), plus ``metadata["streaming"]``.
 
 from __future__ import annotations
 
-import datetime as _dt
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,19 +46,6 @@ def _model_source(model: Any) -> tuple[Path, str]:
     return g.resolve(), str(g.resolve())
 
 
-def _tokenizer(path: Path, vocab: int):
-    from transformers import AutoTokenizer
-
-    from .models import ByteTokenizer
-
-    if path.suffix.lower() == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception:  # noqa: BLE001 - no tokenizer files: the byte-level fallback, as load_model
-        return ByteTokenizer(vocab)
-
-
 def _rss() -> int:
     """This process's resident memory now (bytes; 0 where /proc is missing)."""
     try:
@@ -74,12 +61,14 @@ def _memory_check(sm, layers, limit: int, activations: int, hessian_bytes: int, 
     torch, transformers); a limit below either is refused before any work.
 
     * Hessians and proxy, per unit: its weights, three temporaries the size of its largest
-      weight (quantized copy, error, product), its Hessians (one per distinct input: layers of
-      one parent module with one input width share it) with two more of the widest while a
-      batch is folded in, and the stored activations.
+      weight (quantized copy, error, product), its Hessians (one per distinct input,
+      :func:`~.fisher_refs.input_role`: q/k/v share one, gate/up one) with two more of the
+      widest while a batch is folded in, and the stored activations.
     * References: the measured layer's block held (weights, the quantized weight and its
       backup) while the forward reads the largest other unit, plus the reference log-probs.
     """
+    from .fisher_refs import input_role
+
     by_unit: dict[int, list] = {}
     for layer in layers:
         by_unit.setdefault(sm.unit_of(layer.fqn), []).append(layer)
@@ -87,7 +76,7 @@ def _memory_check(sm, layers, limit: int, activations: int, hessian_bytes: int, 
     need = {}
     for u, w in enumerate(sm.unit_bytes):
         mine = by_unit.get(u, [])
-        ins = {(layer.fqn.rsplit(".", 1)[0].rsplit(".", 1)[0], layer.in_features) for layer in mine}
+        ins = {(input_role(layer.fqn), layer.in_features) for layer in mine}
         largest = max((layer.out_features * layer.in_features * 4 for layer in mine), default=0)
         widest = max((n for _, n in ins), default=0)
         need[("hessians and proxy", u)] = (base + w + 3 * largest + sum(n * n * hessian_bytes for _, n in ins)
@@ -105,13 +94,15 @@ def _memory_check(sm, layers, limit: int, activations: int, hessian_bytes: int, 
 
 def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, progress: bool,
                            say: Callable[[str], None], round16: bool = False) -> SensitivityProfile:
-    from .profile_parts import bitalloc_version, profile_split_channels, cost_table, other_parameter_bits
     from .calibrate import calibrate_proxy
     from .calibration import CalibrationSpec, as_batches, load_calibration, tokens_sha256
     from .layers import find_layers
     from .logits import logits_memory
     from .metrics import strided_batches
-    from .proxy import as_scheme, compute_reference, hessian_saliency, measure_item, module_at, proxy_table
+    from .models import load_tokenizer
+    from .profile_parts import cost_table, other_parameter_bits, profile_metadata, profile_split_channels
+    from .proxy import (as_scheme, compute_reference, hessian_saliency, measure_item, module_at, progress_bar,
+                        proxy_table)
     from .saliency import layer_saliencies
     from .streaming import StreamedModel, streamed_statistics
 
@@ -132,7 +123,7 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
     sm = StreamedModel(path, round16=round16)
     net = sm.model
     try:
-        tok = _tokenizer(path, int(net.config.vocab_size))
+        tok, _ = load_tokenizer(path, int(net.config.vocab_size))
         t = lap("load", t)
         fp = sm.fingerprint()
         t = lap("fingerprint", t)
@@ -155,12 +146,19 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         ids = data["input_ids"] if isinstance(data, dict) else data
         calib_desc.update(tokens=int(ids.numel()), shape=list(ids.shape), tokens_sha256=tokens_sha256(data))
         t = lap("calibration", t)
+        metric_data = data if cfg.kl_samples is None else (
+            {k: v[:cfg.kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:cfg.kl_samples])
+        metric_ids = metric_data["input_ids"] if isinstance(metric_data, dict) else metric_data
+        vocab = int(net.config.vocab_size)
+        scored = metric_ids.shape[0] * math.ceil(metric_ids.shape[1] / cfg.kl_stride)
+        ref_bytes = scored * vocab * 4  # the KL reference's float32 log-probs
+        if ref_bytes > logits_memory() // 2:  # else the reference would keep the head's weights, dropped by then
+            raise ProfileError(f"max_memory: the KL reference's log-probs ({scored} positions x {vocab}) must fit half "
+                               f"the logits memory ({logits_memory()} bytes); lower kl_samples or raise the logits memory")
         # block outputs: two blocks' worth (the one read, the one written), in memory up to a
         # quarter of the limit, spilled to a scratch folder past it
         keep = limit // 4
         acts_bytes = min(keep, 2 * int(ids.numel()) * int(net.config.hidden_size) * 4)
-        metric_rows = min(int(ids.shape[0]), cfg.kl_samples or int(ids.shape[0]))
-        ref_bytes = metric_rows * int(ids.shape[1]) * int(net.config.vocab_size) * 4 // cfg.kl_stride
         mem = _memory_check(sm, layers, limit, acts_bytes, dtype.itemsize * (1 + 2 * len(acts)), ref_bytes)
         # half of what the limit leaves beside the estimate (which runs low) keeps units between forwards
         sm.cache_bytes = mem["unit_cache_bytes"] = max(0, (limit - mem["estimated_peak_bytes"]) // 2)
@@ -184,22 +182,12 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         t = lap("hessians_proxy", t)
         say(f"hessians and proxy: {len(layers)} layers x {len(names)} schemes in {walls['hessians_proxy']:.1f} s")
 
-        metric_data = data if cfg.kl_samples is None else (
-            {k: v[:cfg.kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:cfg.kl_samples])
-        metric_ids = metric_data["input_ids"] if isinstance(metric_data, dict) else metric_data
-        vocab = int(net.config.vocab_size)
-        if metric_ids.numel() * vocab * 4 > logits_memory() // 2:  # else the reference would keep the head's weights
-            raise ProfileError(f"max_memory: the KL reference's log-probs ({metric_ids.numel()} positions x {vocab}) "
-                               f"must fit half the logits memory ({logits_memory()} bytes); lower kl_samples or raise "
-                               "the logits memory")
         metric_batches = strided_batches(net, as_batches(metric_data, cfg.batch_size), cfg.kl_stride)
         reference = compute_reference(net, layers, metric_batches, None, progress, batch_size=cfg.batch_size)
         by_unit: dict[int, list[int]] = {}
         for i, layer in enumerate(layers):
             by_unit.setdefault(sm.unit_of(layer.fqn), []).append(i)
         ref_values = np.zeros((len(layers), len(refs)), dtype=np.float64)
-        from .proxy import progress_bar
-
         for u in progress_bar(list(by_unit), progress, f"measure {reference.metric.name} (streamed)", len(by_unit)):
             with sm.hold(u):
                 for i in by_unit[u]:
@@ -216,24 +204,8 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
     finally:
         sm.close()
     walls["total"] = round(time.perf_counter() - t_start, 3)
-    metadata = {
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bitalloc_version": bitalloc_version(),
-        "torch_version": torch.__version__,
-        "wall_s": walls,
-        "metric": metric_name,
-        "loss_units": "nats/token (KL vs unquantized)" if metric_name == "kl" else f"{metric_name} delta",
-        "options": {
-            "include": list(cfg.include), "exclude": list(cfg.exclude), "quantize_tied": cfg.quantize_tied,
-            "batch_size": cfg.batch_size, "kl_samples": cfg.kl_samples, "kl_stride": cfg.kl_stride,
-            "hessian_dtype": cfg.hessian_dtype, "block_replay": replay,
-            "quantizer": "rtn-clip" if cfg.quantizer == "rtn" else cfg.quantizer, "ref_method": cfg.ref_method,
-        },
-        "quantizer": cfg.quantizer,
-        "saliency": cfg.saliency,
-        "table": "calibrated-proxy",
-        "streaming": {"max_memory": limit, **mem, **stream},
-    }
+    metadata = profile_metadata(cfg, walls=walls, metric=metric_name, replay=replay, table="calibrated-proxy")
+    metadata["streaming"] = {"max_memory": limit, **mem, **stream}
     return SensitivityProfile(
         model={"spec": spec, "kind": "causal-lm", "description": description, "fingerprint": fp},
         calibration=calib_desc, layers=list(layers), skipped=list(skipped), schemes=names, cost_bits=costs,

@@ -25,41 +25,45 @@ accumulator sees the batches in the same order.
 from __future__ import annotations
 
 import contextlib
-import logging
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from .. import BitallocError
-from ._forward import forward, tree_clone
+from ._forward import forward, replay_blocks, tree_clone
 from .hessian import HessianAccumulator, InputHooks
 from .layers import LayerInfo
 from .tensor_files import GGUFTensors, SafetensorsFiles, StreamingError, gguf_path_of
 
 __all__ = ["StreamingError", "SafetensorsFiles", "StreamedModel", "streamed_statistics", "trim_heap"]
 
-log = logging.getLogger("bitalloc.sensitivity")
-
-
 
 # ---------------------------------------------------------------------------------------
 # a model whose parameters are read one unit at a time
 
 
-def trim_heap() -> None:
-    """Hand freed heap memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere):
-    a dropped unit's smaller tensors otherwise stay in the process's resident memory."""
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere):
+    a dropped unit's smaller tensors otherwise stay in the process's resident memory."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _placeholder(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -83,12 +87,12 @@ def _params_on_meta():
         torch.nn.Module.register_parameter = register
 
 
-def _blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The ModuleList of blocks: the one holding the most parameters."""
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
     if not lists:
         raise StreamingError(f"{type(model).__name__} has no list of blocks to stream")
-    return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 class StreamedModel:
@@ -121,7 +125,6 @@ class StreamedModel:
         archs = list(getattr(config, "architectures", None) or [])
         if gguf is None and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
             raise StreamingError(f"block streaming profiles causal LMs; {str(directory)!r} holds {archs or config.model_type}")
-        self.gguf = gguf
         self.files = SafetensorsFiles(directory) if gguf is None else None
         self.dtype = dtype
         self.round16 = round16  # every weight rounded to float16 values, as bitalloc.load's round_to_16bit
@@ -132,7 +135,7 @@ class StreamedModel:
         self.model = model
         if gguf is not None:
             self.files = GGUFTensors(gguf, model)
-        self.blocks_name, self.blocks = _blocks(model)
+        self.blocks = _blocks(model)
         self.file_name: dict[int, str] = {}  # id(param) -> its tensor's name in the files
         aliases: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -203,12 +206,10 @@ class StreamedModel:
         out = torch.empty(t.shape, dtype=self.dtype)
         out.copy_(t)  # one buffer at the model's dtype, the stored bytes freed after
         del t
-        if self.round16 and not rounded and self.dtype != torch.float16:  # rows at a time: bounded temporaries
-            if out.dim() == 0:
-                out.copy_(out.to(torch.float16))
-            step = max(1, (1 << 22) // max(1, out[0].numel())) if out.dim() else 0
-            for i in range(0, out.shape[0] if out.dim() else 0, step or 1):
-                piece = out[i:i + step]
+        if self.round16 and not rounded and self.dtype != torch.float16:  # a slab at a time: bounded temporaries
+            flat = out.view(-1)
+            for i in range(0, flat.numel(), 1 << 22):
+                piece = flat[i:i + (1 << 22)]
                 piece.copy_(piece.to(torch.float16))
         return out
 
@@ -240,7 +241,6 @@ class StreamedModel:
         for u in list(self.resident):
             if not self._held.get(u):
                 self.release(u)
-        trim_heap()
 
     @contextlib.contextmanager
     def hold(self, u: int):
@@ -303,6 +303,12 @@ class StreamedModel:
 # activations between blocks
 
 
+class _Spilled(NamedTuple):
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 class _Outputs:
     """One block's outputs per batch: in memory up to ``keep_bytes``, files in ``folder`` past it."""
 
@@ -316,7 +322,7 @@ class _Outputs:
         if isinstance(x, torch.Tensor) and self.kept + x.nbytes > self.keep:
             path = self.folder / f"{self.tag}-{k}.bin"
             x.detach().contiguous().view(torch.uint8).numpy().tofile(path)
-            self.items[k] = (path, x.dtype, tuple(x.shape))
+            self.items[k] = _Spilled(path, x.dtype, tuple(x.shape))
             self.spilled += x.nbytes
             return
         self.items[k] = tree_clone(x)
@@ -324,15 +330,14 @@ class _Outputs:
 
     def get(self, k: int) -> Any:
         x = self.items[k]
-        if isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], Path):
-            path, dtype, shape = x
-            return torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype).reshape(shape)
+        if isinstance(x, _Spilled):
+            return torch.from_numpy(np.fromfile(x.path, dtype=np.uint8)).view(x.dtype).reshape(x.shape)
         return x
 
     def clear(self) -> None:
         for x in self.items.values():
-            if isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], Path):
-                x[0].unlink(missing_ok=True)
+            if isinstance(x, _Spilled):
+                x.path.unlink(missing_ok=True)
         self.items.clear()
 
 
@@ -341,29 +346,10 @@ class _Stop(BaseException):  # control flow, not an error: no ``except Exception
         self.output = output
 
 
-@contextlib.contextmanager
 def _replayed(sm: StreamedModel, before: int, outputs: _Outputs | None, k: int):
-    """Blocks ``0..before-1`` return block ``before-1``'s stored output for batch ``k`` (and the
-    embedding a stand-in of its shape: nothing reads it when block 0 is replayed)."""
-    if not before:
-        yield
-        return
-    cached = outputs.get(k)
-    patched: list[torch.nn.Module] = []
-    embed = sm.model.get_input_embeddings()
-    try:
-        for i in range(before):
-            blk = sm.blocks[i]
-            blk.forward = lambda *a, _v=(tree_clone(cached) if i == before - 1 else None), **kw: _v
-            patched.append(blk)
-        if embed is not None:
-            d = embed.weight.shape[1]
-            embed.forward = lambda ids, *a, **kw: torch.zeros((), dtype=sm.dtype).expand(*ids.shape, d)
-            patched.append(embed)
-        yield
-    finally:
-        for m in patched:
-            del m.forward
+    """Blocks ``0..before-1`` return block ``before-1``'s stored output for batch ``k`` (the
+    embedding is then not read either: :meth:`StreamedModel._before`)."""
+    return replay_blocks(sm.blocks, before, outputs.get(k)) if before else contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -87,16 +87,16 @@ class GGUFTensors:
     by gguf-py: the pages of a tensor being read count in the resident memory while it is."""
 
     def __init__(self, path: str | Path, model: torch.nn.Module) -> None:
+        """``model``: built from this file's config (its processor reads the head counts there,
+        not from a second parse of the file's metadata)."""
         from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                                get_gguf_hf_weights_map, load_gguf_checkpoint,
-                                                                read_field)
+                                                                get_gguf_hf_weights_map, read_field)
 
         self.path = Path(path)
         self.reader = GGUFReader(str(path), "r")
         architecture = read_field(self.reader, "general.architecture")[0]
-        config_dict = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_dict)
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
         to_hf = get_gguf_hf_weights_map(model, self.processor)
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.entries = {hf: g for g, hf in to_hf.items() if g in self.tensors}
@@ -112,10 +112,11 @@ class GGUFTensors:
 
         t = self.tensors[self.entries[name]]
         data = t.data  # (rows, bytes per row) for block types, (rows, cols) otherwise
-        first = dequantize(data[:1], t.tensor_type)
+        first = dequantize(data[:1], t.tensor_type)  # row 0: the shape of a row
         out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+        out[:1] = first
         step = max(1, (1 << 20) // max(1, first.size))
-        for i in range(0, data.shape[0], step):
+        for i in range(1, data.shape[0], step):
             out[i:i + step] = dequantize(data[i:i + step], t.tensor_type)
         w = self.processor.process(weights=out, name=t.name).weights
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
