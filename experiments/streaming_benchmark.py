@@ -12,12 +12,20 @@ directories under ``--work`` (no tokenizer: bitalloc's byte-level fallback):
   one at a time), against the whole model.
 
 Every run is ``bitalloc profile`` in a child process under ``/usr/bin/time -v`` (its peak
-RSS), with the calibrated-proxy settings: WikiText-2 validation text (this repository's
+RSS: the driver's), with the calibrated-proxy settings: WikiText-2 validation text (this repository's
 README when the shared data is missing), ``--n-samples 4 --seq-len 128 --kl-samples 1
 --kl-stride 2``, schemes ``w2g64z,w3g128z,w4g128z,fp16``, reference ``w3g128z``.
 
     python experiments/streaming_benchmark.py                       # all rows, ~20 min here
     python experiments/streaming_benchmark.py --rows small          # the equality check only
+    python experiments/streaming_benchmark.py --rows small-ray,tinyllama-1b-ray   # on 2 local Ray workers
+
+A ``-ray`` row runs ``--workers 2``: each worker reads the model under the same
+``--max-memory`` (per worker); its peak RSS comes from the profile's ``metadata.ray``
+(each worker's ``getrusage``), the driver's from ``time -v``. Its profile is compared with the
+in-process streamed one at the same limit run with one thread (``-1thread`` rows,
+``OMP_NUM_THREADS=1``), as each worker runs: float32 products round by thread count, which
+moves KL values at the float32 noise floor (about 1e-7 on random weights) by tens of percent.
 
 Results: ``experiments/results/streaming/results.json`` (rows, settings, equality checks).
 """
@@ -41,12 +49,16 @@ CONFIGS = {
     "tinyllama-1b": (2048, 5632, 22, 32, 4, 32000),
     "small": (512, 1376, 8, 8, 2, 32000),
 }
-# row: (config, max_memory or None for the whole-model profile)
+# row: (config, max_memory or None for the whole-model profile, Ray workers (0: in-process),
+# torch threads (0: the default))
 ROWS = {
-    "smollm2": [("smollm2", None), ("smollm2", "1.5GiB")],  # real weights, streamed from the package GGUF
-    "small": [("small", None), ("small", "1GiB")],
-    "tinyllama-1b": [("tinyllama-1b", "1.5GiB")],
-    "tinyllama-1b-whole": [("tinyllama-1b", None)],
+    "smollm2": [("smollm2", None, 0, 0), ("smollm2", "1.5GiB", 0, 0)],  # real weights, from the package GGUF
+    "small": [("small", None, 0, 0), ("small", "1GiB", 0, 0)],
+    "tinyllama-1b": [("tinyllama-1b", "1.5GiB", 0, 0)],
+    "tinyllama-1b-whole": [("tinyllama-1b", None, 0, 0)],
+    "small-ray": [("small", "1GiB", 0, 1), ("small", "1GiB", 2, 0)],
+    "smollm2-ray": [("smollm2", "1.5GiB", 0, 1), ("smollm2", "1.5GiB", 2, 0)],
+    "tinyllama-1b-ray": [("tinyllama-1b", "1.5GiB", 2, 0)],
 }
 SETTINGS = ["--n-samples", "4", "--seq-len", "128", "--kl-samples", "1", "--kl-stride", "2",
             "--schemes", "w2g64z,w3g128z,w4g128z,fp16", "--ref-schemes", "w3g128z"]
@@ -84,12 +96,21 @@ def calib_text() -> Path:
     return f if f.is_file() else HERE.parent / "README.md"
 
 
-def profile(model: Path, max_memory: str | None, out: Path, calib: Path) -> dict:
+def profile(model: Path, max_memory: str | None, out: Path, calib: Path, workers: int = 0, threads: int = 0) -> dict:
     cmd = [sys.executable, "-m", "bitalloc.allocator.cli", "--quiet", "profile", "--model", str(model),
            "--calib", str(calib), *SETTINGS, "--out", str(out), "--overwrite"]
     if max_memory:
         cmd += ["--max-memory", max_memory]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if workers:
+        cmd += ["--workers", str(workers)]
+        for f in out.parent.glob(f"{out.stem}.measure-checkpoint*"):  # a fresh run, not a resumed one
+            if f.is_dir():
+                import shutil
+
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -97,8 +118,16 @@ def profile(model: Path, max_memory: str | None, out: Path, calib: Path) -> dict
         raise SystemExit(f"{' '.join(cmd)} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
     meta = json.loads(out.read_text())["metadata"]
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(rss_kb / 1024, 1), "phases_s": meta.get("wall_s"),
-            "streaming": meta.get("streaming"), "command": " ".join(cmd[2:])}
+    row = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss_kb / 1024, 1), "phases_s": meta.get("wall_s"),
+           "streaming": meta.get("streaming"), "command": " ".join(cmd[2:])}
+    if workers:  # each worker's own peak (getrusage in the worker), per step
+        row["workers"] = workers
+        row["worker_peak_rss_mib"] = {step: [w["peak_rss_mb"] for w in info.get("worker_info", [])]
+                                      for step, info in meta["ray"].items()}
+        row["worker_estimated_peak_mib"] = {step: [round(w["streaming"]["estimated_peak_bytes"] / 2**20, 1)
+                                                   for w in info.get("worker_info", [])]
+                                            for step, info in meta["ray"].items()}
+    return row
 
 
 def weights_bytes(model: Path | str) -> int:
@@ -109,16 +138,21 @@ def weights_bytes(model: Path | str) -> int:
 
 
 def same_profile(a: Path, b: Path) -> dict:
-    """Whether two saved profiles hold the same model, proxy, references and table, bit for bit."""
+    """Whether two saved profiles hold the same model, proxy, references and table, bit for
+    bit, and the largest relative difference of each where they are not."""
     import numpy as np
 
     import bitalloc
 
     pa, pb = bitalloc.load_profile(a), bitalloc.load_profile(b)
-    return {"fingerprint": pa.model["fingerprint"]["sha256"] == pb.model["fingerprint"]["sha256"],
-            "proxy": bool(np.array_equal(pa.proxy, pb.proxy)),
-            "ref_values": bool(np.array_equal(pa.ref_values, pb.ref_values)),
-            "table": bool(np.array_equal(pa.tables["all"], pb.tables["all"]))}
+    out = {"fingerprint": pa.model["fingerprint"]["sha256"] == pb.model["fingerprint"]["sha256"]}
+    for k, x, y in (("proxy", pa.proxy, pb.proxy), ("ref_values", pa.ref_values, pb.ref_values),
+                    ("table", pa.tables["all"], pb.tables["all"])):
+        out[k] = bool(np.array_equal(x, y))
+        if not out[k]:
+            ok = np.isfinite(x) & np.isfinite(y) & (np.abs(x) > 0)
+            out[f"{k}_max_rel_diff"] = float(np.max(np.abs(x[ok] - y[ok]) / np.abs(x[ok]))) if ok.any() else None
+    return out
 
 
 def main(argv=None) -> int:
@@ -134,11 +168,12 @@ def main(argv=None) -> int:
     results = json.loads(res_file.read_text()) if res_file.is_file() else {"rows": {}}
     calib = calib_text()
     for key in a.rows.split(","):
-        for name, mm in ROWS[key]:
+        for name, mm, workers, threads in ROWS[key]:
             model = make_model(name, work)
-            tag = f"{name}@{mm or 'whole'}"
+            tag = f"{name}@{mm or 'whole'}" + (f"-{workers}workers" if workers else "") + (f"-{threads}thread" if threads else "")
             print(f"{tag}: profiling ...", flush=True)
-            row = profile(model, mm, work / f"{tag}.json", calib)
+            row = profile(model, mm, work / f"{tag}.json", calib, workers, threads)
+            row["threads"] = threads or None
             row.update(config=name, max_memory=mm, params_16bit_bytes=weights_bytes(model))
             results["rows"][tag] = row
             print(f"{tag}: {row['wall_s']} s, peak RSS {row['peak_rss_mib']} MiB", flush=True)
@@ -148,14 +183,20 @@ def main(argv=None) -> int:
         for streamed in sorted(work.glob(f"{name}@*iB.json")):
             if whole.is_file():
                 checks[streamed.stem] = same_profile(whole, streamed)
+        for ray in sorted(work.glob(f"{name}@*workers.json")):  # against in-process streaming at that limit, 1 thread
+            local = ray.with_name(ray.name.rsplit("-", 1)[0] + "-1thread.json")
+            if local.is_file():
+                checks[ray.stem] = {"against": local.stem, **same_profile(local, ray)}
     results.update(settings=SETTINGS, calibration=str(calib), checks=checks,
                    machine="2-core CPU, 24 GiB (the development machine)",
                    date=time.strftime("%Y-%m-%d"))
     res_file.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\n| run | 16-bit weights | max_memory | wall | peak RSS |\n|---|---|---|---|---|")
+    print("\n| run | 16-bit weights | max_memory | wall | peak RSS (driver) | peak RSS per worker |\n|---|---|---|---|---|---|")
     for tag, r in results["rows"].items():
+        per = (", ".join(f"{step} {max(v)}" for step, v in r["worker_peak_rss_mib"].items() if v) + " MiB"
+               if r.get("workers") else "-")
         print(f"| {tag} | {r['params_16bit_bytes'] / 2**30:.2f} GiB | {r['max_memory'] or '-'} | {r['wall_s']} s | "
-              f"{r['peak_rss_mib']} MiB |")
+              f"{r['peak_rss_mib']} MiB | {per} |")
     for name, c in checks.items():
         print(f"{name}: streamed == whole: {c}")
     print(f"-> {res_file}")

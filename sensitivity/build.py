@@ -115,11 +115,11 @@ def build_profile(
     if cfg.max_memory is not None:  # block streaming: the model is never whole in memory
         from .streamed_profile import build_streamed_profile
 
-        extras = [k for k, v in (("checkpoint", checkpoint), ("hessians_out", hessians_out),
-                                 ("on_hessians", on_hessians)) if v is not None]
+        extras = [k for k, v in (("hessians_out", hessians_out), ("on_hessians", on_hessians)) if v is not None]
         if extras:
             raise ProfileError(f"{extras[0]} is not supported with max_memory (block streaming) yet")
-        return build_streamed_profile(model, cfg, calibration, progress=progress, say=say, round16=round16)
+        return build_streamed_profile(model, cfg, calibration, progress=progress, say=say, round16=round16,
+                                      checkpoint=checkpoint)
     t_start = time.perf_counter()
     walls: dict[str, float] = {}
 

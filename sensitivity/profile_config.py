@@ -178,8 +178,7 @@ class ProfileConfig:
         except ValueError as e:
             raise err(str(e)) from None
         object.__setattr__(self, "max_memory", n)
-        refused = [("measured", self.measured, "the measured table"), ("workers", self.workers is not None, "Ray workers"),
-                   ("ray_address", self.ray_address is not None, "Ray"), ("groups", bool(self.groups), "metric groups"),
+        refused = [("measured", self.measured, "the measured table"), ("groups", bool(self.groups), "metric groups"),
                    ("pairs", self.pairs is not None, "pair terms"),
                    ("ref_method", self.ref_method != "measured", f"ref_method {self.ref_method!r} (a backward pass)"),
                    ("fisher_table", self.fisher_table, "the Fisher table (a backward pass)"),

@@ -42,6 +42,7 @@ from typing import Any
 from .checkpoint import CHECKPOINT_SCHEMA, Checkpoint, check_finite, checkpoint_header, item_file_name
 from .errors import CheckpointError, RunnerError
 from .runner_ray import IN_FLIGHT_PER_ACTOR, check_ray_address, run_ray
+from .streamed_items import context_for
 from .worker import PAIR_SEP, WORKER_METRICS, Key, WorkerContext, WorkerSetup
 
 __all__ = [
@@ -193,7 +194,7 @@ def run_items(
     try:
         if todo:
             if mode == "in-process":
-                ctx = context or WorkerContext(setup, shared=shared)
+                ctx = context or context_for(setup, shared=shared)
                 for key in todo:
                     record(key, ctx.evaluate(*key))
                     bar.update()

@@ -14,7 +14,8 @@ from collections import deque
 from typing import Any
 
 from .errors import RunnerError
-from .worker import Key, WorkerContext, WorkerSetup
+from .streamed_items import context_for
+from .worker import Key, WorkerSetup
 
 __all__ = ["IN_FLIGHT_PER_ACTOR", "check_ray_address", "run_ray"]
 
@@ -45,7 +46,7 @@ def _actor_class(ray):
             import torch
 
             torch.set_num_threads(max(1, int(threads)))
-            self.ctx = WorkerContext(WorkerSetup.from_dict(setup), shared=shared)
+            self.ctx = context_for(WorkerSetup.from_dict(setup), shared=shared)
             if warmup:
                 self.ctx.warmup()
 

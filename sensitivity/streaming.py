@@ -10,38 +10,22 @@ dropped when it is done, or held while a layer of it is measured in place
 (:meth:`StreamedModel.hold`). Reads are plain file reads at the header's offsets, not a
 memory map, so the page cache is never part of the process's resident memory.
 
-:func:`streamed_statistics` runs the Hessian pass block-major: block ``b`` is read once,
-every calibration batch goes through it from the stored outputs of block ``b-1`` (kept in
-memory up to ``keep_bytes``, written to a scratch folder past that), and its layers'
-accumulators go to a callback (the proxy rows) and are freed before block ``b+1``. The
-peak is one block, its Hessians and the stored activations, never the whole model.
-
-Results equal the in-memory pass bit for bit. Every block runs inside the model's own
-forward, earlier blocks replayed from the stored outputs (as reference measurements replay
-them), so masks, rotary tables and per-layer arguments are the model's own. Each layer's
-accumulator sees the batches in the same order.
+The Hessian pass over such a model runs block-major (:mod:`sensitivity.stream_pass`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from .. import BitallocError
-from ._forward import forward, replay_blocks, tree_clone
-from .hessian import HessianAccumulator, InputHooks
-from .layers import LayerInfo
 from .tensor_files import GGUFTensors, SafetensorsFiles, StreamingError, gguf_path_of
 
-__all__ = ["StreamingError", "SafetensorsFiles", "StreamedModel", "streamed_statistics", "trim_heap"]
+__all__ = ["StreamingError", "SafetensorsFiles", "StreamedModel", "trim_heap"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,8 +228,12 @@ class StreamedModel:
 
     @contextlib.contextmanager
     def hold(self, u: int):
-        """Keep unit ``u`` read in while inside (its weights may be changed in place and restored)."""
+        """Keep unit ``u`` read in while inside (its weights may be changed in place and restored).
+
+        A held unit leaves the cache: a forward's cache eviction would otherwise drop it and the
+        next forward read it again from the files, undoing an in-place change mid-measurement."""
         self._held[u] = self._held.get(u, 0) + 1
+        self._lru.pop(u, None)
         try:
             self.load(u)
             yield self.units[u][1]
@@ -297,156 +285,3 @@ class StreamedModel:
         self._handles.clear()
         self._held.clear()
         self.release_all()
-
-
-# ---------------------------------------------------------------------------------------
-# activations between blocks
-
-
-class _Spilled(NamedTuple):
-    path: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-class _Outputs:
-    """One block's outputs per batch: in memory up to ``keep_bytes``, files in ``folder`` past it."""
-
-    def __init__(self, keep_bytes: int, folder: Path, tag: str) -> None:
-        self.keep, self.folder, self.tag = keep_bytes, folder, tag
-        self.items: dict[int, Any] = {}
-        self.kept = 0
-        self.spilled = 0
-
-    def put(self, k: int, x: Any) -> None:
-        if isinstance(x, torch.Tensor) and self.kept + x.nbytes > self.keep:
-            path = self.folder / f"{self.tag}-{k}.bin"
-            x.detach().contiguous().view(torch.uint8).numpy().tofile(path)
-            self.items[k] = _Spilled(path, x.dtype, tuple(x.shape))
-            self.spilled += x.nbytes
-            return
-        self.items[k] = tree_clone(x)
-        self.kept += x.nbytes if isinstance(x, torch.Tensor) else 0
-
-    def get(self, k: int) -> Any:
-        x = self.items[k]
-        if isinstance(x, _Spilled):
-            return torch.from_numpy(np.fromfile(x.path, dtype=np.uint8)).view(x.dtype).reshape(x.shape)
-        return x
-
-    def clear(self) -> None:
-        for x in self.items.values():
-            if isinstance(x, _Spilled):
-                x.path.unlink(missing_ok=True)
-        self.items.clear()
-
-
-class _Stop(BaseException):  # control flow, not an error: no ``except Exception`` on the way may swallow it
-    def __init__(self, output: Any) -> None:
-        self.output = output
-
-
-def _replayed(sm: StreamedModel, before: int, outputs: _Outputs | None, k: int):
-    """Blocks ``0..before-1`` return block ``before-1``'s stored output for batch ``k`` (the
-    embedding is then not read either: :meth:`StreamedModel._before`)."""
-    return replay_blocks(sm.blocks, before, outputs.get(k)) if before else contextlib.nullcontext()
-
-
-@torch.no_grad()
-def streamed_statistics(
-    sm: StreamedModel,
-    layers: Sequence[LayerInfo],
-    batches: list[dict],
-    on_unit: Callable[[int, list[LayerInfo], dict[str, HessianAccumulator]], None],
-    *,
-    dtype: torch.dtype = torch.float32,
-    act_formats: Sequence[str] = (),
-    keep_bytes: int = 256 << 20,
-    scratch: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """Block-major Hessian pass (module docstring); returns what it did (for the profile's metadata).
-
-    ``on_unit(u, layers_of_u, accumulators)`` is called once per unit holding layers, with the
-    unit read in (:meth:`StreamedModel.hold`); the accumulators are freed after it returns.
-    Layers must sit in the blocks or in the LM head (the module after the final norm).
-    """
-    by_unit: dict[int, list[LayerInfo]] = {}
-    for layer in layers:
-        by_unit.setdefault(sm.unit_of(layer.fqn), []).append(layer)
-    head = sm.model.get_output_embeddings()
-    head_u = next((u for u, (_, m) in enumerate(sm.units) if m is head), None)
-    for u in by_unit:
-        if u not in sm.block_units and u != head_u:
-            raise StreamingError(f"layer {by_unit[u][0].fqn!r} sits outside the blocks and the LM head; "
-                                 "block streaming cannot replay up to it")
-    from tqdm.auto import tqdm
-
-    from .hessian import hook_only
-
-    folder = Path(tempfile.mkdtemp(prefix="bitalloc-stream-", dir=scratch))
-    base = getattr(sm.model, getattr(sm.model, "base_model_prefix", ""), None)
-    if not isinstance(base, torch.nn.Module):
-        raise StreamingError(f"{type(sm.model).__name__} has no base model to run the blocks in")
-    prev: _Outputs | None = None
-    spilled = kept = 0
-    bar = tqdm(total=len(sm.blocks) + (head_u in by_unit), desc="stream blocks", unit="unit", disable=not progress)
-    try:
-        for b, blk in enumerate(sm.blocks):
-            u = sm.block_units[b]
-            outs = _Outputs(keep_bytes, folder, f"b{b}")
-            hooks = InputHooks(sm.model, by_unit.get(u, []), dtype=dtype, act_formats=act_formats)
-
-            def stop(module, args, output):
-                raise _Stop(output)
-
-            handle = blk.register_forward_hook(stop)
-            try:
-                with sm.hold(u):
-                    for k, batch in enumerate(batches):
-                        with hooks.batch(batch.get("attention_mask")), _replayed(sm, b, prev, k):
-                            try:
-                                forward(base, batch)
-                                raise StreamingError(f"block {b} never ran in the model's forward")
-                            except _Stop as s:
-                                outs.put(k, s.output)
-                    if u in by_unit:
-                        _hand_over(on_unit, u, by_unit[u], hooks)
-            finally:
-                handle.remove()
-                hooks.remove()
-                sm.release_all()
-            if prev is not None:
-                prev.clear()
-            prev = outs
-            spilled, kept = max(spilled, outs.spilled), max(kept, outs.kept)
-            bar.update(1)
-        if head_u in by_unit:  # the head's input: the final norm of the last block's output
-            hooks = InputHooks(sm.model, by_unit[head_u], dtype=dtype, act_formats=act_formats)
-            try:
-                with sm.hold(head_u):
-                    for k, batch in enumerate(batches):
-                        with hooks.batch(batch.get("attention_mask")), _replayed(sm, len(sm.blocks), prev, k):
-                            out = forward(base, batch)
-                            hook_only(sm.units[head_u][1], out.last_hidden_state)
-                    _hand_over(on_unit, head_u, by_unit[head_u], hooks)
-            finally:
-                hooks.remove()
-                sm.release_all()
-            bar.update(1)
-    finally:
-        bar.close()
-        if prev is not None:
-            prev.clear()
-        shutil.rmtree(folder, ignore_errors=True)
-    return {"units": len(sm.units), "blocks": len(sm.blocks), "activations_kept_bytes": int(kept),
-            "activations_spilled_bytes": int(spilled)}
-
-
-def _hand_over(on_unit, u: int, layers: list[LayerInfo], hooks: InputHooks) -> None:
-    accs = hooks.results()
-    try:
-        on_unit(u, layers, accs)
-    finally:
-        for acc in {id(a): a for a in accs.values()}.values():
-            acc.free()

@@ -67,6 +67,10 @@ class WorkerSetup:
     # activation formats' statistics too; proxy rows cover these schemes
     act_formats: tuple[str, ...] = ()
     schemes: tuple[str, ...] = ()
+    # block streaming (sensitivity.streamed_items): each worker reads the model (a directory
+    # or GGUF path) a unit at a time under this many bytes; Hessians accumulate in hessian_dtype
+    max_memory: int | None = None
+    hessian_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

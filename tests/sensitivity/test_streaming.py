@@ -11,7 +11,8 @@ from bitalloc.sensitivity.hessian import collect_input_statistics
 from bitalloc.sensitivity.layers import find_layers
 from bitalloc.sensitivity.models import fingerprint, load_model
 from bitalloc.sensitivity.profile import ProfileError
-from bitalloc.sensitivity.streaming import SafetensorsFiles, StreamedModel, StreamingError, streamed_statistics
+from bitalloc.sensitivity.stream_pass import streamed_statistics
+from bitalloc.sensitivity.streaming import SafetensorsFiles, StreamedModel, StreamingError
 
 
 def _save_llama(path, *, tie: bool, vocab: int = 300, blocks: int = 3):
@@ -190,3 +191,79 @@ def test_forward_reads_units_as_it_runs_and_keeps_what_the_cache_holds(untied, c
     finally:
         sm.close()
     assert not sm.resident
+
+
+@pytest.mark.slow
+def test_streamed_profile_on_local_ray_equals_in_process_and_resumes(untied, tmp_path):
+    """``max_memory`` with Ray workers: each worker reads the model a unit at a time under the
+    limit; unit items (Hessians, proxy rows, saliency) and reference items give the in-process
+    streamed profile bit for bit at the workers' thread count (one each here: float32 matrix
+    products round by thread count), every worker's peak is recorded, and a rerun resumes."""
+    ids = _ids()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = build_profile(str(untied), calibration=ids, **_settings(max_memory="16GiB"))
+    finally:
+        torch.set_num_threads(threads)
+    ck = tmp_path / "p.measure-checkpoint.jsonl"
+    ray1 = build_profile(str(untied), calibration=ids, checkpoint=ck, **_settings(max_memory="16GiB", workers=2))
+    assert np.array_equal(ray1.proxy, local.proxy)
+    assert np.array_equal(ray1.ref_values, local.ref_values)
+    assert np.array_equal(ray1.tables["all"], local.tables["all"])
+    assert all(np.array_equal(ray1.saliency[f], local.saliency[f]) for f in local.saliency)
+    assert ray1.metadata["options"]["block_replay"] == local.metadata["options"]["block_replay"]
+    r = ray1.metadata["ray"]
+    assert r["units"]["mode"] == "ray-local" and r["units"]["computed"] == 4  # three blocks and the untied head
+    assert r["references"]["computed"] == ray1.n_layers * 2
+    workers = r["units"]["worker_info"] + r["references"]["worker_info"]
+    assert workers and all(w["peak_rss_mb"] > 0 and w["streaming"]["max_memory"] == 16 << 30 for w in workers)
+    assert ck.is_file() and ck.with_suffix(".units.jsonl").is_file()
+    ray2 = build_profile(str(untied), calibration=ids, checkpoint=ck, **_settings(max_memory="16GiB", workers=2))
+    assert ray2.metadata["ray"]["units"]["resumed"] == 4 and ray2.metadata["ray"]["references"]["computed"] == 0
+    assert np.array_equal(ray2.tables["all"], ray1.tables["all"])
+    assert all(np.array_equal(ray2.saliency[f], ray1.saliency[f]) for f in ray1.saliency)
+
+
+def test_unit_items_in_any_order_equal_the_walk_in_order(untied):
+    """A worker handed units out of order restarts its block walk: the same unit rows."""
+    from bitalloc.sensitivity.streamed_items import UNIT_ITEM, StreamedContext
+    from bitalloc.sensitivity.worker import WorkerSetup
+
+    setup = WorkerSetup(model=str(untied), tokens=_ids().tolist(), batch_size=2, weights="as-loaded",
+                        schemes=("w2g32z", "w4g32"), max_memory=16 << 30)
+    names = ["model.layers.0", "model.layers.1", "model.layers.2", "lm_head"]
+    rows = {}
+    for order in (names, names[::-1]):
+        ctx = StreamedContext(setup)
+        try:
+            rows[tuple(order)] = {n: ctx.evaluate(n, UNIT_ITEM) for n in order}
+            runs = ctx.walk_info["blocks_run"]
+        finally:
+            ctx.close()
+        assert runs == (3 if order == names else 3 + 3 + 2 + 1), "in order each block runs once; reversed, restarts"
+    a, b = rows.values()
+    for n in names:
+        assert a[n].cells == b[n].cells and a[n].cells
+        assert all(torch.equal(a[n].vectors[k], b[n].vectors[k]) for k in a[n].vectors)
+
+
+def test_a_held_unit_survives_the_cache_eviction_of_a_forward(untied):
+    """A unit held for an in-place change stays changed through a forward that evicts cached
+    units (it once stayed in the cache, was evicted mid-forward and read again from the files)."""
+    sm = StreamedModel(untied)
+    ids = _ids(2, 16)
+    fqn = "model.layers.0.self_attn.q_proj"
+    try:
+        with torch.no_grad():
+            sm.cache_bytes = sum(sm.unit_bytes)
+            clean = sm.model(input_ids=ids).logits  # every unit cached, the least recently used first
+            sm.cache_bytes = min(sm.unit_bytes[u] for u in sm.block_units)  # room for one block
+            with sm.hold(sm.unit_of(fqn)):
+                w = sm.model.get_submodule(fqn).weight
+                w.zero_()
+                changed = sm.model(input_ids=ids).logits
+                assert not w.any(), "the held weight was read again from the files"
+            assert not torch.equal(changed, clean)
+    finally:
+        sm.close()

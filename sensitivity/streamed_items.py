@@ -1,0 +1,339 @@
+"""The streamed profile's items, in process or on Ray workers (``max_memory``, issue 17).
+
+A :class:`StreamedContext` is the :class:`~sensitivity.worker.WorkerContext` of a model read
+one unit at a time (:class:`~sensitivity.streaming.StreamedModel`): with ``max_memory`` set
+in the :class:`~sensitivity.worker.WorkerSetup`, each worker holds what its item needs under
+that limit, never the whole model. It evaluates two kinds of item:
+
+* ``(unit name, UNIT_ITEM)``: the Hessians of the unit's layers over every calibration row,
+  then their proxy rows and saliency vectors, and the Hessians freed. The value is a
+  :class:`UnitRows` (proxy cells on the checkpoint line, the vectors in a safetensors
+  file). The calibration batches walk the blocks in a resumable
+  :class:`~sensitivity.stream_pass.BlockWalk`, so a worker handed units in forward order
+  runs each block once, and the Hessians are the single-process ones bit for bit (each
+  sees every batch, in order; no reduction across workers).
+* ``(layer fqn, ref scheme)``: a reference measurement, the measured layer's unit held while
+  the forward reads the others as it runs.
+
+:func:`context_for` gives the runner (in process and on Ray actors) the right context for a setup.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RunnerError
+from .worker import WorkerContext, WorkerSetup
+
+__all__ = ["UNIT_ITEM", "UNIT_CHECKPOINT_SCHEMA", "UnitRows", "StreamedContext", "context_for", "read_unit_file",
+           "split_cells", "unit_header", "plan_memory", "process_rss", "scored_positions"]
+
+UNIT_ITEM = "@unit"  # (unit name, UNIT_ITEM): the unit's proxy rows and saliency vectors
+UNIT_CHECKPOINT_SCHEMA = "bitalloc.unit-checkpoint/1"
+_CELL = "\t"  # a proxy cell's key on the checkpoint line: "<fqn>\t<scheme>"
+
+
+def context_for(setup: WorkerSetup, *, shared: Any = None) -> Any:
+    """The context that evaluates ``setup``'s items: streamed when it has ``max_memory``."""
+    if setup.max_memory is not None:
+        return StreamedContext(setup)
+    return WorkerContext(setup, shared=shared)
+
+
+@dataclass
+class UnitRows:
+    """One unit's proxy cells (``{"<fqn>\\t<scheme>": value}``, finite cells only) and its
+    layers' saliency vectors (``"sal.<fqn>"``: the split-channel saliency; ``"hsal.<fqn>"``:
+    diag(H)·‖W_j‖², what a measurement of a split scheme uses under Hessian saliency)."""
+
+    cells: dict[str, float]
+    vectors: dict[str, Any]
+
+    @property
+    def values(self) -> dict[str, float]:
+        return self.cells
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        from .artifact import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.vectors.items()}, str(tmp),
+                      metadata={"format": "bitalloc.unit-rows/1"})
+
+
+def read_unit_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A :class:`UnitRows` file's vectors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def unit_header(setup: WorkerSetup) -> dict:
+    """The unit checkpoint's header: what a unit's proxy rows and vectors depend on."""
+    from .checkpoint import checkpoint_header, make_header
+
+    base = checkpoint_header(setup, setup.schemes, quantizer=setup.quantizer)["config"]
+    config = {**base, "hessian_dtype": setup.hessian_dtype, "act_formats": list(setup.act_formats),
+              "saliency": setup.saliency, "table": "proxy rows and saliency vectors per streamed unit"}
+    return make_header(UNIT_CHECKPOINT_SCHEMA, setup, config)
+
+
+def split_cells(cells: dict[str, float]) -> dict[tuple[str, str], float]:
+    """``{"<fqn>\\t<scheme>": v}`` -> ``{(fqn, scheme): v}``."""
+    return {tuple(k.split(_CELL, 1)): v for k, v in cells.items()}  # type: ignore[misc]
+
+
+def process_rss() -> int:
+    """This process's resident memory now (bytes; 0 where /proc is missing)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) -> dict:
+    """The estimated peak of each phase from what the process holds already (the interpreter,
+    torch, transformers); a limit below either is refused before any work
+    (:class:`~sensitivity.profile.ProfileError` naming the phase and the unit).
+
+    * Hessians and proxy, per unit: its weights, three temporaries the size of its largest
+      weight (quantized copy, error, product), its Hessians (one per distinct input,
+      :func:`~.fisher_refs.input_role`: q/k/v share one, gate/up one) with two more of the
+      widest while a batch is folded in, and the stored activations (two blocks' outputs,
+      in memory up to a quarter of the limit, spilled past it).
+    * References: the measured layer's block held (weights, the quantized weight and its
+      backup) while the forward reads the largest other unit, plus the reference log-probs.
+
+    Also returns ``keep_bytes`` (activations kept in memory) and ``unit_cache_bytes``: half of
+    what the limit leaves beside the estimate (which runs low) keeps units between forwards.
+    """
+    import torch
+
+    from .fisher_refs import input_role
+    from .logits import logits_memory
+    from .profile import ProfileError
+
+    limit = int(setup.max_memory)
+    vocab = int(sm.model.config.vocab_size)
+    ref_bytes = n_scored * vocab * 4  # the KL reference's float32 log-probs
+    if ref_bytes > logits_memory() // 2:  # else the reference would keep the head's weights, dropped by then
+        raise ProfileError(f"max_memory: the KL reference's log-probs ({n_scored} positions x {vocab}) must fit half "
+                           f"the logits memory ({logits_memory()} bytes); lower kl_samples or raise the logits memory")
+    keep = limit // 4
+    activations = min(keep, 2 * n_tokens * int(sm.model.config.hidden_size) * 4)
+    hessian_bytes = getattr(torch, setup.hessian_dtype).itemsize * (1 + 2 * len(setup.act_formats))
+    by_unit: dict[int, list] = {}
+    for layer in layers:
+        by_unit.setdefault(sm.unit_of(layer.fqn), []).append(layer)
+    base = process_rss()
+    need = {}
+    for u, w in enumerate(sm.unit_bytes):
+        mine = by_unit.get(u, [])
+        ins = {(input_role(layer.fqn), layer.in_features) for layer in mine}
+        largest = max((layer.out_features * layer.in_features * 4 for layer in mine), default=0)
+        widest = max((n for _, n in ins), default=0)
+        need[("hessians and proxy", u)] = (base + w + 3 * largest + sum(n * n * hessian_bytes for _, n in ins)
+                                           + 2 * widest * widest * hessian_bytes + activations)
+        if mine:
+            other = max((b for v, b in enumerate(sm.unit_bytes) if v != u), default=0)
+            need[("references", u)] = base + w + 2 * largest + other + ref_bytes + activations
+    (phase, u), peak = max(need.items(), key=lambda kv: kv[1])
+    if peak > limit:
+        raise ProfileError(f"max_memory {limit} bytes is less than the {phase} of unit {sm.units[u][0]!r} need "
+                           f"(about {peak} bytes with the {base} this process holds already)")
+    return {"largest_phase": phase, "largest_unit": sm.units[u][0], "estimated_peak_bytes": int(peak),
+            "process_bytes_at_start": base, "keep_bytes": int(keep),
+            "unit_cache_bytes": max(0, (limit - int(peak)) // 2)}
+
+
+def metric_slice(data: Any, kl_samples: int | None) -> Any:
+    """The first ``kl_samples`` calibration rows (all when None): what the KL is measured on."""
+    if kl_samples is None:
+        return data
+    return {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
+
+
+def scored_positions(ids: Any, kl_samples: int | None, kl_stride: int) -> int:
+    rows = ids.shape[0] if kl_samples is None else min(ids.shape[0], kl_samples)
+    return rows * math.ceil(ids.shape[1] / kl_stride)
+
+
+class StreamedContext:
+    """The items of a streamed profile (module docstring), built from a :class:`WorkerSetup`
+    with ``max_memory`` (what a Ray actor does), or in process from the driver's own
+    :class:`~sensitivity.streaming.StreamedModel` and calibration data (``sm``, ``data``)."""
+
+    def __init__(self, setup: WorkerSetup, *, sm: Any = None, data: Any = None) -> None:
+        import torch
+
+        from .layers import find_layers
+        from .streaming import StreamedModel
+
+        t0 = time.perf_counter()
+        if setup.max_memory is None:
+            raise RunnerError("a streamed context needs setup.max_memory")
+        self.setup = setup
+        self.own = sm is None
+        if sm is None:
+            sm = StreamedModel(setup.model, round16=setup.weights == "16bit")
+            try:
+                if setup.fingerprint_sha256 is not None:
+                    sha = sm.fingerprint()["sha256"]
+                    if sha != setup.fingerprint_sha256:
+                        raise RunnerError(f"worker read model {setup.model!r} with fingerprint {sha[:12]}, expected "
+                                          f"{setup.fingerprint_sha256[:12]}: the workers see other weights than the driver")
+            except BaseException:
+                sm.close()
+                raise
+        self.sm = sm
+        self.layers, _ = find_layers(sm.model, setup.include, setup.exclude, quantize_tied=setup.quantize_tied)
+        self.by_fqn = {layer.fqn: layer for layer in self.layers}
+        self.unit_index = {name: u for u, (name, _) in enumerate(sm.units)}
+        if data is None:
+            if setup.tokens is None:
+                raise RunnerError("a streamed worker needs the driver's calibration tokens (setup.tokens)")
+            data = torch.tensor(setup.tokens, dtype=torch.int64)
+            if setup.attention_mask is not None:
+                data = {"input_ids": data, "attention_mask": torch.tensor(setup.attention_mask, dtype=torch.int64)}
+            from .calibration import tokens_sha256
+
+            if setup.tokens_sha256 is not None and tokens_sha256(data) != setup.tokens_sha256:
+                raise RunnerError("worker calibration tokens differ from the driver's (tokens_sha256 mismatch)")
+        self.data = data
+        ids = data["input_ids"] if isinstance(data, dict) else data
+        self.memory = plan_memory(sm, self.layers, setup, int(ids.numel()),
+                                  scored_positions(ids, setup.kl_samples, setup.kl_stride))
+        sm.cache_bytes = self.memory["unit_cache_bytes"]
+        self._walk = None
+        self._reference = None
+        self._saliency = ({f: torch.tensor(v, dtype=torch.float64) for f, v in setup.saliency_values.items()}
+                          if setup.saliency_values is not None else {})
+        self.walk_info: dict = {}
+        self.setup_s = time.perf_counter() - t0
+        self.n_items = 0
+
+    # -- unit items: Hessians, proxy rows, saliency ---------------------------------------
+
+    def _unit_rows(self, name: str) -> UnitRows:
+        import torch
+
+        from .calibration import as_batches
+        from .proxy import as_scheme, hessian_saliency, module_at, proxy_table
+        from .saliency import layer_saliencies
+        from .stream_pass import BlockWalk, free_accumulators, layers_by_unit
+
+        setup, sm = self.setup, self.sm
+        if name not in self.unit_index:
+            raise RunnerError(f"unit {name!r} is not among the streamed model's units")
+        u = self.unit_index[name]
+        ulayers = layers_by_unit(sm, self.layers).get(u)
+        if not ulayers:
+            raise RunnerError(f"unit {name!r} holds none of the selected layers")
+        if self._walk is None:
+            self._walk = BlockWalk(sm, as_batches(self.data, setup.batch_size), keep_bytes=self.memory["keep_bytes"])
+        schemes = [as_scheme(s) for s in setup.schemes]
+        net = sm.model
+        cells: dict[str, float] = {}
+        vectors: dict[str, torch.Tensor] = {}
+        with sm.hold(u):
+            accs = self._walk.statistics(u, ulayers, dtype=getattr(torch, setup.hessian_dtype),
+                                         act_formats=setup.act_formats)
+            try:
+                sal = layer_saliencies(net, ulayers, setup.saliency, hessians=accs)
+                table = proxy_table(net, ulayers, accs, schemes, False, act_stats=accs if setup.act_formats else None,
+                                    quantizer=setup.quantizer, saliency=sal)
+                for i, layer in enumerate(ulayers):
+                    cells.update({f"{layer.fqn}{_CELL}{s.name}": float(v)
+                                  for s, v in zip(schemes, table[i]) if math.isfinite(v)})
+                    w = module_at(net, layer.fqn).weight.detach().to(torch.float32)
+                    vectors[f"hsal.{layer.fqn}"] = hessian_saliency(w, accs[layer.fqn].H).cpu()
+                    vectors[f"sal.{layer.fqn}"] = sal[layer.fqn].cpu()
+            finally:
+                free_accumulators(accs)
+        self.walk_info = {"blocks_run": self._walk.blocks_run, **self._walk.info()}
+        return UnitRows(cells, vectors)
+
+    # -- reference measurements -----------------------------------------------------------
+
+    @property
+    def reference(self) -> Any:
+        """The 16-bit reference pass over the KL rows, computed on first use (after the walk's
+        activations are dropped: the two are never held together)."""
+        if self._reference is None:
+            from .calibration import as_batches
+            from .metrics import strided_batches
+            from .proxy import compute_reference
+
+            self.close_walk()
+            s = self.setup
+            batches = strided_batches(self.sm.model, as_batches(metric_slice(self.data, s.kl_samples), s.batch_size),
+                                      s.kl_stride)
+            self._reference = compute_reference(self.sm.model, self.layers, batches, None, False,
+                                                batch_size=s.batch_size)
+        return self._reference
+
+    @property
+    def replay(self) -> bool | None:
+        """Whether the reference pass replays block prefixes (None before it is computed)."""
+        return bool(self._reference.replay) if self._reference is not None else None
+
+    def set_saliency(self, vectors: dict[str, Any]) -> None:
+        """fqn -> the saliency a measurement of a split scheme uses (in process: the unit items' vectors)."""
+        self._saliency = dict(vectors)
+
+    def _measure(self, fqn: str, scheme: str) -> dict[str, float]:
+        from .proxy import as_scheme, measure_item
+
+        if fqn not in self.by_fqn:
+            raise RunnerError(f"layer {fqn!r} is not among the worker's selected layers")
+        s = as_scheme(scheme)
+        reference = self.reference
+        with self.sm.hold(self.sm.unit_of(fqn)):
+            v = measure_item(self.sm.model, self.by_fqn[fqn], s, reference, None, quantizer=self.setup.quantizer,
+                             saliency=self._saliency.get(fqn))
+        return v if isinstance(v, dict) else {self.setup.metric: float(v)}
+
+    # -- the runner's interface -------------------------------------------------------------
+
+    def evaluate(self, fqn: str, scheme: str) -> Any:
+        out = self._unit_rows(fqn) if scheme == UNIT_ITEM else self._measure(fqn, scheme)
+        self.n_items += 1
+        return out
+
+    def warmup(self) -> None:
+        """Nothing to warm: a streamed worker's first item reads what it needs."""
+
+    def close_walk(self) -> None:
+        if self._walk is not None:
+            self._walk.close()
+            self._walk = None
+
+    def free_reference(self) -> None:
+        if self._reference is not None:
+            self._reference.free()
+            self._reference = None
+
+    def info(self) -> dict:
+        import resource
+        import socket
+
+        import torch
+
+        return {"pid": os.getpid(), "host": socket.gethostname(),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+                "torch_threads": torch.get_num_threads(), "items": self.n_items, "setup_s": round(self.setup_s, 3),
+                "block_replay": self.replay,
+                "streaming": {"max_memory": int(self.setup.max_memory), **self.memory, **self.walk_info}}
+
+    def close(self) -> None:
+        self.close_walk()
+        self.free_reference()
+        if self.own:
+            self.sm.close()
