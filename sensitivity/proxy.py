@@ -232,18 +232,33 @@ def proxy_table(
             d = wq - w
             if fisher is not None and (fisher_cols is None or j in fisher_cols):
                 fisher_out[i, j] = fisher.value(i, w, wq, s.act)
-            err = ((d @ H) * d).sum(dtype=torch.float64)
+            err = trace_form(d, H, d)
             if s.act != "a16":
                 acc = (act_stats or {}).get(layer.fqn)
                 if acc is not None and s.act in getattr(acc, "cross", {}):
                     xe = acc.cross[s.act].to(device=w.device, dtype=torch.float32)
                     ee = acc.noise[s.act].to(device=w.device, dtype=torch.float32)
-                    err = err + 2 * ((d @ xe) * wq).sum(dtype=torch.float64) + ((wq @ ee) * wq).sum(dtype=torch.float64)
+                    err = err + 2 * trace_form(d, xe, wq) + trace_form(wq, ee, wq)
                 elif not warned:
                     log.warning("no activation statistics for %s: proxy of activation-quantized schemes is weight error only", layer.fqn)
                     warned = True
             out[i, j] = float(err)
+            wq = d = None  # before the next scheme's quantization, not after it
     return out
+
+
+TRACE_ROWS_ELEMENTS = 1 << 20  # elements of one row slab's product in trace_form
+
+
+def trace_form(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ (a m) ⊙ b = tr(a m bᵀ)`` for ``(out, in)`` ``a``, ``b`` and ``(in, in)`` ``m``, in
+    float64, a slab of rows at a time: the whole product and its float64 copy for the sum were
+    three to four times the weight beside it (234 MiB for a 44 MiB weight, by an RSS probe)."""
+    rows = max(1, TRACE_ROWS_ELEMENTS // max(1, m.shape[1]))
+    total = torch.zeros((), dtype=torch.float64)
+    for r in range(0, a.shape[0], rows):
+        total += (a[r:r + rows] @ m).mul_(b[r:r + rows]).sum(dtype=torch.float64)
+    return total
 
 
 # ---------------------------------------------------------------------------------------

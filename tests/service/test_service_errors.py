@@ -66,6 +66,11 @@ BAD = [
     ("profile: bad regex pattern", "POST", "/v1/profiles", {"include": ["re:(("]}, 422, "include"),
     ("profile: group with an unknown metric", "POST", "/v1/profiles", {"groups": [{"name": "a", "match": ["*"], "metric": "bleu"}]}, 422, "groups"),
     ("profile: unknown field", "POST", "/v1/profiles", {"workers": 4}, 422, "workers"),
+    ("profile: max_memory not a size", "POST", "/v1/profiles", {"max_memory": "12 parsecs"}, 422, "max_memory"),
+    ("profile: max_memory below 1 MiB", "POST", "/v1/profiles", {"max_memory": 1000}, 422, "max_memory"),
+    ("profile: max_memory with the measured table", "POST", "/v1/profiles", {"max_memory": "1GiB", "measured": True}, 422, "measured"),
+    ("profile: max_memory with Fisher references", "POST", "/v1/profiles", {"max_memory": "1GiB", "ref_method": "hybrid"}, 422, "ref_method"),
+    ("profile: max_memory on a random model", "POST", "/v1/profiles", {"max_memory": "1GiB", "model": "random:llama-tiny"}, 422, "model"),
     # uploads
     ("upload: not JSON", "POST", "/v1/profiles/upload", b"\x00\x01 not json", 422, "body"),
     ("upload: a plan, not a profile", "POST", "/v1/profiles/upload", {"schema": "bitalloc.plan/1", "layers": {}}, 422, "body"),
