@@ -117,28 +117,40 @@ def _fp4_index(mag: torch.Tensor) -> torch.Tensor:
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 
 
-def _minmax_params(wg: torch.Tensor, fmt: Format, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min-max scale and zero-point of each group of wg (out, G, g) float32, range times ``shrink``.
+def _group_range(wg: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, ...]:
+    """What the min-max parameters of ``wg`` (out, G, g) start from, each (out, G, 1): the
+    clamped min and max for asymmetric integers, else the absolute max. Computed once per
+    clip search (the candidates only scale it)."""
+    if fmt.kind == "int" and not fmt.symmetric:
+        return wg.amin(dim=-1, keepdim=True).clamp(max=0), wg.amax(dim=-1, keepdim=True).clamp(min=0)
+    return (wg.abs().amax(dim=-1, keepdim=True),)
+
+
+def _minmax_params(wg: torch.Tensor, fmt: Format, shrink: float = 1.0,
+                   rng: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scale and zero-point of each group of wg (out, G, g) float32, range times ``shrink``
+    (``rng``: :func:`_group_range` of ``wg``, when already computed).
 
     Returns (scale (out, G, 1) float32 holding the float16 value, zero (out, G, 1) int64 or
     None). Zero padding of a partial group changes neither (absmax, min <= 0 <= max).
     """
+    if fmt.kind not in ("int", "fp8_e4m3", "fp4_e2m1"):
+        raise ValueError(f"format {fmt.name} has no codes (kind {fmt.kind!r})")
+    rng = _group_range(wg, fmt) if rng is None else rng
     if fmt.kind == "int":
         b = fmt.bits
         if fmt.symmetric:
             qmax = 2 ** (b - 1) - 1
-            return _fp16_scale(shrink * wg.abs().amax(dim=-1, keepdim=True) / qmax), None  # (out, G, 1)
+            return _fp16_scale(shrink * rng[0] / qmax), None  # (out, G, 1)
         qmax = 2**b - 1
-        lo = shrink * wg.amin(dim=-1, keepdim=True).clamp(max=0)  # (out, G, 1), min <= 0
-        hi = shrink * wg.amax(dim=-1, keepdim=True).clamp(min=0)  # (out, G, 1), max >= 0
+        lo = shrink * rng[0]  # (out, G, 1), min <= 0
+        hi = shrink * rng[1]  # (out, G, 1), max >= 0
         scale = _fp16_scale((hi - lo) / qmax)
         zero = torch.round(-lo / scale).clamp(0, qmax)
         return scale, zero.to(torch.int64)
     if fmt.kind == "fp8_e4m3":
-        return _fp16_scale(shrink * wg.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX), None
-    if fmt.kind == "fp4_e2m1":
-        return _fp16_scale(shrink * wg.abs().amax(dim=-1, keepdim=True) / FP4_E2M1_VALUES[-1]), None
-    raise ValueError(f"format {fmt.name} has no codes (kind {fmt.kind!r})")
+        return _fp16_scale(shrink * rng[0] / FP8_E4M3_MAX), None
+    return _fp16_scale(shrink * rng[0] / FP4_E2M1_VALUES[-1]), None
 
 
 def _rounding_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: Format) -> torch.Tensor:
@@ -167,12 +179,13 @@ def group_params(wg: torch.Tensor, fmt: Format, clip_search: bool = True) -> tup
     influences the choice. Returns (scale (out, G, 1) float32 holding the float16 value,
     zero (out, G, 1) int64 or None).
     """
-    scale, zero = _minmax_params(wg, fmt)
+    rng = _group_range(wg, fmt) if fmt.kind in ("int", "fp8_e4m3", "fp4_e2m1") else None
+    scale, zero = _minmax_params(wg, fmt, rng=rng)
     if not clip_search or fmt.kind not in ("int", "fp4_e2m1") or (fmt.kind == "int" and fmt.bits >= 8):
         return scale, zero
     best = _rounding_error(wg, scale, zero, fmt)  # (out, G, 1)
     for shrink in CLIP_GRID[1:]:
-        s, z = _minmax_params(wg, fmt, shrink)
+        s, z = _minmax_params(wg, fmt, shrink, rng)
         err = _rounding_error(wg, s, z, fmt)  # (out, G, 1)
         better = err < best
         scale = torch.where(better, s, scale)
