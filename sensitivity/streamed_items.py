@@ -175,7 +175,6 @@ class StreamedContext:
     def __init__(self, setup: WorkerSetup, *, sm: Any = None, data: Any = None) -> None:
         import torch
 
-        from .layers import find_layers
         from .streaming import StreamedModel
 
         t0 = time.perf_counter()
@@ -185,16 +184,33 @@ class StreamedContext:
         self.own = sm is None
         if sm is None:
             sm = StreamedModel(setup.model, round16=setup.weights == "16bit")
-            try:
-                if setup.fingerprint_sha256 is not None:
-                    sha = sm.fingerprint()["sha256"]
-                    if sha != setup.fingerprint_sha256:
-                        raise RunnerError(f"worker read model {setup.model!r} with fingerprint {sha[:12]}, expected "
-                                          f"{setup.fingerprint_sha256[:12]}: the workers see other weights than the driver")
-            except BaseException:
-                sm.close()
-                raise
         self.sm = sm
+        try:
+            self._prepare(data)
+        except BaseException:
+            if self.own:  # nothing of this worker's model is left behind
+                sm.close()
+            raise
+        self._walk = None
+        self._reference = None
+        self._saliency = ({f: torch.tensor(v, dtype=torch.float64) for f, v in setup.saliency_values.items()}
+                          if setup.saliency_values is not None else {})
+        self.walk_info: dict = {}
+        self.setup_s = time.perf_counter() - t0
+        self.n_items = 0
+
+    def _prepare(self, data: Any) -> None:
+        """Check the weights and tokens against the driver's, select the layers, check the memory."""
+        import torch
+
+        from .layers import find_layers
+
+        setup, sm = self.setup, self.sm
+        if self.own and setup.fingerprint_sha256 is not None:
+            sha = sm.fingerprint()["sha256"]
+            if sha != setup.fingerprint_sha256:
+                raise RunnerError(f"worker read model {setup.model!r} with fingerprint {sha[:12]}, expected "
+                                  f"{setup.fingerprint_sha256[:12]}: the workers see other weights than the driver")
         self.layers, _ = find_layers(sm.model, setup.include, setup.exclude, quantize_tied=setup.quantize_tied)
         self.by_fqn = {layer.fqn: layer for layer in self.layers}
         self.unit_index = {name: u for u, (name, _) in enumerate(sm.units)}
@@ -213,13 +229,6 @@ class StreamedContext:
         self.memory = plan_memory(sm, self.layers, setup, int(ids.numel()),
                                   scored_positions(ids, setup.kl_samples, setup.kl_stride))
         sm.cache_bytes = self.memory["unit_cache_bytes"]
-        self._walk = None
-        self._reference = None
-        self._saliency = ({f: torch.tensor(v, dtype=torch.float64) for f, v in setup.saliency_values.items()}
-                          if setup.saliency_values is not None else {})
-        self.walk_info: dict = {}
-        self.setup_s = time.perf_counter() - t0
-        self.n_items = 0
 
     # -- unit items: Hessians, proxy rows, saliency ---------------------------------------
 

@@ -267,3 +267,20 @@ def test_a_held_unit_survives_the_cache_eviction_of_a_forward(untied):
             assert not torch.equal(changed, clean)
     finally:
         sm.close()
+
+
+def test_streamed_worker_refuses_other_weights_or_tokens(untied):
+    import dataclasses
+
+    from bitalloc.sensitivity.errors import RunnerError
+    from bitalloc.sensitivity.streamed_items import StreamedContext
+    from bitalloc.sensitivity.worker import WorkerSetup
+
+    setup = WorkerSetup(model=str(untied), tokens=_ids().tolist(), batch_size=2, weights="as-loaded",
+                        schemes=("w4g32",), max_memory=16 << 30, fingerprint_sha256="0" * 64)
+    with pytest.raises(RunnerError, match="other weights than the driver"):
+        StreamedContext(setup)
+    with pytest.raises(RunnerError, match="tokens_sha256 mismatch"):
+        StreamedContext(dataclasses.replace(setup, fingerprint_sha256=None, tokens_sha256="0" * 64))
+    with pytest.raises(ProfileError, match="less than the"):
+        StreamedContext(dataclasses.replace(setup, fingerprint_sha256=None, max_memory=1 << 20))
