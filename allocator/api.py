@@ -79,7 +79,9 @@ def profile(
     ``exclude``, ``measured``, ``workers``, ``ray_address``, ``groups``, ``saliency``,
     ``quantizer``, ``pairs``, ``pair_schemes``, ``pair_ref``, ``max_memory``) override it.
     ``max_memory`` (e.g. ``"1GiB"``): block streaming (:mod:`sensitivity.streaming`) for a
-    model directory with safetensors files, which is then never loaded whole. Without a config
+    model directory with safetensors files, a GGUF file or ``smollm2``, which is then never
+    loaded whole; per worker with ``workers`` / ``ray_address``; its items are checkpointed
+    as the measured ones are (below) and the same call resumes them. Without a config
     the API's defaults apply: ``kl_samples=2``, ``kl_stride=2`` and the 2/3/4-bit reference
     schemes among ``schemes``.
 
@@ -125,14 +127,15 @@ def profile(
     else:
         cfg = ProfileConfig.from_settings(config, **settings)
     ray = bool(cfg.workers or cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-    if not (cfg.measured or ray) and checkpoint_dir is not None:
-        raise ValueError("checkpoint_dir is for the measured profile or a profile on Ray (measured=True, workers "
-                         "or ray_address)")
+    items = cfg.measured or ray or cfg.max_memory is not None  # runner items, checkpointed beside out
+    if not items and checkpoint_dir is not None:
+        raise ValueError("checkpoint_dir is for the measured profile, a profile on Ray or a streamed one "
+                         "(measured=True, workers, ray_address or max_memory)")
     if out is not None:  # writable, and not the calibration text, before the expensive part
         from bitalloc.sensitivity.artifact import check_output
 
         check_output(out, inputs=[cfg.calibration], overwrite=True, what="profile output")
-    ckpt = measure_checkpoint_path(out, checkpoint_dir) if (cfg.measured or ray) else None
+    ckpt = measure_checkpoint_path(out, checkpoint_dir) if items else None
     if cfg.ray_address:
         from bitalloc.sensitivity.runner import check_ray_address
 

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ray-address", default=None,
                     help="profile on an existing Ray cluster, as --workers (default: $RAY_ADDRESS if set)")
     sp.add_argument("--checkpoint-dir", default=None,
-                    help="with --measured, --workers or --ray-address: folder of the resumable checkpoints "
+                    help="with --measured, --workers, --ray-address or --max-memory: folder of the resumable checkpoints "
                          "(default: beside --out)")
     sp.add_argument("--saliency", choices=SALIENCY_METHODS, default="hessian",
                     help="input-channel saliency choosing the high-impact channels of split schemes")
@@ -281,9 +281,10 @@ def _cmd_profile(a) -> int:
         measure_every=a.measure_every, max_memory=a.max_memory)
     if a.calib != "generated" and not Path(a.calib).is_file():
         raise _UsageError(f"--calib {a.calib!r}: no such file (give a text file or 'generated')")
-    if a.checkpoint_dir is not None and not (a.measured or a.workers or a.ray_address or os.environ.get("RAY_ADDRESS")):
-        raise _UsageError("--checkpoint-dir is for the measured profile (--measured) or a profile on Ray "
-                          "(--workers, --ray-address)")
+    if a.checkpoint_dir is not None and not (a.measured or a.workers or a.ray_address or os.environ.get("RAY_ADDRESS")
+                                             or a.max_memory is not None):
+        raise _UsageError("--checkpoint-dir is for the measured profile (--measured), a profile on Ray "
+                          "(--workers, --ray-address) or a streamed one (--max-memory)")
     check_output(a.out, inputs=[a.calib, a.model], overwrite=a.overwrite, what="--out")
     prof = api.profile(a.model, config=cfg, out=a.out, progress=not a.quiet, checkpoint_dir=a.checkpoint_dir)
     how = ""

@@ -179,7 +179,8 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         sm.close()
     walls["total"] = round(time.perf_counter() - t_start, 3)
     metadata = profile_metadata(cfg, walls=walls, metric="kl", replay=replay, table="calibrated-proxy")
-    metadata["streaming"] = {"max_memory": limit, **mem, **stream}
+    metadata["streaming"] = {"max_memory": limit, **mem, **stream, "items": {
+        step: {k: info.get(k) for k in ("mode", "items", "resumed", "computed", "wall_s")} for step, info in runner.items()}}
     if ray:
         metadata["ray"] = runner
     return SensitivityProfile(

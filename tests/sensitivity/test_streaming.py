@@ -151,6 +151,14 @@ def test_cli_profile_with_max_memory_then_solve_and_apply(untied, tmp_path):
     assert rc == 0
     prof = bitalloc.load_profile(out)
     assert prof.metadata["streaming"]["max_memory"] == 16 << 30
+    # its items were checkpointed beside --out: the same command resumes every one of them
+    assert (tmp_path / "p.measure-checkpoint.jsonl").is_file() and (tmp_path / "p.measure-checkpoint.units.jsonl").is_file()
+    assert main(["--quiet", "profile", "--model", str(untied), "--max-memory", "16GiB", "--calib", str(calib), "--n-samples",
+                 "4", "--seq-len", "24", "--kl-samples", "1", "--schemes", "w2g32z,w4g32,fp16", "--ref-schemes", "w2g32z",
+                 "--out", str(out), "--overwrite"]) == 0
+    again = bitalloc.load_profile(out)
+    assert all(v["computed"] == 0 for v in again.metadata["streaming"]["items"].values())
+    assert np.array_equal(again.tables["all"], prof.tables["all"])
     assert prof.metadata["request"]["spec"] == prof.model["spec"] == str(untied.resolve())
     plan = bitalloc.solve(prof, "3bpw")
     qmodel = bitalloc.apply(bitalloc.load(str(untied), log=None), plan)  # fingerprint checked: the model loaded whole
@@ -284,3 +292,26 @@ def test_streamed_worker_refuses_other_weights_or_tokens(untied):
         StreamedContext(dataclasses.replace(setup, fingerprint_sha256=None, tokens_sha256="0" * 64))
     with pytest.raises(ProfileError, match="less than the"):
         StreamedContext(dataclasses.replace(setup, fingerprint_sha256=None, max_memory=1 << 20))
+
+
+def test_streamed_profile_killed_mid_run_resumes_only_what_was_unfinished(untied, tmp_path):
+    """A job killed mid-way (checkpoints cut short, a torn last line, a unit's file lost) is
+    resumed by the same call: only the unfinished items run again, and the profile is the same."""
+    import json
+
+    ids = _ids()
+    ck = tmp_path / "p.measure-checkpoint.jsonl"
+    full = build_profile(str(untied), calibration=ids, checkpoint=ck, **_settings(max_memory="16GiB"))
+    units = ck.with_suffix(".units.jsonl")
+    ulines = units.read_text().splitlines(keepends=True)
+    rlines = ck.read_text().splitlines(keepends=True)
+    assert len(ulines) == 1 + 4 and len(rlines) == 1 + full.n_layers * 2
+    units.write_text("".join(ulines[:3]) + ulines[3][:20])  # two units done, the third torn
+    ck.write_text("".join(rlines[:6]) + rlines[6][:15])  # five references done, the sixth torn
+    (units.with_suffix(".files") / json.loads(ulines[1])["file"]).unlink()  # the first unit's file is gone: it runs again
+    again = build_profile(str(untied), calibration=ids, checkpoint=ck, **_settings(max_memory="16GiB"))
+    items = again.metadata["streaming"]["items"]
+    assert items["units"]["resumed"] == 1 and items["units"]["computed"] == 3
+    assert items["references"]["resumed"] == 5 and items["references"]["computed"] == full.n_layers * 2 - 5
+    assert np.array_equal(again.tables["all"], full.tables["all"]) and np.array_equal(again.proxy, full.proxy)
+    assert all(np.array_equal(again.saliency[f], full.saliency[f]) for f in full.saliency)
