@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -103,13 +104,8 @@ def profile(model: Path, max_memory: str | None, out: Path, calib: Path, workers
         cmd += ["--max-memory", max_memory]
     if workers:
         cmd += ["--workers", str(workers)]
-        for f in out.parent.glob(f"{out.stem}.measure-checkpoint*"):  # a fresh run, not a resumed one
-            if f.is_dir():
-                import shutil
-
-                shutil.rmtree(f)
-            else:
-                f.unlink()
+    for f in out.parent.glob(f"{out.stem}.measure-checkpoint*"):  # a fresh run: streamed items resume from these
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, capture_output=True, text=True)

@@ -121,22 +121,20 @@ def _group_range(wg: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, ...]:
     """What the min-max parameters of ``wg`` (out, G, g) start from, each (out, G, 1): the
     clamped min and max for asymmetric integers, else the absolute max. Computed once per
     clip search (the candidates only scale it)."""
+    if fmt.kind not in ("int", "fp8_e4m3", "fp4_e2m1"):
+        raise ValueError(f"format {fmt.name} has no codes (kind {fmt.kind!r})")
     if fmt.kind == "int" and not fmt.symmetric:
         return wg.amin(dim=-1, keepdim=True).clamp(max=0), wg.amax(dim=-1, keepdim=True).clamp(min=0)
     return (wg.abs().amax(dim=-1, keepdim=True),)
 
 
-def _minmax_params(wg: torch.Tensor, fmt: Format, shrink: float = 1.0,
-                   rng: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min-max scale and zero-point of each group of wg (out, G, g) float32, range times ``shrink``
-    (``rng``: :func:`_group_range` of ``wg``, when already computed).
+def _minmax_params(rng: tuple[torch.Tensor, ...], fmt: Format, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scale and zero-point of each group from its range ``rng`` (:func:`_group_range`),
+    the range times ``shrink``.
 
     Returns (scale (out, G, 1) float32 holding the float16 value, zero (out, G, 1) int64 or
     None). Zero padding of a partial group changes neither (absmax, min <= 0 <= max).
     """
-    if fmt.kind not in ("int", "fp8_e4m3", "fp4_e2m1"):
-        raise ValueError(f"format {fmt.name} has no codes (kind {fmt.kind!r})")
-    rng = _group_range(wg, fmt) if rng is None else rng
     if fmt.kind == "int":
         b = fmt.bits
         if fmt.symmetric:
@@ -179,13 +177,13 @@ def group_params(wg: torch.Tensor, fmt: Format, clip_search: bool = True) -> tup
     influences the choice. Returns (scale (out, G, 1) float32 holding the float16 value,
     zero (out, G, 1) int64 or None).
     """
-    rng = _group_range(wg, fmt) if fmt.kind in ("int", "fp8_e4m3", "fp4_e2m1") else None
-    scale, zero = _minmax_params(wg, fmt, rng=rng)
+    rng = _group_range(wg, fmt)
+    scale, zero = _minmax_params(rng, fmt)
     if not clip_search or fmt.kind not in ("int", "fp4_e2m1") or (fmt.kind == "int" and fmt.bits >= 8):
         return scale, zero
     best = _rounding_error(wg, scale, zero, fmt)  # (out, G, 1)
     for shrink in CLIP_GRID[1:]:
-        s, z = _minmax_params(wg, fmt, shrink, rng)
+        s, z = _minmax_params(rng, fmt, shrink)
         err = _rounding_error(wg, s, z, fmt)  # (out, G, 1)
         better = err < best
         scale = torch.where(better, s, scale)

@@ -104,7 +104,7 @@ def build_profile(
     saliency, quantizer, pairs, pair_schemes, pair_ref = cfg.saliency, cfg.quantizer, cfg.pairs, cfg.pair_schemes, cfg.pair_ref
     if calibration is None:
         calibration = cfg.calibration_spec()
-    from .calibration import CalibrationSpec, as_batches, load_calibration, tokens_sha256
+    from .calibration import CalibrationSpec, as_batches, first_rows, load_calibration, tokens_sha256
     from .hessian import collect_input_statistics
     from .layers import find_layers
     from .models import LoadedModel, fingerprint, load_model
@@ -272,10 +272,7 @@ def build_profile(
         ref_values = fisher_vals[:, [names.index(r) for r in refs]]
         metric_name, replay = "kl", None
     else:
-        metric_data = data
-        if kl_samples is not None:
-            metric_data = {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
-        metric_batches = _strided(net, as_batches(metric_data, batch_size), kl_stride)
+        metric_batches = _strided(net, as_batches(first_rows(data, kl_samples), batch_size), kl_stride)
         metric_set = grouping.metric_set if grouping is not None else None
         reference = compute_reference(net, layers, metric_batches, metric_set, progress, batch_size=batch_size)
         metric_name = reference.metric.name
@@ -444,14 +441,8 @@ def _worker_setup(loaded, data, calib_desc, fp, *, kl_samples, kl_stride, batch_
     saliency values are added by :func:`_measure_all` once they are computed."""
     from .runner import WorkerSetup
 
-    ids = data["input_ids"] if isinstance(data, dict) else data
-    calib = {k: v for k, v in calib_desc.items() if k not in ("tokens", "shape", "tokens_sha256")}
-    return WorkerSetup(
-        model=loaded.spec,
-        calibration=calib,
-        tokens=ids.tolist(),
-        attention_mask=data["attention_mask"].tolist() if isinstance(data, dict) and "attention_mask" in data else None,
-        tokens_sha256=calib_desc["tokens_sha256"],
+    return WorkerSetup.with_data(
+        loaded.spec, data, calib_desc,
         fingerprint_sha256=fp["sha256"],
         weights="16bit" if _is_16bit(loaded.model) else "as-loaded",
         kl_samples=kl_samples,

@@ -33,6 +33,7 @@ __all__ = [
     "calibration_from_sentences",
     "load_calibration",
     "as_batches",
+    "first_rows",
     "tokens_sha256",
     "DEFAULT_SENTENCES",
     "SOURCES",
@@ -292,6 +293,14 @@ def _as_dict(item: Any) -> dict[str, torch.Tensor]:
             raise CalibrationError("a calibration batch dict needs 'input_ids'")
         return d
     raise CalibrationError(f"calibration batches must be tensors or dicts, got {type(item).__name__}")
+
+
+def first_rows(data: torch.Tensor | dict, n: int | None) -> torch.Tensor | dict:
+    """The first ``n`` rows of calibration data (an id tensor or a dict of them); all when None:
+    the rows the per-layer KL is measured on (``kl_samples``)."""
+    if n is None:
+        return data
+    return {k: v[:n] for k, v in data.items()} if isinstance(data, dict) else data[:n]
 
 
 def as_batches(data: torch.Tensor | dict | Iterable, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:

@@ -25,7 +25,7 @@ from .runner import run_items
 from .worker import PROXY_ITEM, WorkerSetup
 
 __all__ = ["HESSIAN_CHECKPOINT_SCHEMA", "PROXY_CHECKPOINT_SCHEMA", "on_ray", "n_shards_for", "hessian_header",
-           "sharded_statistics", "proxy_rows"]
+           "sharded_statistics", "proxy_rows", "sibling_checkpoint"]
 
 HESSIAN_CHECKPOINT_SCHEMA = "bitalloc.hessian-checkpoint/1"
 PROXY_CHECKPOINT_SCHEMA = "bitalloc.proxy-checkpoint/1"
@@ -58,7 +58,8 @@ def hessian_header(setup: WorkerSetup) -> dict:
     return make_header(HESSIAN_CHECKPOINT_SCHEMA, setup, config)
 
 
-def _sibling(checkpoint: str | os.PathLike | None, suffix: str) -> Path | None:
+def sibling_checkpoint(checkpoint: str | os.PathLike | None, suffix: str) -> Path | None:
+    """The checkpoint of another step beside ``checkpoint`` (its suffix replaced), None without one."""
     return None if checkpoint is None else Path(checkpoint).with_suffix(suffix)
 
 
@@ -68,7 +69,7 @@ def sharded_statistics(setup: WorkerSetup, n_rows: int, *, workers: int | None, 
     """fqn -> accumulator from data-parallel shards on Ray (checkpointed beside ``checkpoint``
     as ``.hessians.jsonl`` + ``.hessians.files/``), reduced in shard order; and the run's info."""
     keys = shard_keys(n_rows, n_shards_for(workers, n_rows, setup.batch_size), setup.batch_size)
-    ck = _sibling(checkpoint, ".hessians.jsonl")
+    ck = sibling_checkpoint(checkpoint, ".hessians.jsonl")
     say(f"hessians: {len(keys)} shard(s) of the {n_rows} calibration rows on Ray"
         + (f"; checkpoint {ck}" if ck else ""))
     with tempfile.TemporaryDirectory(prefix="bitalloc-shards-") as tmp:
@@ -92,7 +93,7 @@ def proxy_rows(setup: WorkerSetup, fqns: Sequence[str], names: Sequence[str], st
                progress: bool, say: Callable[[str], None]) -> tuple[np.ndarray, dict]:
     """The ``(L, S)`` proxy table as one item per layer on Ray (the workers get ``stats``
     once); a cell a worker left out (no candidate there) is NaN, as in-process."""
-    ck = _sibling(checkpoint, ".proxy.jsonl")
+    ck = sibling_checkpoint(checkpoint, ".proxy.jsonl")
     items = [(f, PROXY_ITEM) for f in fqns]
     res = run_items(setup, items, checkpoint=ck, header=proxy_header(setup, names, hessian_dtype, shards),
                     workers=workers, address=address, progress=progress, log_fn=say, shared={"hessians": stats},

@@ -9,10 +9,6 @@ stands, so a worker handed units in order (:mod:`sensitivity.streamed_items`) ru
 block once. The peak is one block, its Hessians and the stored activations, never the
 whole model.
 
-:func:`streamed_statistics` is the whole pass in one process: every unit holding layers in
-forward order, its accumulators handed to a callback (the proxy rows) while the unit is read
-in, then freed.
-
 Results equal the in-memory pass bit for bit. Every block runs inside the model's own
 forward, earlier blocks replayed from the stored outputs (as reference measurements replay
 them), so masks, rotary tables and per-layer arguments are the model's own. Each layer's
@@ -24,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,7 +32,7 @@ from .hessian import HessianAccumulator, InputHooks, hook_only
 from .layers import LayerInfo
 from .streaming import StreamedModel, StreamingError
 
-__all__ = ["BlockWalk", "layers_by_unit", "streamed_statistics"]
+__all__ = ["BlockWalk", "free_accumulators", "layers_by_unit"]
 
 
 class _Spilled(NamedTuple):
@@ -206,43 +202,6 @@ class BlockWalk:
 
 
 def free_accumulators(accs: dict[str, HessianAccumulator]) -> None:
+    """Free a unit's accumulators (layers sharing an input share one: each freed once)."""
     for acc in {id(a): a for a in accs.values()}.values():
         acc.free()
-
-
-def streamed_statistics(
-    sm: StreamedModel,
-    layers: Sequence[LayerInfo],
-    batches: list[dict],
-    on_unit: Callable[[int, list[LayerInfo], dict[str, HessianAccumulator]], None],
-    *,
-    dtype: torch.dtype = torch.float32,
-    act_formats: Sequence[str] = (),
-    keep_bytes: int = 256 << 20,
-    scratch: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """The block-major Hessian pass (module docstring); returns what it did (for the profile's metadata).
-
-    ``on_unit(u, layers_of_u, accumulators)`` is called once per unit holding layers, with the
-    unit read in (:meth:`StreamedModel.hold`); the accumulators are freed after it returns.
-    Layers must sit in the blocks or in the LM head (the module after the final norm).
-    """
-    from tqdm.auto import tqdm
-
-    by_unit = layers_by_unit(sm, layers)
-    walk = BlockWalk(sm, batches, keep_bytes=keep_bytes, scratch=scratch)
-    bar = tqdm(total=len(by_unit), desc="stream blocks", unit="unit", disable=not progress)
-    try:
-        for u, ulayers in by_unit.items():
-            with sm.hold(u):
-                accs = walk.statistics(u, ulayers, dtype=dtype, act_formats=act_formats)
-                try:
-                    on_unit(u, ulayers, accs)
-                finally:
-                    free_accumulators(accs)
-            bar.update(1)
-        return {"units": len(sm.units), "blocks": len(sm.blocks), **walk.info()}
-    finally:
-        bar.close()
-        walk.close()

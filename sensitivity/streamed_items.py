@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunnerError
-from .worker import WorkerContext, WorkerSetup
+from .worker import WorkerContext, WorkerSetup, worker_info
 
 __all__ = ["UNIT_ITEM", "UNIT_CHECKPOINT_SCHEMA", "UnitRows", "StreamedContext", "context_for", "read_unit_file",
            "split_cells", "unit_header", "plan_memory", "process_rss", "scored_positions"]
@@ -130,9 +130,9 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
     keep = limit // 4
     activations = min(keep, 2 * n_tokens * int(sm.model.config.hidden_size) * 4)
     hessian_bytes = getattr(torch, setup.hessian_dtype).itemsize * (1 + 2 * len(setup.act_formats))
-    by_unit: dict[int, list] = {}
-    for layer in layers:
-        by_unit.setdefault(sm.unit_of(layer.fqn), []).append(layer)
+    from .stream_pass import layers_by_unit
+
+    by_unit = layers_by_unit(sm, layers)
     base = process_rss()
     need = {}
     for u, w in enumerate(sm.unit_bytes):
@@ -153,13 +153,6 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
     return {"largest_phase": phase, "largest_unit": sm.units[u][0], "estimated_peak_bytes": int(peak),
             "process_bytes_at_start": base, "keep_bytes": int(keep),
             "unit_cache_bytes": max(0, (limit - int(peak)) // 2)}
-
-
-def metric_slice(data: Any, kl_samples: int | None) -> Any:
-    """The first ``kl_samples`` calibration rows (all when None): what the KL is measured on."""
-    if kl_samples is None:
-        return data
-    return {k: v[:kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[:kl_samples]
 
 
 def scored_positions(ids: Any, kl_samples: int | None, kl_stride: int) -> int:
@@ -201,29 +194,21 @@ class StreamedContext:
 
     def _prepare(self, data: Any) -> None:
         """Check the weights and tokens against the driver's, select the layers, check the memory."""
-        import torch
-
         from .layers import find_layers
+        from .stream_pass import layers_by_unit
 
         setup, sm = self.setup, self.sm
         if self.own and setup.fingerprint_sha256 is not None:
-            sha = sm.fingerprint()["sha256"]
-            if sha != setup.fingerprint_sha256:
-                raise RunnerError(f"worker read model {setup.model!r} with fingerprint {sha[:12]}, expected "
-                                  f"{setup.fingerprint_sha256[:12]}: the workers see other weights than the driver")
+            setup.check_fingerprint(sm.fingerprint()["sha256"])
         self.layers, _ = find_layers(sm.model, setup.include, setup.exclude, quantize_tied=setup.quantize_tied)
         self.by_fqn = {layer.fqn: layer for layer in self.layers}
+        self.by_unit = layers_by_unit(sm, self.layers)
         self.unit_index = {name: u for u, (name, _) in enumerate(sm.units)}
         if data is None:
-            if setup.tokens is None:
+            data = setup.token_data()
+            if data is None:
                 raise RunnerError("a streamed worker needs the driver's calibration tokens (setup.tokens)")
-            data = torch.tensor(setup.tokens, dtype=torch.int64)
-            if setup.attention_mask is not None:
-                data = {"input_ids": data, "attention_mask": torch.tensor(setup.attention_mask, dtype=torch.int64)}
-            from .calibration import tokens_sha256
-
-            if setup.tokens_sha256 is not None and tokens_sha256(data) != setup.tokens_sha256:
-                raise RunnerError("worker calibration tokens differ from the driver's (tokens_sha256 mismatch)")
+            setup.check_tokens(data)
         self.data = data
         ids = data["input_ids"] if isinstance(data, dict) else data
         self.memory = plan_memory(sm, self.layers, setup, int(ids.numel()),
@@ -238,13 +223,13 @@ class StreamedContext:
         from .calibration import as_batches
         from .proxy import as_scheme, hessian_saliency, module_at, proxy_table
         from .saliency import layer_saliencies
-        from .stream_pass import BlockWalk, free_accumulators, layers_by_unit
+        from .stream_pass import BlockWalk, free_accumulators
 
         setup, sm = self.setup, self.sm
         if name not in self.unit_index:
             raise RunnerError(f"unit {name!r} is not among the streamed model's units")
         u = self.unit_index[name]
-        ulayers = layers_by_unit(sm, self.layers).get(u)
+        ulayers = self.by_unit.get(u)
         if not ulayers:
             raise RunnerError(f"unit {name!r} holds none of the selected layers")
         if self._walk is None:
@@ -278,13 +263,13 @@ class StreamedContext:
         """The 16-bit reference pass over the KL rows, computed on first use (after the walk's
         activations are dropped: the two are never held together)."""
         if self._reference is None:
-            from .calibration import as_batches
+            from .calibration import as_batches, first_rows
             from .metrics import strided_batches
             from .proxy import compute_reference
 
             self.close_walk()
             s = self.setup
-            batches = strided_batches(self.sm.model, as_batches(metric_slice(self.data, s.kl_samples), s.batch_size),
+            batches = strided_batches(self.sm.model, as_batches(first_rows(self.data, s.kl_samples), s.batch_size),
                                       s.kl_stride)
             self._reference = compute_reference(self.sm.model, self.layers, batches, None, False,
                                                 batch_size=s.batch_size)
@@ -332,15 +317,7 @@ class StreamedContext:
             self._reference = None
 
     def info(self) -> dict:
-        import resource
-        import socket
-
-        import torch
-
-        return {"pid": os.getpid(), "host": socket.gethostname(),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-                "torch_threads": torch.get_num_threads(), "items": self.n_items, "setup_s": round(self.setup_s, 3),
-                "block_replay": self.replay,
+        return {**worker_info(self.n_items, self.setup_s, self.replay),
                 "streaming": {"max_memory": int(self.setup.max_memory), **self.memory, **self.walk_info}}
 
     def close(self) -> None:

@@ -54,10 +54,6 @@ def _model_source(model: Any) -> tuple[Path, str]:
     return g.resolve(), str(g.resolve())
 
 
-def _sibling(checkpoint: str | os.PathLike | None, suffix: str) -> Path | None:
-    return None if checkpoint is None else Path(checkpoint).with_suffix(suffix)
-
-
 def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, progress: bool,
                            say: Callable[[str], None], round16: bool = False,
                            checkpoint: str | os.PathLike | None = None) -> SensitivityProfile:
@@ -67,7 +63,7 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
     from .layers import find_layers
     from .models import load_tokenizer
     from .profile_parts import cost_table, other_parameter_bits, profile_metadata, profile_split_channels
-    from .profile_ray import on_ray
+    from .profile_ray import on_ray, sibling_checkpoint
     from .proxy import as_scheme
     from .runner import run_items
     from .stream_pass import layers_by_unit
@@ -116,14 +112,11 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         ids = data["input_ids"] if isinstance(data, dict) else data
         calib_desc.update(tokens=int(ids.numel()), shape=list(ids.shape), tokens_sha256=tokens_sha256(data))
         t = lap("calibration", t)
-        setup = WorkerSetup(
-            model=str(path), calibration={k: v for k, v in calib_desc.items() if k not in ("tokens", "shape", "tokens_sha256")},
-            tokens=ids.tolist(), tokens_sha256=calib_desc["tokens_sha256"], fingerprint_sha256=fp["sha256"],
-            attention_mask=data["attention_mask"].tolist() if isinstance(data, dict) and "attention_mask" in data else None,
-            weights="16bit" if round16 else "as-loaded", kl_samples=cfg.kl_samples, kl_stride=cfg.kl_stride,
-            batch_size=cfg.batch_size, include=tuple(cfg.include), exclude=tuple(cfg.exclude),
-            quantize_tied=cfg.quantize_tied, quantizer=cfg.quantizer, saliency=cfg.saliency, act_formats=tuple(acts),
-            schemes=tuple(names), max_memory=limit, hessian_dtype=cfg.hessian_dtype)
+        setup = WorkerSetup.with_data(
+            str(path), data, calib_desc, fingerprint_sha256=fp["sha256"], weights="16bit" if round16 else "as-loaded",
+            kl_samples=cfg.kl_samples, kl_stride=cfg.kl_stride, batch_size=cfg.batch_size, include=tuple(cfg.include),
+            exclude=tuple(cfg.exclude), quantize_tied=cfg.quantize_tied, quantizer=cfg.quantizer, saliency=cfg.saliency,
+            act_formats=tuple(acts), schemes=tuple(names), max_memory=limit, hessian_dtype=cfg.hessian_dtype)
         ray = on_ray(cfg.workers, cfg.ray_address)
         # in process, this process is the worker (its model and data); on Ray each worker
         # reads the model itself under the same limit, and this one only checks it first
@@ -134,7 +127,7 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         runner: dict = {}
         units = [sm.units[u][0] for u in layers_by_unit(sm, layers)]
         with tempfile.TemporaryDirectory(prefix="bitalloc-units-") as tmp:
-            res = run_items(setup, [(n, UNIT_ITEM) for n in units], checkpoint=_sibling(checkpoint, ".units.jsonl"),
+            res = run_items(setup, [(n, UNIT_ITEM) for n in units], checkpoint=sibling_checkpoint(checkpoint, ".units.jsonl"),
                             header=unit_header(setup), workers=cfg.workers, address=cfg.ray_address, context=ctx,
                             progress=progress, log_fn=say, files_dir=tmp, warmup=False)
             cells = {}

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import RunnerError
 
-__all__ = ["WORKER_METRICS", "PAIR_SEP", "PROXY_ITEM", "Key", "WorkerSetup", "WorkerContext"]
+__all__ = ["WORKER_METRICS", "PAIR_SEP", "PROXY_ITEM", "Key", "WorkerSetup", "WorkerContext", "worker_info"]
 
 # the metrics (names of sensitivity.metrics.METRICS) a measured table can be made with
 WORKER_METRICS = ("kl", "cosine")
@@ -95,6 +95,51 @@ class WorkerSetup:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    @classmethod
+    def with_data(cls, model: str, data: Any, calib_desc: dict, **settings: Any) -> WorkerSetup:
+        """A setup carrying the driver's calibration rows ``data`` (an id tensor or an
+        ``{input_ids, attention_mask}`` dict), its description and hash (``calib_desc``, as a
+        profile records it), so every worker measures exactly those tokens."""
+        ids = data["input_ids"] if isinstance(data, dict) else data
+        mask = data.get("attention_mask") if isinstance(data, dict) else None
+        calib = {k: v for k, v in calib_desc.items() if k not in ("tokens", "shape", "tokens_sha256")}
+        return cls(model=model, calibration=calib, tokens=ids.tolist(),
+                   attention_mask=None if mask is None else mask.tolist(),
+                   tokens_sha256=calib_desc["tokens_sha256"], **settings)
+
+    def token_data(self) -> Any:
+        """The driver's calibration rows as sent (ids, or a dict with the mask), None if not sent."""
+        if self.tokens is None:
+            return None
+        import torch
+
+        ids = torch.tensor(self.tokens, dtype=torch.int64)
+        if self.attention_mask is None:
+            return ids
+        return {"input_ids": ids, "attention_mask": torch.tensor(self.attention_mask, dtype=torch.int64)}
+
+    def check_tokens(self, data: Any) -> None:
+        """A :class:`RunnerError` if ``data`` is not the driver's calibration (``tokens_sha256``)."""
+        from .calibration import tokens_sha256
+
+        if self.tokens_sha256 is not None and tokens_sha256(data) != self.tokens_sha256:
+            raise RunnerError("worker calibration tokens differ from the driver's (tokens_sha256 mismatch)")
+
+    def check_fingerprint(self, sha: str) -> None:
+        """A :class:`RunnerError` if the worker's weights (``sha``) are not the driver's."""
+        if self.fingerprint_sha256 is not None and sha != self.fingerprint_sha256:
+            raise RunnerError(f"worker loaded model {self.model!r} with fingerprint {sha[:12]}, expected "
+                              f"{self.fingerprint_sha256[:12]}: the workers see other weights than the driver")
+
+
+def worker_info(n_items: int, setup_s: float, replay: bool | None) -> dict:
+    """What a worker reports of itself (``WorkerContext.info``): process, peak memory, threads, work."""
+    import torch
+
+    return {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "torch_threads": torch.get_num_threads(), "items": n_items, "setup_s": round(setup_s, 3),
+            "block_replay": replay}
+
 
 def _metric(name: str):
     from .metrics import get_metric
@@ -115,7 +160,7 @@ class WorkerContext:
                  saliency: dict | None = None, grouping: Any = None, shared: dict | None = None) -> None:
         import torch
 
-        from .calibration import CalibrationSpec, load_calibration, tokens_sha256
+        from .calibration import CalibrationSpec, load_calibration
         from .layers import find_layers
         from .models import fingerprint, load_model, round_to_16bit
         from .metrics import strided_batches
@@ -128,35 +173,23 @@ class WorkerContext:
             if setup.weights == "16bit":
                 round_to_16bit(loaded.model)
             if setup.fingerprint_sha256 is not None:
-                sha = fingerprint(loaded.model)["sha256"]
-                if sha != setup.fingerprint_sha256:
-                    raise RunnerError(
-                        f"worker loaded model {setup.model!r} with fingerprint {sha[:12]}, expected "
-                        f"{setup.fingerprint_sha256[:12]}: the workers see other weights than the driver"
-                    )
+                setup.check_fingerprint(fingerprint(loaded.model)["sha256"])
         self.loaded = loaded
         net = loaded.model
         self.layers, _ = find_layers(net, setup.include, setup.exclude, quantize_tied=setup.quantize_tied)
         self.by_fqn = {layer.fqn: layer for layer in self.layers}
         if data is None:
-            if setup.tokens is not None:
-                ids = torch.tensor(setup.tokens, dtype=torch.int64)
-                data = ids if setup.attention_mask is None else {
-                    "input_ids": ids, "attention_mask": torch.tensor(setup.attention_mask, dtype=torch.int64)}
-            else:
+            data = setup.token_data()
+            if data is None:
                 known = {f.name for f in fields(CalibrationSpec)}
                 spec = CalibrationSpec(**{k: v for k, v in setup.calibration.items() if k in known})
                 data = load_calibration(spec, net, loaded.tokenizer, loaded.kind)
-            if setup.tokens_sha256 is not None and tokens_sha256(data) != setup.tokens_sha256:
-                raise RunnerError("worker calibration tokens differ from the driver's (tokens_sha256 mismatch)")
+            setup.check_tokens(data)
         self.data = data
         self.hessians = hessians if hessians is not None else (shared or {}).get("hessians")
-        kl_data = data
-        if setup.kl_samples is not None:
-            kl_data = {k: v[: setup.kl_samples] for k, v in data.items()} if isinstance(data, dict) else data[: setup.kl_samples]
-        from .calibration import as_batches
+        from .calibration import as_batches, first_rows
 
-        batches = strided_batches(net, as_batches(kl_data, setup.batch_size), setup.kl_stride)
+        batches = strided_batches(net, as_batches(first_rows(data, setup.kl_samples), setup.batch_size), setup.kl_stride)
         if grouping is None and setup.groups:
             from .groups import setup_grouping
 
@@ -314,8 +347,5 @@ class WorkerContext:
         return cache[key]
 
     def info(self) -> dict:
-        import torch
-
-        return {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_mb": round(_peak_rss_mb(), 1),
-                "torch_threads": torch.get_num_threads(), "items": self.n_items, "setup_s": round(self.setup_s, 3),
-                "block_replay": bool(self._reference.replay) if self._reference is not None else None}
+        return worker_info(self.n_items, self.setup_s,
+                           bool(self._reference.replay) if self._reference is not None else None)

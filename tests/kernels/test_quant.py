@@ -152,7 +152,7 @@ def test_fp4_matches_brute_force_nearest():
 
 @pytest.mark.parametrize("name", ["w2g64z", "w3g128", "w3g64z", "w4g128z", "w4", "fp4g32"])
 def test_clip_search_never_worse_than_minmax_per_group(name):
-    from bitalloc.kernels.quant import CLIP_GRID, _group_params, _minmax_params, _to_groups
+    from bitalloc.kernels.quant import CLIP_GRID, _group_params, _group_range, _minmax_params, _to_groups
 
     w = _w(8, 320, seed=3)
     w[0, 5] = 9.0  # an outlier: clipping it pays
@@ -166,7 +166,7 @@ def test_clip_search_never_worse_than_minmax_per_group(name):
     # every chosen scale is one of the grid's candidates
     wg = _to_groups(w, fmt)
     scale, _ = _group_params(wg, fmt)
-    cands = torch.stack([_minmax_params(wg, fmt, a)[0] for a in CLIP_GRID])  # (A, out, G, 1)
+    cands = torch.stack([_minmax_params(_group_range(wg, fmt), fmt, a)[0] for a in CLIP_GRID])  # (A, out, G, 1)
     assert (cands == scale).any(0).all()
 
 

@@ -11,7 +11,7 @@ from bitalloc.sensitivity.hessian import collect_input_statistics
 from bitalloc.sensitivity.layers import find_layers
 from bitalloc.sensitivity.models import fingerprint, load_model
 from bitalloc.sensitivity.profile import ProfileError
-from bitalloc.sensitivity.stream_pass import streamed_statistics
+from bitalloc.sensitivity.stream_pass import BlockWalk, free_accumulators, layers_by_unit
 from bitalloc.sensitivity.streaming import SafetensorsFiles, StreamedModel, StreamingError
 
 
@@ -67,17 +67,21 @@ def test_block_major_hessians_equal_the_whole_model_pass(untied, keep, tmp_path)
     sm = StreamedModel(untied)
     got: dict = {}
     seen_units = []
-
-    def on_unit(u, ulayers, accs):
-        seen_units.append(u)
-        assert u in sm.resident, "the unit is read in while its layers are handed over"
-        got.update({f: (a.H.clone(), a.nsamples) for f, a in accs.items()})
-
     try:
         from bitalloc.sensitivity.calibration import as_batches
 
-        info = streamed_statistics(sm, layers, as_batches(ids, 2), on_unit, keep_bytes=keep, scratch=tmp_path,
-                                   progress=False)
+        walk = BlockWalk(sm, as_batches(ids, 2), keep_bytes=keep, scratch=tmp_path)
+        try:
+            for u, ulayers in layers_by_unit(sm, layers).items():  # every unit with layers, in forward order
+                with sm.hold(u):
+                    accs = walk.statistics(u, ulayers)
+                    seen_units.append(u)
+                    assert u in sm.resident, "the unit is read in while its layers' statistics are used"
+                    got.update({f: (a.H.clone(), a.nsamples) for f, a in accs.items()})
+                    free_accumulators(accs)
+            info = walk.info()
+        finally:
+            walk.close()
     finally:
         sm.close()
     assert [f.fqn for f in layers] == list(got)
