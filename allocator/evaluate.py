@@ -19,12 +19,18 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EvalError", "EvalResult", "text_windows", "evaluate_models", "evaluate"]
+if TYPE_CHECKING:
+    from .plan import Plan
+
+__all__ = [
+    "EvalError", "EvalResult", "text_windows", "auto_batch_size", "evaluate_models", "evaluate",
+    "load_saved_models", "allocation_key", "evaluate_plans",
+]
 
 
 class EvalError(BitallocError, ValueError):
@@ -110,20 +116,40 @@ class _Totals:
                 del lp
 
 
+AUTO_BATCH_TOKENS = 2048  # tokens per forward when only hidden states are kept (a few MB at SmolLM2's width)
+
+
+def auto_batch_size(models: Sequence[torch.nn.Module], windows: torch.Tensor) -> int:
+    """Windows per forward: up to :data:`AUTO_BATCH_TOKENS` tokens when every model's LM head
+    splits off (a forward keeps hidden states, not logits), else 4 (a model's full logits
+    exist at once).
+
+    Fewer, larger forwards matter for quantized models: each forward dequantizes every
+    packed weight once (a third of a quantized forward on CPU). The scores do not depend on
+    the batching: the default run's 16 results were bit-identical at 4 and 8 windows."""
+    from bitalloc.sensitivity.logits import split_head
+
+    n, T = windows.shape
+    if any(split_head(m, {"input_ids": windows[:1]}) is None for m in models):
+        return 4
+    return max(1, min(n, AUTO_BATCH_TOKENS // max(T, 1)))
+
+
 @torch.no_grad()
 def evaluate_models(
     ref_model,
     models: Mapping[str, torch.nn.Module],
     windows: torch.Tensor,
     *,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     progress: bool = True,
     include_reference: bool = True,
 ) -> dict[str, EvalResult]:
     """Perplexity, KL and top-1 agreement of every model against ``ref_model`` in one pass.
 
     windows: (n, T) token ids. Returns {label: EvalResult}, the reference under "fp16"
-    (the unquantized model) when include_reference.
+    (the unquantized model) when include_reference. ``batch_size`` windows per forward;
+    None: :func:`auto_batch_size`.
 
     Memory: models whose LM head splits off (:mod:`bitalloc.sensitivity.logits`) keep only
     final hidden states per batch; logits and log-probs exist a chunk of positions at a
@@ -135,6 +161,7 @@ def evaluate_models(
     from bitalloc.sensitivity.logits import ChunkedLogits, chunk_rows, logit_rows
 
     n, T = windows.shape
+    batch_size = batch_size or auto_batch_size([ref_model, *models.values()], windows)
     labels = (["fp16"] if include_reference else []) + list(models)
     tot = _Totals(labels)
     secs = {k: 0.0 for k in ["fp16", *models]}
@@ -180,3 +207,61 @@ def evaluate(model, windows: torch.Tensor, ref_model=None, **kw) -> EvalResult:
     if ref_model is None:
         return evaluate_models(model, {}, windows, **kw)["fp16"]
     return evaluate_models(ref_model, {"model": model}, windows, include_reference=False, **kw)["model"]
+
+
+# ---------------------------------------------------------------------------------------
+# plans: applied (identical allocations once) and scored together
+
+
+def load_saved_models(loaded, paths: Sequence[str | Path]) -> dict:
+    """``{folder name: model}`` of saved quantized models, each checked to be of ``loaded``'s model."""
+    from bitalloc.sensitivity.models import fingerprint
+
+    from .quantized_io import load_quantized
+
+    out: dict = {}
+    fp = fingerprint(loaded.model) if paths else None
+    for p in paths:
+        qmodel, plan = load_quantized(p)
+        plan.check_model(fp)
+        name = Path(p).name or str(p)
+        out[name if name not in out else str(p)] = qmodel
+    return out
+
+
+def allocation_key(plan: Plan) -> tuple:
+    """What decides the quantized model: each layer's scheme and high channels, and the quantizer."""
+    import json
+
+    layers = tuple(sorted((f, lp.scheme, tuple(lp.high_idx or ())) for f, lp in plan.layers.items()))
+    return layers, json.dumps(plan.quantization or {}, sort_keys=True, default=str)
+
+
+def evaluate_plans(loaded, plans: Mapping[str, Plan], windows, *, chunk: int | None = None,
+                   models: Mapping | None = None, **kw):
+    """Apply every plan to the model (fingerprint checked, computed once) and score them.
+
+    Plans with identical layer choices are applied and scored once (their results are
+    shared). ``chunk`` bounds how many quantized copies exist at a time (one pass over the
+    windows per chunk); None scores all in one pass. ``models``: ready models (e.g. loaded
+    from disk) scored in the first pass too."""
+    from bitalloc.sensitivity.models import fingerprint
+
+    from .executor import apply as _apply
+
+    fp = fingerprint(loaded.model)
+    first: dict[tuple, str] = {}
+    alias = {k: first.setdefault(allocation_key(p), k) for k, p in plans.items()}
+    distinct = [k for k, v in alias.items() if k == v]
+    step = chunk or max(1, len(distinct))
+    res: dict = {}
+    cache: dict = {}  # (layer, scheme, channels, quantizer) -> packed layer, shared by the plans
+    for i in range(0, len(distinct), step):
+        batch = {k: _apply(loaded.model, plans[k], fingerprint=fp, cache=cache) for k in distinct[i:i + step]}
+        if i == 0:
+            batch.update(models or {})
+        res.update(evaluate_models(loaded.model, batch, windows, include_reference=i == 0, **kw))
+        del batch
+    if not distinct:
+        res.update(evaluate_models(loaded.model, dict(models or {}), windows, **kw))
+    return {**res, **{k: res[v] for k, v in alias.items()}}

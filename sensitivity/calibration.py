@@ -30,6 +30,8 @@ __all__ = [
     "calibration_from_text",
     "calibration_from_file",
     "generate_calibration",
+    "generate_many",
+    "prefetch_generated",
     "calibration_from_sentences",
     "load_calibration",
     "as_batches",
@@ -165,7 +167,36 @@ def _start_token(model: Any, tokenizer: Any) -> int:
     return 0
 
 
-@torch.no_grad()
+class _SampleRows:
+    """A transformers logits processor that samples each block of rows with its own generator.
+
+    ``generate(do_sample=False)`` with this processor (it runs after transformers' own
+    processors, e.g. the EOS ban of ``min_new_tokens``) yields, row for row, the tokens
+    ``generate(do_sample=True, temperature=, top_k=, top_p=1.0)`` samples under
+    ``torch.manual_seed(seed)``: the same warpers in transformers' order (temperature, then
+    top-k), a softmax, and one ``torch.multinomial`` per block and step from a generator
+    seeded as the global one would be. Greedy decoding then picks the sample: its score is
+    0 and every other one -inf. Blocks of different seeds share each forward and keep their
+    own draws (a test checks both against ``generate(do_sample=True)``).
+    """
+
+    def __init__(self, blocks: Sequence[tuple[slice, torch.Generator, float, int]]) -> None:
+        self.blocks = list(blocks)  # (rows, generator, temperature, top_k)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(scores, float("-inf"))  # (B, V)
+        for rows, gen, temperature, top_k in self.blocks:
+            s = scores[rows]  # (b, V) float32 logits of the last position
+            if temperature != 1.0:
+                s = s / temperature
+            if top_k:
+                kth = torch.topk(s, min(top_k, s.shape[-1]))[0][..., -1, None]  # (b, 1)
+                s = s.masked_fill(s < kth, float("-inf"))
+            tok = torch.multinomial(torch.softmax(s, dim=-1), 1, generator=gen)  # (b, 1)
+            out[rows] = out[rows].scatter(1, tok, 0.0)
+        return out
+
+
 def generate_calibration(
     model: Any,
     tokenizer: Any,
@@ -179,43 +210,80 @@ def generate_calibration(
     """Sample ``n_samples`` sequences of exactly ``seq_len`` tokens from the model itself.
 
     Every row starts with the BOS token (EOS, or 0, if there is none) followed by
-    ``seq_len - 1`` sampled tokens (``model.generate`` with KV cache, ``do_sample``,
-    ``temperature``, ``top_k``; EOS is suppressed via ``min_new_tokens`` so every row is
-    full length). Rows are generated ``batch_size`` at a time under
-    ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG state is untouched):
-    the same arguments give the same tokens.
+    ``seq_len - 1`` sampled tokens (``model.generate`` with KV cache, temperature and top-k
+    sampling; EOS is suppressed via ``min_new_tokens`` so every row is full length). Rows are
+    generated ``batch_size`` at a time from one generator seeded with ``seed`` (the caller's
+    RNG state is untouched): the same arguments give the same tokens, the tokens
+    ``generate(do_sample=True)`` gives under ``torch.manual_seed(seed)``.
     """
     spec = CalibrationSpec("generated", None, n_samples, seq_len, seed, temperature, top_k)
+    return generate_many(model, tokenizer, [spec], batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def generate_many(model: Any, tokenizer: Any, specs: Sequence[CalibrationSpec], batch_size: int = 8) -> list[torch.Tensor]:
+    """:func:`generate_calibration` for several generated specs at once, one tensor each.
+
+    Batch ``c`` of every spec of the same ``seq_len`` shares each forward: decoding a few
+    rows on a CPU reads every weight per token, so 16 rows cost little more than 8 (the
+    default run samples its calibration and its evaluation text together, 255 forwards
+    instead of 510). Each spec keeps its own generator, so its tokens are those it gets
+    alone.
+    """
     if not hasattr(model, "generate"):
         raise CalibrationError(f"{type(model).__name__} cannot generate text; use text or sentence calibration")
+    for spec in specs:
+        if spec.source != "generated":
+            raise CalibrationError(f"generate_many takes generated specs, got source {spec.source!r}")
     device = next(model.parameters()).device
     start = _start_token(model, tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = pad if isinstance(pad, int) else (eos if isinstance(eos, int) else start)
+    gens = [torch.Generator(device=device).manual_seed(int(spec.seed)) for spec in specs]
+    rows: list[list[torch.Tensor]] = [[] for _ in specs]
+    for seq_len in dict.fromkeys(spec.seq_len for spec in specs):
+        mine = [i for i, spec in enumerate(specs) if spec.seq_len == seq_len]
+        for c in range(0, max(specs[i].n_samples for i in mine), batch_size):
+            blocks, at = [], 0
+            for i in mine:
+                b = min(batch_size, specs[i].n_samples - c)
+                if b > 0:
+                    blocks.append((i, slice(at, at + b)))
+                    at += b
+            out = _sample(model, device, start, pad, at, seq_len,
+                          [(sl, gens[i], float(specs[i].temperature), int(specs[i].top_k)) for i, sl in blocks])
+            for i, sl in blocks:
+                rows[i].append(out[sl].cpu())
+    return [torch.cat(r, 0) for r in rows]
+
+
+def _sample(model: Any, device: Any, start: int, pad: int, n_rows: int, seq_len: int, blocks: list) -> torch.Tensor:
+    """(n_rows, seq_len) tokens: ``start`` and ``seq_len - 1`` sampled ones per row."""
     new = seq_len - 1
-    rows = []
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        for i in range(0, n_samples, batch_size):
-            b = min(batch_size, n_samples - i)
-            prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
-            out = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                temperature=float(spec.temperature),
-                top_k=int(spec.top_k),
-                top_p=1.0,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                pad_token_id=pad,
-            )
-            if out.shape[1] != seq_len:  # cannot happen with min_new_tokens; guard anyway
-                raise CalibrationError(f"generation returned {out.shape[1]} tokens per row, expected {seq_len}")
-            rows.append(out.cpu())
-    return torch.cat(rows, 0)
+    prompt = torch.full((n_rows, 1), start, dtype=torch.long, device=device)
+    out = model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,  # _SampleRows samples; greedy decoding takes its pick
+        logits_processor=[_SampleRows(blocks)],
+        max_new_tokens=new,
+        min_new_tokens=new,
+        pad_token_id=pad,
+    )
+    if out.shape[1] != seq_len:  # cannot happen with min_new_tokens; guard anyway
+        raise CalibrationError(f"generation returned {out.shape[1]} tokens per row, expected {seq_len}")
+    return out
+
+
+def prefetch_generated(model: Any, tokenizer: Any, specs: Sequence[CalibrationSpec]) -> None:
+    """Generate the generated ``specs`` not yet kept for ``model`` together (:func:`generate_many`)
+    and keep them, so :func:`load_calibration` returns them without sampling again."""
+    memo = _memo(model)
+    todo = list({_key(s): s for s in specs if s.source == "generated" and _key(s) not in memo}.values())
+    if todo:
+        for spec, ids in zip(todo, generate_many(model, tokenizer, todo)):
+            memo[_key(spec)] = ids
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,18 +337,26 @@ def load_calibration(spec: CalibrationSpec, model: Any, tokenizer: Any, kind: st
         return calibration_from_file(tokenizer, spec.path, spec.n_samples, spec.seq_len, spec.seed)
     # generated text is kept per model (weakly), so a run that profiles and then selects among
     # plans on the same calibration rows samples them once
-    key = (spec.n_samples, spec.seq_len, spec.seed, spec.temperature, spec.top_k)
-    try:
-        memo = _GENERATED.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: no memo
-        memo = {}
-    if key not in memo:
-        memo[key] = generate_calibration(model, tokenizer, spec.n_samples, spec.seq_len, spec.seed, spec.temperature,
-                                         spec.top_k)
-    return memo[key].clone()
+    memo = _memo(model)
+    if _key(spec) not in memo:
+        memo[_key(spec)] = generate_calibration(model, tokenizer, spec.n_samples, spec.seq_len, spec.seed,
+                                                spec.temperature, spec.top_k)
+    return memo[_key(spec)].clone()
 
 
 _GENERATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _key(spec: CalibrationSpec) -> tuple:
+    return spec.n_samples, spec.seq_len, spec.seed, spec.temperature, spec.top_k
+
+
+def _memo(model: Any) -> dict:
+    """The generated sets kept for ``model`` (a throwaway dict when it cannot be weakly referenced)."""
+    try:
+        return _GENERATED.setdefault(model, {})
+    except TypeError:
+        return {}
 
 
 def _as_dict(item: Any) -> dict[str, torch.Tensor]:

@@ -44,8 +44,8 @@ def test_evaluate_plans_scores_identical_allocations_once(monkeypatch):
     import torch
 
     import bitalloc
-    from bitalloc.allocator import api
     from bitalloc.allocator import executor
+    from bitalloc.allocator.evaluate import evaluate_plans
 
     loaded = bitalloc.load("random:llama-tiny", log=None)
     prof = bitalloc.profile(loaded, n_samples=2, seq_len=16, kl_samples=1, schemes=["w2g64z", "w4g128z"],
@@ -56,8 +56,8 @@ def test_evaluate_plans_scores_identical_allocations_once(monkeypatch):
     real = executor.apply
     monkeypatch.setattr(executor, "apply", lambda *x, **k: applied.append(1) or real(*x, **k))
     windows = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
-    res = api._evaluate_plans(loaded, plans, windows, chunk=1, progress=False)
+    res = evaluate_plans(loaded, plans, windows, chunk=1, progress=False)
     assert len(applied) == 2
     assert res["a-again"] is res["a"] and set(res) == {"fp16", "a", "a-again", "b"}
-    one = api._evaluate_plans(loaded, plans, windows, progress=False)
+    one = evaluate_plans(loaded, plans, windows, progress=False)
     assert {k: v.ppl for k, v in one.items()} == {k: v.ppl for k, v in res.items()}

@@ -125,6 +125,36 @@ def test_evaluate_matches_unchunked(tiny, ids, monkeypatch):
     assert got["q"].top1_agree == want["q"].top1_agree
 
 
+def test_evaluation_batches_windows_by_tokens_when_heads_split(tiny, ids, monkeypatch):
+    """Split heads: up to AUTO_BATCH_TOKENS tokens per forward; a model whose head does not
+    split keeps 4 windows; the scores do not depend on the batching."""
+    import sys
+
+    from bitalloc.allocator.evaluate import AUTO_BATCH_TOKENS, auto_batch_size, evaluate_models
+
+    q = load_model("random:llama-tiny").model
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    many = ids.repeat(20, 1)  # (80, 32)
+    assert auto_batch_size([tiny.model, q], many) == AUTO_BATCH_TOKENS // 32 == 64
+    assert auto_batch_size([tiny.model, q], ids) == 4  # never more than the windows
+    E = sys.modules["bitalloc.allocator.evaluate"]
+    seen = []
+    real = E._outputs
+    monkeypatch.setattr(E, "_outputs", lambda m, x: seen.append(x.shape[0]) or real(m, x))
+    got = evaluate_models(tiny.model, {"q": q}, many, progress=False)
+    assert seen == [64, 64, 16, 16]  # (reference, q) per batch
+    one = evaluate_models(tiny.model, {"q": q}, many, batch_size=1, progress=False)
+    for k in ("fp16", "q"):
+        assert got[k].nll == pytest.approx(one[k].nll, rel=RTOL)
+    assert got["q"].kl == pytest.approx(one["q"].kl, rel=1e-5)
+    assert got["q"].top1_agree == one["q"].top1_agree
+    with monkeypatch.context() as mp:
+        mp.setattr(L, "split_head", lambda m, b=None: None if m is q else L._candidate(m))
+        assert auto_batch_size([tiny.model, q], many) == 4
+
+
 def test_parse_size_and_setting():
     assert L.parse_size("512MiB") == 512 << 20 and L.parse_size("2GB") == 2 * 10**9
     with pytest.raises(ValueError, match="logits memory"):

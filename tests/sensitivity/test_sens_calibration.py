@@ -11,7 +11,9 @@ from bitalloc.sensitivity.calibration import (
     calibration_from_sentences,
     calibration_from_text,
     generate_calibration,
+    generate_many,
     load_calibration,
+    prefetch_generated,
 )
 from bitalloc.sensitivity.models import ByteTokenizer
 
@@ -82,6 +84,55 @@ def test_generated_is_seeded_and_full_length(llama):
     assert torch.equal(a, b)
     c = generate_calibration(llama, tok, n_samples=3, seq_len=12, seed=6, batch_size=2)
     assert not torch.equal(a, c)
+
+
+def _hf_sampled(model, tok, n, seq_len, seed, temperature, top_k, batch_size=8):
+    """What transformers' own sampling gives under torch.manual_seed(seed), batch by batch."""
+    rows = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, n, batch_size):
+            prompt = torch.full((min(batch_size, n - i), 1), tok.bos_token_id, dtype=torch.long)
+            rows.append(model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                       temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=seq_len - 1,
+                                       min_new_tokens=seq_len - 1, pad_token_id=tok.pad_token_id))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 50), (0.7, 0), (1.3, 5)])
+def test_generated_equals_transformers_sampling(llama, temperature, top_k):
+    """generate_calibration samples outside generate (one generator per spec) and gets, token
+    for token, what generate(do_sample=True) gives under torch.manual_seed: 10 rows are two
+    batches, so the generator carries over between batches as the global one did."""
+    tok = ByteTokenizer(256)
+    got = generate_calibration(llama, tok, 10, 16, seed=3, temperature=temperature, top_k=top_k)
+    assert torch.equal(got, _hf_sampled(llama, tok, 10, 16, 3, temperature, top_k))
+
+
+def test_generated_together_equals_alone(llama):
+    """Specs sampled in one decode pass (rows of both in each forward) get their own tokens;
+    prefetch keeps them for load_calibration, which then does not sample again."""
+    from bitalloc.sensitivity import calibration as C
+
+    tok = ByteTokenizer(256)
+    a = CalibrationSpec("generated", None, 10, 16, seed=0)
+    b = CalibrationSpec("generated", None, 3, 16, seed=1234, top_k=7)
+    c = CalibrationSpec("generated", None, 2, 9, seed=1)  # another length: its own pass
+    alone = [generate_calibration(llama, tok, s.n_samples, s.seq_len, s.seed, s.temperature, s.top_k) for s in (a, b, c)]
+    together = generate_many(llama, tok, [a, b, c])
+    for x, y in zip(alone, together):
+        assert torch.equal(x, y)
+    prefetch_generated(llama, tok, [a, b])
+    calls = []
+    real = C.generate_many
+    C.generate_many = lambda *args, **kw: calls.append(1) or real(*args, **kw)
+    try:
+        assert torch.equal(load_calibration(a, llama, tok), alone[0])
+        assert torch.equal(load_calibration(b, llama, tok), alone[1])
+        prefetch_generated(llama, tok, [a, b])  # both kept: nothing to sample
+    finally:
+        C.generate_many = real
+    assert calls == []
 
 
 def test_generated_keeps_caller_rng(llama):
