@@ -109,7 +109,8 @@ class QuantLinear(nn.Module):
         """Quantize an nn.Linear (weight (out, in)); a split picks high channels by column energy unless given."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        qw = quantize_weight(linear.weight.detach(), as_scheme(scheme), high_idx)
+        with torch.no_grad():  # the parameter itself: its clip search is remembered by object (kernels.param_memo)
+            qw = quantize_weight(linear.weight, as_scheme(scheme), high_idx)
         return cls.from_quantized(qw, linear.bias)
 
     @classmethod

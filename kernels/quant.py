@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import Format, Scheme, index_bits, packed_words, parse_format, parse_scheme
+from .param_memo import PARAMS, weight_digest
 from .packing import pack_codes, unpack_codes
 
 __all__ = [
@@ -171,6 +172,11 @@ def _rounding_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
     return q.mul_(scale).sub_(wg).square_().sum(-1, keepdim=True)
 
 
+def searches_clip(fmt: Format, clip_search: bool = True) -> bool:
+    """Whether :func:`group_params` searches :data:`CLIP_GRID` for ``fmt`` (integers below 8 bits, fp4)."""
+    return clip_search and (fmt.kind == "fp4_e2m1" or (fmt.kind == "int" and fmt.bits < 8))
+
+
 def group_params(wg: torch.Tensor, fmt: Format, clip_search: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero-point of each group of wg (out, G, g) float32.
 
@@ -183,7 +189,7 @@ def group_params(wg: torch.Tensor, fmt: Format, clip_search: bool = True) -> tup
     """
     rng = _group_range(wg, fmt)
     scale, zero = _minmax_params(rng, fmt)
-    if not clip_search or fmt.kind not in ("int", "fp4_e2m1") or (fmt.kind == "int" and fmt.bits >= 8):
+    if not searches_clip(fmt, clip_search):
         return scale, zero
     best = _rounding_error(wg, scale, zero, fmt)  # (out, G, 1)
     for shrink in CLIP_GRID[1:]:
@@ -218,13 +224,24 @@ def encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt
     raise ValueError(f"format {fmt.name} has no codes (kind {fmt.kind!r})")
 
 
-def _rtn(wg: torch.Tensor, fmt: Format, clip_search: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _rtn(wg: torch.Tensor, fmt: Format, clip_search: bool = True,
+         key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest on groups wg (out, G, g) float32.
 
+    ``key`` (the weight's digest and the rows ``wg`` holds) looks the clip search's result up
+    in :data:`~kernels.param_memo.PARAMS` and keeps it there.
     Returns (codes (out, G, g) int64 unsigned codes, scale (out, G, 1) float32 holding the
     float16 value, zero (out, G, 1) int64 or None).
     """
-    scale, zero = group_params(wg, fmt, clip_search)
+    if key is None or key[0] is None or not searches_clip(fmt, clip_search):
+        scale, zero = group_params(wg, fmt, clip_search)
+        return encode(wg, scale, zero, fmt), scale, zero
+    key = (*key, fmt, bool(clip_search))
+    found = PARAMS.get(key)
+    if found is None:
+        found = group_params(wg, fmt, clip_search)
+        PARAMS.put(key, *found)
+    scale, zero = found
     return encode(wg, scale, zero, fmt), scale, zero
 
 
@@ -328,7 +345,7 @@ def quantize(w: torch.Tensor, fmt: Format | str, *, clip_search: bool = True) ->
         qz = w.new_zeros(out_f, 0, dtype=torch.int32) if fmt.has_zero else None
         return QuantizedTensor(fmt, (out_f, 0), w.new_zeros(out_f, 0, dtype=torch.int32), no_scales, qz)
     wg = to_groups(w.detach().to(torch.float32), fmt)  # (out, G, g)
-    codes, scale, zero = _rtn(wg, fmt, clip_search)
+    codes, scale, zero = _rtn(wg, fmt, clip_search, (weight_digest(w) if searches_clip(fmt, clip_search) else None, 0, out_f))
     codes = codes.reshape(out_f, -1)[:, :in_f]  # (out, in), padding dropped
     qweight = pack_codes(codes, fmt.bits)  # (out, packed_words(in, bits))
     scales = scale.squeeze(-1).to(torch.float16)  # (out, G), exact: scale holds fp16 values
@@ -371,18 +388,19 @@ def fake_quantize(w: torch.Tensor, fmt: Format | str, *, clip_search: bool = Tru
     if in_f == 0:
         return w.detach().clone()
     rows = max(1, FAKE_QUANT_PIECE // in_f)
+    digest = weight_digest(w) if searches_clip(fmt, clip_search) else None
     if out_f > rows:  # piece by piece into one output
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         for i in range(0, out_f, rows):
-            out[i:i + rows] = _fake_quantize_rows(w[i:i + rows], fmt, clip_search)
+            out[i:i + rows] = _fake_quantize_rows(w[i:i + rows], fmt, clip_search, (digest, i, min(i + rows, out_f)))
         return out
-    return _fake_quantize_rows(w, fmt, clip_search)
+    return _fake_quantize_rows(w, fmt, clip_search, (digest, 0, out_f))
 
 
-def _fake_quantize_rows(w: torch.Tensor, fmt: Format, clip_search: bool) -> torch.Tensor:
+def _fake_quantize_rows(w: torch.Tensor, fmt: Format, clip_search: bool, key: tuple | None = None) -> torch.Tensor:
     out_f, in_f = w.shape
     wg = to_groups(w.detach().to(torch.float32), fmt)  # (out, G, g)
-    codes, scale, zero = _rtn(wg, fmt, clip_search)
+    codes, scale, zero = _rtn(wg, fmt, clip_search, key)
     w_hat = decode(codes, scale, zero, fmt)  # (out, G, g) float32
     return w_hat.reshape(out_f, -1)[:, :in_f].to(w.dtype).contiguous()
 
