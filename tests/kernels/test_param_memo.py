@@ -78,16 +78,30 @@ def test_formats_without_a_search_and_the_bound():
     Q.fake_quantize(w, "w8")
     Q.fake_quantize(w, "fp8")
     assert len(PARAMS) == 0  # no clip search: nothing to keep, nothing hashed
-    small = ParamMemo(max_bytes=3 * 16 * 2 * 3)  # room for about three (16, 2, 1) entries with zeros
+    assert len(ParamMemo(max_bytes=0)) == 0
+
+
+def test_slabs_and_the_bound(monkeypatch):
+    """Entries share slabs; past the bound the oldest slab goes with all its entries; values
+    come back exactly, as float32 scales and int64 zero points."""
+    from bitalloc.kernels import param_memo
+
+    monkeypatch.setattr(param_memo, "SLAB_BYTES", 200)  # two (16, 2, 1) entries with zeros (96 bytes each) a slab
+    small = ParamMemo(max_bytes=400)  # two slabs
     s = torch.full((16, 2, 1), 0.5)
-    z = torch.ones(16, 2, 1, dtype=torch.int64)
+    z = torch.arange(32, dtype=torch.int64).view(16, 2, 1)
     for k in range(5):
-        small.put(k, s, z)
-    assert len(small) == 3 and small.get(0) is None and small.get(4) is not None
-    got_s, got_z = small.get(4)
-    assert got_s.dtype == torch.float32 and got_z.dtype == torch.int64 and torch.equal(got_s, s) and torch.equal(got_z, z)
+        small.put(k, s * (k + 1), z if k % 2 else None)
+    assert len(small) == 3 and small.nbytes == 400  # slab {0, 1} dropped, {2, 3} and {4} kept
+    assert small.get(0) is None and small.get(1) is None
+    for k in (2, 3, 4):
+        got_s, got_z = small.get(k)
+        assert got_s.dtype == torch.float32 and torch.equal(got_s, s * (k + 1))
+        assert (got_z is None) if k % 2 == 0 else (got_z.dtype == torch.int64 and torch.equal(got_z, z))
     with pytest.raises(AssertionError, match="float16"):
         small.put("x", torch.full((2, 1, 1), 0.1), None)
+    small.put("big", torch.full((101, 1, 1), 0.5), None)  # larger than a slab: not kept
+    assert small.get("big") is None
 
 
 def test_no_digest_for_inference_tensors():
