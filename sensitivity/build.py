@@ -111,6 +111,13 @@ def build_profile(
     from .proxy import as_scheme, calibrate_proxy, compute_reference, proxy_table
     from .groups import measure_ref_columns, setup_grouping
 
+    from .profile_ray import on_ray
+    from .runner_ray import kept_workers, keeping_workers
+
+    if on_ray(cfg.workers, cfg.ray_address) and not keeping_workers():  # one set of Ray workers for every step
+        with kept_workers():
+            return build_profile(model, cfg, calibration, progress=progress, log_fn=log_fn, checkpoint=checkpoint,
+                                 hessians_out=hessians_out, on_hessians=on_hessians, round16=round16)
     say = log_fn or log.info
     if cfg.max_memory is not None:  # block streaming: the model is never whole in memory
         from .streamed_profile import build_streamed_profile

@@ -1,23 +1,29 @@
 """The Ray backend of the measured run: one actor per worker, items pulled dynamically
 (``IN_FLIGHT_PER_ACTOR`` in flight each), lost actors replaced and their items re-queued.
 
+Inside :func:`kept_workers` (a whole profile on Ray) the live actors outlast a call: the
+next step re-configures them (``configure``: a new context around the model they already
+loaded and fingerprinted) instead of starting new ones that load it again.
+
 Ray is imported only when a run asks for it (``workers=N`` or a cluster address).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import RunnerError
 from .streamed_items import context_for
 from .worker import Key, WorkerSetup
 
-__all__ = ["IN_FLIGHT_PER_ACTOR", "check_ray_address", "run_ray"]
+__all__ = ["IN_FLIGHT_PER_ACTOR", "check_ray_address", "kept_workers", "keeping_workers", "run_ray"]
 
 IN_FLIGHT_PER_ACTOR = 2
 
@@ -37,6 +43,12 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
         raise RunnerError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or type(e).__name__})") from None
 
 
+def _same_model(a: WorkerSetup, b: WorkerSetup) -> bool:
+    """Whether a context for ``b`` may reuse the model a context for ``a`` loaded and checked."""
+    return (a.max_memory is None and b.max_memory is None and a.model == b.model and a.weights == b.weights
+            and a.fingerprint_sha256 is not None and a.fingerprint_sha256 == b.fingerprint_sha256)
+
+
 def _actor_class(ray):
     @ray.remote(max_restarts=0, max_task_retries=0)
     class MeasureWorker:
@@ -47,19 +59,100 @@ def _actor_class(ray):
 
             torch.set_num_threads(max(1, int(threads)))
             self.ctx = context_for(WorkerSetup.from_dict(setup), shared=shared)
+            self.steps = 1  # runner calls this actor has served (more inside kept_workers)
+            self.reused_model = False
             if warmup:
                 self.ctx.warmup()
 
+        def configure(self, setup: dict, shared: Any = None, warmup: bool = True) -> dict:
+            """A kept worker's next step: a new context, on the model already loaded when it is the same."""
+            new = WorkerSetup.from_dict(setup)
+            old, self.ctx = self.ctx, None
+            loaded = old.loaded if _same_model(old.setup, new) else None
+            del old  # its reference pass and shared statistics go before the new ones arrive
+            self.ctx = context_for(new, shared=shared, loaded=loaded)
+            self.steps += 1
+            self.reused_model = loaded is not None
+            if warmup:
+                self.ctx.warmup()
+            return self.info()
+
         def ready(self) -> dict:
-            return self.ctx.info()
+            return self.info()
 
         def evaluate(self, fqn: str, scheme: str) -> Any:
             return self.ctx.evaluate(fqn, scheme)
 
         def info(self) -> dict:
-            return self.ctx.info()
+            return {**self.ctx.info(), "step": self.steps, "reused_model": self.reused_model}
 
     return MeasureWorker
+
+
+class _Kept:
+    """Live actors between the runner calls of a :func:`kept_workers` block."""
+
+    def __init__(self) -> None:
+        self.idle: list = []  # actor handles, each set up by an earlier call
+        self.key: tuple | None = None  # (workers, address, threads per worker) they were started for
+        self.started_ray = False
+
+    def take(self, key: tuple) -> list:
+        """The idle actors started for ``key`` (others are ended: another shape of run)."""
+        if key != self.key:
+            self.end()
+            return []
+        out, self.idle = self.idle, []
+        return out
+
+    def give(self, key: tuple, handles: list) -> None:
+        self.key, self.idle = key, list(handles)
+
+    def end(self) -> None:
+        if self.idle:
+            import ray
+
+            for h in self.idle:
+                with contextlib.suppress(Exception):
+                    ray.kill(h, no_restart=True)
+        self.idle, self.key = [], None
+
+
+_STATE = threading.local()  # .kept: the open kept_workers block of this thread (service jobs run in threads)
+
+
+def _kept() -> _Kept | None:
+    return getattr(_STATE, "kept", None)
+
+
+@contextlib.contextmanager
+def kept_workers() -> Iterator[None]:
+    """Ray runner calls inside the block keep their live workers for the next call.
+
+    A profile on Ray runs several steps (Hessian shards, proxy rows, measurements), each a
+    :func:`run_ray` call; without this block each starts actors that load and fingerprint
+    the model again (8-10 s a worker for a 1 B model). Inside it, the next call
+    re-configures the same actors. Ray started by a call inside the block is shut down when
+    the block ends, with the actors. Nested blocks are one block.
+    """
+    if _kept() is not None:
+        yield
+        return
+    kept = _STATE.kept = _Kept()
+    try:
+        yield
+    finally:
+        _STATE.kept = None
+        kept.end()
+        if kept.started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def keeping_workers() -> bool:
+    """Whether a :func:`kept_workers` block is open."""
+    return _kept() is not None
 
 
 def _first_line(e: BaseException) -> str:
@@ -90,7 +183,12 @@ def run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wor
         except Exception as e:  # noqa: BLE001 - any failure to start/connect is one error line
             raise RunnerError(f"cannot start or connect to Ray{f' at {address!r}' if address else ''}: {_first_line(e)}") from None
         started = True
+    kept = _kept()
+    if kept is not None and started:  # the block shuts Ray down at its end, not this call
+        kept.started_ray, started = True, False
     info["ray_init_s"] = round(time.perf_counter() - t_init, 3)
+    reuse: list = []  # kept workers not yet handed an item
+    actors: dict[int, Any] = {}  # actor id -> handle
     try:
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -101,8 +199,10 @@ def run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wor
         Worker = _actor_class(ray)
         setup_d = setup.to_dict()
         shared_ref = ray.put(shared) if shared is not None else None  # once, read by every worker
+        kept_key = (workers, address, threads_per_worker)
+        reuse = kept.take(kept_key) if kept is not None else []
+        info["reused_workers"] = len(reuse)
 
-        actors: dict[int, Any] = {}  # actor id -> handle
         ready_refs: dict[Any, int] = {}  # ready() ref -> actor id
         live: set[int] = set()
         in_flight: dict[Any, tuple[int, Key]] = {}  # evaluate ref -> (actor id, key)
@@ -116,10 +216,14 @@ def run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wor
         def spawn() -> None:
             aid = next_id[0]
             next_id[0] += 1
-            h = Worker.options(num_cpus=1).remote(setup_d, threads_per_worker, shared_ref, warmup)
+            if reuse:  # a kept worker: its next setup, on the model it holds
+                h = reuse.pop()
+                ready_refs[h.configure.remote(setup_d, shared_ref, warmup)] = aid
+            else:
+                h = Worker.options(num_cpus=1).remote(setup_d, threads_per_worker, shared_ref, warmup)
+                ready_refs[h.ready.remote()] = aid
             actors[aid] = h
             load[aid] = 0
-            ready_refs[h.ready.remote()] = aid
 
         def lose(aid: int, why: str) -> None:
             if aid not in actors:
@@ -212,11 +316,12 @@ def run_ray(setup, todo, record, bar, info, *, workers, address, threads_per_wor
             except (RayActorError, GetTimeoutError):
                 pass
         info["worker_info"] = [worker_info[a] for a in sorted(worker_info)]
-        for h in actors.values():
-            try:
-                ray.kill(h, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
+        if kept is not None:  # the live ones, and those still starting, wait for the block's next call
+            starting = sorted(a for a in ready_refs.values() if a in actors)
+            kept.give(kept_key, [actors.pop(a) for a in sorted(live) + starting])
     finally:
+        for h in reuse + list(actors.values()):  # none left after a clean end inside kept_workers
+            with contextlib.suppress(Exception):
+                ray.kill(h, no_restart=True)
         if started:
             ray.shutdown()

@@ -96,6 +96,13 @@ def test_default_profile_on_local_ray(tmp_path):
     r = ray1.metadata["ray"]
     assert r["hessians"]["mode"] == "ray-local" and r["hessians"]["shards"] == ["rows0-2", "rows2-4"]
     assert r["proxy"]["computed"] == ray1.n_layers and r["measure"]["computed"] == ray1.n_layers
+    # one set of workers for the three steps: the later steps re-configure them on the model they loaded
+    assert [r[k]["reused_workers"] for k in ("hessians", "proxy", "measure")] == [0, 2, 2]
+    assert [w["step"] for w in r["measure"]["worker_info"]] == [3, 3]
+    assert all(w["reused_model"] for k in ("proxy", "measure") for w in r[k]["worker_info"])
+    import ray
+
+    assert not ray.is_initialized()  # the profile's kept workers and its Ray instance are gone
     assert np.array_equal(ray1.ref_values, base.ref_values)  # the ref measurements need no Hessian: equal
     assert np.allclose(ray1.proxy, base.proxy, rtol=1e-5, atol=0)  # float32 Hessians: in-process running mean
     ray2 = bitalloc.profile("random:llama-tiny", workers=2, out=out, **kw)  # resumed from the checkpoints

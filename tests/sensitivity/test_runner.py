@@ -340,3 +340,32 @@ def test_killed_job_resumes(tmp_path):
                               measured=True, progress=False, log=None)
     assert np.array_equal(prof.table(), fresh.table())
     assert np.array_equal(prof.ref_values, fresh.ref_values)
+
+
+def test_kept_workers_block_and_model_reuse_rule():
+    """kept_workers nests as one block and is per thread; a kept worker reuses its model only
+    for the same model, weights and fingerprint, never for block streaming."""
+    import dataclasses
+    import threading
+
+    from bitalloc.sensitivity.runner_ray import _same_model, kept_workers, keeping_workers
+
+    assert not keeping_workers()
+    with kept_workers():
+        assert keeping_workers()
+        with kept_workers():
+            assert keeping_workers()
+        assert keeping_workers()  # the inner block did not close the outer one
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(keeping_workers()))
+        t.start()
+        t.join()
+        assert seen == [False]  # another thread (a service job) has its own
+    assert not keeping_workers()
+    a = WorkerSetup(model="random:llama-tiny", fingerprint_sha256="ab" * 32)
+    assert _same_model(a, dataclasses.replace(a, kl_samples=1))
+    assert not _same_model(a, dataclasses.replace(a, model="random:gpt2-tiny"))
+    assert not _same_model(a, dataclasses.replace(a, weights="16bit" if a.weights != "16bit" else "as-loaded"))
+    assert not _same_model(a, dataclasses.replace(a, fingerprint_sha256="cd" * 32))
+    assert not _same_model(dataclasses.replace(a, fingerprint_sha256=None), dataclasses.replace(a, fingerprint_sha256=None))
+    assert not _same_model(a, dataclasses.replace(a, max_memory=1 << 30))
