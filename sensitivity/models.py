@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -240,6 +241,14 @@ def _gguf_parsed_once() -> Iterator[None]:
     except ImportError:  # transformers names the missing package
         yield
         return
+    with _GGUF_LOAD_LOCK:  # the patch is process-wide: loads in other threads (service jobs) wait
+        yield from _gguf_patched(gguf)
+
+
+_GGUF_LOAD_LOCK = threading.Lock()
+
+
+def _gguf_patched(gguf) -> Iterator[None]:
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict = {}
     maps: dict = {}

