@@ -44,9 +44,27 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
 
 
 def _same_model(a: WorkerSetup, b: WorkerSetup) -> bool:
-    """Whether a context for ``b`` may reuse the model a context for ``a`` loaded and checked."""
-    return (a.max_memory is None and b.max_memory is None and a.model == b.model and a.weights == b.weights
+    """Whether a context for ``b`` may reuse the model a context for ``a`` loaded and checked:
+    the same files, weights and fingerprint, both whole or both streamed under one limit."""
+    return (a.max_memory == b.max_memory and a.model == b.model and a.weights == b.weights
             and a.fingerprint_sha256 is not None and a.fingerprint_sha256 == b.fingerprint_sha256)
+
+
+def _next_context(old: Any, new: WorkerSetup, shared: Any) -> tuple[Any, bool]:
+    """A kept worker's context for its next step, on ``old``'s model when it is the same one
+    (a streamed model passes to the new context, which then closes it); ``old`` is closed."""
+    same = _same_model(old.setup, new)
+    if hasattr(old, "close_walk"):  # streamed: its stored block outputs and reference go first
+        old.close_walk()
+        old.free_reference()
+    if same and new.max_memory is not None:
+        ctx = context_for(new, shared=shared, sm=old.sm)
+        ctx.own, old.own = old.own, False
+    else:
+        ctx = context_for(new, shared=shared, loaded=old.loaded if same else None)
+    if hasattr(old, "close"):
+        old.close()
+    return ctx, same
 
 
 def _actor_class(ray):
@@ -66,13 +84,10 @@ def _actor_class(ray):
 
         def configure(self, setup: dict, shared: Any = None, warmup: bool = True) -> dict:
             """A kept worker's next step: a new context, on the model already loaded when it is the same."""
-            new = WorkerSetup.from_dict(setup)
             old, self.ctx = self.ctx, None
-            loaded = old.loaded if _same_model(old.setup, new) else None
-            del old  # its reference pass and shared statistics go before the new ones arrive
-            self.ctx = context_for(new, shared=shared, loaded=loaded)
+            self.ctx, self.reused_model = _next_context(old, WorkerSetup.from_dict(setup), shared)
+            del old
             self.steps += 1
-            self.reused_model = loaded is not None
             if warmup:
                 self.ctx.warmup()
             return self.info()

@@ -38,11 +38,12 @@ UNIT_CHECKPOINT_SCHEMA = "bitalloc.unit-checkpoint/1"
 _CELL = "\t"  # a proxy cell's key on the checkpoint line: "<fqn>\t<scheme>"
 
 
-def context_for(setup: WorkerSetup, *, shared: Any = None, loaded: Any = None) -> Any:
+def context_for(setup: WorkerSetup, *, shared: Any = None, loaded: Any = None, sm: Any = None) -> Any:
     """The context that evaluates ``setup``'s items: streamed when it has ``max_memory``.
-    ``loaded``: a model this process already loaded and checked for ``setup`` (a kept Ray worker's)."""
+    ``loaded`` / ``sm``: a whole or streamed model this process already opened and checked for
+    ``setup`` (a kept Ray worker's)."""
     if setup.max_memory is not None:
-        return StreamedContext(setup)
+        return StreamedContext(setup, sm=sm)
     return WorkerContext(setup, shared=shared, loaded=loaded)
 
 

@@ -369,3 +369,6 @@ def test_kept_workers_block_and_model_reuse_rule():
     assert not _same_model(a, dataclasses.replace(a, fingerprint_sha256="cd" * 32))
     assert not _same_model(dataclasses.replace(a, fingerprint_sha256=None), dataclasses.replace(a, fingerprint_sha256=None))
     assert not _same_model(a, dataclasses.replace(a, max_memory=1 << 30))
+    s = dataclasses.replace(a, max_memory=1 << 30)
+    assert _same_model(s, dataclasses.replace(s, kl_samples=1))  # streamed under the same limit
+    assert not _same_model(s, dataclasses.replace(s, max_memory=2 << 30))

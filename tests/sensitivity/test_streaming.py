@@ -230,6 +230,9 @@ def test_streamed_profile_on_local_ray_equals_in_process_and_resumes(untied, tmp
     assert r["references"]["computed"] == ray1.n_layers * 2
     workers = r["units"]["worker_info"] + r["references"]["worker_info"]
     assert workers and all(w["peak_rss_mb"] > 0 and w["streaming"]["max_memory"] == 16 << 30 for w in workers)
+    # the reference step re-configures the unit step's workers on the streamed model they opened
+    assert r["units"]["reused_workers"] == 0 and r["references"]["reused_workers"] == 2
+    assert all(w["reused_model"] and w["step"] == 2 for w in r["references"]["worker_info"])
     assert ck.is_file() and ck.with_suffix(".units.jsonl").is_file()
     ray2 = build_profile(str(untied), calibration=ids, checkpoint=ck, **_settings(max_memory="16GiB", workers=2))
     assert ray2.metadata["ray"]["units"]["resumed"] == 4 and ray2.metadata["ray"]["references"]["computed"] == 0
