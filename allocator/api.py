@@ -354,17 +354,10 @@ def eval_windows(loaded, text: str = "generated", n_windows: int = 8, seq_len: i
     if text == "generated":
         from bitalloc.sensitivity.calibration import load_calibration
 
-        return load_calibration(_eval_spec(n_windows, seq_len, seed), loaded.model, loaded.tokenizer), {
+        return load_calibration(_calibration_spec(text, n_windows, seq_len, seed), loaded.model, loaded.tokenizer), {
             "source": "generated", "seed": seed, "n_windows": n_windows, "seq_len": seq_len}
     return windows_from_file(loaded.tokenizer, text, seq_len, n_windows), {
         "source": str(text), "n_windows": n_windows, "seq_len": seq_len}
-
-
-def _eval_spec(n_windows: int, seq_len: int, seed: int = EVAL_SEED):
-    """The generated evaluation text as a CalibrationSpec (kept per model like calibration text)."""
-    from bitalloc.sensitivity.calibration import CalibrationSpec
-
-    return CalibrationSpec("generated", None, n_windows, seq_len, seed)
 
 
 def _sample_texts_together(loaded, cfg: RunConfig) -> None:
@@ -375,7 +368,8 @@ def _sample_texts_together(loaded, cfg: RunConfig) -> None:
     c, e = cfg.calibration, cfg.eval
     if c.source == "generated" and e.text == "generated" and loaded.kind == "causal-lm":
         prefetch_generated(loaded.model, loaded.tokenizer,
-                           [_calibration_spec(c.source, c.n_samples, c.seq_len, c.seed), _eval_spec(e.n_windows, e.seq_len)])
+                           [_calibration_spec(c.source, c.n_samples, c.seq_len, c.seed),
+                            _calibration_spec(e.text, e.n_windows, e.seq_len, EVAL_SEED)])
 
 
 def evaluate(model, plans: Sequence[Plan] | Mapping[str, Plan] = (), *, quantized: Sequence[str | Path] = (),

@@ -226,23 +226,22 @@ def encode(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt
 
 def _rtn(wg: torch.Tensor, fmt: Format, clip_search: bool = True,
          key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Round-to-nearest on groups wg (out, G, g) float32.
-
-    ``key`` (the weight's digest and the rows ``wg`` holds) looks the clip search's result up
-    in :data:`~kernels.param_memo.PARAMS` and keeps it there.
-    Returns (codes (out, G, g) int64 unsigned codes, scale (out, G, 1) float32 holding the
-    float16 value, zero (out, G, 1) int64 or None).
-    """
-    if key is None or key[0] is None or not searches_clip(fmt, clip_search):
-        scale, zero = group_params(wg, fmt, clip_search)
-        return encode(wg, scale, zero, fmt), scale, zero
-    key = (*key, fmt, bool(clip_search))
-    found = PARAMS.get(key)
+    """Round-to-nearest on groups wg (out, G, g) float32 -> (codes (out, G, g) int64 unsigned,
+    scale (out, G, 1) float32 holding the float16 value, zero (out, G, 1) int64 or None); with
+    ``key`` (:func:`_params_key`) the clip search goes through :data:`~kernels.param_memo.PARAMS`."""
+    found = PARAMS.get(key) if key is not None else None
     if found is None:
         found = group_params(wg, fmt, clip_search)
-        PARAMS.put(key, *found)
+        if key is not None:
+            PARAMS.put(key, *found)
     scale, zero = found
     return encode(wg, scale, zero, fmt), scale, zero
+
+
+def _params_key(w: torch.Tensor, fmt: Format, clip_search: bool, start: int, stop: int) -> tuple | None:
+    """The memo key of rows ``start:stop`` of ``w`` in ``fmt``; None when nothing is searched or kept."""
+    digest = weight_digest(w) if searches_clip(fmt, clip_search) else None
+    return None if digest is None else (digest, start, stop, fmt)
 
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: Format) -> torch.Tensor:
@@ -345,7 +344,7 @@ def quantize(w: torch.Tensor, fmt: Format | str, *, clip_search: bool = True) ->
         qz = w.new_zeros(out_f, 0, dtype=torch.int32) if fmt.has_zero else None
         return QuantizedTensor(fmt, (out_f, 0), w.new_zeros(out_f, 0, dtype=torch.int32), no_scales, qz)
     wg = to_groups(w.detach().to(torch.float32), fmt)  # (out, G, g)
-    codes, scale, zero = _rtn(wg, fmt, clip_search, (weight_digest(w) if searches_clip(fmt, clip_search) else None, 0, out_f))
+    codes, scale, zero = _rtn(wg, fmt, clip_search, _params_key(w, fmt, clip_search, 0, out_f))
     codes = codes.reshape(out_f, -1)[:, :in_f]  # (out, in), padding dropped
     qweight = pack_codes(codes, fmt.bits)  # (out, packed_words(in, bits))
     scales = scale.squeeze(-1).to(torch.float16)  # (out, G), exact: scale holds fp16 values
@@ -388,13 +387,13 @@ def fake_quantize(w: torch.Tensor, fmt: Format | str, *, clip_search: bool = Tru
     if in_f == 0:
         return w.detach().clone()
     rows = max(1, FAKE_QUANT_PIECE // in_f)
-    digest = weight_digest(w) if searches_clip(fmt, clip_search) else None
-    if out_f > rows:  # piece by piece into one output
+    if out_f > rows:  # piece by piece into one output (the digest is w's, taken once)
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         for i in range(0, out_f, rows):
-            out[i:i + rows] = _fake_quantize_rows(w[i:i + rows], fmt, clip_search, (digest, i, min(i + rows, out_f)))
+            key = _params_key(w, fmt, clip_search, i, min(i + rows, out_f))
+            out[i:i + rows] = _fake_quantize_rows(w[i:i + rows], fmt, clip_search, key)
         return out
-    return _fake_quantize_rows(w, fmt, clip_search, (digest, 0, out_f))
+    return _fake_quantize_rows(w, fmt, clip_search, _params_key(w, fmt, clip_search, 0, out_f))
 
 
 def _fake_quantize_rows(w: torch.Tensor, fmt: Format, clip_search: bool, key: tuple | None = None) -> torch.Tensor:

@@ -226,6 +226,9 @@ def load_tokenizer(path: Path, vocab: int) -> tuple[Any, str]:
         return ByteTokenizer(vocab), " (no tokenizer files: byte-level tokenizer)"
 
 
+_GGUF_LOAD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
     """Inside the block a GGUF file is parsed once and llama.cpp's tensor-name map built once.
@@ -235,40 +238,34 @@ def _gguf_parsed_once() -> Iterator[None]:
     (about 3.5 s for SmolLM2's 49,152 tokens here), and it builds ``get_tensor_name_map``
     once per submodule (397 times, about 5 s). Both are read-only after construction and
     imported from ``gguf`` at call time, so the block hands out one shared object per key.
+    The patch is process-wide, so loads in other threads (service jobs) wait for the block.
     """
     try:
         import gguf
     except ImportError:  # transformers names the missing package
         yield
         return
-    with _GGUF_LOAD_LOCK:  # the patch is process-wide: loads in other threads (service jobs) wait
-        yield from _gguf_patched(gguf)
-
-
-_GGUF_LOAD_LOCK = threading.Lock()
-
-
-def _gguf_patched(gguf) -> Iterator[None]:
-    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict = {}
     maps: dict = {}
+    with _GGUF_LOAD_LOCK:
+        reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
 
-    def shared_reader(path, mode="r"):
-        key = (os.path.realpath(path), mode)
-        if key not in readers:
-            readers[key] = reader(path, mode)
-        return readers[key]
+        def shared_reader(path, mode="r"):
+            key = (os.path.realpath(path), mode)
+            if key not in readers:
+                readers[key] = reader(path, mode)
+            return readers[key]
 
-    def shared_map(arch, n_blocks):
-        if (arch, n_blocks) not in maps:
-            maps[arch, n_blocks] = name_map(arch, n_blocks)
-        return maps[arch, n_blocks]
+        def shared_map(arch, n_blocks):
+            if (arch, n_blocks) not in maps:
+                maps[arch, n_blocks] = name_map(arch, n_blocks)
+            return maps[arch, n_blocks]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_map
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_map
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _load_gguf(path: Path, spec: str, dtype: torch.dtype, description: str) -> LoadedModel:

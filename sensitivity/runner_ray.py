@@ -54,16 +54,16 @@ def _next_context(old: Any, new: WorkerSetup, shared: Any) -> tuple[Any, bool]:
     """A kept worker's context for its next step, on ``old``'s model when it is the same one
     (a streamed model passes to the new context, which then closes it); ``old`` is closed."""
     same = _same_model(old.setup, new)
-    if hasattr(old, "close_walk"):  # streamed: its stored block outputs and reference go first
-        old.close_walk()
-        old.free_reference()
-    if same and new.max_memory is not None:
+    streamed = same and new.max_memory is not None
+    if streamed:
+        old.own = False  # its model passes on: close() below frees only its walk and reference
+    if hasattr(old, "close"):  # a streamed context's stored block outputs go before the next step's
+        old.close()
+    if streamed:
         ctx = context_for(new, shared=shared, sm=old.sm)
-        ctx.own, old.own = old.own, False
+        ctx.own = True
     else:
         ctx = context_for(new, shared=shared, loaded=old.loaded if same else None)
-    if hasattr(old, "close"):
-        old.close()
     return ctx, same
 
 
