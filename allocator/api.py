@@ -151,7 +151,7 @@ def profile(
     prof.metadata["request"] = _request(prof.model["spec"], cfg.schemes, spec, (cfg.kl_samples, cfg.kl_stride), cfg.include,
                                         cfg.exclude, cfg.ref_schemes, measured=cfg.measured, groups=list(cfg.groups) or None,
                                         ref_method=_ref_request(cfg.ref_method, cfg.measure_every),
-                                        fisher_table=cfg.fisher_table)
+                                        fisher_table=cfg.fisher_table, fisher_labels=cfg.fisher_labels)
     if out is not None:
         prof.save(out)
     return prof
@@ -213,7 +213,7 @@ def _ref_request(method: str, every: int) -> str:
 
 
 def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, measured: bool = False, groups=None,
-             ref_method: str = "measured", fisher_table: bool = False) -> dict:
+             ref_method: str = "measured", fisher_table: bool = False, fisher_labels: str = "sampled") -> dict:
     """What a profile was asked for; a saved profile is reused only for the same request."""
     req = {"spec": spec, "schemes": list(schemes), "calibration": calib.describe(), "kl_samples": kl_samples,
            "include": list(include), "exclude": list(exclude), "ref_schemes": list(ref_schemes)}
@@ -223,6 +223,8 @@ def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, me
         req["ref_method"] = ref_method
     if fisher_table:
         req["fisher_table"] = True
+    if fisher_labels != "sampled" and (fisher_table or ref_method != "measured"):
+        req["fisher_labels"] = fisher_labels
     if groups:
         from bitalloc.sensitivity.groups import parse_groups
 
@@ -266,12 +268,13 @@ def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | N
     first ``rows`` rows of the profile's own calibration (default: all), scored at every
     ``stride``-th position (default: the profile's ``kl_stride``). What a profile built with
     ``fisher_table=True`` has, for a stored profile whose measurements were expensive; the
-    settings go to ``metadata["options"]["fisher"]``. Only the rtn quantizer's profiles."""
+    settings go to ``metadata["options"]["fisher"]``. Only the rtn quantizer's profiles.
+    ``labels="both"``: the sampled-label table and, as ``fisher_text``, the text-label one."""
     import dataclasses
 
     import torch
 
-    from bitalloc.sensitivity.fisher_refs import fisher_ref_values
+    from bitalloc.sensitivity.fisher_refs import fisher_ref_tables
 
     loaded, prof = _causal_rtn(model, profile, "a Fisher table")
     fp = prof.fingerprint
@@ -286,11 +289,11 @@ def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | N
     stride = int(stride or opts.get("kl_stride") or 1)
     seed = int(prof.calibration.get("seed", 0) if seed is None else seed)
     sal = {f: torch.as_tensor(v) for f, v in (prof.saliency or {}).items()}
-    vals, info = fisher_ref_values(loaded.model, prof.layers, data, prof.schemes, None, saliency=sal or None,
-                                   stride=stride, labels=labels, seed=seed, progress=progress)
+    tables, info = fisher_ref_tables(loaded.model, prof.layers, data, prof.schemes, None, saliency=sal or None,
+                                     stride=stride, labels=labels, seed=seed, progress=progress)
     info.update(schemes=len(prof.schemes), rows=int(len(data)), added=True)
     meta = {**prof.metadata, "options": {**opts, "fisher": info}}
-    return dataclasses.replace(prof, fisher=vals, metadata=meta)
+    return dataclasses.replace(prof, fisher=tables[0], fisher_text=tables[1] if len(tables) > 1 else None, metadata=meta)
 
 
 def selection_fitness(model, profile, rows: int = 4):
@@ -552,7 +555,8 @@ def _reuse_profile(path: Path, cfg: RunConfig, log, kind: str = "causal-lm"):
     want = _request(cfg.model.spec, cfg.profile.schemes, calib, (c.kl_samples, c.kl_stride), cfg.profile.include,
                     cfg.profile.exclude, cfg.profile.ref_schemes, measured=cfg.profile.measured,
                     groups=list(cfg.profile.groups) or None,
-                    ref_method=_ref_request(ref_method, cfg.profile.measure_every), fisher_table=fisher_table)
+                    ref_method=_ref_request(ref_method, cfg.profile.measure_every), fisher_table=fisher_table,
+                    fisher_labels=cfg.profile.fisher_labels)
     want = json.loads(json.dumps(want))
     have = prof.metadata.get("request")
     if have != want:

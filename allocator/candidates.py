@@ -26,8 +26,10 @@ import numpy as np
 
 __all__ = ["CANDIDATES", "candidate_tables", "with_table", "tagged", "select_plan"]
 
-# in the order they are tried (a tie keeps the earlier one)
-CANDIDATES = ("profile", "fisher-refs", "fisher", "mix", "mix-refs")
+# in the order they are tried (a tie keeps the earlier one); the "-text" ones solve on the
+# text-label Fisher table of a profile made with fisher_labels="both" (profile.fisher_text)
+_BASE = ("fisher-refs", "fisher", "mix", "mix-refs")
+CANDIDATES = ("profile", *_BASE, *(n + "-text" for n in _BASE))
 
 
 def _geomean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -46,30 +48,40 @@ def candidate_tables(profile, names: Sequence[str] | None = None) -> dict[str, n
     - ``mix``: the geometric mean of ``profile`` and ``fisher`` (the Fisher scaled to the
       references by one global factor, the median ratio), when the references were measured;
     - ``mix-refs``: the proxy through the geometric mean of the measured and Fisher
-      references (same scaling).
+      references (same scaling);
+    - the same four with ``-text`` on the text-label Fisher table, when the profile has one
+      beside its sampled-label one (``fisher_labels="both"``): each label kind wins at some
+      budgets (experiments/README.md), and the end-to-end selection sees which.
     """
-    from bitalloc.sensitivity.calibrate import calibrate_proxy
-
     base = np.asarray(profile.table(), dtype=np.float64)
     out = {"profile": base}
-    F = profile.fisher
-    if F is not None:
-        ri = [profile.scheme_index(r) for r in profile.ref_schemes]
-        P, K, Fr = np.asarray(profile.proxy), np.asarray(profile.ref_values), F[:, ri]
-        fisher_refs = profile.metadata.get("options", {}).get("ref_method") == "fisher"
-        if not fisher_refs:
-            out["fisher-refs"] = calibrate_proxy(P, Fr, ri)[0]
-        out["fisher"] = F.copy()
-        ok = np.isfinite(K) & (K > 0) & (Fr > 0)
-        if not fisher_refs and ok.any():
-            c = float(np.exp(np.median(np.log(K[ok] / Fr[ok]))))  # one global unit change, Fisher -> measured
-            out["mix"] = _geomean(base, c * F)
-            out["mix-refs"] = calibrate_proxy(P, np.where(ok, _geomean(K, c * Fr), K), ri)[0]
+    for suffix, F in (("", profile.fisher), ("-text", profile.fisher_text)):
+        if F is not None:
+            out.update({name + suffix: t for name, t in _fisher_tables(profile, base, F).items()})
     if names is not None:
         unknown = [n for n in names if n not in CANDIDATES]
         if unknown:
             raise ValueError(f"unknown candidate calibration(s) {unknown}; known: {', '.join(CANDIDATES)}")
         out = {n: t for n, t in out.items() if n in names}
+    return out
+
+
+def _fisher_tables(profile, base: np.ndarray, F: np.ndarray) -> dict[str, np.ndarray]:
+    """The four calibrations with one Fisher table ``F`` (L, S) (see :func:`candidate_tables`)."""
+    from bitalloc.sensitivity.calibrate import calibrate_proxy
+
+    out = {}
+    ri = [profile.scheme_index(r) for r in profile.ref_schemes]
+    P, K, Fr = np.asarray(profile.proxy), np.asarray(profile.ref_values), F[:, ri]
+    fisher_refs = profile.metadata.get("options", {}).get("ref_method") == "fisher"
+    if not fisher_refs:
+        out["fisher-refs"] = calibrate_proxy(P, Fr, ri)[0]
+    out["fisher"] = F.copy()
+    ok = np.isfinite(K) & (K > 0) & (Fr > 0)
+    if not fisher_refs and ok.any():
+        c = float(np.exp(np.median(np.log(K[ok] / Fr[ok]))))  # one global unit change, Fisher -> measured
+        out["mix"] = _geomean(base, c * F)
+        out["mix-refs"] = calibrate_proxy(P, np.where(ok, _geomean(K, c * Fr), K), ri)[0]
     return out
 
 
@@ -81,7 +93,8 @@ def with_table(profile, name: str | None):
     tabs = candidate_tables(profile)
     if name not in tabs:
         raise ValueError(f"table {name!r} is not available for this profile (available: {', '.join(tabs)}; "
-                         "the Fisher calibrations need a profile made with --fisher-table)")
+                         "the Fisher calibrations need a profile made with --fisher-table, the -text ones with "
+                         "--fisher-labels both)")
     return _on(profile, tabs[name])
 
 

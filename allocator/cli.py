@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "profile fits SIZE (e.g. 1GiB); the calibrated proxy with measured references; with --workers "
                          "or --ray-address, SIZE per worker")
     sp.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",
-                    help="Fisher labels: sampled from the model (the KL's Fisher) or the text's next tokens")
+                    help="Fisher labels: sampled from the model (the KL's Fisher), the text's next tokens, or both "
+                         "(with --fisher-table: a table per kind from one forward pass, and `solve --table` / "
+                         "`run`'s selection gains the '-text' calibrations)")
 
     def solve_args(sp):
         sp.add_argument("profile", help="a profile JSON written by `bitalloc profile`")
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serving target: vllm ties the layers it fuses (q/k/v, gate/up) to one scheme")
         sp.add_argument("--table", choices=CANDIDATES, default="profile",
                         help="the candidate calibration to solve on (allocator.candidates; all but 'profile' "
-                             "need a profile made with --fisher-table)")
+                             "need a profile made with --fisher-table, the '-text' ones --fisher-labels both)")
 
     sp = sub.add_parser("solve", help="solve one budget: profile -> plan JSON")
     solve_args(sp)

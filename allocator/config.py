@@ -29,6 +29,8 @@ typo must not silently fall back to a default).
     measure_every = 3
     fisher_table = true              # also the output-Fisher estimate of every (layer, scheme)
                                      # (default: with ref_method auto, as that; else false)
+    fisher_labels = "sampled"        # the Fisher's labels: sampled from the model, the text's next
+                                     # tokens, or both (two tables, twice the candidates to select from)
     [solve]
     budgets = ["2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw"]
     method = "ilp"                   # ilp | dp | lagrangian
@@ -123,6 +125,7 @@ class ProfileCfg:
     ref_method: str = "auto"         # measured | fisher | hybrid | auto: how the reference values are obtained
     measure_every: int = 3           # hybrid: every N-th block measured end to end
     fisher_table: bool | None = None # also the output-Fisher estimate of every (layer, scheme); None: auto
+    fisher_labels: str = "sampled"   # sampled | text | both (sensitivity.fisher_refs)
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,10 @@ class RunConfig:
                                                   or self.profile.fisher_table or self.solve.select):
             raise ConfigError("[profile] target = llamacpp measures its references in llama.cpp's types "
                               "(no ref_method, fisher_table or [solve] select)")
+        if self.profile.fisher_labels not in ("sampled", "text", "both"):
+            raise ConfigError(f"[profile] fisher_labels must be sampled, text or both, got {self.profile.fisher_labels!r}")
+        if self.profile.fisher_labels == "both" and not self.fisher_settings()[1]:
+            raise ConfigError("[profile] fisher_labels = both keeps a Fisher table per label kind: it needs fisher_table")
         if self.profile.fisher_table and self.profile.groups:
             raise ConfigError("[profile] fisher_table estimates KL only; it does not go with metric groups")
         for b in self.solve.budgets:
@@ -283,7 +290,8 @@ class RunConfig:
             calibration=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
             kl_samples=c.kl_samples, kl_stride=c.kl_stride, groups=tuple(p.groups), measured=p.measured,
             workers=p.workers or None, ray_address=p.ray_address or None, saliency=p.saliency, quantizer=p.quantizer,
-            ref_method=ref_method, fisher_table=fisher_table, measure_every=p.measure_every)
+            ref_method=ref_method, fisher_table=fisher_table, measure_every=p.measure_every,
+            fisher_labels=p.fisher_labels if fisher_table or p.fisher_labels != "both" else "sampled")  # an encoder: no table
 
     def group_policy(self):
         """The [solve] group_* keys as an :class:`allocator.policy.GroupPolicy`."""

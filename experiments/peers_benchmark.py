@@ -230,8 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--select-rows", type=int, default=4, help="calibration rows bitalloc-select measures plans on")
     ap.add_argument("--select-refine", type=int, default=30,
                     help="bitalloc-select: measured local-search steps from the chosen plan (0: none)")
-    ap.add_argument("--fisher-labels", default="text", choices=("text", "sampled"),
-                    help="bitalloc-select's Fisher table: the calibration text's next tokens or the model's samples")
+    ap.add_argument("--fisher-labels", default="both", choices=("both", "text", "sampled"),
+                    help="bitalloc-select's Fisher table: the calibration text's next tokens, the model's samples, "
+                         "or both (two tables, the candidates of each)")
     ap.add_argument("--chunk", type=int, default=6, help="quantized models held at once during evaluation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/peers_bench")

@@ -243,7 +243,9 @@ def build_profile(
             fisher_stats = FisherStats.collect(net, layers, data, stride=cfg.kl_stride, labels=cfg.fisher_labels,
                                                seed=cfg.seed, progress=progress)
             t_f = time.perf_counter() - t_f
-            fisher_vals = np.full((len(layers), len(names)), np.nan)
+            from .fisher_refs import label_kinds
+
+            fisher_vals = [np.full((len(layers), len(names)), np.nan) for _ in label_kinds(cfg.fisher_labels)]
         proxy = proxy_table(net, layers, stats, scheme_objs, progress, act_stats=stats if acts else None,
                             quantizer=quantizer, saliency=sal, fisher=fisher_stats, fisher_out=fisher_vals,
                             fisher_cols=fisher_cols)
@@ -276,7 +278,7 @@ def build_profile(
             loaded, setup, layers, names, data, stats, progress, say, workers=workers, ray_address=ray_address,
             checkpoint=checkpoint, saliency=sal, grouping=grouping, item_schemes=refs)
     elif cfg.ref_method == "fisher":  # one backward per batch instead of 210 x R forwards
-        ref_values = fisher_vals[:, [names.index(r) for r in refs]]
+        ref_values = fisher_vals[0][:, [names.index(r) for r in refs]]
         metric_name, replay = "kl", None
     else:
         metric_batches = _strided(net, as_batches(first_rows(data, kl_samples), batch_size), kl_stride)
@@ -302,7 +304,7 @@ def build_profile(
             from .fisher_refs import hybrid_ref_values, layer_kind
 
             ref_values, hyb = hybrid_ref_values([layer_kind(x.fqn) for x in layers], sub, ref_values,
-                                                fisher_vals[:, [names.index(r) for r in refs]])
+                                                fisher_vals[0][:, [names.index(r) for r in refs]])
             fisher_info["hybrid"] = {**hyb, "measure_every": cfg.measure_every}
             say(f"hybrid references: {hyb['measured_layers']} layers measured, {hyb['estimated_layers']} from the "
                 "Fisher corrected per layer kind")
@@ -352,20 +354,23 @@ def build_profile(
         saliency={f: v.numpy().astype(np.float64) for f, v in sal.items()},
         pairs=pair_field,
         split_channels=profile_split_channels(layers, names, sal),
-        fisher=fisher_vals if cfg.fisher_table else None,
+        fisher=fisher_vals[0] if cfg.fisher_table else None,
+        fisher_text=fisher_vals[1] if cfg.fisher_table and len(fisher_vals) > 1 else None,
     )
 
 
 def _fisher_pass(cfg, net, layers, data, scheme_objs, cols, stats, quantizer, sal, progress, say):
-    """``(L, S)`` Fisher estimates at the scheme indices ``cols`` (NaN elsewhere) and their info,
-    from a pass of their own (the proxy ran on Ray workers, so its quantized weights are not here)."""
-    from .fisher_refs import fisher_ref_values
+    """One ``(L, S)`` table of Fisher estimates per label kind at the scheme indices ``cols`` (NaN
+    elsewhere) and their info, from a pass of their own (the proxy ran on Ray workers, so its
+    quantized weights are not here)."""
+    from .fisher_refs import fisher_ref_tables
 
-    vals, info = fisher_ref_values(net, layers, data, [scheme_objs[j] for j in cols], stats, quantizer=quantizer,
-                                   saliency=sal, stride=cfg.kl_stride, labels=cfg.fisher_labels, seed=cfg.seed,
-                                   progress=progress)
-    out = np.full((len(layers), len(scheme_objs)), np.nan)
-    out[:, cols] = vals
+    tables, info = fisher_ref_tables(net, layers, data, [scheme_objs[j] for j in cols], stats, quantizer=quantizer,
+                                     saliency=sal, stride=cfg.kl_stride, labels=cfg.fisher_labels, seed=cfg.seed,
+                                     progress=progress)
+    out = [np.full((len(layers), len(scheme_objs)), np.nan) for _ in tables]
+    for o, vals in zip(out, tables):
+        o[:, cols] = vals
     info["schemes"] = len(cols)
     say(f"fisher estimates: {len(layers)} layers x {len(cols)} schemes from {info['tokens']} positions "
         f"in {info['seconds']:.1f} s")

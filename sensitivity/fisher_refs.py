@@ -19,7 +19,9 @@ with ΔY_l = X_l (Q(W_l) − W_l)ᵀ from the layer's own calibration inputs, th
 with labels y_t drawn from the model's own next-token distribution at every position
 (``labels="sampled"``, seeded), so ``g²`` is an unbiased one-sample estimate of the
 Fisher diagonal whatever the calibration text, or the text's own next tokens
-(``labels="text"``: ModelOpt's empirical Fisher). Cross terms between positions vanish in
+(``labels="text"``: ModelOpt's empirical Fisher), or both from the same forward pass
+(``labels="both"``: two backward passes, two tables; the sampled one equals a
+``"sampled"`` run's, the text one a ``"text"`` run's). Cross terms between positions vanish in
 expectation because the sampled labels are independent; cross terms between output
 channels are dropped (the diagonal approximation).
 
@@ -37,9 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FISHER_LABELS", "FisherStats", "fisher_ref_values", "hybrid_ref_values", "measured_subset", "layer_kind", "input_role"]
+__all__ = ["FISHER_LABELS", "FisherStats", "label_kinds", "fisher_ref_values", "fisher_ref_tables", "hybrid_ref_values", "measured_subset", "layer_kind", "input_role"]
 
-FISHER_LABELS = ("sampled", "text")
+FISHER_LABELS = ("sampled", "text", "both")
+
+
+def label_kinds(labels: str) -> tuple[str, ...]:
+    """The label kinds one collection with ``labels`` scores, in table order (the first is the
+    profile's ``fisher``, a second its ``fisher_text``)."""
+    return ("sampled", "text") if labels == "both" else (labels,)
 
 
 def _labels(logits: torch.Tensor, ids: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -61,8 +69,9 @@ class FisherStats:
     :meth:`free` drops the buffers. Layers reading one input share its ``X``.
     """
 
-    def __init__(self, x: dict, g2: dict, n: int, info: dict):
+    def __init__(self, x: dict, g2: dict, n: int, info: dict, g2_more: tuple = ()):
         self.x, self.g2, self.n, self.info = x, g2, n, info  # layer index -> (N, in) / (N, out) float32
+        self.g2_all = (g2, *g2_more)  # one G² per label kind (label_kinds(info["labels"]))
 
     @classmethod
     def collect(cls, model: torch.nn.Module, layers: Sequence[Any], data: Any, *, stride: int = 1,
@@ -81,6 +90,7 @@ class FisherStats:
 
         if labels not in FISHER_LABELS:
             raise ValueError(f"labels must be one of {FISHER_LABELS}, got {labels!r}")
+        kinds = label_kinds(labels)
         if isinstance(data, dict) or not isinstance(data, torch.Tensor) or data.dim() != 2:
             raise ValueError("Fisher estimates need a causal LM's token ids (n, seq), not an encoder batch")
         if not (isinstance(stride, int) and stride >= 1):
@@ -90,12 +100,12 @@ class FisherStats:
         inputs = {}
         for layer in layers:  # layers reading one input share it (q/k/v, gate/up): count it once
             inputs.setdefault((layer.block_index, layer.in_features, input_role(layer.fqn)), layer.in_features)
-        per_token = 4 * (sum(inputs.values()) + sum(layer.out_features for layer in layers))
+        per_token = 4 * (sum(inputs.values()) + len(kinds) * sum(layer.out_features for layer in layers))
         rows = max(1, min(int(data.shape[0]), int(memory) // max(1, per_token * per_row)))
         data = data[:rows]
         mods = [module_at(model, layer.fqn) for layer in layers]
         xs: dict[int, list] = {i: [] for i in range(len(layers))}
-        gs: dict[int, list] = {i: [] for i in range(len(layers))}
+        gs = [{i: [] for i in range(len(layers))} for _ in kinds]  # per label kind
         gen = torch.Generator().manual_seed(seed)
         flags = {p: p.requires_grad for p in model.parameters()}
         training = model.training
@@ -106,23 +116,27 @@ class FisherStats:
             for p in model.parameters():
                 p.requires_grad_(False)
             for batch in progress_bar(batches, progress, "fisher"):
-                n += _collect_batch(model, layers, mods, batch, labels, gen, stride, xs, gs)
+                n += _collect_batch(model, layers, mods, batch, kinds, gen, stride, xs, gs)
         finally:
             for p, f in flags.items():
                 p.requires_grad_(f)
             model.train(training)
         joined: dict[tuple, torch.Tensor] = {}  # layers that shared an input share the joined tensor too
         x = {i: _cat(v, joined) for i, v in xs.items() if v}
-        g2 = {i: torch.cat(v) for i, v in gs.items() if v}
+        g2 = [{i: torch.cat(v) for i, v in g.items() if v} for g in gs]
         info = {"labels": labels, "seed": seed, "tokens": n, "stride": stride, "rows": rows, "batches": len(batches)}
-        return cls(x, g2, n, info)
+        return cls(x, g2[0], n, info, tuple(g2[1:]))
 
     def value(self, i: int, w: torch.Tensor, wq: torch.Tensor, act: str = "a16") -> float:
         """½ · (1/N) Σ G² ⊙ (X (Wq − W)ᵀ)²: layer ``i``'s estimated KL per token with weight ``wq``
         (``(out, in)``, as ``w``); an activation format quantizes ``X`` too. 0.0 for a layer the
-        loss does not reach."""
+        loss does not reach. With two label kinds: the first kind's (see :meth:`values`)."""
+        return self.values(i, w, wq, act)[0]
+
+    def values(self, i: int, w: torch.Tensor, wq: torch.Tensor, act: str = "a16") -> tuple[float, ...]:
+        """:meth:`value` for every label kind collected, one ``ΔY`` product shared by all."""
         if i not in self.x or i not in self.g2:
-            return 0.0
+            return (0.0,) * len(self.g2_all)
         x = self.x[i]  # (N, in)
         if act != "a16":
             from bitalloc.kernels.quant import quantize_activation
@@ -130,10 +144,11 @@ class FisherStats:
             dy = quantize_activation(x, act) @ wq.t().to(torch.float32) - x @ w.t().to(torch.float32)  # (N, out)
         else:
             dy = x @ (wq.to(torch.float32) - w.to(torch.float32)).t()  # (N, out) = Y_q − Y (bias not quantized)
-        return 0.5 * float(dy.square_().mul_(self.g2[i]).sum(dtype=torch.float64)) / max(self.n, 1)
+        dy2 = dy.square_()  # (N, out)
+        return tuple(0.5 * float((dy2 * g2[i]).sum(dtype=torch.float64)) / max(self.n, 1) for g2 in self.g2_all)
 
     def free(self) -> None:
-        self.x, self.g2 = {}, {}
+        self.x, self.g2, self.g2_all = {}, {}, ()
 
 
 def input_role(fqn: str) -> str:
@@ -150,7 +165,15 @@ def _cat(parts: list, joined: dict) -> torch.Tensor:
     return joined[key]
 
 
-def fisher_ref_values(
+def fisher_ref_values(model: torch.nn.Module, layers: Sequence[Any], data: Any, schemes: Sequence[Any],
+                      hessians: Mapping[str, Any] | None = None, **kw) -> tuple[np.ndarray, dict]:
+    """``(L, R)`` estimated KL per token of quantizing each layer alone at each scheme, and info:
+    :func:`fisher_ref_tables`' first table (with ``labels="both"``, the sampled one)."""
+    tables, info = fisher_ref_tables(model, layers, data, schemes, hessians, **kw)
+    return tables[0], info
+
+
+def fisher_ref_tables(
     model: torch.nn.Module,
     layers: Sequence[Any],
     data: Any,
@@ -165,8 +188,9 @@ def fisher_ref_values(
     seed: int = 0,
     memory: int = 1 << 30,
     progress: bool = False,
-) -> tuple[np.ndarray, dict]:
-    """``(L, R)`` estimated KL per token of quantizing each layer alone at each scheme, and info.
+) -> tuple[tuple[np.ndarray, ...], dict]:
+    """One ``(L, R)`` table per label kind (:func:`label_kinds`: two for ``labels="both"``) of the
+    estimated KL per token of quantizing each layer alone at each scheme, and info.
 
     :meth:`FisherStats.collect` (``data``: causal-LM ids ``(n, seq)``; rows within ``memory``;
     every ``stride``-th position scored), then each (layer, scheme) quantized exactly as the
@@ -182,7 +206,7 @@ def fisher_ref_values(
     t0 = time.perf_counter()
     stats = FisherStats.collect(model, layers, data, stride=stride, labels=labels, seed=seed, memory=memory,
                                 batch_tokens=batch_tokens, progress=progress)
-    out = np.zeros((len(layers), len(schemes)), dtype=np.float64)
+    out = np.zeros((len(label_kinds(labels)), len(layers), len(schemes)), dtype=np.float64)  # (K, L, R)
     with torch.no_grad():
         for i, layer in enumerate(layers):
             w = get_weight(module_at(model, layer.fqn), layer.module_type).detach().to(torch.float32)  # (out, in)
@@ -190,14 +214,15 @@ def fisher_ref_values(
             sal = saliency.get(layer.fqn) if saliency else None
             for j, s in enumerate(schemes):
                 wq = quantize_layer_weight(w, s, H, quantizer=quantizer, saliency=sal)
-                out[i, j] = stats.value(i, w, wq, s.act)
+                out[:, i, j] = stats.values(i, w, wq, s.act)
     stats.free()
-    return out, {**stats.info, "seconds": round(time.perf_counter() - t0, 3)}
+    return tuple(out), {**stats.info, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _collect_batch(model, layers, mods, batch, labels, gen, stride, xs, gs) -> int:
-    """One forward + backward over ``batch``; appends each layer's scored inputs and squared
-    output gradients (``g = ∂ Σ_t −log p(y_t) / ∂Y``) to ``xs`` / ``gs``; returns the scored count.
+def _collect_batch(model, layers, mods, batch, kinds, gen, stride, xs, gs) -> int:
+    """One forward and, per label kind in ``kinds``, one backward over ``batch``; appends each
+    layer's scored inputs to ``xs`` and its squared output gradients (``g = ∂ Σ_t −log p(y_t) / ∂Y``)
+    to ``gs[k]`` for kind ``k``; returns the scored count.
 
     When the batch's full-vocabulary logits would pass the logits-memory bound
     (:mod:`bitalloc.sensitivity.logits`) and the head splits off, the head and the loss run a
@@ -235,32 +260,39 @@ def _collect_batch(model, layers, mods, batch, labels, gen, stride, xs, gs) -> i
     if mask is not None:
         keep_bt = keep_bt & (mask != 0)
     idx = sorted(outputs)
+    grads_per_kind = []  # per kind: one gradient (or None) per layer of idx
+    last = len(kinds) - 1
     if chunked:
         hidden = out.last_hidden_state  # (B, T, d)
         del out
-        g_hidden, head_rows = _head_grads(split.head, hidden.detach(), ids, mask, labels, gen, step,
-                                          keep_bt, bool(head_idx))
-        grads = torch.autograd.grad(hidden, [outputs[i] for i in idx], grad_outputs=g_hidden, allow_unused=True)
-        for i in head_idx:  # the head's own rows, gathered chunk by chunk
-            xs[i].append(head_rows[0])
-            gs[i].append(head_rows[1])
+        for k, kind in enumerate(kinds):
+            g_hidden, head_rows = _head_grads(split.head, hidden.detach(), ids, mask, kind, gen, step,
+                                              keep_bt, bool(head_idx))
+            grads_per_kind.append(torch.autograd.grad(hidden, [outputs[i] for i in idx], grad_outputs=g_hidden,
+                                                      allow_unused=True, retain_graph=k < last))
+            for i in head_idx:  # the head's own rows, gathered chunk by chunk
+                if k == 0:
+                    xs[i].append(head_rows[0])
+                gs[k][i].append(head_rows[1])
     else:
         logits = out.logits  # (B, T, V)
         assert logits.shape[:2] == ids.shape, f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}"
-        y = _labels(logits, ids, labels, gen)  # (B, T-1)
-        if mask is not None:
-            y = y.masked_fill(mask[:, 1:] == 0, -100)
         pred = logits[:, :-1].to(torch.float32)
-        loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")  # Σ_t −log p(y_t)
+        for k, kind in enumerate(kinds):
+            y = _labels(logits, ids, kind, gen)  # (B, T-1)
+            if mask is not None:
+                y = y.masked_fill(mask[:, 1:] == 0, -100)
+            loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")  # Σ_t −log p(y_t)
+            grads_per_kind.append(torch.autograd.grad(loss, [outputs[i] for i in idx], allow_unused=True,
+                                                      retain_graph=k < last))
+            del loss
         del pred, logits, out
-        grads = torch.autograd.grad(loss, [outputs[i] for i in idx], allow_unused=True)
-        del loss
     del outputs
     shared: dict[int, torch.Tensor] = {}  # one scored copy per distinct input tensor
     with torch.no_grad():
-        for i, g in zip(idx, grads):
-            if g is None:  # a layer that does not reach the logits
+        for n, i in enumerate(idx):
+            if grads_per_kind[0][n] is None:  # a layer that does not reach the logits
                 continue
             layer = layers[i]
             x = inputs[i]
@@ -269,7 +301,9 @@ def _collect_batch(model, layers, mods, batch, labels, gen, stride, xs, gs) -> i
             if key not in shared:
                 shared[key] = x[keep_bt].reshape(-1, layer.in_features).to(torch.float32)  # (N, in)
             xs[i].append(shared[key])
-            gs[i].append(g[keep_bt].reshape(-1, g.shape[-1]).to(torch.float32).pow_(2))  # (N, out)
+            for k, grads in enumerate(grads_per_kind):
+                g = grads[n]
+                gs[k][i].append(g[keep_bt].reshape(-1, g.shape[-1]).to(torch.float32).pow_(2))  # (N, out)
     return int(keep_bt.sum())
 
 

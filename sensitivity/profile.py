@@ -123,6 +123,10 @@ class SensitivityProfile:
     # (sensitivity.fisher_refs), a second, independent estimate of the table: the solver's
     # candidate calibrations (allocator.candidates) mix it with the measured one
     fisher: np.ndarray | None = None
+    # optional (/3): (L, S) the same estimate with the calibration text's next tokens as labels,
+    # beside a ``fisher`` with labels sampled from the model (fisher_labels="both"): the
+    # candidate calibrations solve on each
+    fisher_text: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.schema_version not in (PROFILE_SCHEMA, PROFILE_SCHEMA_V2, PROFILE_SCHEMA_V1):
@@ -181,11 +185,14 @@ class SensitivityProfile:
             object.__setattr__(self, "pairs", check_pairs(self.pairs, fqns, self.schemes))
         if self.split_channels is not None:
             object.__setattr__(self, "split_channels", check_split_channels(self.split_channels, self.layers))
-        if self.fisher is not None:
-            fisher = _array(self.fisher, np.float64, "fisher", (L, S))
-            if not (np.isfinite(fisher).all() and (fisher >= 0).all()):
-                raise ProfileError("profile field 'fisher' must hold finite non-negative values")
-            object.__setattr__(self, "fisher", fisher)
+        for name in ("fisher", "fisher_text"):
+            if getattr(self, name) is not None:
+                fisher = _array(getattr(self, name), np.float64, name, (L, S))
+                if not (np.isfinite(fisher).all() and (fisher >= 0).all()):
+                    raise ProfileError(f"profile field {name!r} must hold finite non-negative values")
+                object.__setattr__(self, name, fisher)
+        if self.fisher_text is not None and self.fisher is None:
+            raise ProfileError("profile field 'fisher_text' needs 'fisher' beside it")
 
     # -- access ----------------------------------------------------------------------
     @property
@@ -254,6 +261,7 @@ class SensitivityProfile:
                                    for f, per_k in self.split_channels.items()}}
                if self.split_channels is not None else {}),
             **({"fisher": _jsonable(self.fisher)} if self.fisher is not None else {}),
+            **({"fisher_text": _jsonable(self.fisher_text)} if self.fisher_text is not None else {}),
         }
 
     @classmethod
@@ -289,7 +297,7 @@ class SensitivityProfile:
                 ref_values=f.ref_values,
                 ref_schemes=list(f.ref_schemes), scales=f.scales, other_bits=f.other_bits, other_params=f.other_params,
                 metadata=d.get("metadata") or {}, saliency=saliency, pairs=pairs, split_channels=split,
-                fisher=f.fisher,
+                fisher=f.fisher, fisher_text=f.fisher_text,
             )
         except ProfileError as e:
             raise ProfileError(f"{where}: {e}") from None

@@ -30,7 +30,8 @@ HESSIAN_DTYPES = ("float32", "float64")
 # per calibration batch (sensitivity.fisher_refs; labels sampled from the model or the text's),
 # or "hybrid": measured on every measure_every-th block, the Fisher corrected per layer kind elsewhere
 REF_METHODS = ("measured", "fisher", "hybrid")
-FISHER_LABELS = ("sampled", "text")
+# "both": one forward, a backward per kind, two Fisher tables (the profile's fisher and fisher_text)
+FISHER_LABELS = ("sampled", "text", "both")
 
 
 def _error():
@@ -148,6 +149,8 @@ class ProfileConfig:
             raise err(f"ref_method must be one of {REF_METHODS}, got {self.ref_method!r}")
         if self.fisher_labels not in FISHER_LABELS:
             raise err(f"fisher_labels must be one of {FISHER_LABELS}, got {self.fisher_labels!r}")
+        if self.fisher_labels == "both" and not self.fisher_table:
+            raise err("fisher_labels 'both' keeps a Fisher table per label kind: it needs fisher_table=True")
         if self.ref_method != "measured" and self.measured:
             raise err(f"ref_method {self.ref_method!r} estimates the references; measured=True measures every "
                       "scheme instead")

@@ -93,4 +93,7 @@ class ProfileFile(Strict):
     split_channels: Optional[dict[Name, dict[str, list[NonNegInt]]]] = None
     # (L, S) the output-Fisher KL estimate of every (layer, scheme) (sensitivity.fisher_refs)
     fisher: Optional[list[Row]] = None
+    # (L, S) the same with the calibration text's next tokens as labels, next to a sampled-label
+    # ``fisher`` (a profile made with fisher_labels="both")
+    fisher_text: Optional[list[Row]] = None
     arrays: Optional[ArraysRef] = None

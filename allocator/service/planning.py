@@ -240,5 +240,8 @@ def _check_request(prof, req: PlanRequest) -> None:
             raise ApiError(422, f"{name}: unknown metric group(s) {unknown}; the profile has {sorted(prof.tables)}", name)
     if req.table != "profile" and prof.fisher is None:
         raise ApiError(422, f"table: {req.table!r} needs a profile made with fisher_table; this one has none", "table")
+    if req.table.endswith("-text") and prof.fisher_text is None:
+        raise ApiError(422, f"table: {req.table!r} needs a profile made with fisher_labels 'both'; this one has no "
+                       "text-label Fisher table", "table")
     if req.method in ("qp", "qp-relax", "separable") and not prof.pairs:
         raise ApiError(422, f"method: {req.method!r} needs pair terms in the profile; use 'ilp'", "method")

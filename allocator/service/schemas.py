@@ -94,7 +94,7 @@ class ProfileRequest(Strict):
     ref_method: Literal["measured", "fisher", "hybrid"] = "measured"
     measure_every: int = Field(3, ge=1, le=4096)
     fisher_table: bool = False
-    fisher_labels: Literal["sampled", "text"] = "sampled"
+    fisher_labels: Literal["sampled", "text", "both"] = "sampled"
     # block streaming: the model read a unit at a time under this size ("1.5GiB" or bytes),
     # per Ray worker when the service runs on a cluster
     max_memory: Union[str, int, None] = None
@@ -196,7 +196,8 @@ class PlanRequest(Strict):
     group_norm: Literal["auto", "ref", "range", "none"] = "auto"
     # the profile's candidate calibration to solve on (allocator.candidates); all but "profile"
     # need a profile made with fisher_table
-    table: Literal["profile", "fisher-refs", "fisher", "mix", "mix-refs"] = "profile"
+    table: Literal["profile", "fisher-refs", "fisher", "mix", "mix-refs",
+                   "fisher-refs-text", "fisher-text", "mix-text", "mix-refs-text"] = "profile"
     # the client's model (weights sha256, as in a profile's model.fingerprint): refused if the profile is for another
     model_sha256: str | None = Field(None, pattern=HEX64)
 

@@ -27,7 +27,7 @@ def fisher_profile(tmp_path_factory):
 def test_tables_of_a_measured_profile_with_fisher(fisher_profile):
     prof, _ = fisher_profile
     tabs = candidate_tables(prof)
-    assert list(tabs) == list(CANDIDATES)
+    assert list(tabs) == [n for n in CANDIDATES if not n.endswith("-text")]  # no text-label table here
     np.testing.assert_array_equal(tabs["profile"], prof.table())
     np.testing.assert_array_equal(tabs["fisher"], prof.fisher)
     ri = [prof.scheme_index(r) for r in prof.ref_schemes]
@@ -39,6 +39,27 @@ def test_tables_of_a_measured_profile_with_fisher(fisher_profile):
     assert set(candidate_tables(prof, ["profile", "mix"])) == {"profile", "mix"}
     with pytest.raises(ValueError, match="unknown candidate"):
         candidate_tables(prof, ["profile", "best"])
+
+
+def test_text_label_candidates(fisher_profile):
+    """A profile with both Fisher tables: the four Fisher calibrations again on the text-label
+    table, each equal to the same calibration of a profile whose only table is that one."""
+    import dataclasses
+
+    prof, _ = fisher_profile
+    F2 = prof.fisher * np.linspace(0.5, 2.0, prof.n_layers)[:, None]  # another estimate of the same cells
+    both = dataclasses.replace(prof, fisher_text=F2)
+    alone = candidate_tables(dataclasses.replace(prof, fisher=F2))
+    tabs = candidate_tables(both)
+    assert list(tabs) == list(CANDIDATES)
+    for name in ("fisher-refs", "fisher", "mix", "mix-refs"):
+        np.testing.assert_array_equal(tabs[name + "-text"], alone[name])
+        np.testing.assert_array_equal(tabs[name], candidate_tables(prof)[name])
+    from bitalloc.allocator.candidates import with_table
+
+    assert with_table(both, "mix-text").table() is not None
+    with pytest.raises(ValueError, match="fisher-labels both"):
+        with_table(prof, "mix-text")
 
 
 def test_a_profile_without_fisher_has_one_candidate(tiny_profile):
@@ -62,7 +83,7 @@ def test_select_keeps_the_lowest_measured_plan(fisher_profile):
 
     plan = select_plan(prof, "4bpw", fitness, profile_path=path)
     sel = plan.solver["select"]
-    assert sel["candidates"] == [n for c in CANDIDATES for n in (c, c + "+tied")]
+    assert sel["candidates"] == [n for c in CANDIDATES if not c.endswith("-text") for n in (c, c + "+tied")]
     assert len(seen) == sel["distinct_plans"] <= 2 * len(CANDIDATES)  # identical plans measured once
     assert sel["fitness"][sel["chosen"]] == min(sel["fitness"].values())
     assert plan.bpw <= 4.0 + 1e-9 and "refine" not in sel
@@ -143,7 +164,11 @@ def test_add_fisher_table_to_a_stored_profile(tiny_profile):
     info = out.metadata["options"]["fisher"]
     assert info["added"] and info["rows"] == 2 and info["stride"] == prof.metadata["options"]["kl_stride"]
     np.testing.assert_array_equal(out.table(), prof.table())  # the profile's own table is untouched
-    assert list(candidate_tables(out)) == list(CANDIDATES)
+    assert list(candidate_tables(out)) == [n for n in CANDIDATES if not n.endswith("-text")]
+    both = bitalloc.add_fisher_table(path, "random:llama-tiny", rows=2, labels="both")
+    np.testing.assert_array_equal(both.fisher, out.fisher)  # the sampled table, as before
+    assert both.fisher_text.shape == out.fisher.shape and not np.allclose(both.fisher_text, out.fisher)
+    assert list(candidate_tables(both)) == list(CANDIDATES)
     with pytest.raises(ValueError, match="fingerprints differ"):
         bitalloc.add_fisher_table(path, "random:gpt2-tiny")
 
@@ -165,6 +190,21 @@ def test_cli_profile_fisher_and_solve_on_a_candidate(capsys, tmp_path, tiny_prof
     err = capsys.readouterr().err
     assert "table 'mix' is not available" in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.json").exists()
+    # both label kinds: the text-label table is a candidate too; without it, one line again
+    both_path = tmp_path / "both.json"
+    cli(capsys, "profile", "--model", "random:llama-tiny", "--n-samples", "2", "--seq-len", "16",
+        "--schemes", SCHEMES, "--ref-method", "fisher", "--fisher-table", "--fisher-labels", "both", "--out", both_path)
+    both = bitalloc.load_profile(both_path)
+    np.testing.assert_allclose(both.fisher, prof.fisher, rtol=1e-12)  # the sampled table, as above
+    assert both.fisher_text is not None
+    cli(capsys, "solve", both_path, "--budget", "4bpw", "--table", "fisher-text", "--out", tmp_path / "plan2.json")
+    assert json.loads((tmp_path / "plan2.json").read_text())["solver"]["table"] == "fisher-text"
+    assert main(["solve", str(prof_path), "--budget", "4bpw", "--table", "fisher-text", "--out", str(tmp_path / "y.json")]) == 2
+    err = capsys.readouterr().err
+    assert "table 'fisher-text' is not available" in err and "--fisher-labels both" in err and err.count("\n") == 1, err
+    assert main(["profile", "--model", "random:llama-tiny", "--fisher-labels", "both", "--out", str(tmp_path / "z.json")]) == 2
+    err = capsys.readouterr().err
+    assert "fisher_table" in err and err.count("\n") == 1, err
 
 
 def test_run_default_profile_on_local_ray(capsys, tmp_path):

@@ -27,6 +27,8 @@ def test_toml(tmp_path):
         ("[solve]\nmethod='magic'\n", ConfigError, "method"),
         ("[eval]\nn_windows=0\n", ConfigError, "n_windows"),
         ("this is not toml", ConfigError, "not valid TOML"),
+        ("[profile]\nfisher_labels='gold'\n", ConfigError, "fisher_labels"),
+        ("[profile]\nfisher_labels='both'\nfisher_table=false\n", ConfigError, "fisher_labels = both"),
     ],
 )
 def test_bad_config(tmp_path, text, err, match):
@@ -66,3 +68,7 @@ def test_fisher_settings_resolve_auto(tmp_path):
                        ('[solve]\nselect = false', ("hybrid", True, False))]:
         p.write_text(body + "\n")
         assert load_config(p).fisher_settings("causal-lm") == want, body
+    p.write_text('[profile]\nfisher_labels = "both"\n')
+    cfg = load_config(p)
+    assert cfg.profile_config("causal-lm").fisher_labels == "both"
+    assert cfg.profile_config("encoder").fisher_labels == "sampled"  # no Fisher table for an encoder

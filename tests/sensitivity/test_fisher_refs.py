@@ -244,3 +244,57 @@ def test_head_chunked_by_the_logits_memory_bound(monkeypatch):
         assert spearmanr(a[:, 0], c[:, 0]).correlation > 0.8
     finally:
         L.set_logits_memory(None)
+
+
+@pytest.mark.parametrize("bound", [None, "1MiB"])
+def test_both_labels_equal_each_kind_alone(bound):
+    """labels="both": one forward, a backward per kind; the two tables equal a "sampled" run's
+    and a "text" run's bit for bit (the sampled labels draw the same stream), in one piece and
+    with the head chunked by the logits-memory bound."""
+    from bitalloc.sensitivity import logits as L
+    from bitalloc.sensitivity.fisher_refs import fisher_ref_tables, label_kinds
+    from bitalloc.sensitivity.models import load_model
+
+    net = load_model("random:llama-tiny").model
+    layers, _ = find_layers(net, quantize_tied=True)
+    ids = torch.randint(3, net.config.vocab_size, (4, 96), generator=torch.Generator().manual_seed(7))
+    assert label_kinds("both") == ("sampled", "text") and label_kinds("text") == ("text",)
+    try:
+        L.set_logits_memory(bound)
+        (s,), _ = fisher_ref_tables(net, layers, ids, ["w3g64z", "w4g32"], labels="sampled", stride=2, seed=9)
+        (t,), _ = fisher_ref_tables(net, layers, ids, ["w3g64z", "w4g32"], labels="text", stride=2, seed=9)
+        (bs, bt), info = fisher_ref_tables(net, layers, ids, ["w3g64z", "w4g32"], labels="both", stride=2, seed=9)
+        one, _ = fisher_ref_values(net, layers, ids, ["w3g64z", "w4g32"], labels="both", stride=2, seed=9)
+    finally:
+        L.set_logits_memory(None)
+    np.testing.assert_array_equal(bs, s)
+    np.testing.assert_array_equal(bt, t)
+    np.testing.assert_array_equal(one, s)  # fisher_ref_values: the first kind's table
+    assert info["labels"] == "both" and np.all(s > 0) and not np.allclose(s, t)
+
+
+def test_profile_with_both_fisher_tables(pair, tmp_path):
+    """fisher_labels="both" keeps the sampled table as ``fisher`` (equal to a sampled-label
+    profile's) and the text one as ``fisher_text``; both round-trip; "both" needs the table."""
+    measured, _ = pair
+    both = build_profile("random:llama-tiny", SCHEMES, CAL, ref_schemes=REFS, progress=False, fisher_table=True,
+                         fisher_labels="both")
+    text = build_profile("random:llama-tiny", SCHEMES, CAL, ref_schemes=REFS, progress=False, fisher_table=True,
+                         fisher_labels="text")
+    np.testing.assert_allclose(both.fisher, measured.fisher, rtol=1e-12)
+    np.testing.assert_allclose(both.fisher_text, text.fisher, rtol=1e-12)
+    assert both.metadata["options"]["fisher"]["labels"] == "both"
+    np.testing.assert_allclose(both.ref_values, measured.ref_values, rtol=1e-12)  # the references are measured
+    both.save(tmp_path / "p.json")
+    back = SensitivityProfile.load(tmp_path / "p.json")
+    np.testing.assert_array_equal(back.fisher_text, both.fisher_text)
+    with pytest.raises(ProfileError, match="fisher_table"):
+        ProfileConfig(fisher_labels="both")
+    d = both.to_dict()
+    d.pop("fisher")
+    with pytest.raises(ProfileError, match="fisher_text"):
+        SensitivityProfile.from_dict(d)
+    d = both.to_dict()
+    d["fisher_text"][0][0] = -1.0
+    with pytest.raises(ProfileError, match="fisher_text"):
+        SensitivityProfile.from_dict(d)

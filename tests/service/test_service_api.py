@@ -7,6 +7,7 @@ import json
 import tarfile
 import time
 
+import numpy as np
 import pytest
 
 import bitalloc
@@ -222,4 +223,18 @@ def test_plan_on_a_candidate_calibration(server, tmp_path):
     served = json.loads(server.http.get(f"/v1/plans/{mixed.json()['id']}").text)
     assert served["solver"]["table"] == "mix"
     local = bitalloc.solve(prof, "4bpw", table="mix")
+    assert {f: v["scheme"] for f, v in served["layers"].items()} == {f: lp.scheme for f, lp in local.layers.items()}
+    # the text-label calibrations need the second Fisher table: 422 naming the field, then served once it is there
+    r = server.http.post("/v1/plans", json={"profile": pid, "budget": "4bpw", "table": "fisher-text"})
+    assert r.status_code == 422 and r.json()["field"] == "table" and "fisher_labels 'both'" in r.text, r.text
+    import dataclasses
+
+    both = dataclasses.replace(prof, fisher_text=prof.fisher * np.linspace(0.5, 2.0, prof.n_layers)[:, None])
+    r = server.http.post("/v1/profiles/upload", content=both.to_json_bytes(), headers={"content-type": "application/json"})
+    assert r.status_code in (200, 201), r.text
+    r = server.http.post("/v1/plans", json={"profile": r.json()["id"], "budget": "4bpw", "table": "fisher-text"})
+    assert r.status_code == 201, r.text
+    served = json.loads(server.http.get(f"/v1/plans/{r.json()['id']}").text)
+    local = bitalloc.solve(both, "4bpw", table="fisher-text")
+    assert served["solver"]["table"] == "fisher-text"
     assert {f: v["scheme"] for f, v in served["layers"].items()} == {f: lp.scheme for f, lp in local.layers.items()}
