@@ -42,6 +42,7 @@ import torch
 __all__ = ["FISHER_LABELS", "FisherStats", "label_kinds", "fisher_ref_values", "fisher_ref_tables", "hybrid_ref_values", "measured_subset", "layer_kind", "input_role"]
 
 FISHER_LABELS = ("sampled", "text", "both")
+FISHER_MEMORY = 1 << 30  # the kept inputs and squared gradients, per label kind (FisherStats.collect)
 
 
 def label_kinds(labels: str) -> tuple[str, ...]:
@@ -75,11 +76,12 @@ class FisherStats:
 
     @classmethod
     def collect(cls, model: torch.nn.Module, layers: Sequence[Any], data: Any, *, stride: int = 1,
-                labels: str = "sampled", seed: int = 0, memory: int = 1 << 30, batch_tokens: int = 512,
+                labels: str = "sampled", seed: int = 0, memory: int | None = None, batch_tokens: int = 512,
                 progress: bool = False) -> "FisherStats":
         """Forward + backward over whole rows of ``data`` (causal-LM ids ``(n, T)``), scoring every
         ``stride``-th position; rows are taken in order while the kept buffers fit ``memory``
-        bytes (at least one row). Batches of whole rows up to ``batch_tokens`` tokens: the
+        bytes (at least one row; default 1 GiB per label kind, so ``labels="both"`` keeps at
+        least the rows each kind alone would). Batches of whole rows up to ``batch_tokens`` tokens: the
         batch's graph and full-vocabulary logits are the transient peak (SmolLM2, 8 × 256 rows:
         +4.2 GB at 2,048 tokens a batch, +2.2 GB at 512), and rows are independent, so the
         batching changes nothing but that peak. Where one batch's logits would pass the
@@ -101,7 +103,8 @@ class FisherStats:
         for layer in layers:  # layers reading one input share it (q/k/v, gate/up): count it once
             inputs.setdefault((layer.block_index, layer.in_features, input_role(layer.fqn)), layer.in_features)
         per_token = 4 * (sum(inputs.values()) + len(kinds) * sum(layer.out_features for layer in layers))
-        rows = max(1, min(int(data.shape[0]), int(memory) // max(1, per_token * per_row)))
+        memory = FISHER_MEMORY * len(kinds) if memory is None else int(memory)
+        rows = max(1, min(int(data.shape[0]), memory // max(1, per_token * per_row)))
         data = data[:rows]
         mods = [module_at(model, layer.fqn) for layer in layers]
         xs: dict[int, list] = {i: [] for i in range(len(layers))}
@@ -186,7 +189,7 @@ def fisher_ref_tables(
     stride: int = 1,
     labels: str = "sampled",
     seed: int = 0,
-    memory: int = 1 << 30,
+    memory: int | None = None,
     progress: bool = False,
 ) -> tuple[tuple[np.ndarray, ...], dict]:
     """One ``(L, R)`` table per label kind (:func:`label_kinds`: two for ``labels="both"``) of the

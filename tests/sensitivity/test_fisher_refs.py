@@ -273,6 +273,25 @@ def test_both_labels_equal_each_kind_alone(bound):
     assert info["labels"] == "both" and np.all(s > 0) and not np.allclose(s, t)
 
 
+def test_both_labels_keep_the_rows_of_one_kind(monkeypatch):
+    """The default buffer bound is per label kind: where one kind keeps 2 of 4 rows, both keep 2
+    too (not fewer for the second kind's gradients), so each table still equals its kind's run."""
+    from bitalloc.sensitivity import fisher_refs as FR
+    from bitalloc.sensitivity.models import load_model
+
+    net = load_model("random:llama-tiny").model
+    layers, _ = find_layers(net)
+    ids = torch.randint(3, net.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(8))
+    one = FR.FisherStats.collect(net, layers, ids[:1], labels="text")
+    per_row = sum(x.numel() for x in {id(v): v for v in one.x.values()}.values()) + sum(g.numel() for g in one.g2.values())
+    monkeypatch.setattr(FR, "FISHER_MEMORY", 4 * per_row * 2 + 1)  # two rows of one kind
+    text = FR.FisherStats.collect(net, layers, ids, labels="text")
+    both = FR.FisherStats.collect(net, layers, ids, labels="both")
+    assert text.info["rows"] == both.info["rows"] == 2, (text.info, both.info)
+    for i in text.g2:
+        torch.testing.assert_close(both.g2_all[1][i], text.g2[i], rtol=0, atol=0)
+
+
 def test_profile_with_both_fisher_tables(pair, tmp_path):
     """fisher_labels="both" keeps the sampled table as ``fisher`` (equal to a sampled-label
     profile's) and the text one as ``fisher_text``; both round-trip; "both" needs the table."""
