@@ -227,7 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fitness-rows", default="1,2", help="calibration rows per fitness stage")
     ap.add_argument("--fitness-len", type=int, default=256, help="tokens per fitness row")
     ap.add_argument("--fisher-rows", type=int, default=8, help="calibration rows of bitalloc-select's Fisher table")
-    ap.add_argument("--select-rows", type=int, default=4, help="calibration rows bitalloc-select measures plans on")
+    ap.add_argument("--select-rows", type=int, default=8,
+                    help="calibration rows bitalloc-select measures plans on (4 do not resolve its choice at 3.0, "
+                         "3.5 and 4.5 bpw: experiments/selection_noise.py)")
     ap.add_argument("--select-refine", type=int, default=30,
                     help="bitalloc-select: measured local-search steps from the chosen plan (0: none)")
     ap.add_argument("--fisher-labels", default="both", choices=("both", "text", "sampled"),
