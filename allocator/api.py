@@ -296,17 +296,20 @@ def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | N
     return dataclasses.replace(prof, fisher=tables[0], fisher_text=tables[1] if len(tables) > 1 else None, metadata=meta)
 
 
-def selection_fitness(model, profile, rows: int = 4):
+def selection_fitness(model, profile, rows: int = 4, skip: int = 0):
     """``fitness(choices) -> [KL]`` for :func:`bitalloc.allocator.candidates.select_plan`: each
     choice (one scheme index per profile layer) fake-quantized into the model at once, KL per
     token to the 16-bit model on the last ``rows`` rows of the profile's own calibration set
-    (rebuilt from its description and checked against its token hash)."""
+    (rebuilt from its description and checked against its token hash); ``skip``: the ``rows``
+    before the last ``skip`` instead (another set of rows, to check a selection against)."""
     from bitalloc.sensitivity.calibration import as_batches
     from bitalloc.sensitivity.peer_context import PeerContext
 
     loaded, prof = _causal_rtn(model, profile, "selecting plans end to end")
     data = _profile_calibration(loaded, prof)
-    sel = data[-min(int(rows), len(data)):]
+    end = len(data) - int(skip)
+    assert 0 < end <= len(data), f"skip={skip} leaves no calibration rows (the profile has {len(data)})"
+    sel = data[max(0, end - int(rows)):end]
     # quantized weights shared by the candidates' plans (most layers agree): 1 GiB of them at most
     ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, 1), quantizer="rtn",
                       cache_bytes=1 << 30)

@@ -93,8 +93,8 @@ def with_table(profile, name: str | None):
     tabs = candidate_tables(profile)
     if name not in tabs:
         raise ValueError(f"table {name!r} is not available for this profile (available: {', '.join(tabs)}; "
-                         "the Fisher calibrations need a profile made with --fisher-table, the -text ones with "
-                         "--fisher-labels both)")
+                         "the Fisher calibrations need a profile made with fisher_table (--fisher-table), the "
+                         "-text ones with fisher_labels 'both' (--fisher-labels both))")
     return _on(profile, tabs[name])
 
 

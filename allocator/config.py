@@ -241,8 +241,11 @@ class RunConfig:
                                                   or self.profile.fisher_table or self.solve.select):
             raise ConfigError("[profile] target = llamacpp measures its references in llama.cpp's types "
                               "(no ref_method, fisher_table or [solve] select)")
-        if self.profile.fisher_labels not in ("sampled", "text", "both"):
-            raise ConfigError(f"[profile] fisher_labels must be sampled, text or both, got {self.profile.fisher_labels!r}")
+        from bitalloc.sensitivity.profile_config import FISHER_LABELS
+
+        if self.profile.fisher_labels not in FISHER_LABELS:
+            raise ConfigError(f"[profile] fisher_labels must be one of {', '.join(FISHER_LABELS)}, got "
+                              f"{self.profile.fisher_labels!r}")
         if self.profile.fisher_labels == "both" and not self.fisher_settings()[1]:
             raise ConfigError("[profile] fisher_labels = both keeps a Fisher table per label kind: it needs fisher_table")
         if self.profile.fisher_table and self.profile.groups:

@@ -17,7 +17,6 @@ Summary in ``experiments/results/peers/selection-noise.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -39,25 +38,13 @@ def main(argv=None) -> int:
     from bitalloc.allocator import api
     from bitalloc.allocator.candidates import select_plan
     from bitalloc.sensitivity.artifact import write_json
-    from bitalloc.sensitivity.calibration import as_batches, calibration_from_file, tokens_sha256
-    from bitalloc.sensitivity.peer_context import PeerContext
 
     prof = api.load_profile(a.profile)
     loaded = api.load(prof.model["spec"])
-    cal = prof.calibration
-    assert cal.get("source") == "file", "the profile's calibration should be a text file (WikiText-2 validation)"
-    data = calibration_from_file(loaded.tokenizer, cal["path"], cal["n_samples"], cal["seq_len"], cal["seed"])
-    assert tokens_sha256(data) == cal["tokens_sha256"], "the calibration tokens differ from the profile's"
     k = a.rows
-    assert len(data) >= 2 * k, f"the profile's calibration has {len(data)} rows; two sets of {k} need {2 * k}"
-
-    def fitness_on(rows):
-        ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(rows, 1), quantizer="rtn",
-                          cache_bytes=1 << 30)
-        f = ctx.fitness([as_batches(rows, 4)])
-        return lambda chs: f(chs, 0)
-
-    fit_a, fit_b = fitness_on(data[-2 * k:-k]), fitness_on(data[-k:])
+    assert prof.calibration["n_samples"] >= 2 * k, f"two sets of {k} calibration rows need {2 * k}"
+    fit_a = api.selection_fitness(loaded, prof, rows=k, skip=k)  # rows n-2k .. n-k-1
+    fit_b = api.selection_fitness(loaded, prof, rows=k)  # the last k: what select_rows = k measures
     out = {"schema": "bitalloc.selection-noise/1", "profile": a.profile, "rows_per_set": k, "budgets": {}}
     print(f"{'budget':>7} {'plans':>5} {'spearman':>8} {'B-best rank on A':>16} {'A best':>8} {'B-best on A':>11}")
     for budget in a.budgets.split(","):

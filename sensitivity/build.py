@@ -243,9 +243,7 @@ def build_profile(
             fisher_stats = FisherStats.collect(net, layers, data, stride=cfg.kl_stride, labels=cfg.fisher_labels,
                                                seed=cfg.seed, progress=progress)
             t_f = time.perf_counter() - t_f
-            from .fisher_refs import label_kinds
-
-            fisher_vals = [np.full((len(layers), len(names)), np.nan) for _ in label_kinds(cfg.fisher_labels)]
+            fisher_vals = [np.full((len(layers), len(names)), np.nan) for _ in fisher_stats.g2_all]
         proxy = proxy_table(net, layers, stats, scheme_objs, progress, act_stats=stats if acts else None,
                             quantizer=quantizer, saliency=sal, fisher=fisher_stats, fisher_out=fisher_vals,
                             fisher_cols=fisher_cols)

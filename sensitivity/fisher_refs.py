@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .profile_config import FISHER_LABELS
+
 __all__ = ["FISHER_LABELS", "FisherStats", "label_kinds", "fisher_ref_values", "fisher_ref_tables", "hybrid_ref_values", "measured_subset", "layer_kind", "input_role"]
 
-FISHER_LABELS = ("sampled", "text", "both")
 FISHER_MEMORY = 1 << 30  # the kept inputs and squared gradients, per label kind (FisherStats.collect)
 
 
@@ -70,9 +71,15 @@ class FisherStats:
     :meth:`free` drops the buffers. Layers reading one input share its ``X``.
     """
 
-    def __init__(self, x: dict, g2: dict, n: int, info: dict, g2_more: tuple = ()):
-        self.x, self.g2, self.n, self.info = x, g2, n, info  # layer index -> (N, in) / (N, out) float32
-        self.g2_all = (g2, *g2_more)  # one G² per label kind (label_kinds(info["labels"]))
+    def __init__(self, x: dict, g2_all: tuple, n: int, info: dict):
+        # layer index -> (N, in) float32; one {layer index -> (N, out) float32 G²} per label kind
+        # (label_kinds(info["labels"]))
+        self.x, self.g2_all, self.n, self.info = x, tuple(g2_all), n, info
+
+    @property
+    def g2(self) -> dict:
+        """The first label kind's G² (the only one unless ``labels="both"``)."""
+        return self.g2_all[0] if self.g2_all else {}
 
     @classmethod
     def collect(cls, model: torch.nn.Module, layers: Sequence[Any], data: Any, *, stride: int = 1,
@@ -128,7 +135,7 @@ class FisherStats:
         x = {i: _cat(v, joined) for i, v in xs.items() if v}
         g2 = [{i: torch.cat(v) for i, v in g.items() if v} for g in gs]
         info = {"labels": labels, "seed": seed, "tokens": n, "stride": stride, "rows": rows, "batches": len(batches)}
-        return cls(x, g2[0], n, info, tuple(g2[1:]))
+        return cls(x, g2, n, info)
 
     def value(self, i: int, w: torch.Tensor, wq: torch.Tensor, act: str = "a16") -> float:
         """½ · (1/N) Σ G² ⊙ (X (Wq − W)ᵀ)²: layer ``i``'s estimated KL per token with weight ``wq``
@@ -151,7 +158,7 @@ class FisherStats:
         return tuple(0.5 * float((dy2 * g2[i]).sum(dtype=torch.float64)) / max(self.n, 1) for g2 in self.g2_all)
 
     def free(self) -> None:
-        self.x, self.g2, self.g2_all = {}, {}, ()
+        self.x, self.g2_all = {}, ()
 
 
 def input_role(fqn: str) -> str:
@@ -209,7 +216,7 @@ def fisher_ref_tables(
     t0 = time.perf_counter()
     stats = FisherStats.collect(model, layers, data, stride=stride, labels=labels, seed=seed, memory=memory,
                                 batch_tokens=batch_tokens, progress=progress)
-    out = np.zeros((len(label_kinds(labels)), len(layers), len(schemes)), dtype=np.float64)  # (K, L, R)
+    out = np.zeros((len(stats.g2_all), len(layers), len(schemes)), dtype=np.float64)  # (K, L, R)
     with torch.no_grad():
         for i, layer in enumerate(layers):
             w = get_weight(module_at(model, layer.fqn), layer.module_type).detach().to(torch.float32)  # (out, in)

@@ -176,15 +176,15 @@ def proxy_table(
     quantizer: str = "rtn",
     saliency: dict[str, Any] | None = None,
     fisher: Any = None,
-    fisher_out: np.ndarray | None = None,
+    fisher_out: Sequence[np.ndarray] = (),
     fisher_cols: Sequence[int] | None = None,
 ) -> np.ndarray:
     """``(L, S)`` float64 table of output errors ``tr(ΔW H ΔWᵀ)``, ``ΔW = Q_s(W) − W``.
 
     ``fisher`` (a :class:`~.fisher_refs.FisherStats`): also writes each (layer, scheme)'s
-    output-Fisher KL estimate into ``fisher_out`` (L, S) from the same quantized weight, for
-    the schemes ``fisher_cols`` (default all), so no weight is quantized twice; a list of
-    tables takes one per label kind the statistics hold (``labels="both"``).
+    output-Fisher KL estimate into ``fisher_out``, one (L, S) table per label kind the
+    statistics hold (two for ``labels="both"``), from the same quantized weight, for the
+    schemes ``fisher_cols`` (default all), so no weight is quantized twice.
 
     ``W`` is the layer's (out, in) weight (Conv1D transposed), ``H`` its input Hessian
     (``hessians[fqn]``: a tensor or a :class:`HessianAccumulator`). Splits keep the most
@@ -200,7 +200,6 @@ def proxy_table(
     from bitalloc.kernels.quant import select_high_channels
 
     out = np.zeros((len(layers), len(schemes)), dtype=np.float64)
-    fisher_outs = fisher_out if isinstance(fisher_out, (list, tuple)) else (fisher_out,)
     warned = False
     for i, layer in enumerate(progress_bar(layers, progress, "proxy", len(layers))):
         if layer.fqn not in hessians:
@@ -233,7 +232,7 @@ def proxy_table(
                 wq = fq(w, s, idx)
             d = wq - w
             if fisher is not None and (fisher_cols is None or j in fisher_cols):
-                for table, v in zip(fisher_outs, fisher.values(i, w, wq, s.act)):
+                for table, v in zip(fisher_out, fisher.values(i, w, wq, s.act)):
                     table[i, j] = v
             err = trace_form(d, H, d)
             if s.act != "a16":

@@ -124,9 +124,13 @@ class Planner:
                   group_limits=req.group_limits, group_shares=req.group_shares, group_norm=req.group_norm)
         from bitalloc.allocator.candidates import tagged, with_table
 
+        try:
+            tabled = with_table(prof, req.table)
+        except ValueError as e:  # a calibration the profile lacks: the message names the ones it has
+            raise ApiError(422, f"table: {e}", "table") from None
         with self._solves:
             try:
-                plan = tagged(solve(with_table(prof, req.table), req.budget, **kw), req.table)
+                plan = tagged(solve(tabled, req.budget, **kw), req.table)
             except InfeasibleBudget as e:
                 raise ApiError(422, f"budget: {e}", "budget", min_bpw=e.min_bpw, max_bpw=e.max_bpw) from None
             except AllocationError as e:
@@ -238,10 +242,5 @@ def _check_request(prof, req: PlanRequest) -> None:
         unknown = sorted(set(getattr(req, name) or {}) - set(prof.tables))
         if unknown:
             raise ApiError(422, f"{name}: unknown metric group(s) {unknown}; the profile has {sorted(prof.tables)}", name)
-    if req.table != "profile" and prof.fisher is None:
-        raise ApiError(422, f"table: {req.table!r} needs a profile made with fisher_table; this one has none", "table")
-    if req.table.endswith("-text") and prof.fisher_text is None:
-        raise ApiError(422, f"table: {req.table!r} needs a profile made with fisher_labels 'both'; this one has no "
-                       "text-label Fisher table", "table")
     if req.method in ("qp", "qp-relax", "separable") and not prof.pairs:
         raise ApiError(422, f"method: {req.method!r} needs pair terms in the profile; use 'ilp'", "method")

@@ -15,7 +15,9 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bitalloc.allocator.candidates import CANDIDATES
 from bitalloc.sensitivity.defaults import DEFAULT_SCHEMES
+from bitalloc.sensitivity.profile_config import FISHER_LABELS
 
 __all__ = ["HEX64", "JOB_ID", "ProfileRequest", "PlanRequest", "ExportRequest", "CalibrationText", "SERVICE_MODELS"]
 
@@ -94,7 +96,7 @@ class ProfileRequest(Strict):
     ref_method: Literal["measured", "fisher", "hybrid"] = "measured"
     measure_every: int = Field(3, ge=1, le=4096)
     fisher_table: bool = False
-    fisher_labels: Literal["sampled", "text", "both"] = "sampled"
+    fisher_labels: Literal[FISHER_LABELS] = "sampled"
     # block streaming: the model read a unit at a time under this size ("1.5GiB" or bytes),
     # per Ray worker when the service runs on a cluster
     max_memory: Union[str, int, None] = None
@@ -195,9 +197,8 @@ class PlanRequest(Strict):
     group_shares: dict[str, float] | None = None
     group_norm: Literal["auto", "ref", "range", "none"] = "auto"
     # the profile's candidate calibration to solve on (allocator.candidates); all but "profile"
-    # need a profile made with fisher_table
-    table: Literal["profile", "fisher-refs", "fisher", "mix", "mix-refs",
-                   "fisher-refs-text", "fisher-text", "mix-text", "mix-refs-text"] = "profile"
+    # need a profile made with fisher_table, the "-text" ones fisher_labels "both"
+    table: Literal[CANDIDATES] = "profile"
     # the client's model (weights sha256, as in a profile's model.fingerprint): refused if the profile is for another
     model_sha256: str | None = Field(None, pattern=HEX64)
 

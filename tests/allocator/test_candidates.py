@@ -155,6 +155,20 @@ def test_run_selects_among_candidates(capsys, tmp_path):
     assert prof.fisher is not None and prof.metadata["request"]["fisher_table"] is True
 
 
+def test_selection_fitness_rows(tiny_profile):
+    """The last rows by default; ``skip`` measures the rows before them instead (another set)."""
+    from bitalloc.allocator.solve import choice_of
+
+    prof, path = tiny_profile
+    choice = choice_of(prof, bitalloc.solve(prof, "3bpw"))
+    last = bitalloc.selection_fitness("random:llama-tiny", path, rows=2)([choice])[0]
+    again = bitalloc.selection_fitness("random:llama-tiny", path, rows=2)([choice])[0]
+    before = bitalloc.selection_fitness("random:llama-tiny", path, rows=2, skip=2)([choice])[0]
+    assert last == again and before != last and last > 0 and before > 0
+    with pytest.raises(AssertionError, match="skip"):
+        bitalloc.selection_fitness("random:llama-tiny", path, rows=2, skip=4)
+
+
 def test_add_fisher_table_to_a_stored_profile(tiny_profile):
     """A measured profile gets the Fisher table of its own calibration rows (rebuilt, hash-checked)."""
     prof, path = tiny_profile
