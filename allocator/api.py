@@ -248,35 +248,47 @@ def _profile_calibration(loaded, prof):
     return data
 
 
-def _causal_rtn(model, profile, what: str):
-    """(loaded model, profile) for the model-side Fisher and selection steps: a causal LM and a
-    profile of the rtn quantizer (the gptq quantizer would need the Hessians), else a ValueError."""
+def _causal_quantized(model, profile, what: str, hessians=None):
+    """(loaded model, profile, quantizer, Hessians) for the model-side Fisher and selection
+    steps: a causal LM and a profile of the rtn or gptq quantizer, else a ValueError. A gptq
+    profile's Hessians are ``hessians`` (``fqn -> H`` or a file) or the file recorded in its
+    ``metadata["hessians"]`` (looked for as recorded, then beside the profile), checked against
+    its sha256 and calibration tokens; None for rtn."""
     loaded = _as_loaded(model)
-    prof, _ = _as_profile(profile)
+    prof, path = _as_profile(profile)
     if loaded.kind != "causal-lm":
         raise ValueError(f"{what} needs a causal LM, {loaded.spec} is a {loaded.kind}")
     quantizer = prof.metadata.get("quantizer", "rtn")
-    if quantizer != "rtn":
-        raise ValueError(f"{what} supports the rtn quantizer's profiles, this one used {quantizer!r}")
-    return loaded, prof
+    if quantizer not in ("rtn", "gptq"):
+        raise ValueError(f"{what} supports the rtn and gptq quantizers' profiles, this one used {quantizer!r}")
+    if quantizer == "gptq" and not isinstance(hessians, Mapping):
+        from bitalloc.sensitivity.hessian_store import HessianStoreError, load_hessians, recorded_hessians
+
+        tokens = prof.calibration.get("tokens_sha256")
+        try:
+            hessians = (load_hessians(hessians, tokens_sha256=tokens) if hessians is not None else
+                        recorded_hessians(prof.metadata.get("hessians"), beside=path, tokens_sha256=tokens))
+        except HessianStoreError as e:
+            raise ValueError(f"{what} with a gptq profile: {e} (pass hessians=, a dict or the file)") from None
+    return loaded, prof, quantizer, (hessians if quantizer == "gptq" else None)
 
 
 def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | None = None, labels: str = "sampled",
-                     seed: int | None = None, progress: bool = False):
+                     seed: int | None = None, progress: bool = False, hessians=None):
     """The profile with its output-Fisher table (:mod:`bitalloc.sensitivity.fisher_refs`) added:
     every (layer, scheme)'s estimated KL per token from one backward pass per batch over the
     first ``rows`` rows of the profile's own calibration (default: all), scored at every
     ``stride``-th position (default: the profile's ``kl_stride``). What a profile built with
     ``fisher_table=True`` has, for a stored profile whose measurements were expensive; the
-    settings go to ``metadata["options"]["fisher"]``. Only the rtn quantizer's profiles.
-    ``labels="both"``: the sampled-label table and, as ``fisher_text``, the text-label one."""
+    settings go to ``metadata["options"]["fisher"]``. The rtn and gptq quantizers' profiles
+    (gptq: ``hessians``, or the file the profile records). ``labels="both"``: the sampled-label table and, as ``fisher_text``, the text-label one."""
     import dataclasses
 
     import torch
 
     from bitalloc.sensitivity.fisher_refs import fisher_ref_tables
 
-    loaded, prof = _causal_rtn(model, profile, "a Fisher table")
+    loaded, prof, quantizer, H = _causal_quantized(model, profile, "a Fisher table", hessians)
     fp = prof.fingerprint
     from bitalloc.sensitivity.models import fingerprint
 
@@ -289,30 +301,32 @@ def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | N
     stride = int(stride or opts.get("kl_stride") or 1)
     seed = int(prof.calibration.get("seed", 0) if seed is None else seed)
     sal = {f: torch.as_tensor(v) for f, v in (prof.saliency or {}).items()}
-    tables, info = fisher_ref_tables(loaded.model, prof.layers, data, prof.schemes, None, saliency=sal or None,
-                                     stride=stride, labels=labels, seed=seed, progress=progress)
+    tables, info = fisher_ref_tables(loaded.model, prof.layers, data, prof.schemes, H, saliency=sal or None,
+                                     stride=stride, labels=labels, seed=seed, quantizer=quantizer, progress=progress)
     info.update(schemes=len(prof.schemes), rows=int(len(data)), added=True)
     meta = {**prof.metadata, "options": {**opts, "fisher": info}}
     return dataclasses.replace(prof, fisher=tables[0], fisher_text=tables[1] if len(tables) > 1 else None, metadata=meta)
 
 
-def selection_fitness(model, profile, rows: int = 4, skip: int = 0):
+def selection_fitness(model, profile, rows: int = 4, skip: int = 0, hessians=None):
     """``fitness(choices) -> [KL]`` for :func:`bitalloc.allocator.candidates.select_plan`: each
     choice (one scheme index per profile layer) fake-quantized into the model at once, KL per
     token to the 16-bit model on the last ``rows`` rows of the profile's own calibration set
     (rebuilt from its description and checked against its token hash); ``skip``: the ``rows``
-    before the last ``skip`` instead (another set of rows, to check a selection against)."""
+    before the last ``skip`` instead (another set of rows, to check a selection against). Each
+    layer is quantized by the profile's quantizer (gptq: with ``hessians``, or the file the
+    profile records), as the executor will quantize the chosen plan."""
     from bitalloc.sensitivity.calibration import as_batches
     from bitalloc.sensitivity.peer_context import PeerContext
 
-    loaded, prof = _causal_rtn(model, profile, "selecting plans end to end")
+    loaded, prof, quantizer, H = _causal_quantized(model, profile, "selecting plans end to end", hessians)
     data = _profile_calibration(loaded, prof)
     end = len(data) - int(skip)
     assert 0 < end <= len(data), f"skip={skip} leaves no calibration rows (the profile has {len(data)})"
     sel = data[max(0, end - int(rows)):end]
     # quantized weights shared by the candidates' plans (most layers agree): 1 GiB of them at most
-    ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, 1), quantizer="rtn",
-                      cache_bytes=1 << 30)
+    ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, 1), quantizer=quantizer,
+                      hessians=H, cache_bytes=1 << 30)
     fit = ctx.fitness([as_batches(sel, 4)])
     return lambda choices: fit(choices, 0)
 
@@ -343,8 +357,11 @@ def apply(model, plan: Plan | str | Path, *, inplace: bool = False, check_finger
 
     from .executor import apply as _apply
 
+    from bitalloc.sensitivity.models import LoadedModel
+
     loaded = _as_loaded(model)
-    net = loaded.model if hasattr(loaded, "model") else loaded
+    # the type, not a .model attribute: a bare transformers causal LM has one too (its base model)
+    net = loaded.model if isinstance(loaded, LoadedModel) else loaded
     plan = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
     fp = fingerprint(net) if check_fingerprint else None
     return _apply(net, plan, inplace=inplace, fingerprint=fp, hessians=hessians)

@@ -247,16 +247,21 @@ def load_quantized(path: str | Path, *, loaded=None, device=None, check_fingerpr
     if st_p.stat().st_size != meta["safetensors"]["bytes"] or _sha256_file(st_p) != meta["safetensors"]["sha256"]:
         raise ExecutorError(f"{st_p}: does not match the checksum in quantized.json (corrupt, truncated or replaced after saving)")
 
-    if loaded is None:
+    given = loaded is not None  # a model we load ourselves is checked by _load_base
+    if not given:
         loaded = _load_base(meta["spec"], plan, check_fingerprint)
-    elif check_fingerprint:
+    # a LoadedModel holds its network in .model; a bare transformers causal LM has a .model too
+    # (its inner base model), so the test is the type, not the attribute
+    from bitalloc.sensitivity.models import LoadedModel
+
+    model = loaded.model if isinstance(loaded, LoadedModel) else loaded
+    if check_fingerprint and given:
         from bitalloc.sensitivity.models import fingerprint
 
         try:
-            plan.check_model(fingerprint(loaded.model if hasattr(loaded, "model") else loaded))
+            plan.check_model(fingerprint(model))
         except PlanError as e:
             raise ExecutorError(one_line(e)) from None
-    model = loaded.model if hasattr(loaded, "model") else loaded
 
     # the architecture: planned layers become empty QuantLinear modules
     check_rules(model, plan)

@@ -11,6 +11,9 @@ win is not a WikiText artefact.
     python experiments/peers_benchmark.py --profile PROFILE.json            # the full run
     python experiments/peers_benchmark.py --profile PROFILE.json --quick    # 8 windows: for trying changes
 
+A profile made with ``--quantizer gptq`` runs every method with GPTQ (the Hessians it recorded):
+each peer's scores, EvoPress's and bitalloc's end-to-end measurements and the evaluated models.
+
 Rows ``{"method", "budget", "bpw", "ppl", "kl", "profile_s", "search_s", ...}`` go to
 ``experiments/results/peers/results.json`` (each plan's schemes in ``allocations.json``; the plans in ``plans/``, not committed); every step is cached under
 ``--work`` (scores, plans, evaluated rows), so a run cut short resumes where it stopped.
@@ -77,6 +80,13 @@ class Bench:
         self.calib = calibration_from_file(self.loaded.tokenizer, valid, cal["n_samples"], cal["seq_len"], cal["seed"])
         assert tokens_sha256(self.calib) == cal["tokens_sha256"], "the calibration tokens differ from the profile's"
         self.as_batches = as_batches
+        self.quantizer = self.profile.metadata.get("quantizer", "rtn")
+        self.hessians = None  # a gptq profile: the Hessians it recorded, for every peer's quantizer and the executor
+        if self.quantizer == "gptq":
+            from bitalloc.sensitivity.hessian_store import load_hessians
+
+            rec = self.profile.metadata["hessians"]
+            self.hessians = load_hessians(rec["path"], sha256=rec["sha256"], tokens_sha256=cal["tokens_sha256"])
         self.windows, _ = api.eval_windows(self.loaded, str(test), a.windows, a.seq_len)
         other = Path(a.data) / "tinyshakespeare.txt"
         self.other, _ = api.eval_windows(self.loaded, str(other), a.other_windows, a.seq_len) if other.is_file() else (None, None)
@@ -86,7 +96,7 @@ class Bench:
 
         batches = self.as_batches(self.calib[:rows, :length], 1)
         return PeerContext(self.loaded.model, self.profile.layers, list(self.profile.schemes), batches,
-                           quantizer=self.profile.metadata.get("quantizer", "rtn"), seed=self.a.seed)
+                           quantizer=self.quantizer, hessians=self.hessians, seed=self.a.seed)
 
     def fisher_profile(self):
         """The profile with its output-Fisher table (bitalloc.add_fisher_table over the first
@@ -99,7 +109,8 @@ class Bench:
         if path.is_file():
             return api.load_profile(path)
         print(f"[bitalloc-select] Fisher table over {self.a.fisher_rows} calibration rows ({labels} labels) ...", flush=True)
-        prof = bitalloc.add_fisher_table(self.profile, self.loaded, rows=self.a.fisher_rows, labels=labels)
+        prof = bitalloc.add_fisher_table(self.profile, self.loaded, rows=self.a.fisher_rows, labels=labels,
+                                         hessians=self.hessians)
         prof.save(path)
         return prof
 
@@ -145,7 +156,7 @@ def plans_of(b: Bench, method: str) -> dict:
             import bitalloc
 
             prof = b.fisher_profile()
-            fit = bitalloc.selection_fitness(b.loaded, prof, rows=b.a.select_rows)
+            fit = bitalloc.selection_fitness(b.loaded, prof, rows=b.a.select_rows, hessians=b.hessians)
             plan = bitalloc.select_plan(prof, budget, fit, refine=b.a.select_refine, seed=b.a.seed)
             sel = plan.solver["select"]
             profile_s = (b.profile.metadata.get("wall_s", {}).get("total") or 0.0) + prof.metadata["options"]["fisher"]["seconds"]
@@ -200,7 +211,8 @@ def evaluate(b: Bench, plans: dict) -> dict:
     for i in range(0, len(todo), b.a.chunk):
         part = dict(list(todo.items())[i:i + b.a.chunk])
         t0 = time.perf_counter()
-        models = {k: apply(b.loaded.model, p, fingerprint=fp, cache=b.cache) for k, p in part.items()}
+        models = {k: apply(b.loaded.model, p, fingerprint=fp, cache=b.cache, hessians=b.hessians)
+                  for k, p in part.items()}
         wt = evaluate_models(b.loaded.model, models, b.windows, progress=False)
         ot = evaluate_models(b.loaded.model, models, b.other, progress=False) if b.other is not None else {}
         del models

@@ -22,7 +22,7 @@ import torch
 from .artifact import atomic_path, file_sha256  # file_sha256 re-exported
 from .hessian import hessian_tensor as _tensor  # one unwrapping of accumulators
 
-__all__ = ["HessianStoreError", "save_hessians", "load_hessians", "file_sha256"]
+__all__ = ["HessianStoreError", "save_hessians", "load_hessians", "recorded_hessians", "file_sha256"]
 
 
 class HessianStoreError(BitallocError, ValueError):
@@ -75,3 +75,20 @@ def load_hessians(path: str | os.PathLike, *, sha256: str | None = None,
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line
         raise HessianStoreError(f"Hessian file {str(p)!r} is unreadable ({type(e).__name__}: {e})") from None
     return {fqn: cache[k] for fqn, k in index.items()}
+
+
+def recorded_hessians(rec: dict | None, *, beside: str | os.PathLike | None = None,
+                      tokens_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The Hessians a profile or plan records (``{"path", "sha256"}``, as :func:`save_hessians`
+    returns), looked for at the recorded path, then under its file name in the folder of
+    ``beside`` (the profile's file: a run folder moved as a whole), and checked against the
+    recorded sha256 and ``tokens_sha256``."""
+    if not rec or not rec.get("path"):
+        raise HessianStoreError("no Hessian file is recorded")
+    tried = [Path(rec["path"])]
+    if beside is not None and Path(beside).parent / tried[0].name != tried[0]:
+        tried.append(Path(beside).parent / tried[0].name)
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise HessianStoreError(f"the recorded Hessian file is missing (looked for {', '.join(map(str, tried))})")
+    return load_hessians(found, sha256=rec.get("sha256"), tokens_sha256=tokens_sha256)

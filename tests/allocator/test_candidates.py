@@ -239,3 +239,86 @@ def test_run_default_profile_on_local_ray(capsys, tmp_path):
     np.testing.assert_allclose(p1.proxy, p0.proxy, rtol=1e-5)
     plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
     assert plan["solver"]["select"]["chosen"]
+
+
+@pytest.fixture(scope="module")
+def gptq_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gptq") / "profile.json"
+    prof = bitalloc.profile("random:llama-tiny", n_samples=4, seq_len=32, kl_samples=2, quantizer="gptq",
+                            fisher_table=True, out=path, progress=False, log=None)
+    return prof, path
+
+
+def test_selection_of_a_gptq_profile_measures_the_executors_weights(gptq_profile):
+    """A gptq profile's selection quantizes each layer with GPTQ and the Hessians the profile
+    recorded: the weights it measures are the ones the executor packs for the chosen plan, and
+    its KL is not the rtn weights' KL."""
+    import dataclasses
+
+    import torch
+
+    from bitalloc.allocator.solve import choice_of
+    from bitalloc.sensitivity.hessian_store import load_hessians
+    from bitalloc.sensitivity.peer_context import PeerContext
+    from bitalloc.sensitivity.proxy import module_at
+
+    prof, path = gptq_profile
+    assert prof.metadata["quantizer"] == "gptq" and Path(prof.metadata["hessians"]["path"]).is_file()
+    plan = bitalloc.solve(prof, "3bpw")
+    choice = choice_of(prof, plan)
+    gptq = bitalloc.selection_fitness("random:llama-tiny", path, rows=2)([choice])[0]
+    rtn_prof = dataclasses.replace(prof, metadata={**prof.metadata, "quantizer": "rtn"})
+    rtn = bitalloc.selection_fitness("random:llama-tiny", rtn_prof, rows=2)([choice])[0]
+    assert gptq > 0 and rtn > 0 and gptq != rtn
+
+    loaded = bitalloc.load("random:llama-tiny")
+    H = load_hessians(prof.metadata["hessians"]["path"])
+    ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}],
+                      quantizer="gptq", hessians=H)
+    applied = bitalloc.apply(loaded, plan)
+    checked = 0
+    for i, layer in enumerate(prof.layers):
+        q = module_at(applied, layer.fqn)
+        if hasattr(q, "dequantized_weight"):
+            torch.testing.assert_close(ctx.quantized(i, int(choice[i])), q.dequantized_weight().to(torch.float32),
+                                       rtol=0, atol=1e-6, msg=layer.fqn)
+            checked += 1
+    assert checked == sum(1 for lp in plan.layers.values() if lp.scheme != "fp16") > 0
+
+
+def test_fisher_table_and_selection_find_a_moved_gptq_profiles_hessians(gptq_profile, tmp_path):
+    """The Hessian file is looked for where the profile records it, then beside the profile (a
+    run folder moved as a whole); with neither, one line naming what is missing."""
+    import shutil
+
+    prof, path = gptq_profile
+    rec = prof.metadata["hessians"]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(path, moved / "profile.json")
+    shutil.copy(rec["path"], moved / Path(rec["path"]).name)
+    for p in (path.parent / p.name for p in path.parent.glob("profile.arrays*")):
+        shutil.copy(p, moved / p.name)
+    moved_prof = bitalloc.load_profile(moved / "profile.json")
+    missing = __import__("dataclasses").replace(
+        moved_prof, metadata={**moved_prof.metadata, "hessians": {**rec, "path": str(tmp_path / "gone.safetensors")}})
+    out = bitalloc.add_fisher_table(moved / "profile.json", "random:llama-tiny", rows=2)
+    np.testing.assert_allclose(out.fisher, bitalloc.add_fisher_table(path, "random:llama-tiny", rows=2).fisher,
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="gptq profile: the recorded Hessian file is missing.*gone.safetensors"):
+        bitalloc.selection_fitness("random:llama-tiny", missing, rows=2)
+    from bitalloc.sensitivity.hessian_store import load_hessians
+
+    H = load_hessians(rec["path"])  # given as a dict, nothing is looked for
+    assert bitalloc.selection_fitness("random:llama-tiny", missing, rows=2, hessians=H)
+
+
+def test_run_config_gptq_selects_and_evaluates(capsys, tmp_path):
+    """[profile] quantizer = "gptq" in the main job: the Fisher table, the selection among the
+    candidate plans and the evaluation all quantize with GPTQ (this failed after the profile
+    before: the selection took rtn profiles only)."""
+    out = cli(capsys, "run", tiny_run_config(tmp_path, profile='quantizer = "gptq"'))
+    assert "bitalloc" in out
+    plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
+    assert plan["quantization"]["quantizer"] == "gptq" and "select" in plan["solver"]
+    assert Path(plan["quantization"]["hessians"]["path"]).is_file()

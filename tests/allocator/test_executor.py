@@ -480,3 +480,18 @@ def test_split_with_its_own_high_format():
         ref = torch.nn.functional.linear(xi, m.dequantized_weight(), None if m.bias is None else m.bias.float())
         torch.testing.assert_close(m(xi).float(), ref, rtol=2e-2, atol=2e-2)
     assert seen == set(schemes[:2])
+
+
+def test_api_apply_and_load_quantized_take_a_bare_transformers_model(tmp_path_factory):
+    """``bitalloc.apply`` and ``load_quantized(loaded=)`` accept the transformers model itself,
+    not only bitalloc's LoadedModel: a causal LM's own ``.model`` attribute (its base model)
+    is not mistaken for the network (it was: the fingerprint check failed on the base model's
+    weights)."""
+    c = _case("random:llama-tiny")
+    ids = _ids()
+    for bare in (False, True):
+        fresh = bitalloc.load("random:llama-tiny", log=None)  # load_quantized modifies the model it is given
+        model = fresh.model if bare else fresh
+        torch.testing.assert_close(_logits(bitalloc.apply(model, c.plan), ids), c.ref, rtol=0, atol=0)
+        m2, _ = load_quantized(_saved("random:llama-tiny", tmp_path_factory), loaded=model)
+        torch.testing.assert_close(_logits(m2, ids), c.ref, rtol=0, atol=0)

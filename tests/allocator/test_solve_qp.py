@@ -127,3 +127,28 @@ def test_cli_solve_method_qp(prof, tmp_path, capsys):
                  "--out", str(out)]) == 0
     plan = Plan.load(out)
     assert plan.solver["method"] == "qp" and plan.solver["status"] == "optimal"
+
+
+def test_recorded_hessians_are_found_beside_a_moved_profile(tmp_path):
+    """``recorded_hessians``: the recorded path, then the same file name beside the profile;
+    the recorded sha256 still checked; one line naming where it looked when neither exists."""
+    import shutil
+
+    from bitalloc.sensitivity.hessian_store import HessianStoreError, recorded_hessians, save_hessians
+
+    H = {"a": torch.eye(3), "b": 2 * torch.eye(3)}
+    rec = save_hessians(tmp_path / "run" / "profile.hessians.safetensors", H, tokens_sha256="t0")
+    assert torch.equal(recorded_hessians(rec, tokens_sha256="t0")["b"], H["b"])
+    moved = tmp_path / "moved"
+    shutil.move(str(tmp_path / "run"), moved)
+    got = recorded_hessians(rec, beside=moved / "profile.json")
+    assert set(got) == {"a", "b"} and torch.equal(got["a"], H["a"])
+    with pytest.raises(HessianStoreError, match="other calibration tokens"):
+        recorded_hessians(rec, beside=moved / "profile.json", tokens_sha256="t1")
+    (moved / "profile.hessians.safetensors").write_bytes(b"replaced")
+    with pytest.raises(HessianStoreError, match="sha256"):
+        recorded_hessians(rec, beside=moved / "profile.json")
+    with pytest.raises(HessianStoreError, match=r"missing \(looked for .*run.*, .*elsewhere"):
+        recorded_hessians(rec, beside=tmp_path / "elsewhere" / "profile.json")
+    with pytest.raises(HessianStoreError, match="no Hessian file is recorded"):
+        recorded_hessians(None)
