@@ -87,6 +87,10 @@ class Bench:
 
             rec = self.profile.metadata["hessians"]
             self.hessians = load_hessians(rec["path"], sha256=rec["sha256"], tokens_sha256=cal["tokens_sha256"])
+        from bitalloc.sensitivity.peer_context import WeightCache
+
+        # one cache of quantized weights for every peer's context (a full GPTQ table is ~10 min here)
+        self.weights = WeightCache(int(a.weight_cache_gib * 2**30))
         self.windows, _ = api.eval_windows(self.loaded, str(test), a.windows, a.seq_len)
         other = Path(a.data) / "tinyshakespeare.txt"
         self.other, _ = api.eval_windows(self.loaded, str(other), a.other_windows, a.seq_len) if other.is_file() else (None, None)
@@ -96,7 +100,7 @@ class Bench:
 
         batches = self.as_batches(self.calib[:rows, :length], 1)
         return PeerContext(self.loaded.model, self.profile.layers, list(self.profile.schemes), batches,
-                           quantizer=self.quantizer, hessians=self.hessians, seed=self.a.seed)
+                           quantizer=self.quantizer, hessians=self.hessians, seed=self.a.seed, weights=self.weights)
 
     def fisher_profile(self):
         """The profile with its output-Fisher table (bitalloc.add_fisher_table over the first
@@ -248,6 +252,8 @@ def main(argv=None) -> int:
                     help="bitalloc-select's Fisher table: the calibration text's next tokens, the model's samples, "
                          "or both (two tables, the candidates of each)")
     ap.add_argument("--chunk", type=int, default=6, help="quantized models held at once during evaluation")
+    ap.add_argument("--weight-cache-gib", type=float, default=9.0,
+                    help="fake-quantized weights kept for every peer's scores (SmolLM2's 18-scheme table is 7.6 GB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/peers_bench")
     ap.add_argument("--out", default=str(RESULTS))

@@ -33,7 +33,7 @@ from .hessian import hessian_tensor
 from .layers import LayerInfo, get_weight
 from .proxy import Reference, compute_reference, module_at, quantize_layer_weight, score_batches
 
-__all__ = ["PeerContext", "PeerScores", "SUB_BLOCKS", "sub_blocks"]
+__all__ = ["PeerContext", "PeerScores", "WeightCache", "SUB_BLOCKS", "sub_blocks"]
 
 # exllamav2's / ModelOpt's units: a transformer block's attention and MLP sub-blocks.
 SUB_BLOCKS = {"attn": ("self_attn.", "attn.", "attention."), "mlp": ("mlp.", "feed_forward.")}
@@ -75,6 +75,45 @@ def sub_blocks(layers: Sequence[LayerInfo]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(v) for v in sorted(keyed.values()))
 
 
+class WeightCache:
+    """Fake-quantized weights keyed ``(layer index, scheme index)``, the least recently used
+    dropped past ``max_bytes``. A context makes its own; a benchmark that scores several peers
+    on the same layers, schemes, quantizer and Hessians passes one to all their contexts, so no
+    (layer, scheme) is quantized twice (GPTQ on SmolLM2: about 10 min per full table on a
+    2-core CPU). The first context binds it to its signature; another signature is refused."""
+
+    def __init__(self, max_bytes: int = 4 << 30):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.signature: tuple | None = None
+        self._items: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def bind(self, signature: tuple) -> None:
+        if self.signature is None:
+            self.signature = signature
+        elif signature != self.signature:
+            raise ValueError("this WeightCache holds weights of other layers, schemes, quantizer or Hessians")
+
+    def get(self, key: tuple[int, int]) -> torch.Tensor | None:
+        t = self._items.get(key)
+        if t is not None:
+            self._items.move_to_end(key)
+        return t
+
+    def put(self, key: tuple[int, int], t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if size > self.max_bytes or key in self._items:
+            return
+        while self._items and self.nbytes + size > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.numel() * old.element_size()
+        self._items[key] = t
+        self.nbytes += size
+
+
 @dataclass
 class PeerContext:
     """The model, its planned layers and candidate schemes, calibration batches and quantizer."""
@@ -86,10 +125,9 @@ class PeerContext:
     hessians: Mapping[str, Any] | None = None  # layer fqn -> Hessian (needed by the gptq quantizer)
     quantizer: str = "rtn"
     seed: int = 0
-    cache_bytes: int = 4 << 30  # quantized weights kept for reuse (LRU)
+    cache_bytes: int = 4 << 30  # quantized weights kept for reuse (LRU); a given cache's own bound instead
     forwards: int = 0  # end-to-end (or from-a-block) forward passes over one batch, counted by kl()
-    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    _cached_bytes: int = field(default=0, repr=False)
+    weights: WeightCache | None = None  # shared by contexts over the same layers, schemes and quantizer
     _original: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +136,11 @@ class PeerContext:
         assert self.batches, "a PeerContext needs calibration batches"
         if self.quantizer == "gptq" and not self.hessians:
             raise ValueError("the gptq quantizer needs the layers' Hessians (PeerContext.hessians)")
+        if self.weights is None:
+            self.weights = WeightCache(self.cache_bytes)
+        self.cache_bytes = self.weights.max_bytes
+        self.weights.bind((tuple(layer.fqn for layer in self.layers), tuple(self.schemes), self.quantizer,
+                           id(self.hessians) if self.hessians else None))
 
     @property
     def n_layers(self) -> int:
@@ -127,19 +170,11 @@ class PeerContext:
 
     def quantized(self, i: int, j: int) -> torch.Tensor:
         """Layer ``i`` fake-quantized at scheme ``j`` by the context's quantizer, ``(out, in)`` float32."""
-        key = (i, j)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        wq = quantize_layer_weight(self.weight(i), self.schemes[j], self.hessian(i), quantizer=self.quantizer)
-        wq = wq.to(torch.float32)
-        size = wq.numel() * wq.element_size()
-        if size <= self.cache_bytes:
-            while self._cache and self._cached_bytes + size > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= old.numel() * old.element_size()
-            self._cache[key] = wq
-            self._cached_bytes += size
+        wq = self.weights.get((i, j))
+        if wq is None:
+            wq = quantize_layer_weight(self.weight(i), self.schemes[j], self.hessian(i), quantizer=self.quantizer)
+            wq = wq.to(torch.float32)
+            self.weights.put((i, j), wq)
         return wq
 
     def _set(self, i: int, w: torch.Tensor) -> None:

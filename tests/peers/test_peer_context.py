@@ -38,12 +38,38 @@ def test_swapped_restores_on_error(tiny_ctx):
 
 
 def test_quantized_cache_is_bounded(tiny_ctx):
+    from bitalloc.sensitivity.peer_context import PeerContext, WeightCache
+
     ctx = tiny_ctx
-    ctx.cache_bytes = ctx.weight(0).numel() * 4 * 2  # room for two layer-0-sized tensors
-    for j in range(ctx.n_schemes):
-        ctx.quantized(0, j)
-    assert ctx._cached_bytes <= ctx.cache_bytes
-    assert torch.equal(ctx.quantized(0, 0), ctx.quantized(0, 0))
+    room = ctx.weight(0).numel() * 4 * 2  # room for two layer-0-sized tensors
+    small = PeerContext(ctx.model, ctx.layers, ctx.schemes, ctx.batches, weights=WeightCache(room))
+    assert small.cache_bytes == room, "a given cache's bound is the context's"
+    for j in range(small.n_schemes):
+        small.quantized(0, j)
+    assert small.weights.nbytes <= room and len(small.weights) == 2, "the least recently used are dropped"
+    assert torch.equal(small.quantized(0, 0), ctx.quantized(0, 0))
+
+
+def test_weight_cache_shared_by_contexts(tiny_ctx, monkeypatch):
+    """Contexts over the same layers, schemes and quantizer share one cache: the second one
+    quantizes nothing the first already did; a context of other schemes is refused it."""
+    import pytest
+
+    import bitalloc.sensitivity.peer_context as pc
+
+    ctx = tiny_ctx
+    shared = pc.WeightCache()
+    a = pc.PeerContext(ctx.model, ctx.layers, ctx.schemes, ctx.batches, weights=shared)
+    b = pc.PeerContext(ctx.model, ctx.layers, ctx.schemes, ctx.batches[:1], weights=shared)
+    wq = a.quantized(1, 2)
+    calls = []
+    real = pc.quantize_layer_weight
+    monkeypatch.setattr(pc, "quantize_layer_weight", lambda *x, **k: calls.append(x) or real(*x, **k))
+    assert b.quantized(1, 2) is wq and not calls, "the second context reuses the first one's weight"
+    b.quantized(1, 3)
+    assert len(calls) == 1 and len(shared) == 2
+    with pytest.raises(ValueError, match="other layers, schemes"):
+        pc.PeerContext(ctx.model, ctx.layers, ctx.schemes[:2], ctx.batches, weights=shared)
 
 
 def test_sub_blocks_partition_attention_and_mlp(tiny_ctx):
