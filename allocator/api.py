@@ -281,7 +281,8 @@ def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | N
     ``stride``-th position (default: the profile's ``kl_stride``). What a profile built with
     ``fisher_table=True`` has, for a stored profile whose measurements were expensive; the
     settings go to ``metadata["options"]["fisher"]``. The rtn and gptq quantizers' profiles
-    (gptq: ``hessians``, or the file the profile records). ``labels="both"``: the sampled-label table and, as ``fisher_text``, the text-label one."""
+    (gptq: ``hessians``, or the file the profile records). ``labels="both"``: the
+    sampled-label table and, as ``fisher_text``, the text-label one."""
     import dataclasses
 
     import torch
