@@ -252,12 +252,10 @@ def load_quantized(path: str | Path, *, loaded=None, device=None, check_fingerpr
         loaded = _load_base(meta["spec"], plan, check_fingerprint)
     # a LoadedModel holds its network in .model; a bare transformers causal LM has a .model too
     # (its inner base model), so the test is the type, not the attribute
-    from bitalloc.sensitivity.models import LoadedModel
+    from bitalloc.sensitivity.models import LoadedModel, fingerprint
 
     model = loaded.model if isinstance(loaded, LoadedModel) else loaded
     if check_fingerprint and given:
-        from bitalloc.sensitivity.models import fingerprint
-
         try:
             plan.check_model(fingerprint(model))
         except PlanError as e:

@@ -83,10 +83,10 @@ class Bench:
         self.quantizer = self.profile.metadata.get("quantizer", "rtn")
         self.hessians = None  # a gptq profile: the Hessians it recorded, for every peer's quantizer and the executor
         if self.quantizer == "gptq":
-            from bitalloc.sensitivity.hessian_store import load_hessians
+            from bitalloc.sensitivity.hessian_store import recorded_hessians
 
-            rec = self.profile.metadata["hessians"]
-            self.hessians = load_hessians(rec["path"], sha256=rec["sha256"], tokens_sha256=cal["tokens_sha256"])
+            self.hessians = recorded_hessians(self.profile.metadata.get("hessians"), beside=a.profile,
+                                              tokens_sha256=cal["tokens_sha256"])
         from bitalloc.sensitivity.peer_context import WeightCache
 
         # one cache of quantized weights for every peer's context (a full GPTQ table is ~10 min here)
