@@ -31,6 +31,9 @@ def add_parser(sub) -> Any:
                     help="bitalloc: end-to-end refinement evaluations after the ILP (default 0: off)")
     sp.add_argument("--generations", type=int, default=20, help="evopress: generations (theirs 150)")
     sp.add_argument("--offspring", type=int, default=8, help="evopress: offspring per generation (theirs 128)")
+    sp.add_argument("--base", default="per-budget",
+                    help="exllamav3: its base model: per-budget (default: the dearest scheme whose uniform plan fits "
+                         "each budget), lowest (the cheapest scheme for every budget) or a scheme name")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--model", default=None, help="model spec (default: the profile's)")
     return sp
@@ -50,8 +53,31 @@ def _context(profile, a, loaded):
     rows = max(1, min(a.rows, data.shape[0]))
     length = a.seq_len or data.shape[1]
     quantizer = (profile.metadata or {}).get("quantizer", "rtn")
+    hessians = None
+    if quantizer == "gptq":  # every peer quantizes as the profile did: GPTQ on the Hessians it recorded
+        from bitalloc.sensitivity.hessian_store import recorded_hessians
+
+        hessians = recorded_hessians((profile.metadata or {}).get("hessians"), beside=a.profile,
+                                     tokens_sha256=c.get("tokens_sha256"))
     return PeerContext(loaded.model, profile.layers, list(profile.schemes), as_batches(data[:rows, :length], 1),
-                       quantizer=quantizer, seed=a.seed), data
+                       quantizer=quantizer, hessians=hessians, seed=a.seed), data
+
+
+def _exllamav3_plans(profile, budgets, ctx, base: str) -> list:
+    """exllamav3's plans: one measurement per distinct base (see ``peers.exllamav3_base``)."""
+    from .peers import exllamav3_base, peer_plan, peer_scores
+
+    if base == "per-budget":
+        bases = [exllamav3_base(profile, b) for b in budgets]
+    elif base == "lowest":
+        bases = [None] * len(budgets)
+    else:
+        bases = [base] * len(budgets)
+    scores = {}
+    for s in dict.fromkeys(bases):
+        scores[s] = peer_scores("exllamav3", ctx, base=s)
+        print(f"exllamav3 (base {scores[s].info['base']}): scored in {scores[s].info.get('seconds', 0):.1f} s")
+    return [peer_plan("exllamav3", profile, scores=scores[s], budget=b) for s, b in zip(bases, budgets)]
 
 
 def cmd_peer(a) -> int:
@@ -63,6 +89,11 @@ def cmd_peer(a) -> int:
         raise PeerError(f"--out: {out} exists and is not a folder")
     profile = api.load_profile(a.profile)
     budgets = [api.parse_budget(b) for b in a.budget]  # bad budgets fail before the model loads
+    if a.base != "per-budget" and a.method != "exllamav3":
+        raise PeerError(f"--base is exllamav3's base model; {a.method} has none")
+    if a.base not in ("per-budget", "lowest", *profile.schemes):
+        raise PeerError(f"--base {a.base!r}: not per-budget, lowest or one of the profile's schemes "
+                        f"({', '.join(profile.schemes)})")
     if a.method in ("uniform", "llamacpp-rules") or (a.method == "bitalloc" and not a.refine):
         plans = [peer_plan(a.method, profile, b) if a.method != "bitalloc" else api.solve(profile, b) for b in budgets]
     else:
@@ -79,6 +110,8 @@ def cmd_peer(a) -> int:
             else:
                 plans = [peer_plan("evopress", profile, b, fitness=fit, seed=a.seed, generations=a.generations,
                                    offspring=a.offspring, stages=(2, 1)) for b in budgets]
+        elif a.method == "exllamav3":
+            plans = _exllamav3_plans(profile, budgets, ctx, a.base)
         else:
             scores = peer_scores(a.method, ctx)
             print(f"{a.method}: scored in {scores.info.get('seconds', 0):.1f} s")

@@ -46,7 +46,7 @@ from .budget import Budget, parse_budget
 from .plan import Plan
 
 __all__ = ["PEERS", "Peer", "PeerError", "peer_scores", "peer_plan", "refine_plan", "group_cost", "expand_choice",
-           "SEARCHES"]
+           "SEARCHES", "exllamav3_base"]
 
 
 class PeerError(BitallocError, ValueError):
@@ -157,6 +157,27 @@ def _search(p: Peer, scores, cost_g: np.ndarray, capacity: int, options: Mapping
             raise PeerError(f"{p.name}: its scores do not record the base scheme (info['base_index'])")
         return fn(table, cost_g, capacity, np.full(len(table), int(base), dtype=np.int64), **options)
     return fn(table, cost_g, capacity, **options)
+
+
+def exllamav3_base(profile, budget: str | float | Budget) -> str:
+    """exllamav3's base model for ``budget``: the dearest of the profile's schemes whose uniform
+    plan (every layer at it) fits the budget's exact bits.
+
+    exllamav3 combines models its user quantized at whole bitrates around the target
+    (``optimize_model.py``: the first input is the base, the others its alternatives, and its
+    greedy only takes moves that lower KL); the natural base for a target is the largest
+    bitrate below it, so every upgrade is measured against a working model. The smallest
+    scheme as the base for every budget made upgrades look harmful against a destroyed model
+    (experiments/README.md, "Every peer on 32 windows"). Falls back to the cheapest scheme
+    when no uniform plan fits (its search then reports the base over budget)."""
+    from .arrays import capacity_bits
+
+    budget = parse_budget(budget)
+    cap = capacity_bits(profile, budget)
+    totals = np.asarray(profile.cost_bits, dtype=np.int64).sum(axis=0)  # (S,) bits of each uniform plan
+    fits = np.flatnonzero(totals <= cap)
+    j = int(fits[np.argmax(totals[fits])]) if fits.size else int(np.argmin(totals))
+    return profile.schemes[j]
 
 
 def peer_plan(name: str, profile, budget: str | float | Budget, scores=None, *, fitness=None, start=None,

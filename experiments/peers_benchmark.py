@@ -3,8 +3,11 @@
 SmolLM2-135M (real weights), bitalloc's default candidate schemes and quantizer, one
 calibration set (WikiText-2 validation, the profile's own tokens) and exact-bit budgets for
 every method. Each peer of :mod:`bitalloc.allocator.peers` scores bitalloc's candidates its
-own way and searches its own way; bitalloc's default is the ILP on its calibrated proxy
-(optionally refined end to end: ``--refine N``). Every plan is evaluated by WikiText-2 test
+own way and searches its own way. ``bitalloc-default`` is what ``bitalloc run`` does by default
+(the selection among the profile's candidate calibrations, on a profile of the default kind:
+``--ref-method hybrid --fisher-table``); ``bitalloc`` is the ILP on the profile's own table
+(optionally refined end to end: ``bitalloc-refine``); ``bitalloc-select`` the selection with
+more rows, both Fisher label kinds, tied candidates and a refinement. Every plan is evaluated by WikiText-2 test
 perplexity and KL to the 16-bit model, and on text of another kind (Tiny Shakespeare) so a
 win is not a WikiText artefact.
 
@@ -36,7 +39,8 @@ from _data import DATA, wikitext_files  # noqa: E402
 RESULTS = HERE / "results" / "peers"
 BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
 SCORED = ("hawq-v3", "higgs", "modelopt-gradient", "modelopt-kl", "autoround", "exllamav2", "exllamav3")
-METHODS = ("bitalloc", "bitalloc-refine", "bitalloc-select", *SCORED, "evopress", "llamacpp-rules", "uniform")
+METHODS = ("bitalloc-default", "bitalloc", "bitalloc-refine", "bitalloc-select", *SCORED, "evopress", "llamacpp-rules",
+           "uniform")
 # What each peer's score spends on this 2-core CPU (their defaults where affordable; see the
 # score functions' docstrings for the peers' own defaults). Rows = calibration rows of 512 tokens.
 # (rows, tokens per row) of the calibration set each peer's score uses; bitalloc's own profile used
@@ -91,6 +95,7 @@ class Bench:
 
         # one cache of quantized weights for every peer's context (a full GPTQ table is ~10 min here)
         self.weights = WeightCache(int(a.weight_cache_gib * 2**30))
+        self.default_fitness = None  # bitalloc-default's selection fitness, made once
         self.windows, _ = api.eval_windows(self.loaded, str(test), a.windows, a.seq_len)
         other = Path(a.data) / "tinyshakespeare.txt"
         self.other, _ = api.eval_windows(self.loaded, str(other), a.other_windows, a.seq_len) if other.is_file() else (None, None)
@@ -126,15 +131,16 @@ class Bench:
         return ctx.fitness([self.as_batches(x[:, :self.a.fitness_len], 1) for x in stage_rows])
 
 
-def scores_of(b: Bench, method: str):
+def scores_of(b: Bench, method: str, **options):
     from bitalloc.allocator.peers import peer_scores
 
-    path = b.work / "scores" / f"{method}.json"
+    tag = "".join(f"-{v}" for v in options.values() if v is not None)  # e.g. exllamav3's base
+    path = b.work / "scores" / f"{method}{tag}.json"
     if path.is_file():
         return _scores_from_json(json.loads(path.read_text()))
     ctx = b.ctx(*SCORE_TOKENS[method])
-    print(f"[{method}] scoring on {ctx.n_tokens} tokens ...", flush=True)
-    s = peer_scores(method, ctx, **SCORE_OPTIONS.get(method, {}))
+    print(f"[{method}{tag}] scoring on {ctx.n_tokens} tokens ...", flush=True)
+    s = peer_scores(method, ctx, **{**SCORE_OPTIONS.get(method, {}), **options})
     _write(path, _scores_to_json(s))
     return s
 
@@ -156,7 +162,9 @@ def plans_of(b: Bench, method: str) -> dict:
             out[name] = (Plan.load(path), json.loads(meta.read_text()))
             continue
         t0 = time.perf_counter()
-        if method == "bitalloc-select":
+        if method == "bitalloc-default":
+            plan, profile_s = default_plan(b, budget)
+        elif method == "bitalloc-select":
             import bitalloc
 
             prof = b.fisher_profile()
@@ -179,14 +187,22 @@ def plans_of(b: Bench, method: str) -> dict:
         elif method in ("llamacpp-rules", "uniform"):
             plan, profile_s = peer_plan(method, b.profile, budget), 0.0
         else:
+            options = {}
+            if method == "exllamav3" and b.a.exl3_base == "per-budget":
+                from bitalloc.allocator.peers import exllamav3_base
+
+                options = {"base": exllamav3_base(b.profile, budget)}
+                if scores is not None and scores.info.get("base") != options["base"]:
+                    scores = None  # another budget's base: its own measurement
             if scores is None:
                 t1 = time.perf_counter()
-                scores = scores_of(b, method)
+                scores = scores_of(b, method, **options)
                 profile_s = scores.info.get("seconds", time.perf_counter() - t1)
             t0 = time.perf_counter()
             plan = peer_plan(method, b.profile, budget, scores)
         search_s = time.perf_counter() - t0
-        m = {"profile_s": profile_s, "search_s": search_s if method in ("bitalloc-refine", "bitalloc-select") else
+        m = {"profile_s": profile_s, "search_s": search_s if method in ("bitalloc-refine", "bitalloc-select",
+                                                                       "bitalloc-default") else
              (plan.solver.get("search_s") or plan.solver.get("solve_time_s") or search_s),
              "evaluations": plan.solver.get("evaluations") or plan.solver.get("refine", {}).get("evaluations")
              or plan.solver.get("select", {}).get("distinct_plans")}
@@ -194,6 +210,29 @@ def plans_of(b: Bench, method: str) -> dict:
         _write(meta, m)
         out[name] = (plan, m)
     return out
+
+
+def default_plan(b: Bench, budget):
+    """What ``bitalloc run`` does by default with this profile: the selection among the profile's
+    candidate calibrations on the last ``select_rows`` calibration rows, ties and refinement as
+    the run config's defaults (allocator.config.SolveCfg). The profile must be the default kind
+    (``bitalloc profile --ref-method hybrid --fisher-table``, what ``ref_method = "auto"`` makes
+    for a causal LM), else there is nothing to select among."""
+    import bitalloc
+    from bitalloc.allocator.config import SolveCfg
+
+    if b.profile.fisher is None:
+        raise SystemExit("bitalloc-default: the profile has no Fisher table; make it as `bitalloc run` does: "
+                         "bitalloc profile ... --ref-method hybrid --fisher-table")
+    d = SolveCfg()
+    if b.default_fitness is None:
+        b.default_fitness = bitalloc.selection_fitness(b.loaded, b.profile, rows=d.select_rows, hessians=b.hessians)
+    plan = bitalloc.select_plan(b.profile, budget, b.default_fitness, refine=d.refine, ties=d.select_ties,
+                                method=d.method, backend=d.backend)
+    sel = plan.solver["select"]
+    print(f"[bitalloc-default] {plan.label}: {sel['chosen']} ({', '.join(f'{k} {v:.4f}' for k, v in sel['fitness'].items())})",
+          flush=True)
+    return plan, b.profile.metadata.get("wall_s", {}).get("total")
 
 
 def refine_plan(b: Bench, plan, budget):
@@ -251,6 +290,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fisher-labels", default="both", choices=("both", "text", "sampled"),
                     help="bitalloc-select's Fisher table: the calibration text's next tokens, the model's samples, "
                          "or both (two tables, the candidates of each)")
+    ap.add_argument("--exl3-base", default="per-budget", choices=("per-budget", "lowest"),
+                    help="exllamav3's base model: the dearest scheme whose uniform plan fits each budget, or the "
+                         "cheapest scheme for every budget (the runs before 2026-12-06)")
     ap.add_argument("--chunk", type=int, default=6, help="quantized models held at once during evaluation")
     ap.add_argument("--weight-cache-gib", type=float, default=9.0,
                     help="fake-quantized weights kept for every peer's scores (SmolLM2's 18-scheme table is 7.6 GB)")
@@ -297,7 +339,7 @@ def main(argv=None) -> int:
                  "other_text": "tinyshakespeare.txt", "other_windows": a.other_windows},
         "settings": {"score_tokens": SCORE_TOKENS, "score_options": SCORE_OPTIONS, "refine": a.refine,
                      "fisher_rows": a.fisher_rows, "select_rows": a.select_rows, "select_refine": a.select_refine,
-                     "fisher_labels": a.fisher_labels,
+                     "fisher_labels": a.fisher_labels, "exl3_base": a.exl3_base,
                      "evo_options": a.evo_options, "fitness_rows": a.fitness_rows,
                      "fitness_len": a.fitness_len, "seed": a.seed},
         "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None, "rows": rows})

@@ -39,6 +39,33 @@ def test_peer_writes_plans_within_budget(tiny_profile_path, tmp_path, method, ex
             assert plan["solver"]["method"] == method
 
 
+def test_peer_exllamav3_measures_once_per_base(tiny_profile_path, tmp_path, capsys):
+    """--base per-budget (the default): each budget's plan starts from its own base, and a
+    base shared by two budgets is measured once."""
+    import numpy as np
+
+    from bitalloc.allocator import api
+    from bitalloc.allocator.arrays import n_weights
+    from bitalloc.allocator.cli import main
+
+    prof = api.load_profile(tiny_profile_path)
+    bpw = np.asarray(prof.cost_bits).sum(axis=0) / n_weights(prof)  # (S,) each uniform plan's bpw
+    w3, w4 = bpw[prof.schemes.index("w3g32z")], bpw[prof.schemes.index("w4g32z")]
+    budgets = [f"{w3 + (w4 - w3) / 3:.4f}bpw", f"{w3 + 2 * (w4 - w3) / 3:.4f}bpw", "9bpw"]  # two above w3, one above w8
+    out = tmp_path / "plans"
+    rc = main(["peer", "exllamav3", "--profile", str(tiny_profile_path), *[x for b in budgets for x in ("--budget", b)],
+               "--out", str(out), "--rows", "1"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert printed.count("exllamav3 (base w3g32z)") == 1 and printed.count("exllamav3 (base w8)") == 1, printed
+    bases = [json.loads((out / f"exllamav3-{api.parse_budget(b).name}.json").read_text())["solver"]["peer"]
+             ["score_settings"]["base"] for b in budgets]
+    assert bases == ["w3g32z", "w3g32z", "w8"], bases
+    rc = main(["peer", "exllamav3", "--profile", str(tiny_profile_path), "--budget", "9bpw", "--out", str(out),
+               "--rows", "1", "--base", "lowest"])
+    assert rc == 0 and "exllamav3 (base w2g32z)" in capsys.readouterr().out
+
+
 def test_peer_bad_input_is_one_line(tiny_profile_path, tmp_path, capsys):
     from bitalloc.allocator.cli import main
 
@@ -47,3 +74,8 @@ def test_peer_bad_input_is_one_line(tiny_profile_path, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "budget" in err.lower(), err
     rc = main(["peer", "nosuch", "--profile", str(tiny_profile_path), "--budget", "4bpw", "--out", str(tmp_path)])
     assert rc == 2 and "invalid choice" in capsys.readouterr().err
+    for method, base in (("exllamav3", "w5"), ("higgs", "w8")):
+        rc = main(["peer", method, "--profile", str(tiny_profile_path), "--budget", "4bpw", "--out", str(tmp_path),
+                   "--base", base])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "--base" in err, err

@@ -58,3 +58,35 @@ def test_evolve_and_refine_on_tiny_model(tiny_ctx):
     assert int(cost[np.arange(len(cost)), choice].sum()) <= capacity
     assert st["evaluations"] <= 4 and ctx.forwards - f0 == st["evaluations"]  # stage 0: one batch each
     assert st["fitness"] < st["fitness_start"], "an upgrade with leftover bits lowers the KL"
+
+
+def test_exllamav3_base_is_the_dearest_uniform_plan_within_the_budget(tiny_profile):
+    """exllamav3 combines models quantized at bitrates around its target, the first below it the
+    base: per budget, the dearest scheme whose uniform plan fits, and its plan upgrades from it."""
+    from bitalloc.allocator.arrays import capacity_bits, n_weights
+    from bitalloc.allocator.api import parse_budget
+    from bitalloc.allocator.peers import exllamav3_base, peer_plan
+    from bitalloc.sensitivity.peer_context import PeerScores
+
+    prof = tiny_profile
+    totals = np.asarray(prof.cost_bits).sum(axis=0)  # (S,) bits of each uniform plan
+    n = n_weights(prof)
+    bpw = {s: totals[j] / n for j, s in enumerate(prof.schemes)}  # w2g32z < w3g32z < w4g32z < w8
+    assert sorted(bpw, key=bpw.get) == ["w2g32z", "w3g32z", "w4g32z", "w8"]
+    between = (bpw["w3g32z"] + bpw["w4g32z"]) / 2
+    assert exllamav3_base(prof, f"{between}bpw") == "w3g32z"
+    assert exllamav3_base(prof, f"{bpw['w4g32z']}bpw") == "w4g32z", "a uniform plan exactly at the budget fits"
+    assert exllamav3_base(prof, "16bpw") == "w8"
+    assert exllamav3_base(prof, "1bpw") == "w2g32z", "nothing fits: the cheapest"
+    # its greedy then spends the rest on the layer whose upgrade lowers ΔKL most per bit
+    L, b = len(prof.layers), prof.schemes.index("w3g32z")
+    table = np.zeros((L, len(prof.schemes)))  # ΔKL vs all at w3g32z: upgrades help a little ...
+    table[:, prof.schemes.index("w4g32z")] = -1e-3
+    table[:, prof.schemes.index("w2g32z")] = 1e-2
+    table[2, prof.schemes.index("w4g32z")] = -1.0  # ... except layer 2's, which helps a lot
+    plan = peer_plan("exllamav3", prof, f"{between}bpw", PeerScores("exllamav3", table, info={"base_index": b}))
+    chosen = [plan.layers[l.fqn].scheme for l in prof.layers]
+    assert chosen[2] == "w4g32z" and "w2g32z" not in chosen, chosen
+    cost = np.asarray(prof.cost_bits)
+    assert sum(int(cost[i, prof.schemes.index(s)]) for i, s in enumerate(chosen)) <= capacity_bits(
+        prof, parse_budget(f"{between}bpw"))
