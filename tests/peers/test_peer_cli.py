@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,30 @@ def test_peer_bad_input_is_one_line(tiny_profile_path, tmp_path, capsys):
                    "--base", base])
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and "--base" in err, err
+
+
+def test_peer_on_a_gptq_profile_quantizes_with_its_hessians(tmp_path, capsys):
+    """A gptq profile's peer scores quantize with GPTQ on the Hessians the profile recorded
+    (found beside the profile after a move); without them, one line names what is missing."""
+    import shutil
+
+    import bitalloc
+    from bitalloc.allocator.cli import main
+
+    first = tmp_path / "made"
+    prof = bitalloc.profile("random:llama-tiny", n_samples=4, seq_len=32, kl_samples=1, quantizer="gptq",
+                            out=first / "profile.json", schemes=["w2g32z", "w4g32z", "w8"], progress=False, log=None)
+    hess = prof.metadata["hessians"]["path"]
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+    rc = main(["--quiet", "peer", "higgs", "--profile", str(moved / "profile.json"), "--budget", "5bpw",
+               "--out", str(tmp_path / "plans"), "--rows", "1"])
+    assert rc == 0, capsys.readouterr().err
+    plan = json.loads((tmp_path / "plans" / "higgs-5bpw.json").read_text())
+    assert plan["solver"]["method"] == "higgs"
+    (moved / Path(hess).name).unlink()
+    rc = main(["peer", "higgs", "--profile", str(moved / "profile.json"), "--budget", "5bpw",
+               "--out", str(tmp_path / "plans2"), "--rows", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Hessian" in err, err
