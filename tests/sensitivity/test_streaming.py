@@ -322,3 +322,82 @@ def test_streamed_profile_killed_mid_run_resumes_only_what_was_unfinished(untied
     assert items["references"]["resumed"] == 5 and items["references"]["computed"] == full.n_layers * 2 - 5
     assert np.array_equal(again.tables["all"], full.tables["all"]) and np.array_equal(again.proxy, full.proxy)
     assert all(np.array_equal(again.saliency[f], full.saliency[f]) for f in full.saliency)
+
+
+SLOW_DRIVER = """
+import sys, time
+import bitalloc.sensitivity.checkpoint as checkpoint
+_append = checkpoint.Checkpoint.append
+def slow(self, *a, **k):  # the driver records each finished item, then waits: room to kill it mid-run
+    _append(self, *a, **k)
+    time.sleep(0.15)
+checkpoint.Checkpoint.append = slow
+from bitalloc.allocator.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_streamed_ray_job_killed_by_sigkill_resumes_only_what_was_unfinished(untied, tmp_path):
+    """`bitalloc profile --max-memory --workers 2`, killed with SIGKILL while its Ray workers
+    measure references: the same command resumes every finished unit and reference from the
+    checkpoints, computes only the rest, and gives the in-process streamed profile bit for bit
+    (one thread per worker, as the in-process run here)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import bitalloc
+    from bitalloc.allocator.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "run" / "p.json"
+    common = ["--quiet", "profile", "--model", str(untied), "--max-memory", "16GiB", "--calib", str(calib),
+              "--n-samples", "4", "--seq-len", "24", "--kl-samples", "1", "--schemes", "w2g32z,w4g32,fp16",
+              "--ref-schemes", "w2g32z,w4g32"]
+    args = [*common, "--workers", "2", "--out", str(out)]
+    refs, units = out.with_name("p.measure-checkpoint.jsonl"), out.with_name("p.measure-checkpoint.units.jsonl")
+
+    def lines(path):
+        return [json.loads(x) for x in path.read_text().splitlines()[1:] if x.endswith("}")] if path.is_file() else []
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, *args], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and len(lines(refs)) < 4:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the job ended before it was killed: {proc.stderr.read()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists(), "a killed job left a profile under the output name"
+    n_units, n_refs = len(lines(units)), len({(r["layer"], r["scheme"]) for r in lines(refs)})
+    assert n_units == 4 and n_refs >= 4  # three blocks and the untied head; the references under way
+
+    assert main(args) == 0  # the same command again
+    prof = bitalloc.load_profile(out)
+    r = prof.metadata["ray"]
+    assert r["units"]["resumed"] == 4 and r["units"]["computed"] == 0
+    total = prof.n_layers * 2
+    assert n_refs < total and r["references"]["resumed"] == n_refs and r["references"]["computed"] == total - n_refs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--out", str(tmp_path / "local.json")]) == 0  # in process, streamed
+    finally:
+        torch.set_num_threads(threads)
+    local = bitalloc.load_profile(tmp_path / "local.json")
+    assert np.array_equal(prof.proxy, local.proxy) and np.array_equal(prof.ref_values, local.ref_values)
+    assert np.array_equal(prof.tables["all"], local.tables["all"])
+    assert all(np.array_equal(prof.saliency[f], local.saliency[f]) for f in local.saliency)
