@@ -162,7 +162,7 @@ def plans_of(b: Bench, method: str) -> dict:
             out[name] = (Plan.load(path), json.loads(meta.read_text()))
             continue
         t0 = time.perf_counter()
-        if method == "bitalloc-default":
+        if method.startswith("bitalloc-default"):
             plan, profile_s = default_plan(b, budget)
         elif method == "bitalloc-select":
             import bitalloc
@@ -201,8 +201,8 @@ def plans_of(b: Bench, method: str) -> dict:
             t0 = time.perf_counter()
             plan = peer_plan(method, b.profile, budget, scores)
         search_s = time.perf_counter() - t0
-        m = {"profile_s": profile_s, "search_s": search_s if method in ("bitalloc-refine", "bitalloc-select",
-                                                                       "bitalloc-default") else
+        m = {"profile_s": profile_s, "search_s": search_s if method.startswith(("bitalloc-refine", "bitalloc-select",
+                                                                                "bitalloc-default")) else
              (plan.solver.get("search_s") or plan.solver.get("solve_time_s") or search_s),
              "evaluations": plan.solver.get("evaluations") or plan.solver.get("refine", {}).get("evaluations")
              or plan.solver.get("select", {}).get("distinct_plans")}
@@ -224,7 +224,9 @@ def default_plan(b: Bench, budget):
     if b.profile.fisher is None:
         raise SystemExit("bitalloc-default: the profile has no Fisher table; make it as `bitalloc run` does: "
                          "bitalloc profile ... --ref-method hybrid --fisher-table")
-    d = SolveCfg()
+    import dataclasses
+
+    d = dataclasses.replace(SolveCfg(), **b.a.default_solve)  # --default-solve: an ablation of the defaults
     if b.default_fitness is None:
         b.default_fitness = bitalloc.selection_fitness(b.loaded, b.profile, rows=d.select_rows, hessians=b.hessians)
     plan = bitalloc.select_plan(b.profile, budget, b.default_fitness, refine=d.refine, ties=d.select_ties,
@@ -290,6 +292,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fisher-labels", default="both", choices=("both", "text", "sampled"),
                     help="bitalloc-select's Fisher table: the calibration text's next tokens, the model's samples, "
                          "or both (two tables, the candidates of each)")
+    ap.add_argument("--default-solve", default="",
+                    help="bitalloc-default with [solve] settings changed, e.g. select_ties=true,refine=10 (an "
+                         "ablation; its rows are named bitalloc-default+<settings>)")
     ap.add_argument("--exl3-base", default="per-budget", choices=("per-budget", "lowest"),
                     help="exllamav3's base model: the dearest scheme whose uniform plan fits each budget, or the "
                          "cheapest scheme for every budget (the runs before 2026-12-06)")
@@ -307,6 +312,10 @@ def main(argv=None) -> int:
     if a.quick:
         a.windows, a.other_windows = 8, 4
     a.methods = [m for m in a.methods.split(",") if m]
+    a.default_solve = {k: json.loads(v) for k, v in (x.split("=", 1) for x in a.default_solve.split(",") if x)}
+    if a.default_solve:  # its own rows and cached plans
+        tag = "+" + "+".join(f"{k}={json.dumps(v)}" for k, v in a.default_solve.items())
+        a.methods = [m + tag if m == "bitalloc-default" else m for m in a.methods]
     a.budgets = [x for x in a.budgets.split(",") if x]
     a.fitness_rows = [int(x) for x in a.fitness_rows.split(",")]
     # survivors per stage: theirs 16/4/1 on 2k/16k/131k tokens; here len(fitness_rows) stages
@@ -339,7 +348,7 @@ def main(argv=None) -> int:
                  "other_text": "tinyshakespeare.txt", "other_windows": a.other_windows},
         "settings": {"score_tokens": SCORE_TOKENS, "score_options": SCORE_OPTIONS, "refine": a.refine,
                      "fisher_rows": a.fisher_rows, "select_rows": a.select_rows, "select_refine": a.select_refine,
-                     "fisher_labels": a.fisher_labels, "exl3_base": a.exl3_base,
+                     "fisher_labels": a.fisher_labels, "exl3_base": a.exl3_base, "default_solve": a.default_solve,
                      "evo_options": a.evo_options, "fitness_rows": a.fitness_rows,
                      "fitness_len": a.fitness_len, "seed": a.seed},
         "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None, "rows": rows})
