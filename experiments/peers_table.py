@@ -29,7 +29,8 @@ def merge(sources: list[tuple[Path, dict[str, str]]]) -> dict:
         else:
             for key in ("windows", "seq_len", "other_windows"):
                 assert d["eval"].get(key) == head["eval"].get(key), f"{path}: another evaluation ({key})"
-            assert abs(d["fp16_ppl"] - head["fp16_ppl"]) < 1e-6, f"{path}: another 16-bit perplexity"
+            # float32 sums over other batch compositions move it by ~1e-7 relative; another window set moves it by percents
+            assert abs(d["fp16_ppl"] / head["fp16_ppl"] - 1) < 1e-5, f"{path}: another 16-bit perplexity"
         for r in d["rows"]:
             r = {**r, "method": rename.get(r["method"], r["method"]), "source": path.name}
             rows[(r["method"], r["budget"])] = r
