@@ -98,7 +98,9 @@ def test_default_profile_on_local_ray(tmp_path):
     assert r["proxy"]["computed"] == ray1.n_layers and r["measure"]["computed"] == ray1.n_layers
     # one set of workers for the three steps: the later steps re-configure them on the model they loaded
     assert [r[k]["reused_workers"] for k in ("hessians", "proxy", "measure")] == [0, 2, 2]
-    assert [w["step"] for w in r["measure"]["worker_info"]] == [3, 3]
+    # worker_info comes from the workers live at the end: a worker still re-configuring when the
+    # other has measured every tiny item is not among them (CI saw [3] once, on a loaded machine)
+    assert r["measure"]["worker_info"] and all(w["step"] == 3 for w in r["measure"]["worker_info"])
     assert all(w["reused_model"] for k in ("proxy", "measure") for w in r[k]["worker_info"])
     import ray
 
