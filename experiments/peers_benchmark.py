@@ -218,14 +218,14 @@ def default_plan(b: Bench, budget):
     the run config's defaults (allocator.config.SolveCfg). The profile must be the default kind
     (``bitalloc profile --ref-method hybrid --fisher-table``, what ``ref_method = "auto"`` makes
     for a causal LM), else there is nothing to select among."""
+    import dataclasses
+
     import bitalloc
     from bitalloc.allocator.config import SolveCfg
 
     if b.profile.fisher is None:
         raise SystemExit("bitalloc-default: the profile has no Fisher table; make it as `bitalloc run` does: "
                          "bitalloc profile ... --ref-method hybrid --fisher-table")
-    import dataclasses
-
     d = dataclasses.replace(SolveCfg(), **b.a.default_solve)  # --default-solve: an ablation of the defaults
     if b.default_fitness is None:
         b.default_fitness = bitalloc.selection_fitness(b.loaded, b.profile, rows=d.select_rows, hessians=b.hessians)

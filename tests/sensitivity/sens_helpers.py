@@ -61,3 +61,39 @@ def make_bert(seed: int = 0):
         pad_token_id=0,
     )
     return _seeded(lambda: BertModel(cfg, add_pooling_layer=False), seed)
+
+
+def checkpoint_lines(path: Path) -> list[dict]:
+    """A checkpoint's item records (the header skipped, a torn last line dropped)."""
+    import json
+
+    out = []
+    for line in path.read_text().splitlines()[1:] if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def sigkill_when(script: str, args: list[str], ready, *, timeout: float = 120, env: dict | None = None) -> None:
+    """Run ``python -c script *args`` in the repository and SIGKILL it as soon as ``ready()``
+    holds (polled every 20 ms); it must still be running then (a job that ended first has
+    nothing to resume)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the job ended before it was killed: {proc.stderr.read()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -7,8 +7,6 @@ Ray instances / a ``ray.cluster_utils.Cluster`` and are marked slow.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sens_helpers import checkpoint_lines, sigkill_when
 
 from bitalloc.sensitivity.runner import (
     CHECKPOINT_SCHEMA,
@@ -64,13 +63,7 @@ def _table(res, items):
 
 
 def _item_lines(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines()[1:]:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+    return checkpoint_lines(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,21 +304,7 @@ def test_killed_job_resumes(tmp_path):
             "--kl-samples", "2", "--kl-stride", "1", "--schemes", ",".join(SCHEMES), "--measured",
             "--out", str(tmp_path / "run" / "p.json")]
     ck = tmp_path / "run" / "p.measure-checkpoint.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PROFILE, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ck.exists() and len(_item_lines(ck)) >= 8:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the profile ended before it was killed: {proc.stderr.read()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(SLOW_PROFILE, args, lambda: len(_item_lines(ck)) >= 8)
     n_done = len({(r["layer"], r["scheme"]) for r in _item_lines(ck)})
     assert 8 <= n_done
     from bitalloc.allocator.cli import main

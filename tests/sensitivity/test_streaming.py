@@ -343,16 +343,9 @@ def test_streamed_ray_job_killed_by_sigkill_resumes_only_what_was_unfinished(unt
     measure references: the same command resumes every finished unit and reference from the
     checkpoints, computes only the rest, and gives the in-process streamed profile bit for bit
     (one thread per worker, as the in-process run here)."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     import bitalloc
     from bitalloc.allocator.cli import main
+    from sens_helpers import checkpoint_lines, sigkill_when
 
     calib = tmp_path / "calib.txt"
     calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
@@ -363,25 +356,9 @@ def test_streamed_ray_job_killed_by_sigkill_resumes_only_what_was_unfinished(unt
     args = [*common, "--workers", "2", "--out", str(out)]
     refs, units = out.with_name("p.measure-checkpoint.jsonl"), out.with_name("p.measure-checkpoint.units.jsonl")
 
-    def lines(path):
-        return [json.loads(x) for x in path.read_text().splitlines()[1:] if x.endswith("}")] if path.is_file() else []
-
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, *args], cwd=root,
-                            env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None and len(lines(refs)) < 4:
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the job ended before it was killed: {proc.stderr.read()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(SLOW_DRIVER, args, lambda: len(checkpoint_lines(refs)) >= 4, timeout=300, env={"OMP_NUM_THREADS": "1"})
     assert not out.exists(), "a killed job left a profile under the output name"
-    n_units, n_refs = len(lines(units)), len({(r["layer"], r["scheme"]) for r in lines(refs)})
+    n_units, n_refs = len(checkpoint_lines(units)), len({(r["layer"], r["scheme"]) for r in checkpoint_lines(refs)})
     assert n_units == 4 and n_refs >= 4  # three blocks and the untied head; the references under way
 
     assert main(args) == 0  # the same command again
