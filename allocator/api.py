@@ -21,7 +21,8 @@ from typing import Callable, Mapping, Sequence
 
 
 from .budget import parse_budget
-from .config import DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, RunConfig, load_config
+from .config import (DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, SELECT_METRICS, RunConfig,
+                     load_config)
 from .plan import Plan
 from . import solve as _solve
 
@@ -309,14 +310,26 @@ def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | N
     return dataclasses.replace(prof, fisher=tables[0], fisher_text=tables[1] if len(tables) > 1 else None, metadata=meta)
 
 
-def selection_fitness(model, profile, rows: int = 4, skip: int = 0, hessians=None):
+def selection_fitness(model, profile, rows: int = 4, skip: int = 0, hessians=None, screen_rows: int = 0,
+                      metric: str = "kl"):
     """``fitness(choices) -> [KL]`` for :func:`bitalloc.allocator.candidates.select_plan`: each
     choice (one scheme index per profile layer) fake-quantized into the model at once, KL per
     token to the 16-bit model on the last ``rows`` rows of the profile's own calibration set
     (rebuilt from its description and checked against its token hash); ``skip``: the ``rows``
     before the last ``skip`` instead (another set of rows, to check a selection against). Each
     layer is quantized by the profile's quantizer (gptq: with ``hessians``, or the file the
-    profile records), as the executor will quantize the chosen plan."""
+    profile records), as the executor will quantize the chosen plan.
+
+    The callable's ``screen`` is the same KL on the last ``screen_rows`` of those rows (None
+    when 0): ``select_plan(..., screen=fit.screen)`` looks at every candidate briefly first.
+    ``metric="nll"``: the increase of the calibration text's own next-token loss instead of KL
+    (the perplexity a user measures, where the calibration is real text; KL plus noise where
+    it was sampled from the model)."""
+    from bitalloc.sensitivity.metrics import get_metric
+
+    if metric not in SELECT_METRICS:
+        raise ValueError(f"selection metric must be one of {', '.join(SELECT_METRICS)}, got {metric!r}")
+
     from bitalloc.sensitivity.calibration import as_batches
     from bitalloc.sensitivity.peer_context import PeerContext
 
@@ -325,11 +338,24 @@ def selection_fitness(model, profile, rows: int = 4, skip: int = 0, hessians=Non
     end = len(data) - int(skip)
     assert 0 < end <= len(data), f"skip={skip} leaves no calibration rows (the profile has {len(data)})"
     sel = data[max(0, end - int(rows)):end]
+    screen_rows = min(int(screen_rows), len(sel))
     # quantized weights shared by the candidates' plans (most layers agree): 1 GiB of them at most
     ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, 1), quantizer=quantizer,
                       hessians=H, cache_bytes=1 << 30)
-    fit = ctx.fitness([as_batches(sel, 4)])
-    return lambda choices: fit(choices, 0)
+    stages = [as_batches(sel, 4)] + ([as_batches(sel[len(sel) - screen_rows:], 4)] if screen_rows else [])
+    return _SelectionFitness(ctx.fitness(stages, metric=None if metric == "kl" else get_metric(metric)),
+                             bool(screen_rows))
+
+
+class _SelectionFitness:
+    """:func:`selection_fitness`'s callable: stage 0 the selection rows, stage 1 the screen's."""
+
+    def __init__(self, fit, screened: bool):
+        self._fit = fit
+        self.screen = (lambda choices: fit(choices, 1)) if screened else None
+
+    def __call__(self, choices):
+        return self._fit(choices, 0)
 
 
 def solve(profile, budget, *, table: str | None = None, **kw) -> Plan:
@@ -488,7 +514,8 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
     plan_paths = {}
     fitness = None
     if cfg.fisher_settings(loaded.kind)[2] and prof.fisher is not None:
-        fitness = selection_fitness(loaded, prof, cfg.solve.select_rows)
+        fitness = selection_fitness(loaded, prof, cfg.solve.select_rows, screen_rows=cfg.solve.select_screen,
+                                    metric=cfg.solve.select_metric)
     for b in cfg.solve.budgets:
         bname = parse_budget(b).name
         extra = {"target": cfg.solve.target} if cfg.solve.target else {}
@@ -497,7 +524,8 @@ def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
         if fitness is not None:
             from .candidates import select_plan
 
-            plan = select_plan(prof, b, fitness, refine=cfg.solve.refine, ties=cfg.solve.select_ties, **kw)
+            plan = select_plan(prof, b, fitness, refine=cfg.solve.refine, ties=cfg.solve.select_ties,
+                               screen=fitness.screen, keep=cfg.solve.select_keep, **kw)
             sel = plan.solver["select"]
             log(f"{bname}: {sel['chosen']} chosen among {sel['distinct_plans']} plans "
                 f"({', '.join(f'{k} {v:.4f}' for k, v in sel['fitness'].items())}) in {sel['seconds']:.1f}s")

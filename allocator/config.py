@@ -40,6 +40,9 @@ typo must not silently fall back to a default).
                                      # (default: true where the profile has a Fisher table)
     select_ties = false              # also each table's plan with q/k/v and gate/up tied (never chosen in
                                      # the main job's measurements; 2x the selection time)
+    select_screen = 0                # first measure every candidate on this many of those rows (0: none),
+    select_keep = 3                  # ... then only the select_keep best on all select_rows
+    select_metric = "kl"             # kl (to the 16-bit model) | nll (the calibration text's own loss)
     refine = 0                       # then at most this many more measurements of a local search from
                                      # the chosen plan (exact budget; allocator.candidates)
     [eval]
@@ -72,6 +75,7 @@ DEFAULT_BUDGETS = ("2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw")
 # follow those points; one reference alone under-predicts the 2-bit rows), on the first
 # DEFAULT_KL_SAMPLES calibration rows scored at every DEFAULT_KL_STRIDE-th position.
 MAX_CONFIG_BYTES = 1 << 20
+SELECT_METRICS = ("kl", "nll")  # what the end-to-end selection measures (api.selection_fitness)
 DEFAULT_KL_SAMPLES = 2
 DEFAULT_KL_STRIDE = 2
 
@@ -142,6 +146,9 @@ class SolveCfg:
                                         # measured KL on select_rows calibration rows (allocator.candidates)
     select_rows: int = 4
     select_ties: bool = False           # candidates also solved with fused inputs tied (allocator.candidates)
+    select_screen: int = 0              # every candidate first measured on this many of those rows (0: none) ...
+    select_keep: int = 3                # ... and only the select_keep best on all select_rows
+    select_metric: str = "kl"           # kl | nll: what the selection measures (nll: the calibration text's loss)
     refine: int = 0                     # local-search measurements after the selection (0: none)
 
 
@@ -256,17 +263,22 @@ class RunConfig:
 
         from .solve import LINEAR_METHODS
 
+        if self.solve.select_metric not in SELECT_METRICS:
+            raise ConfigError(f"[solve] select_metric must be one of {', '.join(SELECT_METRICS)}, got "
+                              f"{self.solve.select_metric!r}")
         if self.solve.method not in LINEAR_METHODS:
             raise ConfigError(f"[solve] method must be one of {', '.join(LINEAR_METHODS)}, got {self.solve.method!r}")
         if self.solve.backend not in ILP_BACKENDS:
             raise ConfigError(f"[solve] backend must be one of {', '.join(ILP_BACKENDS)}, got {self.solve.backend!r}")
         for sec, key in ((self.calibration, "n_samples"), (self.calibration, "seq_len"), (self.calibration, "kl_samples"), (self.calibration, "kl_stride"),
-                         (self.solve, "select_rows"), (self.profile, "measure_every"), (self.eval, "n_windows"), (self.eval, "seq_len")):
+                         (self.solve, "select_rows"), (self.solve, "select_keep"), (self.profile, "measure_every"), (self.eval, "n_windows"), (self.eval, "seq_len")):
             v = getattr(sec, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {v!r}")
-        if not isinstance(self.solve.refine, int) or isinstance(self.solve.refine, bool) or self.solve.refine < 0:
-            raise ConfigError(f"refine must be a non-negative integer, got {self.solve.refine!r}")
+        for key in ("refine", "select_screen"):
+            v = getattr(self.solve, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{key} must be a non-negative integer, got {v!r}")
 
     def fisher_settings(self, kind: str = "causal-lm") -> tuple[str, bool, bool]:
         """(ref_method, fisher_table, select) with "auto" / unset resolved for a model of ``kind``:

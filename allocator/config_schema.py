@@ -63,6 +63,9 @@ class SolveSection(Strict):
     select: Optional[bool] = None
     select_rows: PosInt = 4
     select_ties: bool = False
+    select_screen: Annotated[int, Field(ge=0)] = 0
+    select_keep: PosInt = 3
+    select_metric: NonEmpty = "kl"
     refine: Annotated[int, Field(ge=0)] = 0
 
 

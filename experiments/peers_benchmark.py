@@ -228,9 +228,10 @@ def default_plan(b: Bench, budget):
                          "bitalloc profile ... --ref-method hybrid --fisher-table")
     d = dataclasses.replace(SolveCfg(), **b.a.default_solve)  # --default-solve: an ablation of the defaults
     if b.default_fitness is None:
-        b.default_fitness = bitalloc.selection_fitness(b.loaded, b.profile, rows=d.select_rows, hessians=b.hessians)
+        b.default_fitness = bitalloc.selection_fitness(b.loaded, b.profile, rows=d.select_rows, hessians=b.hessians,
+                                                       screen_rows=d.select_screen, metric=d.select_metric)
     plan = bitalloc.select_plan(b.profile, budget, b.default_fitness, refine=d.refine, ties=d.select_ties,
-                                method=d.method, backend=d.backend)
+                                screen=b.default_fitness.screen, keep=d.select_keep, method=d.method, backend=d.backend)
     sel = plan.solver["select"]
     print(f"[bitalloc-default] {plan.label}: {sel['chosen']} ({', '.join(f'{k} {v:.4f}' for k, v in sel['fitness'].items())})",
           flush=True)

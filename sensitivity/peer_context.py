@@ -203,10 +203,11 @@ class PeerContext:
             for i in changed:
                 self._set(i, self._original[i])
 
-    def reference(self, batches: list[dict] | None = None, *, replay: bool = True) -> Reference:
-        """The 16-bit model's KL reference over ``batches`` (default: the context's)."""
+    def reference(self, batches: list[dict] | None = None, *, replay: bool = True, metric=None) -> Reference:
+        """The 16-bit model's reference over ``batches`` (default: the context's) for ``metric``
+        (default: KL to the 16-bit model)."""
         return compute_reference(self.model, self.layers, batches if batches is not None else self.batches,
-                                 progress=False, replay=replay)
+                                 metric=metric, progress=False, replay=replay)
 
     @torch.no_grad()
     def kl(self, reference: Reference, first_block: int | None = None) -> float:
@@ -217,19 +218,20 @@ class PeerContext:
         self.forwards += len(reference.batches)
         return float(score_batches(self.model, reference, first_block))
 
-    def fitness(self, stage_batches: Sequence[list[dict]]):
+    def fitness(self, stage_batches: Sequence[list[dict]], metric=None):
         """An end-to-end fitness for whole-plan searches (EvoPress, bitalloc's refinement).
 
         ``stage_batches[k]``: the calibration batches stage ``k`` scores on (EvoPress
         scores offspring on few tokens, survivors on more). Returns
         ``fitness(choices, stage) -> [KL per choice]``, each choice a per-layer scheme
-        index array; the references are computed once per stage, on first use."""
+        index array; the references are computed once per stage, on first use. ``metric``:
+        another per-token metric than KL (e.g. ``NLLDeltaMetric``, the text's own loss)."""
         refs: dict[int, Reference] = {}
 
         def fitness(choices: Sequence[np.ndarray], stage: int = 0) -> list[float]:
             assert 0 <= stage < len(stage_batches), f"stage {stage} of {len(stage_batches)}"
             if stage not in refs:
-                refs[stage] = self.reference(list(stage_batches[stage]), replay=False)
+                refs[stage] = self.reference(list(stage_batches[stage]), replay=False, metric=metric)
             out = []
             for c in choices:
                 assert len(c) == self.n_layers, f"a choice has {len(c)} entries for {self.n_layers} layers"

@@ -97,6 +97,40 @@ def test_select_keeps_the_lowest_measured_plan(fisher_profile):
     assert plan.profile["sha256"]
 
 
+def test_screen_measures_every_plan_briefly_and_the_best_fully(fisher_profile):
+    """select_plan(screen=, keep=): every distinct plan on the cheap fitness, only the ``keep``
+    best on the full one, and the choice is the full fitness's best among those finalists, even
+    where the screen ranked another first."""
+    prof, path = fisher_profile
+    w8 = prof.scheme_index("w8")
+    full_calls, screen_calls = [], []
+
+    def n8(c):
+        return float((np.asarray(c) == w8).sum())
+
+    def screen(choices):  # ranks plans by their 8-bit layers, more is better
+        screen_calls.append(len(choices))
+        return [-n8(c) for c in choices]
+
+    def fitness(choices):  # disagrees with the screen: the fewest 8-bit layers win
+        full_calls.append([n8(c) for c in choices])
+        return [n8(c) for c in choices]
+
+    plan = select_plan(prof, "4bpw", fitness, screen=screen, keep=2, profile_path=path)
+    sel = plan.solver["select"]
+    assert sel["distinct_plans"] > 2, "the tiny profile's candidates must differ for this test"
+    assert screen_calls == [sel["distinct_plans"]] and sel["finalists"] == 2
+    assert len(full_calls) == 1 and len(full_calls[0]) == 2
+    finalists, dropped = set(sel["fitness"]), set(sel["screen"]) - set(sel["fitness"])
+    assert dropped and max(sel["screen"][n] for n in finalists) <= min(sel["screen"][n] for n in dropped)
+    assert sorted(set(sel["fitness"].values())) == sorted(set(full_calls[0]))
+    assert sel["fitness"][sel["chosen"]] == min(full_calls[0]) and sel["chosen"] in finalists
+    # keep >= the distinct plans: no screen, every plan measured in full
+    again = select_plan(prof, "4bpw", fitness, screen=screen, keep=sel["distinct_plans"], profile_path=path)
+    assert "screen" not in again.solver["select"] and len(full_calls[-1]) == sel["distinct_plans"]
+    assert screen_calls == [sel["distinct_plans"]]
+
+
 def test_tied_candidates_tie_fused_inputs(fisher_profile):
     prof, _ = fisher_profile
     plan = select_plan(prof, "3.5bpw", lambda cs: [0.0 if k == 1 else 1.0 for k in range(len(cs))], names=["profile"])
@@ -167,6 +201,11 @@ def test_selection_fitness_rows(tiny_profile):
     assert last == again and before != last and last > 0 and before > 0
     with pytest.raises(AssertionError, match="skip"):
         bitalloc.selection_fitness("random:llama-tiny", path, rows=2, skip=4)
+    # screen_rows: the screen is the same KL on the last of those rows, the full fitness unchanged
+    fit = bitalloc.selection_fitness("random:llama-tiny", path, rows=2, screen_rows=1)
+    assert fit([choice])[0] == last and fit.screen is not None
+    assert fit.screen([choice])[0] == bitalloc.selection_fitness("random:llama-tiny", path, rows=1)([choice])[0]
+    assert bitalloc.selection_fitness("random:llama-tiny", path, rows=2).screen is None
 
 
 def test_add_fisher_table_to_a_stored_profile(tiny_profile):
@@ -322,3 +361,31 @@ def test_run_config_gptq_selects_and_evaluates(capsys, tmp_path):
     plan = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())
     assert plan["quantization"]["quantizer"] == "gptq" and "select" in plan["solver"]
     assert Path(plan["quantization"]["hessians"]["path"]).is_file()
+
+
+def test_selection_fitness_nll_is_the_increase_of_the_text_loss(tiny_profile):
+    """metric="nll": the mean next-token cross-entropy of the selection rows with the plan's
+    layers quantized, minus the 16-bit model's, computed here with a plain forward of the
+    executor's packed model; not the KL."""
+    import torch
+
+    from bitalloc.allocator.api import _profile_calibration
+    from bitalloc.allocator.solve import choice_of
+
+    prof, path = tiny_profile
+    plan = bitalloc.solve(prof, "3bpw")
+    choice = choice_of(prof, plan)
+    nll = bitalloc.selection_fitness("random:llama-tiny", path, rows=2, metric="nll")([choice])[0]
+    kl = bitalloc.selection_fitness("random:llama-tiny", path, rows=2)([choice])[0]
+    loaded = bitalloc.load("random:llama-tiny", log=None)
+    ids = _profile_calibration(loaded, prof)[-2:]  # (2, T): the last two rows
+
+    @torch.no_grad()
+    def loss(model) -> float:
+        logits = model(input_ids=ids).logits[:, :-1].double()  # (2, T-1, V): the last position has no label
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+
+    direct = loss(bitalloc.apply(loaded, plan)) - loss(loaded.model)
+    assert nll == pytest.approx(direct, rel=1e-3, abs=1e-6) and nll != pytest.approx(kl, rel=1e-3)
+    with pytest.raises(ValueError, match="selection metric"):
+        bitalloc.selection_fitness("random:llama-tiny", path, rows=2, metric="ppl")

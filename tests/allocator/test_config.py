@@ -28,6 +28,9 @@ def test_toml(tmp_path):
         ("[eval]\nn_windows=0\n", ConfigError, "n_windows"),
         ("this is not toml", ConfigError, "not valid TOML"),
         ("[profile]\nfisher_labels='gold'\n", ConfigError, "fisher_labels"),
+        ("[solve]\nselect_metric='ppl'\n", ConfigError, "select_metric"),
+        ("[solve]\nselect_screen=-1\n", ConfigError, "select_screen"),
+        ("[solve]\nselect_keep=0\n", ConfigError, "select_keep"),
         ("[profile]\nfisher_labels='both'\nfisher_table=false\n", ConfigError, "fisher_labels = both"),
     ],
 )
