@@ -119,3 +119,41 @@ def _private_uses(script: str) -> list[str]:
 @pytest.mark.parametrize("script", ON_DRIVER)
 def test_scripts_on_the_public_api(script):
     assert not _private_uses(script), f"{script} uses private bitalloc names"
+
+
+@pytest.fixture()
+def tiny_profile_path(tmp_path):
+    import bitalloc
+
+    path = tmp_path / "profile.json"
+    bitalloc.profile("random:llama-tiny", n_samples=2, seq_len=32, kl_samples=1, out=path, progress=False, log=None)
+    return path
+
+
+def test_paired_eval_rebuilds_plans_and_compares_windows(monkeypatch, tiny_profile_path):
+    """experiments/paired_eval.py: a plan rebuilt from an allocation record equals the solved
+    plan layer for layer and byte for byte; the paired ratio is exp of the mean NLL
+    difference, with an interval that holds 1 for equal plans and lies below 1 when A wins
+    every window."""
+    import numpy as np
+
+    import bitalloc
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    sys.modules.pop("paired_eval", None)
+    import paired_eval
+
+    prof = bitalloc.load_profile(tiny_profile_path)
+    plan = bitalloc.solve(prof, "3bpw")
+    record = {"schemes": [plan.layers[l.fqn].scheme for l in prof.layers], "budget": {"text": "3bpw"},
+              "predicted": {"total_bytes": plan.predicted["total_bytes"]}}
+    again = paired_eval.rebuild(prof, record, "tiny-3bpw")
+    assert {f: lp.scheme for f, lp in again.layers.items()} == {f: lp.scheme for f, lp in plan.layers.items()}
+    with pytest.raises(AssertionError, match="bytes"):
+        paired_eval.rebuild(prof, {**record, "predicted": {"total_bytes": 1}}, "tiny-3bpw")
+
+    b = np.array([100.0, 120.0, 90.0, 110.0])
+    same = paired_eval.paired(b, b, tokens=10)
+    assert same["ratio"] == 1.0 and same["lo"] == 1.0 == same["hi"] and same["a_wins"] == 0
+    better = paired_eval.paired(b - 1.0, b, tokens=10)
+    assert better["ratio"] == pytest.approx(np.exp(-4.0 / 40)) and better["hi"] < 1.0 and better["a_wins"] == 4

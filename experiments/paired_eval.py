@@ -1,0 +1,142 @@
+"""Are two plans' perplexities different, or within what the text resolves? (issue 14)
+
+The peers table ranks plans by perplexity on a few thousand tokens. Where two plans differ by
+a few per cent, that ranking may be the evaluation text's noise, not the plans'. This script
+scores plans window by window on the same windows and compares each pair *paired*: the
+perplexity ratio ``exp(Σ_w (NLL_A(w) - NLL_B(w)) / N)`` and its 95 % interval from a
+bootstrap over windows (10,000 resamples, fixed seed), plus how many windows A wins. An
+interval that holds 1 means the text does not tell the two plans apart.
+
+Plans come from the benchmark's allocation files (``allocations*.json``: every method's
+scheme per layer), rebuilt on a profile of the same model and schemes; the script checks
+that each rebuilt plan spends the recorded bytes, and prints each plan's perplexity over the
+windows so it can be checked against the results file.
+
+    python experiments/paired_eval.py --profile /tmp/s30/profile-both.json \\
+      --allocations experiments/results/peers/allocations-w32-all.json \\
+      --allocations experiments/results/peers/allocations-w32-default.json \\
+      --pair 3bpw:bitalloc-default:modelopt-gradient --pair 4.5bpw:bitalloc-default:higgs \\
+      --text wikitext2-test.txt:32 --text tinyshakespeare.txt:32 --out /tmp/paired.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _data import DATA  # noqa: E402
+
+
+def rebuild(profile, record: dict, label: str):
+    """The Plan of one allocation record (``schemes``: one name per profile layer)."""
+    from bitalloc.allocator.budget import parse_budget
+    from bitalloc.allocator.solve import plan_from_choice
+
+    schemes = record["schemes"]
+    assert len(schemes) == len(profile.layers), f"{label}: {len(schemes)} schemes for {len(profile.layers)} layers"
+    choice = [profile.scheme_index(s) for s in schemes]
+    plan = plan_from_choice(profile, choice, budget=parse_budget(record["budget"]["text"]))
+    want = record["predicted"]["total_bytes"]
+    assert plan.predicted["total_bytes"] == want, f"{label}: rebuilt plan has {plan.predicted['total_bytes']} bytes, recorded {want}"
+    return plan
+
+
+def window_nll(model, windows, batch: int = 4):
+    """Summed next-token NLL per window ``(n,)`` float64 and the tokens scored per window."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(windows), batch):
+            ids = windows[s:s + batch]  # (B, T)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            out.append((-lp.double()).sum(1))
+            del logits, lp
+    return torch.cat(out).numpy(), windows.shape[1] - 1
+
+
+def paired(a, b, tokens: int, draws: int = 10_000, seed: int = 0) -> dict:
+    """Perplexity ratio A/B over windows, its 95 % bootstrap interval, and A's window wins."""
+    import numpy as np
+
+    d = np.asarray(a) - np.asarray(b)  # (n,) nats per window
+    n = len(d)
+    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
+    boot = np.exp(d[idx].sum(1) / (n * tokens))
+    return {"ratio": float(np.exp(d.sum() / (n * tokens))), "lo": float(np.quantile(boot, 0.025)),
+            "hi": float(np.quantile(boot, 0.975)), "a_wins": int((d < 0).sum()), "windows": n}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", required=True, help="a profile of the model with the allocations' layers and schemes")
+    ap.add_argument("--allocations", action="append", required=True, help="allocations*.json; later files win")
+    ap.add_argument("--pair", action="append", required=True, help="BUDGET:METHOD_A:METHOD_B")
+    ap.add_argument("--text", action="append", required=True, help="FILE:WINDOWS under --data")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import bitalloc
+    from bitalloc.allocator import api
+    from bitalloc.sensitivity.artifact import write_json
+
+    records = {}
+    for f in a.allocations:
+        records.update(json.loads(Path(f).read_text())["plans"])
+    pairs = [p.split(":") for p in a.pair]
+    for p in pairs:
+        assert len(p) == 3, f"--pair {':'.join(p)}: BUDGET:METHOD_A:METHOD_B"
+        for m in p[1:]:
+            assert f"{m}-{p[0]}" in records, f"no allocation {m}-{p[0]} in {a.allocations}"
+    prof = bitalloc.load_profile(a.profile)
+    loaded = bitalloc.load(a.model, log=None)
+    texts = {}
+    for t in a.text:
+        name, n = t.rsplit(":", 1)
+        texts[name], _ = api.eval_windows(loaded, str(Path(a.data) / name), int(n), a.seq_len)
+
+    keys = sorted({f"{m}-{p[0]}" for p in pairs for m in p[1:]})
+    nll = {t: {} for t in texts}
+    ppl = {}
+    for t, w in texts.items():
+        nll[t]["fp16"], tokens = window_nll(loaded.model, w)
+    for k in keys:
+        t0 = time.perf_counter()
+        model = bitalloc.apply(loaded, rebuild(prof, records[k], k))
+        for t, w in texts.items():
+            nll[t][k], tokens = window_nll(model, w)
+            ppl[(t, k)] = float(__import__("math").exp(nll[t][k].sum() / (len(w) * tokens)))
+        del model
+        print(f"{k:32s} " + "  ".join(f"{t} ppl {ppl[(t, k)]:.3f}" for t in texts) + f"  ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+
+    rows = []
+    print(f"\n{'budget':7s} {'A':22s} {'B':20s} {'text':22s} {'ppl A':>9s} {'ppl B':>9s} {'A/B':>7s} {'95% interval':>17s} {'A wins':>7s}")
+    for budget, ma, mb in pairs:
+        for t, w in texts.items():
+            ka, kb = f"{ma}-{budget}", f"{mb}-{budget}"
+            r = paired(nll[t][ka], nll[t][kb], w.shape[1] - 1)
+            rows.append({"budget": budget, "a": ma, "b": mb, "text": t, "windows": len(w), "ppl_a": ppl[(t, ka)],
+                         "ppl_b": ppl[(t, kb)], **r})
+            print(f"{budget:7s} {ma:22s} {mb:20s} {t:22s} {ppl[(t, ka)]:9.2f} {ppl[(t, kb)]:9.2f} {r['ratio']:7.4f} "
+                  f"[{r['lo']:.4f}, {r['hi']:.4f}] {r['a_wins']:3d}/{r['windows']}")
+    fp16 = {t: float(__import__("math").exp(nll[t]["fp16"].sum() / (len(w) * (w.shape[1] - 1)))) for t, w in texts.items()}
+    write_json(a.out, {"schema": "bitalloc.paired-eval/1", "profile": a.profile, "allocations": a.allocations,
+                       "seq_len": a.seq_len, "texts": {t: len(w) for t, w in texts.items()}, "fp16_ppl": fp16,
+                       "bootstrap": {"draws": 10_000, "seed": 0}, "rows": rows})
+    print(f"-> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
