@@ -605,7 +605,7 @@ def _reuse_profile(path: Path, cfg: RunConfig, log, kind: str = "causal-lm"):
                     cfg.profile.exclude, cfg.profile.ref_schemes, measured=cfg.profile.measured,
                     groups=list(cfg.profile.groups) or None,
                     ref_method=_ref_request(ref_method, cfg.profile.measure_every), fisher_table=fisher_table,
-                    fisher_labels=cfg.profile.fisher_labels)
+                    fisher_labels=cfg.fisher_labels(kind))
     want = json.loads(json.dumps(want))
     have = prof.metadata.get("request")
     if have != want:

@@ -29,8 +29,9 @@ typo must not silently fall back to a default).
     measure_every = 3
     fisher_table = true              # also the output-Fisher estimate of every (layer, scheme)
                                      # (default: with ref_method auto, as that; else false)
-    fisher_labels = "sampled"        # the Fisher's labels: sampled from the model, the text's next
-                                     # tokens, or both (two tables, twice the candidates to select from)
+    fisher_labels = "auto"           # the Fisher's labels: sampled from the model, the text's next
+                                     # tokens, or both (two tables, twice the candidates to select from);
+                                     # auto: both when calibrating on a text file, else sampled
     [solve]
     budgets = ["2.5bpw", "3bpw", "3.5bpw", "4bpw", "4.5bpw"]
     method = "ilp"                   # ilp | dp | lagrangian
@@ -129,7 +130,8 @@ class ProfileCfg:
     ref_method: str = "auto"         # measured | fisher | hybrid | auto: how the reference values are obtained
     measure_every: int = 3           # hybrid: every N-th block measured end to end
     fisher_table: bool | None = None # also the output-Fisher estimate of every (layer, scheme); None: auto
-    fisher_labels: str = "sampled"   # sampled | text | both (sensitivity.fisher_refs)
+    fisher_labels: str = "auto"      # auto | sampled | text | both (sensitivity.fisher_refs); auto: both on a
+                                     # calibration file, sampled on generated calibration (RunConfig.fisher_labels)
 
 
 @dataclass(frozen=True)
@@ -250,8 +252,8 @@ class RunConfig:
                               "(no ref_method, fisher_table or [solve] select)")
         from bitalloc.sensitivity.profile_config import FISHER_LABELS
 
-        if self.profile.fisher_labels not in FISHER_LABELS:
-            raise ConfigError(f"[profile] fisher_labels must be one of {', '.join(FISHER_LABELS)}, got "
+        if self.profile.fisher_labels not in ("auto", *FISHER_LABELS):
+            raise ConfigError(f"[profile] fisher_labels must be one of auto, {', '.join(FISHER_LABELS)}, got "
                               f"{self.profile.fisher_labels!r}")
         if self.profile.fisher_labels == "both" and not self.fisher_settings()[1]:
             raise ConfigError("[profile] fisher_labels = both keeps a Fisher table per label kind: it needs fisher_table")
@@ -293,6 +295,18 @@ class RunConfig:
         select = self.solve.select if self.solve.select is not None else bool(table)
         return method, bool(table), bool(select)
 
+    def fisher_labels(self, kind: str = "causal-lm") -> str:
+        """[profile] fisher_labels with "auto" resolved: both label kinds (two Fisher tables, nine
+        candidate calibrations) where the run has a Fisher table and calibrates on a text file,
+        the sampled labels alone on generated calibration, whose next tokens were themselves
+        sampled from the model (a second table would be a second draw of the same estimate);
+        "sampled" where there is no table."""
+        fisher_table = self.fisher_settings(kind)[1]
+        labels = self.profile.fisher_labels
+        if labels == "auto":
+            labels = "both" if fisher_table and self.calibration.source != "generated" else "sampled"
+        return labels if fisher_table or labels != "both" else "sampled"  # an encoder: no table
+
     def profile_config(self, kind: str = "causal-lm"):
         """The [profile] and [calibration] sections as one
         :class:`~bitalloc.sensitivity.profile_config.ProfileConfig` (for a model of ``kind``)."""
@@ -306,7 +320,7 @@ class RunConfig:
             kl_samples=c.kl_samples, kl_stride=c.kl_stride, groups=tuple(p.groups), measured=p.measured,
             workers=p.workers or None, ray_address=p.ray_address or None, saliency=p.saliency, quantizer=p.quantizer,
             ref_method=ref_method, fisher_table=fisher_table, measure_every=p.measure_every,
-            fisher_labels=p.fisher_labels if fisher_table or p.fisher_labels != "both" else "sampled")  # an encoder: no table
+            fisher_labels=self.fisher_labels(kind))
 
     def group_policy(self):
         """The [solve] group_* keys as an :class:`allocator.policy.GroupPolicy`."""

@@ -47,7 +47,7 @@ class ProfileSection(Strict):
     imatrix: bool = True
     ref_method: NonEmpty = "auto"
     fisher_table: Optional[bool] = None
-    fisher_labels: NonEmpty = "sampled"
+    fisher_labels: NonEmpty = "auto"
     measure_every: PosInt = 3
 
 

@@ -189,6 +189,26 @@ def test_run_selects_among_candidates(capsys, tmp_path):
     assert prof.fisher is not None and prof.metadata["request"]["fisher_table"] is True
 
 
+def test_run_on_a_text_file_selects_among_both_label_kinds(capsys, tmp_path):
+    """The run's defaults on a calibration text file: both Fisher tables (fisher_labels auto),
+    so the '-text' calibrations are candidates too; select_screen / select_keep / select_metric
+    reach the selection and are recorded."""
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    cfg = tiny_run_config(tmp_path, solve='select_rows = 2\nselect_screen = 1\nselect_keep = 2\nselect_metric = "nll"')
+    cfg.write_text(cfg.read_text().replace("[calibration]\n", f'[calibration]\nsource = "{text}"\n'))
+    cli(capsys, "run", cfg)
+    prof = bitalloc.load_profile(tmp_path / "out" / "profile.json")
+    assert prof.fisher is not None and prof.fisher_text is not None
+    assert prof.metadata["options"]["fisher"]["labels"] == "both"
+    sel = json.loads((tmp_path / "out" / "plans" / "bitalloc-3.5bpw.json").read_text())["solver"]["select"]
+    assert any(n.endswith("-text") for n in sel["candidates"]) and len(sel["candidates"]) == len(CANDIDATES)
+    if sel["distinct_plans"] > 2:  # screened: every plan once on one row, the two best on both
+        assert len(sel["screen"]) == len(sel["candidates"]) and sel["finalists"] == 2
+        assert len(set(sel["fitness"].values())) <= 2
+    assert sel["chosen"] in sel["fitness"]
+
+
 def test_selection_fitness_rows(tiny_profile):
     """The last rows by default; ``skip`` measures the rows before them instead (another set)."""
     from bitalloc.allocator.solve import choice_of

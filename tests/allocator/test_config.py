@@ -75,3 +75,23 @@ def test_fisher_settings_resolve_auto(tmp_path):
     cfg = load_config(p)
     assert cfg.profile_config("causal-lm").fisher_labels == "both"
     assert cfg.profile_config("encoder").fisher_labels == "sampled"  # no Fisher table for an encoder
+
+
+def test_fisher_labels_auto_follows_the_calibration(tmp_path):
+    """fisher_labels = "auto" (the default): both label kinds when calibrating on a text file,
+    the sampled labels on generated calibration (its next tokens were sampled from the model)
+    and wherever there is no Fisher table; an explicit value wins."""
+    cfg = load_config(None)
+    assert cfg.profile.fisher_labels == "auto" and cfg.calibration.source == "generated"
+    assert cfg.profile_config("causal-lm").fisher_labels == "sampled"  # the main job: unchanged
+    text = tmp_path / "calib.txt"
+    text.write_text("some text\n")
+    p = tmp_path / "c.toml"
+    for body, kind, want in [(f'[calibration]\nsource = "{text}"', "causal-lm", "both"),
+                             (f'[calibration]\nsource = "{text}"', "encoder", "sampled"),
+                             (f'[calibration]\nsource = "{text}"\n[profile]\nfisher_table = false', "causal-lm", "sampled"),
+                             (f'[calibration]\nsource = "{text}"\n[profile]\nfisher_labels = "sampled"', "causal-lm", "sampled"),
+                             ('[profile]\nfisher_labels = "text"', "causal-lm", "text")]:
+        p.write_text(body + "\n")
+        assert load_config(p).fisher_labels(kind) == want, (body, kind)
+        assert load_config(p).profile_config(kind).fisher_labels == want, (body, kind)
