@@ -33,14 +33,15 @@ sys.path.insert(0, str(HERE))
 from _data import DATA  # noqa: E402
 
 
-def rebuild(profile, record: dict, label: str):
-    """The Plan of one allocation record (``schemes``: one name per profile layer)."""
+def rebuild(profile, names: list[str], record: dict, label: str):
+    """The Plan of one allocation record (``schemes``: one name per layer of ``names``, the
+    allocation file's ``layers``; matched to the profile's layers by name)."""
     from bitalloc.allocator.budget import parse_budget
     from bitalloc.allocator.solve import plan_from_choice
 
-    schemes = record["schemes"]
-    assert len(schemes) == len(profile.layers), f"{label}: {len(schemes)} schemes for {len(profile.layers)} layers"
-    choice = [profile.scheme_index(s) for s in schemes]
+    by_name = dict(zip(names, record["schemes"], strict=True))
+    assert set(by_name) == {l.fqn for l in profile.layers}, f"{label}: the allocation's layers are not the profile's"
+    choice = [profile.scheme_index(by_name[l.fqn]) for l in profile.layers]
     plan = plan_from_choice(profile, choice, budget=parse_budget(record["budget"]["text"]))
     want = record["predicted"]["total_bytes"]
     assert plan.predicted["total_bytes"] == want, f"{label}: rebuilt plan has {plan.predicted['total_bytes']} bytes, recorded {want}"
@@ -90,9 +91,11 @@ def main(argv=None) -> int:
     from bitalloc.allocator import api
     from bitalloc.sensitivity.artifact import write_json
 
-    records = {}
+    records, names = {}, {}
     for f in a.allocations:
-        records.update(json.loads(Path(f).read_text())["plans"])
+        d = json.loads(Path(f).read_text())
+        records.update(d["plans"])
+        names.update({k: d["layers"] for k in d["plans"]})
     pairs = [p.split(":") for p in a.pair]
     for p in pairs:
         assert len(p) == 3, f"--pair {':'.join(p)}: BUDGET:METHOD_A:METHOD_B"
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
         nll[t]["fp16"], tokens = window_nll(loaded.model, w)
     for k in keys:
         t0 = time.perf_counter()
-        model = bitalloc.apply(loaded, rebuild(prof, records[k], k))
+        model = bitalloc.apply(loaded, rebuild(prof, names[k], records[k], k))
         for t, w in texts.items():
             nll[t][k], tokens = window_nll(model, w)
             ppl[(t, k)] = float(__import__("math").exp(nll[t][k].sum() / (len(w) * tokens)))

@@ -5,7 +5,7 @@ calibration set (WikiText-2 validation, the profile's own tokens) and exact-bit 
 every method. Each peer of :mod:`bitalloc.allocator.peers` scores bitalloc's candidates its
 own way and searches its own way. ``bitalloc-default`` is what ``bitalloc run`` does by default
 (the selection among the profile's candidate calibrations, on a profile of the default kind:
-``--ref-method hybrid --fisher-table``); ``bitalloc`` is the ILP on the profile's own table
+``--ref-method hybrid --fisher-table --fisher-labels both``); ``bitalloc`` is the ILP on the profile's own table
 (optionally refined end to end: ``bitalloc-refine``); ``bitalloc-select`` the selection with
 more rows, both Fisher label kinds, tied candidates and a refinement. Every plan is evaluated by WikiText-2 test
 perplexity and KL to the 16-bit model, and on text of another kind (Tiny Shakespeare) so a
@@ -216,8 +216,9 @@ def default_plan(b: Bench, budget):
     """What ``bitalloc run`` does by default with this profile: the selection among the profile's
     candidate calibrations on the last ``select_rows`` calibration rows, ties and refinement as
     the run config's defaults (allocator.config.SolveCfg). The profile must be the default kind
-    (``bitalloc profile --ref-method hybrid --fisher-table``, what ``ref_method = "auto"`` makes
-    for a causal LM), else there is nothing to select among."""
+    (``bitalloc profile --ref-method hybrid --fisher-table --fisher-labels both``: what
+    ``ref_method = "auto"`` and ``fisher_labels = "auto"`` make for a causal LM calibrated on a
+    text file), else there is nothing to select among."""
     import dataclasses
 
     import bitalloc
@@ -225,7 +226,7 @@ def default_plan(b: Bench, budget):
 
     if b.profile.fisher is None:
         raise SystemExit("bitalloc-default: the profile has no Fisher table; make it as `bitalloc run` does: "
-                         "bitalloc profile ... --ref-method hybrid --fisher-table")
+                         "bitalloc profile ... --ref-method hybrid --fisher-table --fisher-labels both")
     d = dataclasses.replace(SolveCfg(), **b.a.default_solve)  # --default-solve: an ablation of the defaults
     if b.default_fitness is None:
         b.default_fitness = bitalloc.selection_fitness(b.loaded, b.profile, rows=d.select_rows, hessians=b.hessians,

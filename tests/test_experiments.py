@@ -145,12 +145,15 @@ def test_paired_eval_rebuilds_plans_and_compares_windows(monkeypatch, tiny_profi
 
     prof = bitalloc.load_profile(tiny_profile_path)
     plan = bitalloc.solve(prof, "3bpw")
-    record = {"schemes": [plan.layers[l.fqn].scheme for l in prof.layers], "budget": {"text": "3bpw"},
+    names = sorted(l.fqn for l in prof.layers)  # an allocation file's order, not the profile's
+    record = {"schemes": [plan.layers[n].scheme for n in names], "budget": {"text": "3bpw"},
               "predicted": {"total_bytes": plan.predicted["total_bytes"]}}
-    again = paired_eval.rebuild(prof, record, "tiny-3bpw")
+    again = paired_eval.rebuild(prof, names, record, "tiny-3bpw")
     assert {f: lp.scheme for f, lp in again.layers.items()} == {f: lp.scheme for f, lp in plan.layers.items()}
     with pytest.raises(AssertionError, match="bytes"):
-        paired_eval.rebuild(prof, {**record, "predicted": {"total_bytes": 1}}, "tiny-3bpw")
+        paired_eval.rebuild(prof, names, {**record, "predicted": {"total_bytes": 1}}, "tiny-3bpw")
+    with pytest.raises(AssertionError, match="layers"):
+        paired_eval.rebuild(prof, names[:-1] + ["x.weight"], record, "tiny-3bpw")
 
     b = np.array([100.0, 120.0, 90.0, 110.0])
     same = paired_eval.paired(b, b, tokens=10)
