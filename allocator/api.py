@@ -313,26 +313,21 @@ def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | N
 def selection_fitness(model, profile, rows: int = 4, skip: int = 0, hessians=None, screen_rows: int = 0,
                       metric: str = "kl"):
     """``fitness(choices) -> [KL]`` for :func:`bitalloc.allocator.candidates.select_plan`: each
-    choice (one scheme index per profile layer) fake-quantized into the model at once, KL per
-    token to the 16-bit model on the last ``rows`` rows of the profile's own calibration set
-    (rebuilt from its description and checked against its token hash); ``skip``: the ``rows``
-    before the last ``skip`` instead (another set of rows, to check a selection against). Each
-    layer is quantized by the profile's quantizer (gptq: with ``hessians``, or the file the
-    profile records), as the executor will quantize the chosen plan.
-
-    The callable's ``screen`` is the same KL on the last ``screen_rows`` of those rows (None
-    when 0): ``select_plan(..., screen=fit.screen)`` looks at every candidate briefly first.
-    ``metric="nll"``: the increase of the calibration text's own next-token loss instead of KL
-    (the perplexity a user measures, where the calibration is real text; KL plus noise where
-    it was sampled from the model)."""
+    choice (one scheme index per profile layer) fake-quantized into the model at once (by the
+    profile's quantizer; gptq: with ``hessians`` or the file the profile records), KL per token
+    to the 16-bit model on the last ``rows`` rows of the profile's own calibration (rebuilt and
+    checked against its hash); ``skip``: the ``rows`` before the last ``skip`` instead. The
+    callable's ``screen`` (None when ``screen_rows`` is 0) is the same on the last
+    ``screen_rows`` of those rows. ``metric="nll"``: the increase of the calibration text's own
+    next-token loss instead (where the calibration is real text; KL plus noise if sampled)."""
+    from bitalloc.sensitivity.calibration import as_batches
     from bitalloc.sensitivity.metrics import get_metric
+    from bitalloc.sensitivity.peer_context import PeerContext
+
+    from .candidates import StagedFitness
 
     if metric not in SELECT_METRICS:
         raise ValueError(f"selection metric must be one of {', '.join(SELECT_METRICS)}, got {metric!r}")
-
-    from bitalloc.sensitivity.calibration import as_batches
-    from bitalloc.sensitivity.peer_context import PeerContext
-
     loaded, prof, quantizer, H = _causal_quantized(model, profile, "selecting plans end to end", hessians)
     data = _profile_calibration(loaded, prof)
     end = len(data) - int(skip)
@@ -343,19 +338,7 @@ def selection_fitness(model, profile, rows: int = 4, skip: int = 0, hessians=Non
     ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, 1), quantizer=quantizer,
                       hessians=H, cache_bytes=1 << 30)
     stages = [as_batches(sel, 4)] + ([as_batches(sel[len(sel) - screen_rows:], 4)] if screen_rows else [])
-    return _SelectionFitness(ctx.fitness(stages, metric=None if metric == "kl" else get_metric(metric)),
-                             bool(screen_rows))
-
-
-class _SelectionFitness:
-    """:func:`selection_fitness`'s callable: stage 0 the selection rows, stage 1 the screen's."""
-
-    def __init__(self, fit, screened: bool):
-        self._fit = fit
-        self.screen = (lambda choices: fit(choices, 1)) if screened else None
-
-    def __call__(self, choices):
-        return self._fit(choices, 0)
+    return StagedFitness(ctx.fitness(stages, metric=None if metric == "kl" else get_metric(metric)), len(stages))
 
 
 def solve(profile, budget, *, table: str | None = None, **kw) -> Plan:

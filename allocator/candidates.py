@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["CANDIDATES", "candidate_tables", "with_table", "tagged", "select_plan"]
+__all__ = ["CANDIDATES", "candidate_tables", "with_table", "tagged", "select_plan", "StagedFitness"]
 
 # in the order they are tried (a tie keeps the earlier one); the "-text" ones solve on the
 # text-label Fisher table of a profile made with fisher_labels="both" (profile.fisher_text)
@@ -173,6 +173,19 @@ def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[
         plan, record["refine"] = _refine(profile, plan, budget, fitness, used[chosen], {keys[best]: float(values[best])},
                                          int(refine), seed, profile_path, solve_kw)
     return dataclasses.replace(plan, solver={**plan.solver, "select": record})
+
+
+class StagedFitness:
+    """A two-stage ``fitness(choices, stage)`` as :func:`select_plan` takes it: calling it
+    measures stage 0 (the selection rows); ``screen`` measures stage 1 (fewer rows), None
+    when there is only one stage."""
+
+    def __init__(self, fit: Callable, stages: int):
+        self._fit = fit
+        self.screen = (lambda choices: fit(choices, 1)) if stages > 1 else None
+
+    def __call__(self, choices):
+        return self._fit(choices, 0)
 
 
 def _key(v) -> float:
