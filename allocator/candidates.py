@@ -125,9 +125,10 @@ def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[
     (ModelOpt's grouping) is what wins at 3 bpw on SmolLM2 (experiments/README.md).
     ``screen``: a cheaper fitness (fewer calibration tokens, e.g. one of ``fitness``'s rows)
     that measures every distinct plan first; only the ``keep`` best go on to ``fitness``.
-    The candidates' values differ far more than a row's noise (3.4 against 4.3 nats at
-    2.5 bpw), so a short look drops the losers and the full measurement is spent where it
-    decides (experiments/README.md).
+    That saves measurements where candidates differ far more than one row's noise (3.4
+    against 4.3 nats at 2.5 bpw on SmolLM2); where the best few are close, one row can drop
+    the plan more rows prefer (SmolLM2 at 3.0 and 4.5 bpw, experiments/README.md), so the
+    run does not screen by default.
     ``refine``: at most that many further fitness calls of a local search within the exact
     budget, warm-started from the chosen plan (:func:`bitalloc.solvers.evolve.refine`, moves
     ordered by the chosen table).
