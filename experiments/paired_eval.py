@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         model = bitalloc.apply(loaded, rebuild(prof, names[k], records[k], k))
         for t, w in texts.items():
             nll[t][k], tokens = window_nll(model, w)
-            ppl[(t, k)] = float(__import__("math").exp(nll[t][k].sum() / (len(w) * tokens)))
+            ppl[(t, k)] = float(math.exp(nll[t][k].sum() / (len(w) * tokens)))
         del model
         print(f"{k:32s} " + "  ".join(f"{t} ppl {ppl[(t, k)]:.3f}" for t in texts) + f"  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
                          "ppl_b": ppl[(t, kb)], **r})
             print(f"{budget:7s} {ma:22s} {mb:20s} {t:22s} {ppl[(t, ka)]:9.2f} {ppl[(t, kb)]:9.2f} {r['ratio']:7.4f} "
                   f"[{r['lo']:.4f}, {r['hi']:.4f}] {r['a_wins']:3d}/{r['windows']}")
-    fp16 = {t: float(__import__("math").exp(nll[t]["fp16"].sum() / (len(w) * (w.shape[1] - 1)))) for t, w in texts.items()}
+    fp16 = {t: float(math.exp(nll[t]["fp16"].sum() / (len(w) * (w.shape[1] - 1)))) for t, w in texts.items()}
     write_json(a.out, {"schema": "bitalloc.paired-eval/1", "profile": a.profile, "allocations": a.allocations,
                        "seq_len": a.seq_len, "texts": {t: len(w) for t, w in texts.items()}, "fp16_ppl": fp16,
                        "bootstrap": {"draws": 10_000, "seed": 0}, "rows": rows})
