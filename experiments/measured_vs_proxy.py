@@ -11,7 +11,8 @@ gives all three loss tables over the same schemes and layers:
 
 Each table is solved at every budget (same exact costs, same ILP) and the plans are scored
 by WikiText-2 test perplexity and KL on ``--windows`` windows of 512 tokens. Writes
-experiments/results/measured-vs-proxy/{results.json,profile-measured.json,plans/}.
+experiments/results/measured-vs-proxy/{results.json,allocations.json,profile-measured.json,plans/}
+(plans/ and the profile are regenerated, not committed; allocations.json has each plan's schemes).
 
     python experiments/measured_vs_proxy.py --workers 2
 """
@@ -22,7 +23,7 @@ import argparse
 import dataclasses
 import sys
 
-from _driver import Bench, add_args, table
+from _driver import Bench, add_args, table, write_allocations
 
 SCHEMES = "w2g64z,w3,w3g128,w3g128z,w4,w4g128,w4g128z,w5g128z,w8"
 COLUMNS = (("table", "table", ""), ("budget", "budget", ""), ("bpw", "bpw", ".3f"), ("ppl", "ppl", ".3f"),
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
         rows.append({"table": name, "budget": b, "bpw": plan.predicted["bpw"], **res[key],
                      "predicted_loss_measured_units": float(sum(
                          measured[i, prof.schemes.index(plan.layers[f].scheme)] for i, f in enumerate(prof.fqns)))})
+    write_allocations(bench.out / "plans", bench.out / "allocations.json")
     bench.write({"schemes": schemes, "ref_schemes": refs, "workers": a.workers, "layers": a.layers,
                  "measure": prof.metadata.get("measure"), "rows": rows})
     print("\n" + table(rows, COLUMNS))

@@ -10,7 +10,8 @@ on 32 windows of 512 tokens. At each budget:
   eighth of the blocks and every third block between), the largest not above the budget.
 
 Writes experiments/results/quality/{results.json,results.csv,summary.json,ppl_vs_bpw.png,
-plans/,profile.json} and prints a table and whether bitalloc beats both baselines everywhere.
+allocations.json,plans/,profile.json} (plans/ and the profile are not committed: each plan's
+schemes per layer are in allocations.json) and prints a table and whether bitalloc beats both baselines everywhere.
 
     python experiments/quality_benchmark.py            # full run (about 15 min on 2 cores)
     python experiments/quality_benchmark.py --quick    # 8 windows, 3 budgets: a smoke test
@@ -22,7 +23,7 @@ Follow-ups on a saved profile (what experiments/quality_followup/ did, in one co
     # say which plans changed against an earlier run's plans, evaluate only those, and the
     # asymmetric uniform formats beside them
     python experiments/quality_benchmark.py --profile results/quality/profile.json \\
-        --extend-schemes w5,w5g128 --compare-plans results/quality/plans --only-changed \\
+        --extend-schemes w5,w5g128 --compare-plans results/quality/allocations.json --only-changed \\
         --uniform w3g128z,w4g128z
 """
 
@@ -30,10 +31,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
-from _driver import Bench, add_args, table
+from _driver import Bench, add_args, table, write_allocations
 
 COLUMNS = (("budget", "budget", ""), ("method", "method", ""), ("label", "plan", ""), ("bpw", "bpw", ".3f"),
            ("ppl", "ppl", ".3f"), ("kl", "KL", ".4f"), ("top1", "top-1", ".3f"), ("other_ppl", "Shakespeare ppl", ".3f"),
@@ -79,9 +81,14 @@ def extend_profile(loaded, prof, extra: list[str], *, progress: bool = False):
                                scales=scales, metadata={**prof.metadata, "extended_with": extra})
 
 
-def same_choice(a, b) -> bool:
-    return {k: (v.scheme, tuple(v.high_idx or ())) for k, v in a.layers.items()} == \
-        {k: (v.scheme, tuple(v.high_idx or ())) for k, v in b.layers.items()}
+def earlier_schemes(compare: str) -> dict:
+    """``{stem: {layer: scheme}}`` of an earlier run: its allocations.json or a folder of its plans.
+    Schemes decide the plan: a split scheme's high-impact channels are the profile's own."""
+    p = Path(compare)
+    if p.is_file():
+        d = json.loads(p.read_text())
+        return {stem: {f: s for f, s in zip(d["layers"], r["schemes"]) if s is not None} for stem, r in d["plans"].items()}
+    return {f.stem: {k: v.scheme for k, v in Plan.load(f).layers.items()} for f in sorted(p.glob("*.json"))}
 
 
 def main(argv=None) -> int:
@@ -138,12 +145,13 @@ def main(argv=None) -> int:
             continue
         entries.append(("-", f"uniform {s}", baselines.uniform_plan(prof, s)))
     changed = {}
+    old_schemes = earlier_schemes(a.compare_plans) if a.compare_plans else {}
     for b, m, plan in entries:
         stem = f"{m.replace(' ', '-')}-{b}" if b != "-" else m.replace(" ", "-")
         plan.save(out / "plans" / f"{stem}.json")
         if a.compare_plans:
-            old = Path(a.compare_plans) / f"{stem}.json"
-            changed[b, m] = not old.is_file() or not same_choice(plan, Plan.load(old))
+            old = old_schemes.get(stem)
+            changed[b, m] = old != {k: v.scheme for k, v in plan.layers.items()}
             print(f"{b:>8} {m:<16} {'changed' if changed[b, m] else 'same'} {plan.label} "
                   f"bpw {plan.predicted['bpw']:.4f} pred. loss {plan.predicted['loss_total']:.4f}", flush=True)
     todo = [(b, m, p) for b, m, p in entries if not a.only_changed or changed[b, m]]
@@ -158,6 +166,7 @@ def main(argv=None) -> int:
                      **res[f"{m}@{b}"], "predicted_loss": p["loss_total"],
                      "solver_status": plan.solver.get("status"), "changed": changed.get((b, m))})
     write_results(rows, out)
+    write_allocations(out / "plans", out / "allocations.json")
     plot_ppl_vs_bpw([r for r in rows if r["budget"] != "-"], out / "ppl_vs_bpw.png",
                     title=f"{a.model}: perplexity vs bits per weight", reference_ppl=ref["ppl"])
 

@@ -11,13 +11,15 @@ plan (which vLLM kernels can run its layers, read from vLLM's code).
     python experiments/vllm_ties.py --profile experiments/results/quality/profile.json \
         --text /work/shared/data/wikitext2-test.txt                          # ~4 min on 2 idle CPU cores
 
-Writes experiments/results/vllm-ties/{results.json, plans/*.json} and prints a table.
+Writes experiments/results/vllm-ties/{results.json, allocations.json, plans/*.json} (plans/ is not
+committed: allocations.json has each plan's schemes) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +85,10 @@ def main() -> None:
         print(f"{k}: " + "; ".join(rep["summary_lines"][1:2] + rep["summary_lines"][6:]))
     result["exports"] = exports
     (out / "results.json").write_text(json.dumps(result, indent=1))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _driver import write_allocations
+
+    write_allocations(out / "plans", out / "allocations.json")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ def main() -> int:
     results = json.loads(res_path.read_text()) if res_path.is_file() else {}
     results[a.label] = row
     res_path.write_text(json.dumps(results, indent=2) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _driver import write_allocations
+
+    write_allocations(plans_dir, OUT / "allocations.json")  # plans/ itself is regenerated, not committed
     print(f"{'label':<14} {'step':<14} {'peak RSS MiB':>13} {'wall s':>8}")
     for lab, r in results.items():
         for step in ("profile", "eval_12_plans"):
