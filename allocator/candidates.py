@@ -153,12 +153,12 @@ def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[
     for name, plan in plans.items():
         unique.setdefault(choice_of(profile, plan).tobytes(), []).append(name)
     t0 = time.perf_counter()
-    keys, screened = list(unique), {}
-    if screen is not None and len(keys) > max(1, int(keep)):
+    keys, screened, keep = list(unique), {}, max(1, int(keep))
+    if screen is not None and len(keys) > keep:
         sv = screen([np.frombuffer(k, dtype=np.int64) for k in keys])
         screened = {n: float(v) for k, v in zip(keys, sv) for n in unique[k]}
         order = sorted(range(len(keys)), key=lambda i: (_key(sv[i]), i))
-        keys = [keys[i] for i in sorted(order[: max(1, int(keep))])]  # the finalists, in the candidates' order
+        keys = [keys[i] for i in sorted(order[:keep])]  # the finalists, in the candidates' order
     t1 = time.perf_counter()
     values = fitness([np.frombuffer(k, dtype=np.int64) for k in keys]) if len(keys) > 1 or refine else [float("nan")]
     seconds = time.perf_counter() - t0

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/_driver.py
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "experiments" / "results" / "vllm-ties"
@@ -85,7 +87,6 @@ def main() -> None:
         print(f"{k}: " + "; ".join(rep["summary_lines"][1:2] + rep["summary_lines"][6:]))
     result["exports"] = exports
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _driver import write_allocations
 
     write_allocations(out / "plans", out / "allocations.json")

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/_driver.py
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "vocab-memory"
 MODEL = "random:llama-256k"
@@ -80,7 +82,6 @@ def main() -> int:
     results = json.loads(res_path.read_text()) if res_path.is_file() else {}
     results[a.label] = row
     res_path.write_text(json.dumps(results, indent=2) + "\n")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _driver import write_allocations
 
     write_allocations(plans_dir, OUT / "allocations.json")  # plans/ itself is regenerated, not committed
