@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "calibrations `solve --table` and `run`'s [solve] select choose among")
     sp.add_argument("--max-memory", default=None, metavar="SIZE",
                     help="block streaming: read a model directory's safetensors (or a GGUF) one block at a time so the "
-                         "profile fits SIZE (e.g. 1GiB); the calibrated proxy with measured references; with --workers "
+                         "profile fits SIZE (e.g. 1GiB); the calibrated proxy with measured, fisher or hybrid references and "
+                         "the Fisher tables; with --workers "
                          "or --ray-address, SIZE per worker")
     sp.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",
                     help="Fisher labels: sampled from the model (the KL's Fisher), the text's next tokens, or both "

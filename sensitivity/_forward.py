@@ -66,16 +66,20 @@ def tree_clone(x: Any) -> Any:
 
 
 @contextlib.contextmanager
-def replay_blocks(blocks: Sequence[torch.nn.Module], before: int, output: Any):
+def replay_blocks(blocks: Sequence[torch.nn.Module], before: int, output: Any, leaf: torch.Tensor | None = None):
     """Blocks ``0..before-1`` skip their work: the last returns a clone of ``output`` (block
     ``before-1``'s cached output, so the consumer may not change the cache), the others
-    ``output`` itself (nothing reads it). Each block's own ``forward`` comes back after."""
+    ``output`` itself (nothing reads it). With ``leaf`` (a gradient target standing for the
+    output's hidden state), the last returns ``leaf`` in its place, not a clone. Each block's
+    own ``forward`` comes back after."""
+    last = tree_clone(output) if leaf is None else (
+        leaf if isinstance(output, torch.Tensor) else type(output)((leaf, *output[1:])))
     patched = []
     try:
         for i in range(before):
             blk = blocks[i]
             prev = blk.__dict__.get("forward", None)
-            value = tree_clone(output) if i == before - 1 else output
+            value = last if i == before - 1 else output
             blk.forward = lambda *a, _v=value, **k: _v
             patched.append((blk, prev))
         yield

@@ -41,7 +41,8 @@ import torch
 
 from .profile_config import FISHER_LABELS
 
-__all__ = ["FISHER_LABELS", "FisherStats", "label_kinds", "fisher_ref_values", "fisher_ref_tables", "hybrid_ref_values", "measured_subset", "layer_kind", "input_role"]
+__all__ = ["FISHER_LABELS", "FisherStats", "label_kinds", "fisher_rows", "sample_labels", "head_grads", "LayerTaps",
+           "append_scored", "scored_mask", "label_loss", "fisher_ref_values", "fisher_ref_tables", "hybrid_ref_values", "measured_subset", "layer_kind", "input_role"]
 
 FISHER_MEMORY = 1 << 30  # the kept inputs and squared gradients, per label kind (FisherStats.collect)
 
@@ -52,7 +53,22 @@ def label_kinds(labels: str) -> tuple[str, ...]:
     return ("sampled", "text") if labels == "both" else (labels,)
 
 
-def _labels(logits: torch.Tensor, ids: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+def fisher_rows(layers: Sequence[Any], shape: tuple[int, int], stride: int, labels: str, memory: int | None = None) -> int:
+    """How many calibration rows (of ``shape = (n, T)``) a collection keeps: whole rows while each
+    layer's scored inputs and squared gradients (per label kind) fit ``memory`` (default
+    :data:`FISHER_MEMORY` per label kind), at least one. The streamed pass
+    (:mod:`sensitivity.stream_fisher`) takes the same rows."""
+    kinds = label_kinds(labels)
+    per_row = len(range(0, int(shape[1]) - 1, stride))  # scored positions of one row
+    inputs = {}
+    for layer in layers:  # layers reading one input share it (q/k/v, gate/up): count it once
+        inputs.setdefault((layer.block_index, layer.in_features, input_role(layer.fqn)), layer.in_features)
+    per_token = 4 * (sum(inputs.values()) + len(kinds) * sum(layer.out_features for layer in layers))
+    memory = FISHER_MEMORY * len(kinds) if memory is None else int(memory)
+    return max(1, min(int(shape[0]), memory // max(1, per_token * per_row)))
+
+
+def sample_labels(logits: torch.Tensor, ids: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     """``(B, T-1)`` targets for positions 0..T-2: sampled from the model, or the text's next tokens."""
     if mode == "text":
         return ids[:, 1:]
@@ -105,13 +121,7 @@ class FisherStats:
         if not (isinstance(stride, int) and stride >= 1):
             raise ValueError(f"stride must be a positive integer, got {stride!r}")
         T = int(data.shape[1])
-        per_row = len(range(0, T - 1, stride))  # scored positions of one row
-        inputs = {}
-        for layer in layers:  # layers reading one input share it (q/k/v, gate/up): count it once
-            inputs.setdefault((layer.block_index, layer.in_features, input_role(layer.fqn)), layer.in_features)
-        per_token = 4 * (sum(inputs.values()) + len(kinds) * sum(layer.out_features for layer in layers))
-        memory = FISHER_MEMORY * len(kinds) if memory is None else int(memory)
-        rows = max(1, min(int(data.shape[0]), memory // max(1, per_token * per_row)))
+        rows = fisher_rows(layers, tuple(data.shape), stride, labels, memory)
         data = data[:rows]
         mods = [module_at(model, layer.fqn) for layer in layers]
         xs: dict[int, list] = {i: [] for i in range(len(layers))}
@@ -229,6 +239,69 @@ def fisher_ref_tables(
     return tuple(out), {**stats.info, "seconds": round(time.perf_counter() - t0, 3)}
 
 
+class LayerTaps:
+    """Forward hooks on ``mods`` (but not those at indices ``skip``) keeping each layer's input
+    (detached) and making its output a gradient target; :meth:`remove` takes them off."""
+
+    def __init__(self, mods: Sequence[torch.nn.Module], skip: Sequence[int] = ()) -> None:
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(mods) if i not in skip]
+
+    def _hook(self, i: int):
+        def fn(module, args, output):
+            self.inputs[i] = args[0].detach()
+            self.outputs[i] = output.requires_grad_(True) if not output.requires_grad else output
+            return self.outputs[i]
+        return fn
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def scored_mask(ids: torch.Tensor, mask: torch.Tensor | None, stride: int) -> torch.Tensor:
+    """``(B, T)`` bool: the positions whose output error is scored (every ``stride``-th but the
+    last, not padding)."""
+    B, T = ids.shape
+    keep = torch.zeros(T, dtype=torch.bool)
+    keep[: T - 1: stride] = True
+    keep_bt = keep.expand(B, -1)  # (B, T)
+    return keep_bt & (mask != 0) if mask is not None else keep_bt
+
+
+def label_loss(logits: torch.Tensor, pred: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, kind: str,
+               gen: torch.Generator) -> torch.Tensor:
+    """``Σ_t −log p(y_t)`` of ``pred = logits[:, :-1]`` (float32) with labels of ``kind``."""
+    y = sample_labels(logits, ids, kind, gen)  # (B, T-1)
+    if mask is not None:
+        y = y.masked_fill(mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1), ignore_index=-100,
+                                             reduction="sum")
+
+
+def append_scored(layers: Sequence[Any], idx: Sequence[int], inputs: dict, grads_per_kind: Sequence[Sequence],
+                  keep_bt: torch.Tensor, xs: dict, gs: Sequence[dict]) -> None:
+    """Append layer ``idx[n]``'s scored inputs to ``xs`` and the squares of its output gradients
+    (``grads_per_kind[k][n]``) to ``gs[k]``; layers reading one input tensor share one copy."""
+    shared: dict[int, torch.Tensor] = {}  # one scored copy per distinct input tensor
+    with torch.no_grad():
+        for n, i in enumerate(idx):
+            if grads_per_kind[0][n] is None:  # a layer that does not reach the logits
+                continue
+            layer = layers[i]
+            x = inputs[i]
+            assert x.shape[:2] == keep_bt.shape, f"{layer.fqn}: input {tuple(x.shape)} is not (batch, seq, features)"
+            key = id(x.untyped_storage()) if hasattr(x, "untyped_storage") else id(x)
+            if key not in shared:
+                shared[key] = x[keep_bt].reshape(-1, layer.in_features).to(torch.float32)  # (N, in)
+            xs[i].append(shared[key])
+            for k, grads in enumerate(grads_per_kind):
+                g = grads[n]
+                gs[k][i].append(g[keep_bt].reshape(-1, g.shape[-1]).to(torch.float32).pow_(2))  # (N, out)
+
+
 def _collect_batch(model, layers, mods, batch, kinds, gen, stride, xs, gs) -> int:
     """One forward and, per label kind in ``kinds``, one backward over ``batch``; appends each
     layer's scored inputs to ``xs`` and its squared output gradients (``g = ∂ Σ_t −log p(y_t) / ∂Y``)
@@ -236,39 +309,25 @@ def _collect_batch(model, layers, mods, batch, kinds, gen, stride, xs, gs) -> in
 
     When the batch's full-vocabulary logits would pass the logits-memory bound
     (:mod:`bitalloc.sensitivity.logits`) and the head splits off, the head and the loss run a
-    chunk of positions at a time (:func:`_head_grads`); otherwise in one piece, as before."""
+    chunk of positions at a time (:func:`head_grads`); otherwise in one piece, as before."""
     from .logits import chunk_rows, split_head
 
     ids = batch["input_ids"]  # (B, T)
     B, T = ids.shape
-    inputs: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
-
-    def hook(i):
-        def fn(module, args, output):
-            inputs[i] = args[0].detach()
-            outputs[i] = output.requires_grad_(True) if not output.requires_grad else output
-            return outputs[i]
-        return fn
-
     split = split_head(model, batch)
     vocab = int(getattr(split.head, "out_features", 0) or 0) if split is not None else 0
     step = chunk_rows(vocab, 4) if vocab else 0
     chunked = split is not None and vocab > 0 and step < B * T
     head_idx = [i for i, m in enumerate(mods) if chunked and m is split.head]
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(mods) if i not in head_idx]
+    taps = LayerTaps(mods, skip=head_idx)
     kw = {k: v for k, v in batch.items() if k != "logits_to_keep"}
     try:
         out = (split.body if chunked else model)(**kw, use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
+        taps.remove()
     mask = batch.get("attention_mask")
-    keep = torch.zeros(T, dtype=torch.bool)
-    keep[: T - 1: stride] = True  # positions whose output error is scored
-    keep_bt = keep.expand(B, -1)  # (B, T)
-    if mask is not None:
-        keep_bt = keep_bt & (mask != 0)
+    keep_bt = scored_mask(ids, mask, stride)
+    outputs = taps.outputs
     idx = sorted(outputs)
     grads_per_kind = []  # per kind: one gradient (or None) per layer of idx
     last = len(kinds) - 1
@@ -276,8 +335,8 @@ def _collect_batch(model, layers, mods, batch, kinds, gen, stride, xs, gs) -> in
         hidden = out.last_hidden_state  # (B, T, d)
         del out
         for k, kind in enumerate(kinds):
-            g_hidden, head_rows = _head_grads(split.head, hidden.detach(), ids, mask, kind, gen, step,
-                                              keep_bt, bool(head_idx))
+            g_hidden, head_rows = head_grads(split.head, hidden.detach(), ids, mask, kind, gen, step,
+                                             keep_bt, bool(head_idx))
             grads_per_kind.append(torch.autograd.grad(hidden, [outputs[i] for i in idx], grad_outputs=g_hidden,
                                                       allow_unused=True, retain_graph=k < last))
             for i in head_idx:  # the head's own rows, gathered chunk by chunk
@@ -289,35 +348,17 @@ def _collect_batch(model, layers, mods, batch, kinds, gen, stride, xs, gs) -> in
         assert logits.shape[:2] == ids.shape, f"logits {tuple(logits.shape)} do not match ids {tuple(ids.shape)}"
         pred = logits[:, :-1].to(torch.float32)
         for k, kind in enumerate(kinds):
-            y = _labels(logits, ids, kind, gen)  # (B, T-1)
-            if mask is not None:
-                y = y.masked_fill(mask[:, 1:] == 0, -100)
-            loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")  # Σ_t −log p(y_t)
+            loss = label_loss(logits, pred, ids, mask, kind, gen)
             grads_per_kind.append(torch.autograd.grad(loss, [outputs[i] for i in idx], allow_unused=True,
                                                       retain_graph=k < last))
             del loss
         del pred, logits, out
-    del outputs
-    shared: dict[int, torch.Tensor] = {}  # one scored copy per distinct input tensor
-    with torch.no_grad():
-        for n, i in enumerate(idx):
-            if grads_per_kind[0][n] is None:  # a layer that does not reach the logits
-                continue
-            layer = layers[i]
-            x = inputs[i]
-            assert x.shape[:2] == ids.shape, f"{layer.fqn}: input {tuple(x.shape)} is not (batch, seq, features)"
-            key = id(x.untyped_storage()) if hasattr(x, "untyped_storage") else id(x)
-            if key not in shared:
-                shared[key] = x[keep_bt].reshape(-1, layer.in_features).to(torch.float32)  # (N, in)
-            xs[i].append(shared[key])
-            for k, grads in enumerate(grads_per_kind):
-                g = grads[n]
-                gs[k][i].append(g[keep_bt].reshape(-1, g.shape[-1]).to(torch.float32).pow_(2))  # (N, out)
+    taps.outputs = {}
+    append_scored(layers, idx, taps.inputs, grads_per_kind, keep_bt, xs, gs)
     return int(keep_bt.sum())
 
 
-def _head_grads(head, hidden, ids, mask, labels, gen, step, keep_bt, want_head):
+def head_grads(head, hidden, ids, mask, labels, gen, step, keep_bt, want_head):
     """``(∂loss/∂hidden (B, T, d), head rows)`` with the head's logits, the labels and the loss
     computed ``step`` flattened positions at a time: at most a few ``(step, V)`` float32
     buffers live at once instead of the batch's ``(B·T, V)``. Head rows (when ``want_head``,

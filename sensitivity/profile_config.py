@@ -173,7 +173,8 @@ class ProfileConfig:
 
     def _check_streaming(self, err) -> None:
         """``max_memory`` (block streaming, :mod:`sensitivity.streaming`): a size, and only the
-        calibrated-proxy profile with measured references (what streaming implements)."""
+        calibrated-proxy profile (measured, Fisher or hybrid references, the Fisher tables:
+        what streaming implements)."""
         from .sizes import parse_size
 
         try:
@@ -183,14 +184,12 @@ class ProfileConfig:
         object.__setattr__(self, "max_memory", n)
         refused = [("measured", self.measured, "the measured table"), ("groups", bool(self.groups), "metric groups"),
                    ("pairs", self.pairs is not None, "pair terms"),
-                   ("ref_method", self.ref_method != "measured", f"ref_method {self.ref_method!r} (a backward pass)"),
-                   ("fisher_table", self.fisher_table, "the Fisher table (a backward pass)"),
                    ("saliency", self.saliency == "fisher", "Fisher saliency (a backward pass)"),
                    ("quantizer", self.quantizer != "rtn", f"quantizer {self.quantizer!r}")]
         for k, bad, what in refused:
             if bad:
                 raise err(f"profile setting {k!r}: block streaming (max_memory) does not support {what} yet; "
-                          "it builds the calibrated-proxy profile with measured references")
+                          "it builds the calibrated-proxy profile (measured, fisher or hybrid references)")
 
     def replace(self, **changes) -> ProfileConfig:
         return dataclasses.replace(self, **changes)

@@ -32,7 +32,7 @@ from .hessian import HessianAccumulator, InputHooks, hook_only
 from .layers import LayerInfo
 from .streaming import StreamedModel, StreamingError
 
-__all__ = ["BlockWalk", "free_accumulators", "layers_by_unit"]
+__all__ = ["ActivationStore", "BlockWalk", "free_accumulators", "layers_by_unit"]
 
 
 class _Spilled(NamedTuple):
@@ -41,7 +41,7 @@ class _Spilled(NamedTuple):
     shape: tuple[int, ...]
 
 
-class _Outputs:
+class ActivationStore:
     """One block's outputs per batch: in memory up to ``keep_bytes``, files in ``folder`` past it."""
 
     def __init__(self, keep_bytes: int, folder: Path, tag: str) -> None:
@@ -105,15 +105,19 @@ class BlockWalk:
     """
 
     def __init__(self, sm: StreamedModel, batches: list[dict], *, keep_bytes: int = 256 << 20,
-                 scratch: str | Path | None = None) -> None:
+                 scratch: str | Path | None = None, keep_history: bool = False) -> None:
         self.sm, self.batches, self.keep = sm, batches, keep_bytes
+        # keep_history: every block's outputs stay (``history[b]``; ``keep_bytes`` in memory each),
+        # what a backward pass block by block needs (sensitivity.stream_fisher)
+        self.keep_history = keep_history
+        self.history: list[ActivationStore] = []
         base = getattr(sm.model, getattr(sm.model, "base_model_prefix", ""), None)
         if not isinstance(base, torch.nn.Module):
             raise StreamingError(f"{type(sm.model).__name__} has no base model to run the blocks in")
         self.base = base
         self.folder = Path(tempfile.mkdtemp(prefix="bitalloc-stream-", dir=scratch))
         self.next = 0
-        self.prev: _Outputs | None = None
+        self.prev: ActivationStore | None = None
         self.kept = self.spilled = 0  # the most any block's outputs kept in memory / spilled (bytes)
         self.blocks_run = 0
 
@@ -125,14 +129,16 @@ class BlockWalk:
     def restart(self) -> None:
         if self.prev is not None:
             self.prev.clear()
-        self.prev, self.next = None, 0
+        for outs in self.history:
+            outs.clear()
+        self.prev, self.next, self.history = None, 0, []
 
     @torch.no_grad()
     def run_block(self, hooks: InputHooks | None = None) -> None:
         """Run block ``next`` over every batch (under ``hooks``); its outputs become the stored ones."""
         sm, b = self.sm, self.next
         assert b < len(sm.blocks), f"the walk is past the last block ({b})"
-        outs = _Outputs(self.keep, self.folder, f"b{b}")
+        outs = ActivationStore(self.keep, self.folder, f"b{b}")
 
         def stop(module, args, output):
             raise _Stop(output)
@@ -151,7 +157,9 @@ class BlockWalk:
         finally:
             handle.remove()
             sm.release_all()
-        if self.prev is not None:
+        if self.keep_history:
+            self.history.append(outs)
+        elif self.prev is not None:
             self.prev.clear()
         self.prev, self.next = outs, b + 1
         self.kept, self.spilled = max(self.kept, outs.kept), max(self.spilled, outs.spilled)

@@ -148,6 +148,8 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
             other = max((b for v, b in enumerate(sm.unit_bytes) if v != u), default=0)
             # the other unit as it is read: its float32 weights beside the stored 16-bit buffer
             need[("references", u)] = base + w + 2 * largest + other + other // 2 + ref_bytes + activations
+    if setup.fisher_schemes:
+        need.update(_fisher_need(sm, layers, by_unit, setup, base, keep))
     (phase, u), peak = max(need.items(), key=lambda kv: kv[1])
     if peak > limit:
         raise ProfileError(f"max_memory {limit} bytes is less than the {phase} of unit {sm.units[u][0]!r} need "
@@ -155,6 +157,40 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
     return {"largest_phase": phase, "largest_unit": sm.units[u][0], "estimated_peak_bytes": int(peak),
             "process_bytes_at_start": base, "keep_bytes": int(keep),
             "unit_cache_bytes": max(0, (limit - int(peak)) // 2)}
+
+
+def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int) -> dict:
+    """The streamed Fisher pass's estimated peak (:mod:`~.stream_fisher`) per unit: the unit
+    held with the stored block outputs (kept in memory up to ``keep``), the gradients at a
+    block boundary (two sets per label kind), one batch's graph through a block, the unit's
+    scored inputs and squared output gradients, and three temporaries of its largest weight;
+    at the head, one batch's logits four times over (logits, float32 copy, softmax, gradient)
+    or four chunks of them where the logits-memory bound chunks the head."""
+    from .fisher_refs import fisher_rows, input_role, label_kinds
+    from .logits import chunk_rows
+
+    cfg = sm.model.config
+    ids_shape = (len(setup.tokens), len(setup.tokens[0])) if setup.tokens else (1, 1)
+    rows, T = fisher_rows(layers, ids_shape, setup.kl_stride, setup.fisher_labels), ids_shape[1]
+    K = len(label_kinds(setup.fisher_labels))
+    d, inter = int(cfg.hidden_size), int(getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
+    heads, vocab = int(cfg.num_attention_heads), int(cfg.vocab_size)
+    B = max(1, 512 // max(1, T))  # rows a batch (the pass's batch_tokens)
+    tokens = rows * T
+    stored = min(keep, len(sm.blocks) * tokens * d * 4)
+    grads = 2 * K * tokens * d * 4
+    graph = B * T * (10 * d + 4 * inter + 2 * heads * T) * 4
+    scored = rows * len(range(0, T - 1, setup.kl_stride))
+    step = chunk_rows(vocab, 4)
+    logits = 4 * min(B * T, step) * vocab * 4
+    need = {}
+    for u, mine in by_unit.items():
+        ins = {(input_role(x.fqn), x.in_features) for x in mine}
+        xg = scored * (sum(n for _, n in ins) + K * sum(x.out_features for x in mine)) * 4
+        largest = max(x.out_features * x.in_features * 4 for x in mine)
+        head = logits if u not in sm.block_units else 0
+        need[("Fisher pass", u)] = base + sm.unit_bytes[u] + stored + grads + graph + xg + 3 * largest + head
+    return need
 
 
 def scored_positions(ids: Any, kl_samples: int | None, kl_stride: int) -> int:
@@ -300,8 +336,39 @@ class StreamedContext:
 
     # -- the runner's interface -------------------------------------------------------------
 
+    # -- the output-Fisher pass -------------------------------------------------------------
+
+    def _fisher(self) -> dict[str, float]:
+        """``{"<fqn>\t<scheme>\t<label kind>": estimate}`` for every layer and
+        ``setup.fisher_schemes`` (:func:`~.stream_fisher.streamed_fisher_tables`, the saliency
+        the driver set), after the walk's activations are dropped."""
+        from .fisher_refs import label_kinds
+        from .stream_fisher import streamed_fisher_tables
+
+        self.close_walk()
+        s = self.setup
+        if not s.fisher_schemes:
+            raise RunnerError("the Fisher item needs setup.fisher_schemes")
+        ids = self.data["input_ids"] if isinstance(self.data, dict) else self.data
+        tables, info = streamed_fisher_tables(self.sm, self.layers, ids, s.fisher_schemes, saliency=self._saliency,
+                                              quantizer=s.quantizer, stride=s.kl_stride, labels=s.fisher_labels,
+                                              seed=s.fisher_seed, keep_bytes=self.memory["keep_bytes"])
+        cells = {}
+        for kind, table in zip(label_kinds(s.fisher_labels), tables):
+            for i, layer in enumerate(self.layers):
+                cells.update({f"{layer.fqn}{_CELL}{sch}{_CELL}{kind}": float(v)
+                              for sch, v in zip(s.fisher_schemes, table[i])})
+        flat = {**{k: info[k] for k in ("tokens", "rows", "batches", "seconds")}, **info["streamed"]}
+        cells.update({f"@{k}": float(v) for k, v in flat.items()})  # numbers only on a checkpoint line
+        return cells
+
     def evaluate(self, fqn: str, scheme: str) -> Any:
-        out = self._unit_rows(fqn) if scheme == UNIT_ITEM else self._measure(fqn, scheme)
+        from .stream_fisher import FISHER_ITEM
+
+        if scheme == FISHER_ITEM:
+            out = self._fisher()
+        else:
+            out = self._unit_rows(fqn) if scheme == UNIT_ITEM else self._measure(fqn, scheme)
         self.n_items += 1
         return out
 

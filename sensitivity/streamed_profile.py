@@ -35,6 +35,8 @@ import numpy as np
 from .profile import ProfileError, SensitivityProfile
 from .profile_config import ProfileConfig
 
+FISHER_CHECKPOINT_SCHEMA = "bitalloc.fisher-checkpoint/1"
+
 
 def _model_source(model: Any) -> tuple[Path, str]:
     """(path to stream from, the spec the profile records: what ``load_model`` calls it)."""
@@ -116,7 +118,9 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
             str(path), data, calib_desc, fingerprint_sha256=fp["sha256"], weights="16bit" if round16 else "as-loaded",
             kl_samples=cfg.kl_samples, kl_stride=cfg.kl_stride, batch_size=cfg.batch_size, include=tuple(cfg.include),
             exclude=tuple(cfg.exclude), quantize_tied=cfg.quantize_tied, quantizer=cfg.quantizer, saliency=cfg.saliency,
-            act_formats=tuple(acts), schemes=tuple(names), max_memory=limit, hessian_dtype=cfg.hessian_dtype)
+            act_formats=tuple(acts), schemes=tuple(names), max_memory=limit, hessian_dtype=cfg.hessian_dtype,
+            fisher_labels=cfg.fisher_labels, fisher_seed=cfg.seed,
+            fisher_schemes=tuple(_fisher_columns(cfg, names, refs)))
         ray = on_ray(cfg.workers, cfg.ray_address)
         # in process, this process is the worker (its model and data); on Ray each worker
         # reads the model itself under the same limit, and this one only checks it first
@@ -142,23 +146,50 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         t = lap("hessians_proxy", t)
         say(f"hessians and proxy: {len(layers)} layers x {len(names)} schemes in {walls['hessians_proxy']:.1f} s")
 
+        # the output-Fisher estimates (Fisher or hybrid references, the Fisher tables): one item
+        fisher_vals = fisher_info = None
+        if setup.fisher_schemes:
+            fisher_vals, fisher_info, runner["fisher"] = _fisher_step(
+                cfg, setup, ctx, layers, names, refs, sal, checkpoint=checkpoint, progress=progress, say=say)
+            t = lap("fisher", t)
+
         # the reference measurements: a split scheme's measurement uses these vectors
         chosen = hsal if cfg.saliency == "hessian" else sal
         setup = dataclasses.replace(setup, saliency_values={f: v.tolist() for f, v in chosen.items()})
         if ctx is not None:
+            ctx.setup = setup
             ctx.set_saliency(chosen)
-        keys = [(layer.fqn, r) for layer in layers for r in refs]
-        res = run_items(setup, keys, checkpoint=checkpoint, header=checkpoint_header(setup, refs, quantizer=cfg.quantizer),
-                        workers=cfg.workers, address=cfg.ray_address, context=ctx, progress=progress, log_fn=say,
-                        warmup=False)
-        runner["references"] = res.info
-        ref_values = np.array([[res.values[(layer.fqn, r)][setup.metric] for r in refs] for layer in layers],
-                              dtype=np.float64)
+        sub = list(range(len(layers)))
+        if cfg.ref_method == "hybrid":  # a few blocks measured; the Fisher, corrected per layer kind, elsewhere
+            from .fisher_refs import measured_subset
+
+            sub = measured_subset(layers, cfg.measure_every)
+        elif cfg.ref_method == "fisher":
+            sub = []
+        keys = [(layers[i].fqn, r) for i in sub for r in refs]
+        measured_refs = {}
+        if keys:
+            res = run_items(setup, keys, checkpoint=checkpoint, header=checkpoint_header(setup, refs, quantizer=cfg.quantizer),
+                            workers=cfg.workers, address=cfg.ray_address, context=ctx, progress=progress, log_fn=say,
+                            warmup=False)
+            runner["references"], measured_refs = res.info, res.values
+        ref_values = np.array([[measured_refs[(layers[i].fqn, r)][setup.metric] for r in refs] for i in sub],
+                              dtype=np.float64).reshape(len(sub), len(refs))
+        fisher_refs = fisher_vals[0][:, [names.index(r) for r in refs]] if fisher_vals is not None else None
+        if cfg.ref_method == "fisher":
+            ref_values = fisher_refs
+        elif cfg.ref_method == "hybrid":
+            from .fisher_refs import hybrid_ref_values, layer_kind
+
+            ref_values, hyb = hybrid_ref_values([layer_kind(x.fqn) for x in layers], sub, ref_values, fisher_refs)
+            fisher_info["hybrid"] = {**hyb, "measure_every": cfg.measure_every}
+            say(f"hybrid references: {hyb['measured_layers']} layers measured, {hyb['estimated_layers']} from the "
+                "Fisher corrected per layer kind")
         if ctx is not None:
-            replay = ctx.replay
+            replay = ctx.replay if sub else None
             stream = {"units": len(sm.units), "blocks": len(sm.blocks), **ctx.walk_info}
         else:
-            infos = runner["references"].get("worker_info") or [{}]
+            infos = runner.get("references", {}).get("worker_info") or [{}]
             replay = next((w["block_replay"] for w in infos if w.get("block_replay") is not None), None)
             stream = {"units": len(sm.units), "blocks": len(sm.blocks)}
         t = lap("measure", t)
@@ -171,7 +202,8 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
             ctx.close()
         sm.close()
     walls["total"] = round(time.perf_counter() - t_start, 3)
-    metadata = profile_metadata(cfg, walls=walls, metric="kl", replay=replay, table="calibrated-proxy")
+    metadata = profile_metadata(cfg, walls=walls, metric="kl", replay=replay, table="calibrated-proxy",
+                                **({"fisher": fisher_info} if fisher_info else {}))
     metadata["streaming"] = {"max_memory": limit, **mem, **stream, "items": {
         step: {k: info.get(k) for k in ("mode", "items", "resumed", "computed", "wall_s")} for step, info in runner.items()}}
     if ray:
@@ -183,4 +215,54 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         other_bits=other_bits, other_params=other_params, metadata=metadata,
         saliency={f: v.numpy().astype(np.float64) for f, v in sal.items()},
         split_channels=profile_split_channels(layers, names, sal),
+        fisher=fisher_vals[0] if cfg.fisher_table else None,
+        fisher_text=fisher_vals[1] if cfg.fisher_table and len(fisher_vals) > 1 else None,
     )
+
+
+def _fisher_columns(cfg: ProfileConfig, names: list[str], refs: list[str]) -> list[str]:
+    """The schemes the Fisher pass scores: all with the Fisher table, the references for Fisher
+    or hybrid references, none otherwise."""
+    if cfg.fisher_table:
+        return list(names)
+    return list(refs) if cfg.ref_method != "measured" else []
+
+
+def _fisher_step(cfg: ProfileConfig, setup: Any, ctx: Any, layers: list, names: list[str], refs: list[str],
+                 sal: dict, *, checkpoint: Any, progress: bool, say: Callable[[str], None]) -> tuple:
+    """The streamed output-Fisher pass as one runner item (in this process or on a Ray worker,
+    checkpointed beside ``checkpoint`` as ``.fisher.jsonl``): one ``(L, S)`` table per label
+    kind (NaN outside the scored schemes: every scheme with ``fisher_table``, else the
+    references), its info and the runner's."""
+    from .checkpoint import checkpoint_header, make_header
+    from .fisher_refs import label_kinds
+    from .profile_ray import sibling_checkpoint
+    from .runner import run_items
+    from .stream_fisher import FISHER_ITEM
+
+    cols = list(setup.fisher_schemes)
+    fsetup = dataclasses.replace(setup, saliency_values={f: v.tolist() for f, v in sal.items()})
+    if ctx is not None:
+        ctx.setup = fsetup
+        ctx.set_saliency(sal)
+    config = {**checkpoint_header(fsetup, cols, quantizer=cfg.quantizer)["config"], "saliency": cfg.saliency,
+              "fisher_labels": cfg.fisher_labels, "fisher_seed": cfg.seed,
+              "table": "output-Fisher estimates of a streamed model"}
+    header = make_header(FISHER_CHECKPOINT_SCHEMA, fsetup, config)
+    res = run_items(fsetup, [("@fisher", FISHER_ITEM)], checkpoint=sibling_checkpoint(checkpoint, ".fisher.jsonl"),
+                    header=header, workers=cfg.workers, address=cfg.ray_address, context=ctx, progress=progress,
+                    log_fn=say, warmup=False)
+    cells = res.values[("@fisher", FISHER_ITEM)]
+    kinds = label_kinds(cfg.fisher_labels)
+    tables = [np.full((len(layers), len(names)), np.nan) for _ in kinds]
+    for k, kind in enumerate(kinds):
+        for i, layer in enumerate(layers):
+            for c in cols:
+                tables[k][i, names.index(c)] = cells[f"{layer.fqn}\t{c}\t{kind}"]
+    info = {"labels": cfg.fisher_labels, "seed": cfg.seed, "stride": cfg.kl_stride,
+            **{k: int(cells[f"@{k}"]) for k in ("tokens", "rows", "batches")}, "seconds": cells["@seconds"],
+            "schemes": len(cols), "streamed": {k[1:]: int(v) for k, v in cells.items()
+                                               if k.startswith("@") and k[1:] not in ("tokens", "rows", "batches", "seconds")}}
+    say(f"fisher estimates: {len(layers)} layers x {len(cols)} schemes from {info['tokens']} positions, streamed, "
+        f"in {info['seconds']:.1f} s")
+    return tables, info, res.info

@@ -71,6 +71,11 @@ class WorkerSetup:
     # or GGUF path) a unit at a time under this many bytes; Hessians accumulate in hessian_dtype
     max_memory: int | None = None
     hessian_dtype: str = "float32"
+    # the streamed output-Fisher pass (sensitivity.stream_fisher): label kind(s), their seed and
+    # the schemes it scores (saliency_values then hold the proxy's split-channel saliency)
+    fisher_labels: str = "sampled"
+    fisher_seed: int = 0
+    fisher_schemes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -83,10 +88,11 @@ class WorkerSetup:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "act_formats", tuple(self.act_formats))
         object.__setattr__(self, "schemes", tuple(self.schemes))
+        object.__setattr__(self, "fisher_schemes", tuple(self.fisher_schemes))
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("include", "exclude", "act_formats", "schemes"):
+        for k in ("include", "exclude", "act_formats", "schemes", "fisher_schemes"):
             d[k] = list(getattr(self, k))
         return d
 

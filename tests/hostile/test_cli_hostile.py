@@ -230,7 +230,7 @@ PROFILE_CMD = [
     ("profile-saliency-unknown", None, profile_cmd("--saliency", "vibes"), "vibes"),
     ("profile-max-memory-bad", None, profile_cmd("--max-memory", "12parsecs"), "max_memory"),
     ("profile-max-memory-tiny", None, profile_cmd("--max-memory", "1000"), "at least 1MiB"),
-    ("profile-max-memory-hybrid", None, profile_cmd("--max-memory", "1GiB", "--ref-method", "hybrid"), "ref_method"),
+    ("profile-max-memory-fisher-saliency", None, profile_cmd("--max-memory", "1GiB", "--saliency", "fisher"), "saliency"),
     ("profile-max-memory-not-directory", None, profile_cmd("--max-memory", "1GiB"), "model directory"),
     ("profile-model-unknown", None, lambda ws: ["profile", "--model", "no-such-model", "--out", str(ws / "o.json")],
      "no-such-model"),

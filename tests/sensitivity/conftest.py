@@ -36,3 +36,19 @@ def bert():
 def ids():
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, VOCAB, (6, 16), generator=g)
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """A tiny Llama directory (3 blocks, 16-bit safetensors) with an untied head (block streaming)."""
+    from sens_helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("untied"), tie=False)
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """The same with the head tied to the embedding."""
+    from sens_helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tied"), tie=True)

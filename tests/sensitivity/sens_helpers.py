@@ -97,3 +97,28 @@ def sigkill_when(script: str, args: list[str], ready, *, timeout: float = 120, e
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- block streaming (issue 17): a tiny Llama saved as a model directory ----------------
+
+def save_tiny_llama(path, *, tie: bool, vocab: int = 300, blocks: int = 3):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=blocks, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)  # stored 16-bit, profiled in float32
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def tiny_ids(n=6, T=24, vocab=300):
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(3, vocab, (n, T), generator=g)
+
+
+def stream_settings(**kw):
+    return dict(schemes=["w2g32z", "w3g32z", "w4g32", "w4g32+h8r0.1", "fp16"], ref_schemes=["w2g32z", "w4g32+h8r0.1"],
+                kl_samples=2, kl_stride=2, batch_size=2, progress=False, **kw)

@@ -213,8 +213,8 @@ def test_head_chunked_by_the_logits_memory_bound(monkeypatch):
     from bitalloc.sensitivity.models import load_model
 
     calls = []
-    real = FR._head_grads
-    monkeypatch.setattr(FR, "_head_grads", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+    real = FR.head_grads
+    monkeypatch.setattr(FR, "head_grads", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
 
     net = load_model("random:llama-tiny").model
     layers, _ = find_layers(net, quantize_tied=True)

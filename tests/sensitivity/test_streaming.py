@@ -13,34 +13,7 @@ from bitalloc.sensitivity.models import fingerprint, load_model
 from bitalloc.sensitivity.profile import ProfileError
 from bitalloc.sensitivity.stream_pass import BlockWalk, free_accumulators, layers_by_unit
 from bitalloc.sensitivity.streaming import SafetensorsFiles, StreamedModel, StreamingError
-
-
-def _save_llama(path, *, tie: bool, vocab: int = 300, blocks: int = 3):
-    import transformers as tf
-
-    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=blocks, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
-                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)  # stored 16-bit, profiled in float32
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    return _save_llama(tmp_path_factory.mktemp("untied"), tie=False)
-
-
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    return _save_llama(tmp_path_factory.mktemp("tied"), tie=True)
-
-
-def _ids(n=6, T=24, vocab=300):
-    g = torch.Generator().manual_seed(3)
-    return torch.randint(3, vocab, (n, T), generator=g)
+from sens_helpers import save_tiny_llama as _save_llama, stream_settings as _settings, tiny_ids as _ids
 
 
 def test_fingerprint_and_reads_equal_the_loaded_model(untied):
@@ -94,11 +67,6 @@ def test_block_major_hessians_equal_the_whole_model_pass(untied, keep, tmp_path)
     assert not list(tmp_path.iterdir()), "the scratch folder is removed"
 
 
-def _settings(**kw):
-    return dict(schemes=["w2g32z", "w3g32z", "w4g32", "w4g32+h8r0.1", "fp16"], ref_schemes=["w2g32z", "w4g32+h8r0.1"],
-                kl_samples=2, kl_stride=2, batch_size=2, progress=False, **kw)
-
-
 @pytest.mark.parametrize("round16", [False, True], ids=["float", "round16"])
 @pytest.mark.parametrize("which", ["untied", "tied"])
 def test_streamed_profile_equals_the_in_memory_profile(which, round16, request):
@@ -125,8 +93,8 @@ def test_streamed_profile_equals_the_in_memory_profile(which, round16, request):
 
 def test_streaming_refuses_what_it_cannot_do(untied, tmp_path):
     ids = _ids()
-    with pytest.raises(ProfileError, match="ref_method 'hybrid'"):
-        build_profile(str(untied), calibration=ids, **_settings(max_memory="16GiB", ref_method="hybrid"))
+    with pytest.raises(ProfileError, match="Fisher saliency"):
+        build_profile(str(untied), calibration=ids, **_settings(max_memory="16GiB", saliency="fisher"))
     with pytest.raises(ProfileError, match="'max_memory' must be a size"):
         build_profile(str(untied), calibration=ids, **_settings(max_memory="12 parsecs"))
     wide = _save_llama(tmp_path / "wide", tie=False, vocab=5000, blocks=1)  # a 1.3 MB embedding

@@ -69,7 +69,7 @@ BAD = [
     ("profile: max_memory not a size", "POST", "/v1/profiles", {"max_memory": "12 parsecs"}, 422, "max_memory"),
     ("profile: max_memory below 1 MiB", "POST", "/v1/profiles", {"max_memory": 1000}, 422, "max_memory"),
     ("profile: max_memory with the measured table", "POST", "/v1/profiles", {"max_memory": "1GiB", "measured": True}, 422, "measured"),
-    ("profile: max_memory with Fisher references", "POST", "/v1/profiles", {"max_memory": "1GiB", "ref_method": "hybrid"}, 422, "ref_method"),
+    ("profile: max_memory with Fisher saliency", "POST", "/v1/profiles", {"max_memory": "1GiB", "saliency": "fisher"}, 422, "saliency"),
     ("profile: max_memory on a random model", "POST", "/v1/profiles", {"max_memory": "1GiB", "model": "random:llama-tiny"}, 422, "model"),
     # uploads
     ("upload: not JSON", "POST", "/v1/profiles/upload", b"\x00\x01 not json", 422, "body"),
