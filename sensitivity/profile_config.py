@@ -173,8 +173,8 @@ class ProfileConfig:
 
     def _check_streaming(self, err) -> None:
         """``max_memory`` (block streaming, :mod:`sensitivity.streaming`): a size, and only the
-        calibrated-proxy profile (measured, Fisher or hybrid references, the Fisher tables:
-        what streaming implements)."""
+        calibrated-proxy profile (measured, Fisher or hybrid references, the Fisher tables) or
+        the measured table: what streaming implements."""
         from .sizes import parse_size
 
         try:
@@ -182,14 +182,15 @@ class ProfileConfig:
         except ValueError as e:
             raise err(str(e)) from None
         object.__setattr__(self, "max_memory", n)
-        refused = [("measured", self.measured, "the measured table"), ("groups", bool(self.groups), "metric groups"),
+        refused = [("groups", bool(self.groups), "metric groups"),
                    ("pairs", self.pairs is not None, "pair terms"),
                    ("saliency", self.saliency == "fisher", "Fisher saliency (a backward pass)"),
                    ("quantizer", self.quantizer != "rtn", f"quantizer {self.quantizer!r}")]
         for k, bad, what in refused:
             if bad:
                 raise err(f"profile setting {k!r}: block streaming (max_memory) does not support {what} yet; "
-                          "it builds the calibrated-proxy profile (measured, fisher or hybrid references)")
+                          "it builds the calibrated-proxy profile (measured, fisher or hybrid references) or the "
+                          "measured table")
 
     def replace(self, **changes) -> ProfileConfig:
         return dataclasses.replace(self, **changes)

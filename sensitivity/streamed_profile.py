@@ -1,4 +1,4 @@
-"""The calibrated-proxy profile of a model streamed block by block (``max_memory``, issue 17).
+"""The profile of a model streamed block by block (``max_memory``, issue 17).
 
 :func:`build_profile` hands over here when its config has ``max_memory``. The model is a
 directory with ``config.json`` and safetensors files, a GGUF file or ``smollm2``, read one
@@ -8,17 +8,23 @@ unit at a time (:mod:`sensitivity.streaming`):
 2. one item per unit holding layers: the unit's Hessians over the calibration rows
    (block-major, :mod:`sensitivity.stream_pass`), its proxy rows and saliency vectors, then
    the Hessians freed;
-3. one item per (layer, reference scheme): the reference measurements run the model's own
-   forward, every unit read as it runs; a measured layer's unit is held while it is perturbed.
+3. with Fisher or hybrid references or the Fisher tables, one item for the output-Fisher
+   pass: forward through the blocks, then backward a block at a time
+   (:mod:`sensitivity.stream_fisher`);
+4. one item per (layer, reference scheme) (hybrid: the layers of every ``measure_every``-th
+   block; Fisher: none; the measured table: every scheme): the measurements run the model's
+   own forward, every unit read as it runs; a measured layer's unit is held while it is perturbed.
 
 The items are :mod:`sensitivity.streamed_items`, run by :mod:`sensitivity.runner`: in this
 process, or on Ray workers (``workers`` / ``ray_address``) that each read the model under
 the same ``max_memory``, checkpointed and resumed like every runner item (``checkpoint``:
-the references there, the units beside it as ``.units.jsonl`` with their files).
+the measurements there, the units beside it as ``.units.jsonl`` with their files, the Fisher
+pass as ``.fisher.jsonl``).
 
 The result is the profile :func:`build_profile` makes of the same model loaded whole, bit for
-bit (``tests/sensitivity/test_streaming.py``), plus ``metadata["streaming"]`` (and
-``metadata["ray"]``: each step's runner info, with every worker's peak resident memory).
+bit (``tests/sensitivity/test_streaming.py``, ``test_stream_fisher.py``), plus
+``metadata["streaming"]`` (and ``metadata["ray"]``: each step's runner info, with every
+worker's peak resident memory).
 """
 
 from __future__ import annotations
@@ -166,10 +172,12 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
             sub = measured_subset(layers, cfg.measure_every)
         elif cfg.ref_method == "fisher":
             sub = []
-        keys = [(layers[i].fqn, r) for i in sub for r in refs]
+        item_schemes = names if cfg.measured else refs  # the measured table: every (layer, scheme) end to end
+        keys = [(layers[i].fqn, r) for i in sub for r in item_schemes]
         measured_refs = {}
         if keys:
-            res = run_items(setup, keys, checkpoint=checkpoint, header=checkpoint_header(setup, refs, quantizer=cfg.quantizer),
+            res = run_items(setup, keys, checkpoint=checkpoint,
+                            header=checkpoint_header(setup, item_schemes, quantizer=cfg.quantizer),
                             workers=cfg.workers, address=cfg.ray_address, context=ctx, progress=progress, log_fn=say,
                             warmup=False)
             runner["references"], measured_refs = res.info, res.values
@@ -194,6 +202,9 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
             stream = {"units": len(sm.units), "blocks": len(sm.blocks)}
         t = lap("measure", t)
         table, scales = calibrate_proxy(proxy, ref_values, [names.index(r) for r in refs])
+        if cfg.measured:
+            table = np.array([[measured_refs[(layer.fqn, s)][setup.metric] for s in names] for layer in layers],
+                             dtype=np.float64)
         costs = cost_table(layers, scheme_objs)
         other_bits, other_params = other_parameter_bits(net, layers)
         description = f"{net.config.model_type} from {path} (streamed)"
@@ -202,7 +213,8 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
             ctx.close()
         sm.close()
     walls["total"] = round(time.perf_counter() - t_start, 3)
-    metadata = profile_metadata(cfg, walls=walls, metric="kl", replay=replay, table="calibrated-proxy",
+    metadata = profile_metadata(cfg, walls=walls, metric="kl", replay=replay,
+                                table="measured" if cfg.measured else "calibrated-proxy",
                                 **({"fisher": fisher_info} if fisher_info else {}))
     metadata["streaming"] = {"max_memory": limit, **mem, **stream, "items": {
         step: {k: info.get(k) for k in ("mode", "items", "resumed", "computed", "wall_s")} for step, info in runner.items()}}

@@ -159,3 +159,16 @@ def test_streamed_fisher_profile_on_local_ray_equals_in_process(untied):
     workers = r["fisher"]["worker_info"]
     assert workers and all(w["streaming"]["max_memory"] == 16 << 30 and w["peak_rss_mb"] > 0 for w in workers)
     assert r["references"]["computed"] == 2 * ray.metadata["options"]["fisher"]["hybrid"]["measured_layers"]
+
+
+def test_streamed_measured_table_equals_the_in_memory_one(untied):
+    """``max_memory`` with ``measured=True``: every (layer, scheme) measured end to end with the
+    units read as the forward runs; the table equals the whole model's bit for bit."""
+    ids = _ids()
+    whole = build_profile(str(untied), calibration=ids, **_settings(measured=True))
+    streamed = build_profile(str(untied), calibration=ids, **_settings(max_memory="16GiB", measured=True))
+    assert whole.metadata["table"] == streamed.metadata["table"] == "measured"
+    assert np.array_equal(streamed.tables["all"], whole.tables["all"])
+    assert np.array_equal(streamed.ref_values, whole.ref_values) and np.array_equal(streamed.proxy, whole.proxy)
+    items = streamed.metadata["streaming"]["items"]
+    assert items["references"]["computed"] == whole.n_layers * len(whole.schemes)

@@ -68,7 +68,7 @@ BAD = [
     ("profile: unknown field", "POST", "/v1/profiles", {"workers": 4}, 422, "workers"),
     ("profile: max_memory not a size", "POST", "/v1/profiles", {"max_memory": "12 parsecs"}, 422, "max_memory"),
     ("profile: max_memory below 1 MiB", "POST", "/v1/profiles", {"max_memory": 1000}, 422, "max_memory"),
-    ("profile: max_memory with the measured table", "POST", "/v1/profiles", {"max_memory": "1GiB", "measured": True}, 422, "measured"),
+    ("profile: max_memory with GPTQ", "POST", "/v1/profiles", {"max_memory": "1GiB", "quantizer": "gptq"}, 422, "quantizer"),
     ("profile: max_memory with Fisher saliency", "POST", "/v1/profiles", {"max_memory": "1GiB", "saliency": "fisher"}, 422, "saliency"),
     ("profile: max_memory on a random model", "POST", "/v1/profiles", {"max_memory": "1GiB", "model": "random:llama-tiny"}, 422, "model"),
     # uploads
