@@ -19,6 +19,7 @@ README when the shared data is missing), ``--n-samples 4 --seq-len 128 --kl-samp
     python experiments/streaming_benchmark.py                       # all rows, ~20 min here
     python experiments/streaming_benchmark.py --rows small          # the equality check only
     python experiments/streaming_benchmark.py --rows small-ray,tinyllama-1b-ray   # on 2 local Ray workers
+    python experiments/streaming_benchmark.py --kind default --rows small,tinyllama-1b   # hybrid refs + Fisher tables
 
 A ``-ray`` row runs ``--workers 2``: each worker reads the model under the same
 ``--max-memory`` (per worker); its peak RSS comes from the profile's ``metadata.ray``
@@ -63,6 +64,9 @@ ROWS = {
 }
 SETTINGS = ["--n-samples", "4", "--seq-len", "128", "--kl-samples", "1", "--kl-stride", "2",
             "--schemes", "w2g64z,w3g128z,w4g128z,fp16", "--ref-schemes", "w3g128z"]
+# --kind default: the default kind of profile (what `bitalloc run` profiles on a text file):
+# hybrid references and both Fisher tables, so the streamed output-Fisher pass runs too
+KINDS = {"calibrated-proxy": [], "default": ["--ref-method", "hybrid", "--fisher-table", "--fisher-labels", "both"]}
 
 
 def make_model(name: str, work: Path) -> Path | str:
@@ -97,9 +101,10 @@ def calib_text() -> Path:
     return f if f.is_file() else HERE.parent / "README.md"
 
 
-def profile(model: Path, max_memory: str | None, out: Path, calib: Path, workers: int = 0, threads: int = 0) -> dict:
+def profile(model: Path, max_memory: str | None, out: Path, calib: Path, workers: int = 0, threads: int = 0,
+            kind: str = "calibrated-proxy") -> dict:
     cmd = [sys.executable, "-m", "bitalloc.allocator.cli", "--quiet", "profile", "--model", str(model),
-           "--calib", str(calib), *SETTINGS, "--out", str(out), "--overwrite"]
+           "--calib", str(calib), *SETTINGS, *KINDS[kind], "--out", str(out), "--overwrite"]
     if max_memory:
         cmd += ["--max-memory", max_memory]
     if workers:
@@ -142,9 +147,11 @@ def same_profile(a: Path, b: Path) -> dict:
 
     pa, pb = bitalloc.load_profile(a), bitalloc.load_profile(b)
     out = {"fingerprint": pa.model["fingerprint"]["sha256"] == pb.model["fingerprint"]["sha256"]}
-    for k, x, y in (("proxy", pa.proxy, pb.proxy), ("ref_values", pa.ref_values, pb.ref_values),
-                    ("table", pa.tables["all"], pb.tables["all"])):
-        out[k] = bool(np.array_equal(x, y))
+    pairs = [("proxy", pa.proxy, pb.proxy), ("ref_values", pa.ref_values, pb.ref_values),
+             ("table", pa.tables["all"], pb.tables["all"])]
+    pairs += [(k, getattr(pa, k), getattr(pb, k)) for k in ("fisher", "fisher_text") if getattr(pa, k) is not None]
+    for k, x, y in pairs:
+        out[k] = bool(np.array_equal(x, y, equal_nan=True))
         if not out[k]:
             ok = np.isfinite(x) & np.isfinite(y) & (np.abs(x) > 0)
             out[f"{k}_max_rel_diff"] = float(np.max(np.abs(x[ok] - y[ok]) / np.abs(x[ok]))) if ok.any() else None
@@ -156,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="small,tinyllama-1b", help=f"comma list of {sorted(ROWS)}")
     ap.add_argument("--work", default="/tmp/bitalloc-streaming", help="model directories and profiles")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--kind", choices=sorted(KINDS), default="calibrated-proxy",
+                    help="default: hybrid references and both Fisher tables (the streamed Fisher pass); rows tagged +default")
     a = ap.parse_args(argv)
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -166,23 +175,25 @@ def main(argv=None) -> int:
     for key in a.rows.split(","):
         for name, mm, workers, threads in ROWS[key]:
             model = make_model(name, work)
-            tag = f"{name}@{mm or 'whole'}" + (f"-{workers}workers" if workers else "") + (f"-{threads}thread" if threads else "")
+            tag = (f"{name}@{mm or 'whole'}" + (f"-{workers}workers" if workers else "")
+                   + (f"-{threads}thread" if threads else "") + ("+default" if a.kind == "default" else ""))
             print(f"{tag}: profiling ...", flush=True)
-            row = profile(model, mm, work / f"{tag}.json", calib, workers, threads)
-            row["threads"] = threads or None
+            row = profile(model, mm, work / f"{tag}.json", calib, workers, threads, a.kind)
+            row.update(threads=threads or None, kind=a.kind)
             row.update(config=name, max_memory=mm, params_16bit_bytes=weights_bytes(model))
             results["rows"][tag] = row
             print(f"{tag}: {row['wall_s']} s, peak RSS {row['peak_rss_mib']} MiB", flush=True)
     checks = {}
     for name in [*CONFIGS, "smollm2"]:
-        whole = work / f"{name}@whole.json"
-        for streamed in sorted(work.glob(f"{name}@*iB.json")):
-            if whole.is_file():
-                checks[streamed.stem] = same_profile(whole, streamed)
-        for ray in sorted(work.glob(f"{name}@*workers.json")):  # against in-process streaming at that limit, 1 thread
-            local = ray.with_name(ray.name.rsplit("-", 1)[0] + "-1thread.json")
-            if local.is_file():
-                checks[ray.stem] = {"against": local.stem, **same_profile(local, ray)}
+        for sfx in ("", "+default"):
+            whole = work / f"{name}@whole{sfx}.json"
+            for streamed in sorted(work.glob(f"{name}@*iB{sfx}.json")):
+                if whole.is_file():
+                    checks[streamed.stem] = same_profile(whole, streamed)
+            for ray in sorted(work.glob(f"{name}@*workers{sfx}.json")):  # against in-process streaming, 1 thread
+                local = ray.with_name(ray.name[: len(ray.name) - len(sfx) - 5].rsplit("-", 1)[0] + f"-1thread{sfx}.json")
+                if local.is_file():
+                    checks[ray.stem] = {"against": local.stem, **same_profile(local, ray)}
     results.update(settings=SETTINGS, calibration=str(calib), checks=checks,
                    machine="2-core CPU, 24 GiB (the development machine)",
                    date=time.strftime("%Y-%m-%d"))

@@ -254,9 +254,13 @@ def build_profile(
             fisher_stats.free()
             say(f"fisher estimates: {len(layers)} layers x {len(fisher_cols)} schemes from "
                 f"{fisher_info['tokens']} positions, with the proxy")
-    if want_fisher and fisher_vals is None:  # the Ray path: the proxy ran on the workers, the Fisher pass runs here
-        fisher_vals, fisher_info = _fisher_pass(cfg, net, layers, data, scheme_objs, fisher_cols, stats, quantizer,
-                                                sal, progress, say)
+    if want_fisher and fisher_vals is None:  # the Ray path: the Fisher pass is one item on a worker
+
+        fsetup = dataclasses.replace(setup, fisher_labels=cfg.fisher_labels, fisher_seed=cfg.seed,
+                                     fisher_schemes=tuple(names[j] for j in fisher_cols))
+        fisher_vals, fisher_info, ray_info["fisher"] = fisher_step(
+            cfg, fsetup, layers, names, sal, checkpoint=checkpoint, progress=progress, say=say,
+            shared={"hessians": stats} if quantizer != "rtn" else None)
     t = lap("proxy", t)
     say(f"proxy: {len(layers)} layers x {len(names)} schemes in {walls['proxy']:.1f} s; measuring {', '.join(refs)}")
 
@@ -355,24 +359,6 @@ def build_profile(
         fisher=fisher_vals[0] if cfg.fisher_table else None,
         fisher_text=fisher_vals[1] if cfg.fisher_table and len(fisher_vals) > 1 else None,
     )
-
-
-def _fisher_pass(cfg, net, layers, data, scheme_objs, cols, stats, quantizer, sal, progress, say):
-    """One ``(L, S)`` table of Fisher estimates per label kind at the scheme indices ``cols`` (NaN
-    elsewhere) and their info, from a pass of their own (the proxy ran on Ray workers, so its
-    quantized weights are not here)."""
-    from .fisher_refs import fisher_ref_tables
-
-    tables, info = fisher_ref_tables(net, layers, data, [scheme_objs[j] for j in cols], stats, quantizer=quantizer,
-                                     saliency=sal, stride=cfg.kl_stride, labels=cfg.fisher_labels, seed=cfg.seed,
-                                     progress=progress)
-    out = [np.full((len(layers), len(scheme_objs)), np.nan) for _ in tables]
-    for o, vals in zip(out, tables):
-        o[:, cols] = vals
-    info["schemes"] = len(cols)
-    say(f"fisher estimates: {len(layers)} layers x {len(cols)} schemes from {info['tokens']} positions "
-        f"in {info['seconds']:.1f} s")
-    return out, info
 
 
 def _is_16bit(net: torch.nn.Module) -> bool:

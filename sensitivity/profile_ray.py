@@ -1,11 +1,12 @@
-"""The default (calibrated-proxy) profile's items on Ray: Hessian shards, then proxy rows.
+"""The default (calibrated-proxy) profile's items on Ray: Hessian shards, proxy rows, the Fisher pass.
 
 :func:`sensitivity.build.build_profile` calls these only when a run asks for Ray
-(``workers`` / ``ray_address`` / ``RAY_ADDRESS``); in-process profiling never comes here.
-Each step is a list of idempotent :mod:`sensitivity.runner` items with its own checkpoint
-beside the measured one (``<ckpt>.hessians.jsonl`` with its ``.files/`` folder of shard
-files, ``<ckpt>.proxy.jsonl``); the reference measurements are ordinary measured items
-(``(fqn, ref scheme)``) in the measured checkpoint itself.
+(``workers`` / ``ray_address`` / ``RAY_ADDRESS``); in-process profiling never comes here,
+except :func:`fisher_step`, which a streamed profile also runs in process. Each step is a
+list of idempotent :mod:`sensitivity.runner` items with its own checkpoint beside the
+measured one (``<ckpt>.hessians.jsonl`` with its ``.files/`` folder of shard files,
+``<ckpt>.proxy.jsonl``, ``<ckpt>.fisher.jsonl``); the reference measurements are ordinary
+measured items (``(fqn, ref scheme)``) in the measured checkpoint itself.
 """
 
 from __future__ import annotations
@@ -108,3 +109,43 @@ def with_schemes(setup: WorkerSetup, names: Sequence[str], act_formats: Sequence
 
     sal = {f: v.tolist() for f, v in saliency.items()} if saliency is not None else setup.saliency_values
     return dataclasses.replace(setup, schemes=tuple(names), act_formats=tuple(act_formats), saliency_values=sal)
+
+
+def fisher_columns(cfg: Any, names: Sequence[str], refs: Sequence[str]) -> list[str]:
+    """The schemes the Fisher pass scores: all with the Fisher table, the references for Fisher
+    or hybrid references, none otherwise."""
+    if cfg.fisher_table:
+        return list(names)
+    return list(refs) if cfg.ref_method != "measured" else []
+
+
+def fisher_step(cfg: Any, setup: Any, layers: Sequence[Any], names: Sequence[str], sal: dict, *, context: Any = None,
+                shared: Any = None, checkpoint: Any = None, progress: bool = False,
+                say: Callable[[str], None] = lambda m: None) -> tuple[list[np.ndarray], dict, dict]:
+    """Run the Fisher item for ``setup.fisher_schemes`` (``context``: this process's; else on
+    the Ray workers of ``cfg``) with the proxy's split-channel saliency ``sal``; return one
+    ``(L, S)`` table per label kind (NaN outside the scored schemes), the pass's info and the
+    runner's."""
+    import dataclasses
+
+    from .fisher_item import FISHER_CHECKPOINT_SCHEMA, FISHER_KEY, decode_tables
+
+    cols = list(setup.fisher_schemes)
+    fsetup = dataclasses.replace(setup, saliency_values={f: v.tolist() for f, v in sal.items()})
+    if context is not None:
+        context.setup = fsetup
+        context.set_saliency(sal)
+    config = {**checkpoint_header(fsetup, cols, quantizer=cfg.quantizer)["config"], "saliency": cfg.saliency,
+              "fisher_labels": setup.fisher_labels, "fisher_seed": setup.fisher_seed,
+              "streamed": setup.max_memory is not None, "table": "output-Fisher estimates"}
+    res = run_items(fsetup, [FISHER_KEY], checkpoint=sibling_checkpoint(checkpoint, ".fisher.jsonl"),
+                    header=make_header(FISHER_CHECKPOINT_SCHEMA, fsetup, config), workers=cfg.workers,
+                    address=cfg.ray_address, context=context, progress=progress, log_fn=say, warmup=False,
+                    shared=shared)
+    tables, counts = decode_tables(res.values[FISHER_KEY], layers, names, cols, setup.fisher_labels)
+    info = {"labels": setup.fisher_labels, "seed": setup.fisher_seed, "stride": setup.kl_stride, **counts,
+            "schemes": len(cols)}
+    where = "streamed" if setup.max_memory is not None else ("in process" if context is not None else "on Ray")
+    say(f"fisher estimates: {len(layers)} layers x {len(cols)} schemes from {info['tokens']} positions, {where}, "
+        f"in {info['seconds']:.1f} s")
+    return tables, info, res.info

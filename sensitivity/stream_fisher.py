@@ -37,9 +37,7 @@ import torch
 from ._forward import replay_blocks
 from .streaming import StreamedModel, StreamingError
 
-__all__ = ["FISHER_ITEM", "streamed_fisher_tables"]
-
-FISHER_ITEM = "@fisher"  # ("@fisher", FISHER_ITEM): the whole Fisher pass, one runner item
+__all__ = ["streamed_fisher_tables"]
 
 
 class _Stop(BaseException):  # control flow: the block's output, with its graph

@@ -20,6 +20,7 @@ that limit, never the whole model. It evaluates two kinds of item:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -31,7 +32,7 @@ from .errors import RunnerError
 from .worker import WorkerContext, WorkerSetup, worker_info
 
 __all__ = ["UNIT_ITEM", "UNIT_CHECKPOINT_SCHEMA", "UnitRows", "StreamedContext", "context_for", "read_unit_file",
-           "split_cells", "unit_header", "plan_memory", "process_rss", "scored_positions"]
+           "split_cells", "unit_header", "plan_memory", "process_rss", "peak_of", "forward_bytes", "scored_positions"]
 
 UNIT_ITEM = "@unit"  # (unit name, UNIT_ITEM): the unit's proxy rows and saliency vectors
 UNIT_CHECKPOINT_SCHEMA = "bitalloc.unit-checkpoint/1"
@@ -100,6 +101,21 @@ def process_rss() -> int:
         return 0
 
 
+@contextlib.contextmanager
+def peak_of(out: dict, key: str):
+    """``out[key]``: this process's peak resident memory so far (bytes, Linux's ``VmHWM``) when
+    the block ends; nothing where /proc is missing. Successive steps' values show which step
+    raised the peak, against :func:`plan_memory`'s estimate. (Not reset per step: resetting it
+    through ``/proc/self/clear_refs`` would also hide the earlier peak from ``getrusage`` and
+    ``/usr/bin/time``.)"""
+    yield
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        out[key] = int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+
+
 def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) -> dict:
     """The estimated peak of each phase from what the process holds already (the interpreter,
     torch, transformers); a limit below either is refused before any work
@@ -109,10 +125,13 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
       weight (quantized copy, error, product), its Hessians (one per distinct input,
       :func:`~.fisher_refs.input_role`: q/k/v share one, gate/up one) with two more of the
       widest while a batch is folded in, and the stored activations (two blocks' outputs,
-      in memory up to a quarter of the limit, spilled past it).
+      in memory up to a quarter of the limit, spilled past it), and one batch's forward
+      through a block (:func:`forward_bytes`).
     * References: the measured layer's block held (weights, the quantized weight and its
       backup) while the forward reads the largest other unit (its float32 weights and the
-      16-bit buffer they are converted from), plus the reference log-probs.
+      16-bit buffer they are converted from), plus the reference log-probs, one batch's
+      forward through a block and its head (the scored positions' logits, four buffers).
+    * The Fisher pass, when ``setup.fisher_schemes`` asks for it (:func:`_fisher_need`).
 
     Also returns ``keep_bytes`` (activations kept in memory) and ``unit_cache_bytes``: half of
     what the limit leaves beside the estimate (which runs low) keeps units between forwards.
@@ -131,6 +150,16 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
                            f"the logits memory ({logits_memory()} bytes); lower kl_samples or raise the logits memory")
     keep = limit // 4
     activations = min(keep, 2 * n_tokens * int(sm.model.config.hidden_size) * 4)
+    forward = forward_bytes(sm.model.config, setup.batch_size, _row_len(setup))  # one batch through a block
+    # a reference measurement's batch (of the KL rows): its forward through a block, and its
+    # head: the scored positions' logits, float32 copy, log-softmax and KL terms (four buffers;
+    # chunked by the logits bound where that is smaller)
+    from .logits import chunk_rows
+
+    kl_rows = min(setup.batch_size, setup.kl_samples or len(setup.tokens or [0]))
+    kl_forward = forward_bytes(sm.model.config, kl_rows, _row_len(setup))
+    scored_batch = kl_rows * len(range(max(setup.kl_stride - 1, 0), _row_len(setup), setup.kl_stride))
+    head_bytes = 4 * min(scored_batch, chunk_rows(vocab, 4)) * vocab * 4
     hessian_bytes = getattr(torch, setup.hessian_dtype).itemsize * (1 + 2 * len(setup.act_formats))
     from .stream_pass import layers_by_unit
 
@@ -143,11 +172,12 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
         largest = max((layer.out_features * layer.in_features * 4 for layer in mine), default=0)
         widest = max((n for _, n in ins), default=0)
         need[("hessians and proxy", u)] = (base + w + 3 * largest + sum(n * n * hessian_bytes for _, n in ins)
-                                           + 2 * widest * widest * hessian_bytes + activations)
+                                           + 2 * widest * widest * hessian_bytes + activations + forward)
         if mine:
             other = max((b for v, b in enumerate(sm.unit_bytes) if v != u), default=0)
             # the other unit as it is read: its float32 weights beside the stored 16-bit buffer
-            need[("references", u)] = base + w + 2 * largest + other + other // 2 + ref_bytes + activations
+            need[("references", u)] = (base + w + 2 * largest + other + other // 2 + ref_bytes + activations
+                                       + kl_forward + head_bytes)
     if setup.fisher_schemes:
         need.update(_fisher_need(sm, layers, by_unit, setup, base, keep))
     (phase, u), peak = max(need.items(), key=lambda kv: kv[1])
@@ -157,6 +187,26 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
     return {"largest_phase": phase, "largest_unit": sm.units[u][0], "estimated_peak_bytes": int(peak),
             "process_bytes_at_start": base, "keep_bytes": int(keep),
             "unit_cache_bytes": max(0, (limit - int(peak)) // 2)}
+
+
+def _row_len(setup: WorkerSetup) -> int:
+    """Tokens per calibration row (1 before the driver's tokens are known)."""
+    return len(setup.tokens[0]) if setup.tokens else 1
+
+
+def forward_bytes(config: Any, rows: int, row_len: int, *, graph: bool = False) -> int:
+    """What one block's forward over ``rows`` rows of ``row_len`` tokens holds at its peak,
+    float32: about ten hidden-wide tensors per token (residual, norms, q/k/v/o) and four
+    intermediate-wide ones (gate, up, their product, the activation), plus the attention
+    scores and their softmax (two ``heads × row_len`` per token) where the attention is not
+    fused (``eager``; SDPA's fused kernels do not materialise them). ``graph``: a forward with
+    gradients keeps about as much again for the backward."""
+    d = int(config.hidden_size)
+    inter = int(getattr(config, "intermediate_size", 4 * d))
+    heads = int(getattr(config, "num_attention_heads", 1))
+    fused = getattr(config, "_attn_implementation", "eager") != "eager"
+    per_token = 10 * d + 4 * inter + (0 if fused else 2 * heads * row_len)
+    return int(rows * row_len * per_token * 4 * (2 if graph else 1))
 
 
 def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int) -> dict:
@@ -173,13 +223,12 @@ def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int) 
     ids_shape = (len(setup.tokens), len(setup.tokens[0])) if setup.tokens else (1, 1)
     rows, T = fisher_rows(layers, ids_shape, setup.kl_stride, setup.fisher_labels), ids_shape[1]
     K = len(label_kinds(setup.fisher_labels))
-    d, inter = int(cfg.hidden_size), int(getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
-    heads, vocab = int(cfg.num_attention_heads), int(cfg.vocab_size)
+    d, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
     B = max(1, 512 // max(1, T))  # rows a batch (the pass's batch_tokens)
     tokens = rows * T
     stored = min(keep, len(sm.blocks) * tokens * d * 4)
     grads = 2 * K * tokens * d * 4
-    graph = B * T * (10 * d + 4 * inter + 2 * heads * T) * 4
+    graph = forward_bytes(cfg, B, T, graph=True)
     scored = rows * len(range(0, T - 1, setup.kl_stride))
     step = chunk_rows(vocab, 4)
     logits = 4 * min(B * T, step) * vocab * 4
@@ -188,8 +237,18 @@ def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int) 
         ins = {(input_role(x.fqn), x.in_features) for x in mine}
         xg = scored * (sum(n for _, n in ins) + K * sum(x.out_features for x in mine)) * 4
         largest = max(x.out_features * x.in_features * 4 for x in mine)
-        head = logits if u not in sm.block_units else 0
-        need[("Fisher pass", u)] = base + sm.unit_bytes[u] + stored + grads + graph + xg + 3 * largest + head
+        need[("Fisher pass", u)] = base + sm.unit_bytes[u] + stored + grads + graph + xg + 3 * largest
+    # the head step, profiled or not: the units outside the blocks held (final norm, head; a
+    # tied head is the embedding's weight) with one batch's logits, and the head's own rows
+    embed = sm.model.get_input_embeddings()
+    held = sum(b for v, ((_, m), b) in enumerate(zip(sm.units, sm.unit_bytes))
+               if v not in sm.block_units and m is not embed)
+    head_u = next((v for v, (_, m) in enumerate(sm.units) if m is sm.model.get_output_embeddings()), None)
+    if head_u is not None:
+        held = max(held, sm.unit_bytes[head_u])
+        rows_head = scored * (d + K * vocab) * 4 if head_u in by_unit else 0
+        need[("Fisher pass", head_u)] = max(need.get(("Fisher pass", head_u), 0),
+                                            base + held + stored + grads + logits + rows_head)
     return need
 
 
@@ -339,10 +398,10 @@ class StreamedContext:
     # -- the output-Fisher pass -------------------------------------------------------------
 
     def _fisher(self) -> dict[str, float]:
-        """``{"<fqn>\t<scheme>\t<label kind>": estimate}`` for every layer and
+        """The Fisher item's cells (:func:`~.fisher_item.encode_tables`) for every layer and
         ``setup.fisher_schemes`` (:func:`~.stream_fisher.streamed_fisher_tables`, the saliency
         the driver set), after the walk's activations are dropped."""
-        from .fisher_refs import label_kinds
+        from .fisher_item import encode_tables
         from .stream_fisher import streamed_fisher_tables
 
         self.close_walk()
@@ -353,17 +412,10 @@ class StreamedContext:
         tables, info = streamed_fisher_tables(self.sm, self.layers, ids, s.fisher_schemes, saliency=self._saliency,
                                               quantizer=s.quantizer, stride=s.kl_stride, labels=s.fisher_labels,
                                               seed=s.fisher_seed, keep_bytes=self.memory["keep_bytes"])
-        cells = {}
-        for kind, table in zip(label_kinds(s.fisher_labels), tables):
-            for i, layer in enumerate(self.layers):
-                cells.update({f"{layer.fqn}{_CELL}{sch}{_CELL}{kind}": float(v)
-                              for sch, v in zip(s.fisher_schemes, table[i])})
-        flat = {**{k: info[k] for k in ("tokens", "rows", "batches", "seconds")}, **info["streamed"]}
-        cells.update({f"@{k}": float(v) for k, v in flat.items()})  # numbers only on a checkpoint line
-        return cells
+        return encode_tables(self.layers, s.fisher_schemes, s.fisher_labels, tables, info)
 
     def evaluate(self, fqn: str, scheme: str) -> Any:
-        from .stream_fisher import FISHER_ITEM
+        from .fisher_item import FISHER_ITEM
 
         if scheme == FISHER_ITEM:
             out = self._fisher()

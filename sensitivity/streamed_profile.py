@@ -41,7 +41,6 @@ import numpy as np
 from .profile import ProfileError, SensitivityProfile
 from .profile_config import ProfileConfig
 
-FISHER_CHECKPOINT_SCHEMA = "bitalloc.fisher-checkpoint/1"
 
 
 def _model_source(model: Any) -> tuple[Path, str]:
@@ -68,6 +67,7 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
     from .calibrate import calibrate_proxy
     from .calibration import CalibrationSpec, load_calibration, tokens_sha256
     from .checkpoint import checkpoint_header
+    from .profile_ray import fisher_columns, fisher_step
     from .layers import find_layers
     from .models import load_tokenizer
     from .profile_parts import cost_table, other_parameter_bits, profile_metadata, profile_split_channels
@@ -75,8 +75,8 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
     from .proxy import as_scheme
     from .runner import run_items
     from .stream_pass import layers_by_unit
-    from .streamed_items import (UNIT_ITEM, StreamedContext, plan_memory, read_unit_file, scored_positions,
-                                 split_cells, unit_header)
+    from .streamed_items import (UNIT_ITEM, StreamedContext, peak_of, plan_memory, read_unit_file,
+                                 scored_positions, split_cells, unit_header)
     from .streaming import StreamedModel
     from .worker import WorkerSetup
 
@@ -126,7 +126,7 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
             exclude=tuple(cfg.exclude), quantize_tied=cfg.quantize_tied, quantizer=cfg.quantizer, saliency=cfg.saliency,
             act_formats=tuple(acts), schemes=tuple(names), max_memory=limit, hessian_dtype=cfg.hessian_dtype,
             fisher_labels=cfg.fisher_labels, fisher_seed=cfg.seed,
-            fisher_schemes=tuple(_fisher_columns(cfg, names, refs)))
+            fisher_schemes=tuple(fisher_columns(cfg, names, refs)))
         ray = on_ray(cfg.workers, cfg.ray_address)
         # in process, this process is the worker (its model and data); on Ray each worker
         # reads the model itself under the same limit, and this one only checks it first
@@ -135,11 +135,14 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
                                                              scored_positions(ids, cfg.kl_samples, cfg.kl_stride))
         sm.cache_bytes = mem["unit_cache_bytes"]
         runner: dict = {}
+        peaks: dict = {}  # the peak resident memory so far after each step (in process: the work's)
         units = [sm.units[u][0] for u in layers_by_unit(sm, layers)]
         with tempfile.TemporaryDirectory(prefix="bitalloc-units-") as tmp:
-            res = run_items(setup, [(n, UNIT_ITEM) for n in units], checkpoint=sibling_checkpoint(checkpoint, ".units.jsonl"),
-                            header=unit_header(setup), workers=cfg.workers, address=cfg.ray_address, context=ctx,
-                            progress=progress, log_fn=say, files_dir=tmp, warmup=False)
+            with peak_of(peaks, "units"):
+                res = run_items(setup, [(n, UNIT_ITEM) for n in units],
+                                checkpoint=sibling_checkpoint(checkpoint, ".units.jsonl"), header=unit_header(setup),
+                                workers=cfg.workers, address=cfg.ray_address, context=ctx, progress=progress,
+                                log_fn=say, files_dir=tmp, warmup=False)
             cells = {}
             vectors = {}
             for n in units:
@@ -155,8 +158,9 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         # the output-Fisher estimates (Fisher or hybrid references, the Fisher tables): one item
         fisher_vals = fisher_info = None
         if setup.fisher_schemes:
-            fisher_vals, fisher_info, runner["fisher"] = _fisher_step(
-                cfg, setup, ctx, layers, names, refs, sal, checkpoint=checkpoint, progress=progress, say=say)
+            with peak_of(peaks, "fisher"):
+                fisher_vals, fisher_info, runner["fisher"] = fisher_step(
+                    cfg, setup, layers, names, sal, context=ctx, checkpoint=checkpoint, progress=progress, say=say)
             t = lap("fisher", t)
 
         # the reference measurements: a split scheme's measurement uses these vectors
@@ -176,10 +180,11 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         keys = [(layers[i].fqn, r) for i in sub for r in item_schemes]
         measured_refs = {}
         if keys:
-            res = run_items(setup, keys, checkpoint=checkpoint,
-                            header=checkpoint_header(setup, item_schemes, quantizer=cfg.quantizer),
-                            workers=cfg.workers, address=cfg.ray_address, context=ctx, progress=progress, log_fn=say,
-                            warmup=False)
+            with peak_of(peaks, "references"):
+                res = run_items(setup, keys, checkpoint=checkpoint,
+                                header=checkpoint_header(setup, item_schemes, quantizer=cfg.quantizer),
+                                workers=cfg.workers, address=cfg.ray_address, context=ctx, progress=progress,
+                                log_fn=say, warmup=False)
             runner["references"], measured_refs = res.info, res.values
         ref_values = np.array([[measured_refs[(layers[i].fqn, r)][setup.metric] for r in refs] for i in sub],
                               dtype=np.float64).reshape(len(sub), len(refs))
@@ -216,7 +221,7 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
     metadata = profile_metadata(cfg, walls=walls, metric="kl", replay=replay,
                                 table="measured" if cfg.measured else "calibrated-proxy",
                                 **({"fisher": fisher_info} if fisher_info else {}))
-    metadata["streaming"] = {"max_memory": limit, **mem, **stream, "items": {
+    metadata["streaming"] = {"max_memory": limit, **mem, **stream, "peak_after_step_bytes": peaks, "items": {
         step: {k: info.get(k) for k in ("mode", "items", "resumed", "computed", "wall_s")} for step, info in runner.items()}}
     if ray:
         metadata["ray"] = runner
@@ -230,51 +235,3 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         fisher=fisher_vals[0] if cfg.fisher_table else None,
         fisher_text=fisher_vals[1] if cfg.fisher_table and len(fisher_vals) > 1 else None,
     )
-
-
-def _fisher_columns(cfg: ProfileConfig, names: list[str], refs: list[str]) -> list[str]:
-    """The schemes the Fisher pass scores: all with the Fisher table, the references for Fisher
-    or hybrid references, none otherwise."""
-    if cfg.fisher_table:
-        return list(names)
-    return list(refs) if cfg.ref_method != "measured" else []
-
-
-def _fisher_step(cfg: ProfileConfig, setup: Any, ctx: Any, layers: list, names: list[str], refs: list[str],
-                 sal: dict, *, checkpoint: Any, progress: bool, say: Callable[[str], None]) -> tuple:
-    """The streamed output-Fisher pass as one runner item (in this process or on a Ray worker,
-    checkpointed beside ``checkpoint`` as ``.fisher.jsonl``): one ``(L, S)`` table per label
-    kind (NaN outside the scored schemes: every scheme with ``fisher_table``, else the
-    references), its info and the runner's."""
-    from .checkpoint import checkpoint_header, make_header
-    from .fisher_refs import label_kinds
-    from .profile_ray import sibling_checkpoint
-    from .runner import run_items
-    from .stream_fisher import FISHER_ITEM
-
-    cols = list(setup.fisher_schemes)
-    fsetup = dataclasses.replace(setup, saliency_values={f: v.tolist() for f, v in sal.items()})
-    if ctx is not None:
-        ctx.setup = fsetup
-        ctx.set_saliency(sal)
-    config = {**checkpoint_header(fsetup, cols, quantizer=cfg.quantizer)["config"], "saliency": cfg.saliency,
-              "fisher_labels": cfg.fisher_labels, "fisher_seed": cfg.seed,
-              "table": "output-Fisher estimates of a streamed model"}
-    header = make_header(FISHER_CHECKPOINT_SCHEMA, fsetup, config)
-    res = run_items(fsetup, [("@fisher", FISHER_ITEM)], checkpoint=sibling_checkpoint(checkpoint, ".fisher.jsonl"),
-                    header=header, workers=cfg.workers, address=cfg.ray_address, context=ctx, progress=progress,
-                    log_fn=say, warmup=False)
-    cells = res.values[("@fisher", FISHER_ITEM)]
-    kinds = label_kinds(cfg.fisher_labels)
-    tables = [np.full((len(layers), len(names)), np.nan) for _ in kinds]
-    for k, kind in enumerate(kinds):
-        for i, layer in enumerate(layers):
-            for c in cols:
-                tables[k][i, names.index(c)] = cells[f"{layer.fqn}\t{c}\t{kind}"]
-    info = {"labels": cfg.fisher_labels, "seed": cfg.seed, "stride": cfg.kl_stride,
-            **{k: int(cells[f"@{k}"]) for k in ("tokens", "rows", "batches")}, "seconds": cells["@seconds"],
-            "schemes": len(cols), "streamed": {k[1:]: int(v) for k, v in cells.items()
-                                               if k.startswith("@") and k[1:] not in ("tokens", "rows", "batches", "seconds")}}
-    say(f"fisher estimates: {len(layers)} layers x {len(cols)} schemes from {info['tokens']} positions, streamed, "
-        f"in {info['seconds']:.1f} s")
-    return tables, info, res.info

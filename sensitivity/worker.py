@@ -265,6 +265,8 @@ class WorkerContext:
 
         if fqn == "@hessians":  # sensitivity.hessian_shards.SHARD_LAYER
             return self._hessian_shard(scheme)
+        if fqn == "@fisher":  # sensitivity.fisher_item.FISHER_KEY
+            return self._fisher()
         if scheme == PROXY_ITEM:
             return self._proxy_row(fqn)
         if PAIR_SEP in fqn or PAIR_SEP in scheme:
@@ -285,6 +287,29 @@ class WorkerContext:
                             batch_size=self.setup.batch_size, act_formats=self.setup.act_formats)
         self.n_items += 1
         return out
+
+    def set_saliency(self, vectors: dict) -> None:
+        """fqn -> the split channels' saliency the next items use (in process: the driver's)."""
+        self._saliency = dict(vectors)
+
+    def _fisher(self) -> dict[str, float]:
+        """The output-Fisher pass over the whole model as one item
+        (:func:`~.fisher_refs.fisher_ref_tables` for ``setup.fisher_schemes``, the driver's
+        saliency; GPTQ's Hessians from the driver's ``shared``), encoded by
+        :func:`~.fisher_item.encode_tables`."""
+        from .fisher_item import encode_tables
+        from .fisher_refs import fisher_ref_tables
+
+        s = self.setup
+        if not s.fisher_schemes:
+            raise RunnerError("the Fisher item needs setup.fisher_schemes")
+        ids = self.data["input_ids"] if isinstance(self.data, dict) else self.data
+        hessians = self.hessians if s.quantizer != "rtn" else None
+        tables, info = fisher_ref_tables(self.loaded.model, self.layers, ids, s.fisher_schemes, hessians,
+                                         quantizer=s.quantizer, saliency=self._saliency, stride=s.kl_stride,
+                                         labels=s.fisher_labels, seed=s.fisher_seed)
+        self.n_items += 1
+        return encode_tables(self.layers, s.fisher_schemes, s.fisher_labels, tables, info)
 
     def _proxy_row(self, fqn: str) -> dict[str, float]:
         """The layer's proxy row over ``setup.schemes`` from the context's (the driver's) Hessians;

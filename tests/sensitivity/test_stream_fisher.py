@@ -95,6 +95,8 @@ def test_streamed_profile_with_fisher_passes_equals_the_in_memory_profile(untied
     assert fs["tokens"] == fw["tokens"] and fs["labels"] == fw["labels"] and fs.get("hybrid") == fw.get("hybrid")
     items = streamed.metadata["streaming"]["items"]
     assert items["fisher"]["computed"] == 1
+    peaks = streamed.metadata["streaming"]["peak_after_step_bytes"]  # VmHWM after each step, where Linux has it
+    assert not peaks or (set(peaks) >= {"units", "fisher"} and 0 < peaks["units"] <= peaks["fisher"])
     if kw["ref_method"] == "hybrid":
         assert items["references"]["computed"] == 2 * fw["hybrid"]["measured_layers"] < 2 * whole.n_layers
     else:
@@ -172,3 +174,27 @@ def test_streamed_measured_table_equals_the_in_memory_one(untied):
     assert np.array_equal(streamed.ref_values, whole.ref_values) and np.array_equal(streamed.proxy, whole.proxy)
     items = streamed.metadata["streaming"]["items"]
     assert items["references"]["computed"] == whole.n_layers * len(whole.schemes)
+
+
+@pytest.mark.slow
+def test_hybrid_profile_on_local_ray_runs_the_fisher_pass_on_a_worker(tmp_path):
+    """The default kind of profile on Ray with the model whole: the Fisher pass is one runner
+    item on a worker (not the driver), checkpointed; its tables match the in-process ones
+    (float32 Hessians reduced from shards: allclose), and a rerun resumes it."""
+    import bitalloc
+
+    kw = dict(n_samples=4, seq_len=16, kl_samples=2, kl_stride=1, schemes=["w2g64z", "w4g64", "fp16"],
+              ref_schemes=["w2g64z"], batch_size=2, progress=False, log=None, ref_method="hybrid", measure_every=2,
+              fisher_table=True, fisher_labels="both")
+    base = bitalloc.profile("random:llama-tiny", **kw)
+    out = tmp_path / "p.json"
+    ray1 = bitalloc.profile("random:llama-tiny", workers=2, out=out, **kw)
+    r = ray1.metadata["ray"]
+    assert r["fisher"]["mode"] == "ray-local" and r["fisher"]["computed"] == 1
+    assert r["fisher"]["worker_info"] and all(w["reused_model"] for w in r["fisher"]["worker_info"])
+    np.testing.assert_allclose(ray1.fisher, base.fisher, rtol=1e-4)
+    np.testing.assert_allclose(ray1.fisher_text, base.fisher_text, rtol=1e-4)
+    assert ray1.metadata["options"]["fisher"]["tokens"] == base.metadata["options"]["fisher"]["tokens"]
+    assert (tmp_path / "p.measure-checkpoint.fisher.jsonl").is_file()
+    ray2 = bitalloc.profile("random:llama-tiny", workers=2, out=out, **kw)
+    assert ray2.metadata["ray"]["fisher"]["resumed"] == 1 and np.array_equal(ray2.fisher, ray1.fisher)
