@@ -258,7 +258,7 @@ def build_profile(
 
         fsetup = dataclasses.replace(setup, fisher_labels=cfg.fisher_labels, fisher_seed=cfg.seed,
                                      fisher_schemes=tuple(names[j] for j in fisher_cols))
-        fisher_vals, fisher_info, ray_info["fisher"] = fisher_step(
+        fisher_vals, fisher_info, ray_info["fisher"] = profile_ray.fisher_step(
             cfg, fsetup, layers, names, sal, checkpoint=checkpoint, progress=progress, say=say,
             shared={"hessians": stats} if quantizer != "rtn" else None)
     t = lap("proxy", t)

@@ -165,6 +165,9 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
 
     by_unit = layers_by_unit(sm, layers)
     base = process_rss()
+    # a unit dropped just before the next is read is not always handed back to the system by
+    # then (the allocator's slack): one more block's bytes where a forward reads unit after unit
+    slack = max((sm.unit_bytes[v] for v in sm.block_units), default=0)
     need = {}
     for u, w in enumerate(sm.unit_bytes):
         mine = by_unit.get(u, [])
@@ -176,7 +179,7 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
         if mine:
             other = max((b for v, b in enumerate(sm.unit_bytes) if v != u), default=0)
             # the other unit as it is read: its float32 weights beside the stored 16-bit buffer
-            need[("references", u)] = (base + w + 2 * largest + other + other // 2 + ref_bytes + activations
+            need[("references", u)] = (base + w + 2 * largest + other + other // 2 + slack + ref_bytes + activations
                                        + kl_forward + head_bytes)
     if setup.fisher_schemes:
         need.update(_fisher_need(sm, layers, by_unit, setup, base, keep))
@@ -213,13 +216,16 @@ def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int) 
     """The streamed Fisher pass's estimated peak (:mod:`~.stream_fisher`) per unit: the unit
     held with the stored block outputs (kept in memory up to ``keep``), the gradients at a
     block boundary (two sets per label kind), one batch's graph through a block, the unit's
-    scored inputs and squared output gradients, and three temporaries of its largest weight;
-    at the head, one batch's logits four times over (logits, float32 copy, softmax, gradient)
-    or four chunks of them where the logits-memory bound chunks the head."""
+    scored inputs and squared output gradients, three temporaries of its largest weight, the
+    16-bit buffer a unit is read through and one block of allocator slack; at the head, the
+    units outside the blocks held with one batch's logits ``2 + K`` times over (logits,
+    softmax, a log-softmax per label kind), in chunks where the logits-memory bound
+    chunks the head."""
     from .fisher_refs import fisher_rows, input_role, label_kinds
     from .logits import chunk_rows
 
     cfg = sm.model.config
+    slack = max((sm.unit_bytes[v] for v in sm.block_units), default=0)  # as plan_memory's
     ids_shape = (len(setup.tokens), len(setup.tokens[0])) if setup.tokens else (1, 1)
     rows, T = fisher_rows(layers, ids_shape, setup.kl_stride, setup.fisher_labels), ids_shape[1]
     K = len(label_kinds(setup.fisher_labels))
@@ -231,13 +237,14 @@ def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int) 
     graph = forward_bytes(cfg, B, T, graph=True)
     scored = rows * len(range(0, T - 1, setup.kl_stride))
     step = chunk_rows(vocab, 4)
-    logits = 4 * min(B * T, step) * vocab * 4
+    logits = (2 + K) * min(B * T, step) * vocab * 4  # logits, softmax, a log-softmax per kind (the gradient reuses one)
     need = {}
     for u, mine in by_unit.items():
         ins = {(input_role(x.fqn), x.in_features) for x in mine}
         xg = scored * (sum(n for _, n in ins) + K * sum(x.out_features for x in mine)) * 4
         largest = max(x.out_features * x.in_features * 4 for x in mine)
-        need[("Fisher pass", u)] = base + sm.unit_bytes[u] + stored + grads + graph + xg + 3 * largest
+        need[("Fisher pass", u)] = (base + sm.unit_bytes[u] * 3 // 2 + stored + grads + graph + xg + 3 * largest
+                                    + slack)
     # the head step, profiled or not: the units outside the blocks held (final norm, head; a
     # tied head is the embedding's weight) with one batch's logits, and the head's own rows
     embed = sm.model.get_input_embeddings()
@@ -248,7 +255,7 @@ def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int) 
         held = max(held, sm.unit_bytes[head_u])
         rows_head = scored * (d + K * vocab) * 4 if head_u in by_unit else 0
         need[("Fisher pass", head_u)] = max(need.get(("Fisher pass", head_u), 0),
-                                            base + held + stored + grads + logits + rows_head)
+                                            base + held * 3 // 2 + stored + grads + logits + rows_head)
     return need
 
 
