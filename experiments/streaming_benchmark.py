@@ -194,7 +194,8 @@ def main(argv=None) -> int:
                 local = ray.with_name(ray.name[: len(ray.name) - len(sfx) - 5].rsplit("-", 1)[0] + f"-1thread{sfx}.json")
                 if local.is_file():
                     checks[ray.stem] = {"against": local.stem, **same_profile(local, ray)}
-    results.update(settings=SETTINGS, calibration=str(calib), checks=checks,
+    # checks of earlier runs (their profiles may be gone from --work) stay; rows carry their kind
+    results.update(settings=SETTINGS, kinds=KINDS, calibration=str(calib), checks={**results.get("checks", {}), **checks},
                    machine="2-core CPU, 24 GiB (the development machine)",
                    date=time.strftime("%Y-%m-%d"))
     res_file.write_text(json.dumps(results, indent=1) + "\n")
