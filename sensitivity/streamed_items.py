@@ -415,8 +415,7 @@ class StreamedContext:
         s = self.setup
         if not s.fisher_schemes:
             raise RunnerError("the Fisher item needs setup.fisher_schemes")
-        ids = self.data["input_ids"] if isinstance(self.data, dict) else self.data
-        tables, info = streamed_fisher_tables(self.sm, self.layers, ids, s.fisher_schemes, saliency=self._saliency,
+        tables, info = streamed_fisher_tables(self.sm, self.layers, self.data, s.fisher_schemes, saliency=self._saliency,
                                               quantizer=s.quantizer, stride=s.kl_stride, labels=s.fisher_labels,
                                               seed=s.fisher_seed, keep_bytes=self.memory["keep_bytes"])
         return encode_tables(self.layers, s.fisher_schemes, s.fisher_labels, tables, info)

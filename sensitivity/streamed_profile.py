@@ -118,6 +118,9 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         else:
             data, calib_desc = calibration, {"source": "provided"}
         ids = data["input_ids"] if isinstance(data, dict) else data
+        if isinstance(data, dict) and (cfg.fisher_table or cfg.ref_method != "measured"):
+            raise ProfileError("Fisher estimates need a causal LM's token ids (n, seq); calibration with an "
+                               "attention mask (padded rows) is not supported for them")
         calib_desc.update(tokens=int(ids.numel()), shape=list(ids.shape), tokens_sha256=tokens_sha256(data))
         t = lap("calibration", t)
         setup = WorkerSetup.with_data(

@@ -303,9 +303,8 @@ class WorkerContext:
         s = self.setup
         if not s.fisher_schemes:
             raise RunnerError("the Fisher item needs setup.fisher_schemes")
-        ids = self.data["input_ids"] if isinstance(self.data, dict) else self.data
         hessians = self.hessians if s.quantizer != "rtn" else None
-        tables, info = fisher_ref_tables(self.loaded.model, self.layers, ids, s.fisher_schemes, hessians,
+        tables, info = fisher_ref_tables(self.loaded.model, self.layers, self.data, s.fisher_schemes, hessians,
                                          quantizer=s.quantizer, saliency=self._saliency, stride=s.kl_stride,
                                          labels=s.fisher_labels, seed=s.fisher_seed)
         self.n_items += 1

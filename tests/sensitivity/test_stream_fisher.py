@@ -198,3 +198,12 @@ def test_hybrid_profile_on_local_ray_runs_the_fisher_pass_on_a_worker(tmp_path):
     assert (tmp_path / "p.measure-checkpoint.fisher.jsonl").is_file()
     ray2 = bitalloc.profile("random:llama-tiny", workers=2, out=out, **kw)
     assert ray2.metadata["ray"]["fisher"]["resumed"] == 1 and np.array_equal(ray2.fisher, ray1.fisher)
+
+
+def test_streamed_fisher_refuses_padded_calibration(untied):
+    """Padded rows (an attention mask) are refused for the Fisher passes, streamed as loaded whole."""
+    ids = _ids()
+    padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for extra in ({}, {"max_memory": "16GiB"}):
+        with pytest.raises(ProfileError, match="Fisher estimates need a causal LM"):
+            build_profile(str(untied), calibration=padded, **_settings(ref_method="fisher", **extra))
