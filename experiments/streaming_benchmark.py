@@ -191,7 +191,8 @@ def main(argv=None) -> int:
                 if whole.is_file():
                     checks[streamed.stem] = same_profile(whole, streamed)
             for ray in sorted(work.glob(f"{name}@*workers{sfx}.json")):  # against in-process streaming, 1 thread
-                local = ray.with_name(ray.name[: len(ray.name) - len(sfx) - 5].rsplit("-", 1)[0] + f"-1thread{sfx}.json")
+                stem = ray.stem.removesuffix(sfx).rsplit("-", 1)[0]  # name@limit
+                local = ray.with_name(f"{stem}-1thread{sfx}.json")
                 if local.is_file():
                     checks[ray.stem] = {"against": local.stem, **same_profile(local, ray)}
     # checks of earlier runs (their profiles may be gone from --work) stay; rows carry their kind

@@ -225,8 +225,9 @@ def build_profile(
     t = lap("saliency", t)
     # the output-Fisher estimates (sensitivity.fisher_refs): every scheme for the table, else the references
     fisher_info = fisher_vals = None
-    want_fisher = cfg.fisher_table or cfg.ref_method != "measured"
-    fisher_cols = list(range(len(names))) if cfg.fisher_table else [names.index(r) for r in refs]
+    fisher_names = profile_ray.fisher_columns(cfg, names, refs)
+    want_fisher = bool(fisher_names)
+    fisher_cols = [names.index(n) for n in fisher_names]
     if want_fisher and (loaded.kind != "causal-lm" or isinstance(data, dict)):
         raise ProfileError(f"Fisher estimates need a causal LM's next-token logits; {loaded.spec} is a {loaded.kind}")
     if ray:
@@ -255,9 +256,8 @@ def build_profile(
             say(f"fisher estimates: {len(layers)} layers x {len(fisher_cols)} schemes from "
                 f"{fisher_info['tokens']} positions, with the proxy")
     if want_fisher and fisher_vals is None:  # the Ray path: the Fisher pass is one item on a worker
-
         fsetup = dataclasses.replace(setup, fisher_labels=cfg.fisher_labels, fisher_seed=cfg.seed,
-                                     fisher_schemes=tuple(names[j] for j in fisher_cols))
+                                     fisher_schemes=tuple(fisher_names))
         fisher_vals, fisher_info, ray_info["fisher"] = profile_ray.fisher_step(
             cfg, fsetup, layers, names, sal, checkpoint=checkpoint, progress=progress, say=say,
             shared={"hessians": stats} if quantizer != "rtn" else None)
@@ -287,11 +287,9 @@ def build_profile(
         metric_set = grouping.metric_set if grouping is not None else None
         reference = compute_reference(net, layers, metric_batches, metric_set, progress, batch_size=batch_size)
         metric_name = reference.metric.name
-        sub = list(range(len(layers)))
-        if cfg.ref_method == "hybrid":  # a few blocks measured; the Fisher, corrected per layer kind, elsewhere
-            from .fisher_refs import measured_subset
+        from .fisher_refs import measured_layers, reference_values
 
-            sub = measured_subset(layers, cfg.measure_every)
+        sub = measured_layers(cfg.ref_method, layers, cfg.measure_every)  # hybrid: a few blocks
         mlayers = [layers[i] for i in sub]
         if quantizer == "rtn" and saliency == "hessian":
             ref_values = measure_ref_columns(net, mlayers, reference, refs, progress, stats, grouping)
@@ -302,14 +300,10 @@ def build_profile(
                                                  saliency=sal[layer.fqn]) for r in refs] for layer in mlayers], dtype=np.float64)
         replay = reference.replay
         reference.free()
-        if cfg.ref_method == "hybrid":
-            from .fisher_refs import hybrid_ref_values, layer_kind
-
-            ref_values, hyb = hybrid_ref_values([layer_kind(x.fqn) for x in layers], sub, ref_values,
-                                                fisher_vals[0][:, [names.index(r) for r in refs]])
-            fisher_info["hybrid"] = {**hyb, "measure_every": cfg.measure_every}
-            say(f"hybrid references: {hyb['measured_layers']} layers measured, {hyb['estimated_layers']} from the "
-                "Fisher corrected per layer kind")
+        if cfg.ref_method == "hybrid":  # the Fisher, corrected per layer kind, where not measured
+            ref_values, fisher_info["hybrid"] = reference_values(
+                cfg.ref_method, layers, sub, ref_values, fisher_vals[0][:, [names.index(r) for r in refs]],
+                cfg.measure_every, say)
     t = lap("measure", t)
 
     table, scales = calibrate_proxy(proxy, ref_values, [names.index(r) for r in refs])

@@ -42,7 +42,8 @@ import torch
 from .profile_config import FISHER_LABELS
 
 __all__ = ["FISHER_LABELS", "FisherStats", "label_kinds", "fisher_rows", "sample_labels", "head_grads", "LayerTaps",
-           "append_scored", "scored_mask", "label_loss", "fisher_ref_values", "fisher_ref_tables", "hybrid_ref_values", "measured_subset", "layer_kind", "input_role"]
+           "append_scored", "scored_mask", "label_loss", "join_parts", "score_into", "fisher_ref_values", "fisher_ref_tables",
+           "measured_layers", "reference_values", "hybrid_ref_values", "measured_subset", "layer_kind", "input_role"]
 
 FISHER_MEMORY = 1 << 30  # the kept inputs and squared gradients, per label kind (FisherStats.collect)
 
@@ -142,7 +143,7 @@ class FisherStats:
                 p.requires_grad_(f)
             model.train(training)
         joined: dict[tuple, torch.Tensor] = {}  # layers that shared an input share the joined tensor too
-        x = {i: _cat(v, joined) for i, v in xs.items() if v}
+        x = {i: join_parts(v, joined) for i, v in xs.items() if v}
         g2 = [{i: torch.cat(v) for i, v in g.items() if v} for g in gs]
         info = {"labels": labels, "seed": seed, "tokens": n, "stride": stride, "rows": rows, "batches": len(batches)}
         return cls(x, g2, n, info)
@@ -177,7 +178,7 @@ def input_role(fqn: str) -> str:
     return {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(kind, kind)
 
 
-def _cat(parts: list, joined: dict) -> torch.Tensor:
+def join_parts(parts: list, joined: dict) -> torch.Tensor:
     """One tensor per layer; layers that read the same input tensors share the result."""
     key = tuple(id(p) for p in parts)
     if key not in joined:
@@ -218,35 +219,51 @@ def fisher_ref_tables(
     Hessian, ``quantizer`` and split ``saliency``) and scored by :meth:`FisherStats.value`.
     Info: the collection's, plus ``"seconds"``.
     """
-    from .hessian import hessian_tensor
-    from .layers import get_weight
-    from .proxy import as_scheme, module_at, quantize_layer_weight
+    from .proxy import as_scheme
 
     schemes = [as_scheme(s) for s in schemes]
     t0 = time.perf_counter()
     stats = FisherStats.collect(model, layers, data, stride=stride, labels=labels, seed=seed, memory=memory,
                                 batch_tokens=batch_tokens, progress=progress)
     out = np.zeros((len(stats.g2_all), len(layers), len(schemes)), dtype=np.float64)  # (K, L, R)
-    with torch.no_grad():
-        for i, layer in enumerate(layers):
-            w = get_weight(module_at(model, layer.fqn), layer.module_type).detach().to(torch.float32)  # (out, in)
-            H = hessian_tensor(hessians[layer.fqn]) if hessians and layer.fqn in hessians else None
-            sal = saliency.get(layer.fqn) if saliency else None
-            for j, s in enumerate(schemes):
-                wq = quantize_layer_weight(w, s, H, quantizer=quantizer, saliency=sal)
-                out[:, i, j] = stats.values(i, w, wq, s.act)
+    score_into(out, stats, model, layers, range(len(layers)), schemes, hessians=hessians, quantizer=quantizer,
+               saliency=saliency)
     stats.free()
     return tuple(out), {**stats.info, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-class LayerTaps:
-    """Forward hooks on ``mods`` (but not those at indices ``skip``) keeping each layer's input
-    (detached) and making its output a gradient target; :meth:`remove` takes them off."""
+@torch.no_grad()
+def score_into(out: np.ndarray, stats: FisherStats, model: torch.nn.Module, layers: Sequence[Any],
+               idxs: Sequence[int], schemes: Sequence[Any], *, hessians: Mapping[str, Any] | None = None,
+               quantizer: str = "rtn", saliency: Mapping[str, Any] | None = None) -> None:
+    """``out[:, i, j]`` (``(K, L, R)``): layer ``i``'s estimate at scheme ``j`` for every label kind
+    of ``stats``, for the layers ``idxs``, each quantized as the measured references quantize it
+    (:func:`proxy.quantize_layer_weight` with its Hessian, ``quantizer`` and split ``saliency``)."""
+    from .hessian import hessian_tensor
+    from .layers import get_weight
+    from .proxy import module_at, quantize_layer_weight
 
-    def __init__(self, mods: Sequence[torch.nn.Module], skip: Sequence[int] = ()) -> None:
+    for i in idxs:
+        layer = layers[i]
+        w = get_weight(module_at(model, layer.fqn), layer.module_type).detach().to(torch.float32)  # (out, in)
+        H = hessian_tensor(hessians[layer.fqn]) if hessians and layer.fqn in hessians else None
+        sal = saliency.get(layer.fqn) if saliency else None
+        for j, s in enumerate(schemes):
+            wq = quantize_layer_weight(w, s, H, quantizer=quantizer, saliency=sal)
+            out[:, i, j] = stats.values(i, w, wq, s.act)
+
+
+class LayerTaps:
+    """Forward hooks on ``mods`` (those at indices ``only``, default all, but not ``skip``)
+    keeping each layer's input (detached) and making its output a gradient target, keyed by
+    the index in ``mods``; :meth:`remove` takes them off."""
+
+    def __init__(self, mods: Sequence[torch.nn.Module], skip: Sequence[int] = (),
+                 only: Sequence[int] | None = None) -> None:
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(mods) if i not in skip]
+        idx = range(len(mods)) if only is None else only
+        self.handles = [mods[i].register_forward_hook(self._hook(i)) for i in idx if i not in skip]
 
     def _hook(self, i: int):
         def fn(module, args, output):
@@ -410,6 +427,31 @@ def measured_subset(layers: Sequence[Any], every: int) -> list[int]:
     blocks = sorted({layer.block_index for layer in layers if layer.block_index is not None})
     keep = set(blocks[::every]) | ({blocks[-1]} if blocks else set())
     return [i for i, layer in enumerate(layers) if layer.block_index is None or layer.block_index in keep]
+
+
+def measured_layers(ref_method: str, layers: Sequence[Any], every: int) -> list[int]:
+    """Indices of the layers whose references a profile measures end to end: all of them
+    (``measured``), :func:`measured_subset` (``hybrid``) or none (``fisher``)."""
+    if ref_method == "fisher":
+        return []
+    return measured_subset(layers, every) if ref_method == "hybrid" else list(range(len(layers)))
+
+
+def reference_values(ref_method: str, layers: Sequence[Any], measured_idx: Sequence[int], measured: np.ndarray,
+                     fisher: np.ndarray | None, every: int, say=None) -> tuple[np.ndarray, dict | None]:
+    """The ``(L, R)`` references of ``ref_method`` from the measured rows (``measured``, one per
+    :func:`measured_layers` index) and the Fisher estimates at the reference schemes
+    (``fisher``, ``(L, R)``): the measured ones, the Fisher ones, or :func:`hybrid_ref_values`
+    (then also its info, with ``measure_every``; else None)."""
+    if ref_method == "fisher":
+        return fisher, None
+    if ref_method != "hybrid":
+        return measured, None
+    values, info = hybrid_ref_values([layer_kind(x.fqn) for x in layers], measured_idx, measured, fisher)
+    if say is not None:
+        say(f"hybrid references: {info['measured_layers']} layers measured, {info['estimated_layers']} from the "
+            "Fisher corrected per layer kind")
+    return values, {**info, "measure_every": every}
 
 
 def hybrid_ref_values(kinds: Sequence[str], measured_idx: Sequence[int], measured: np.ndarray,

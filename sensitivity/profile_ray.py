@@ -133,8 +133,7 @@ def fisher_step(cfg: Any, setup: Any, layers: Sequence[Any], names: Sequence[str
     cols = list(setup.fisher_schemes)
     fsetup = dataclasses.replace(setup, saliency_values={f: v.tolist() for f, v in sal.items()})
     if context is not None:
-        context.setup = fsetup
-        context.set_saliency(sal)
+        context.use(fsetup, sal)
     config = {**checkpoint_header(fsetup, cols, quantizer=cfg.quantizer)["config"], "saliency": cfg.saliency,
               "fisher_labels": setup.fisher_labels, "fisher_seed": setup.fisher_seed,
               "streamed": setup.max_memory is not None, "table": "output-Fisher estimates"}

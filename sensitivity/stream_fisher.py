@@ -40,11 +40,6 @@ from .streaming import StreamedModel, StreamingError
 __all__ = ["streamed_fisher_tables"]
 
 
-class _Stop(BaseException):  # control flow: the block's output, with its graph
-    def __init__(self, output: Any) -> None:
-        self.output = output
-
-
 def _hidden(x: Any) -> torch.Tensor:
     """A block's hidden state: the output itself, or the first element of an output tuple."""
     h = x if isinstance(x, torch.Tensor) else x[0]
@@ -52,14 +47,9 @@ def _hidden(x: Any) -> torch.Tensor:
     return h
 
 
-def _run(base: torch.nn.Module, batch: dict) -> Any:
-    kw = {k: v for k, v in batch.items() if k != "logits_to_keep"}
-    with torch.enable_grad():
-        return base(**kw, use_cache=False)
-
-
 class _Scorer:
-    """Each layer's ``X`` / ``G²`` parts as the batches come, scored and freed a unit at a time."""
+    """Each layer's ``X`` / ``G²`` parts as the batches come (``xs``, ``gs[kind]``, keyed by layer
+    index), scored into ``out`` ``(K, L, R)`` and freed a unit at a time."""
 
     def __init__(self, net, layers, schemes, saliency, quantizer, n_kinds: int) -> None:
         self.net, self.layers, self.schemes = net, layers, schemes
@@ -68,34 +58,24 @@ class _Scorer:
         self.gs = [{i: [] for i in range(len(layers))} for _ in range(n_kinds)]
         self.out = np.zeros((n_kinds, len(layers), len(schemes)), dtype=np.float64)  # (K, L, R)
 
-    @torch.no_grad()
     def score(self, idxs: Sequence[int], n: int) -> None:
         """Score layers ``idxs`` (their unit held) from the positions gathered, ``n`` in all."""
-        from .fisher_refs import FisherStats
-        from .layers import get_weight
-        from .proxy import module_at, quantize_layer_weight
+        from .fisher_refs import FisherStats, join_parts, score_into
 
         joined: dict[tuple, torch.Tensor] = {}  # q/k/v (gate/up) appended one input tensor: one join
-        x = {}
-        for i in idxs:
-            if self.xs[i]:
-                key = tuple(id(p) for p in self.xs[i])
-                x[i] = joined.setdefault(key, torch.cat(self.xs[i]) if len(self.xs[i]) > 1 else self.xs[i][0])
+        x = {i: join_parts(self.xs[i], joined) for i in idxs if self.xs[i]}
         g2 = [{i: torch.cat(g[i]) for i in idxs if g[i]} for g in self.gs]
         stats = FisherStats(x, g2, n, {})
+        score_into(self.out, stats, self.net, self.layers, idxs, self.schemes, quantizer=self.quantizer,
+                   saliency=self.saliency)
+        stats.free()
         for i in idxs:
-            layer = self.layers[i]
-            w = get_weight(module_at(self.net, layer.fqn), layer.module_type).detach().to(torch.float32)  # (out, in)
-            sal = self.saliency.get(layer.fqn) if self.saliency else None
-            for j, s in enumerate(self.schemes):
-                wq = quantize_layer_weight(w, s, None, quantizer=self.quantizer, saliency=sal)
-                self.out[:, i, j] = stats.values(i, w, wq, s.act)
             self.xs[i] = []
             for g in self.gs:
                 g[i] = []
-        stats.free()
 
 
+@torch.enable_grad()
 def streamed_fisher_tables(
     sm: StreamedModel,
     layers: Sequence[Any],
@@ -116,20 +96,12 @@ def streamed_fisher_tables(
     one ``(L, R)`` table per label kind and info. ``keep_bytes``: the block outputs kept in
     memory, all blocks together (the rest spilled to files); ``saliency``: fqn -> the split
     channels' saliency (the proxy's). Layers outside the blocks other than the LM head are refused."""
-
-    with torch.enable_grad():
-        return _tables(sm, layers, data, schemes, saliency, quantizer, stride, labels, seed, memory, batch_tokens,
-                       keep_bytes, progress)
-
-
-def _tables(sm, layers, data, schemes, saliency, quantizer, stride, labels, seed, memory, batch_tokens, keep_bytes,
-            progress):
     from .calibration import as_batches
     from .fisher_refs import (FISHER_LABELS, LayerTaps, append_scored, fisher_rows, head_grads, label_kinds,
                               label_loss, scored_mask)
     from .logits import chunk_rows, split_head
     from .proxy import as_scheme, module_at, progress_bar
-    from .stream_pass import BlockWalk, layers_by_unit
+    from .stream_pass import BlockWalk, block_output, layers_by_unit
 
     if labels not in FISHER_LABELS:
         raise ValueError(f"labels must be one of {FISHER_LABELS}, got {labels!r}")
@@ -146,6 +118,8 @@ def _tables(sm, layers, data, schemes, saliency, quantizer, stride, labels, seed
     T = int(data.shape[1])
     rows = fisher_rows(layers, tuple(data.shape), stride, labels, memory)
     batches = as_batches(data[:rows], max(1, int(batch_tokens) // max(1, T)))
+    masks = [scored_mask(b["input_ids"], b.get("attention_mask"), stride) for b in batches]  # (B, T) each
+    n = sum(int(m.sum()) for m in masks)  # every scored position, what each estimate is averaged over
     split = split_head(net, batches[0])  # read before the walk: the model's own logits on a few tokens
     if split is None:
         raise StreamingError(f"{type(net).__name__}'s LM head does not split off its body: the streamed Fisher "
@@ -159,7 +133,6 @@ def _tables(sm, layers, data, schemes, saliency, quantizer, stride, labels, seed
     scorer = _Scorer(net, layers, schemes, saliency, quantizer, len(kinds))
     walk = BlockWalk(sm, batches, keep_bytes=max(1, int(keep_bytes) // max(1, nb)), keep_history=True)
     flags = {p: p.requires_grad for p in net.parameters()}
-    n = 0
     try:
         for p in net.parameters():
             p.requires_grad_(False)
@@ -176,24 +149,20 @@ def _tables(sm, layers, data, schemes, saliency, quantizer, stride, labels, seed
                 if u not in sm.block_units and (m is not embed or u == head_u):
                     held.enter_context(sm.hold(u))
             for k, batch in enumerate(batches):
-                ids, mask = batch["input_ids"], batch.get("attention_mask")
-                B = int(ids.shape[0])
-                keep_bt = scored_mask(ids, mask, stride)
-                n += int(keep_bt.sum())
+                ids, mask, keep_bt = batch["input_ids"], batch.get("attention_mask"), masks[k]
                 stored = walk.history[-1].get(k)
                 leaf = _hidden(stored).clone().requires_grad_(True)
-                chunked = vocab > 0 and step < B * T
-                taps = LayerTaps([mods[i] for i in head_idx]) if head_idx and not chunked else None
+                chunked = vocab > 0 and step < ids.shape[0] * T
+                taps = LayerTaps(mods, only=head_idx) if head_idx and not chunked else None
                 try:
                     with replay_blocks(blocks, nb, stored, leaf):
-                        hidden = _run(split.body, batch).last_hidden_state  # (B, T, d), the final norm's
-                    if not chunked:
-                        with torch.enable_grad():
-                            logits = head(hidden)  # (B, T, V)
+                        kw = {key: v for key, v in batch.items() if key != "logits_to_keep"}
+                        hidden = split.body(**kw, use_cache=False).last_hidden_state  # (B, T, d), normed
+                    logits = None if chunked else head(hidden)  # (B, T, V)
                 finally:
                     if taps is not None:
                         taps.remove()
-                head_grads_k = []
+                head_grads_k = []  # per kind: the tapped head's output gradient
                 for kk, kind in enumerate(kinds):
                     if chunked:
                         g_hidden, head_rows = head_grads(head, hidden.detach(), ids, mask, kind, gen, step, keep_bt,
@@ -205,20 +174,15 @@ def _tables(sm, layers, data, schemes, saliency, quantizer, stride, labels, seed
                                 scorer.xs[i].append(head_rows[0])
                             scorer.gs[kk][i].append(head_rows[1])
                     else:
-                        with torch.enable_grad():
-                            loss = label_loss(logits, logits[:, :-1].to(torch.float32), ids, mask, kind, gen)
-                        targets = [leaf] + [taps.outputs[j] for j in range(len(head_idx))] if taps else [leaf]
+                        loss = label_loss(logits, logits[:, :-1].to(torch.float32), ids, mask, kind, gen)
+                        targets = [leaf] + ([taps.outputs[i] for i in head_idx] if taps else [])
                         got = torch.autograd.grad(loss, targets, allow_unused=True, retain_graph=kk < last)
                         grad[kk][k] = got[0]
                         head_grads_k.append(got[1:])
                         del loss
                 if taps is not None:  # the tapped head's rows, as the in-memory pass appends them
-                    append_scored([layers[i] for i in head_idx], list(range(len(head_idx))), taps.inputs,
-                                  head_grads_k, keep_bt,
-                                  {j: scorer.xs[i] for j, i in enumerate(head_idx)},
-                                  [{j: g[i] for j, i in enumerate(head_idx)} for g in scorer.gs])
-                del hidden, leaf
-                logits = None
+                    append_scored(layers, head_idx, taps.inputs, head_grads_k, keep_bt, scorer.xs, scorer.gs)
+                del hidden, leaf, logits
             if head_idx:
                 scorer.score(head_idx, n)
         # backward, last block first
@@ -226,16 +190,10 @@ def _tables(sm, layers, data, schemes, saliency, quantizer, stride, labels, seed
             u = sm.block_units[b]
             mine = [pos[id(layer)] for layer in by_unit.get(u, [])]
             prev_grad = [[None] * len(batches) for _ in kinds]
-
-            def stop(module, args, output):
-                raise _Stop(output)
-
-            handle = blocks[b].register_forward_hook(stop)
             try:
                 with sm.hold(u):
                     for k, batch in enumerate(batches):
-                        keep_bt = scored_mask(batch["input_ids"], batch.get("attention_mask"), stride)
-                        taps = LayerTaps([mods[i] for i in mine])
+                        taps = LayerTaps(mods, only=mine)
                         leaf = None
                         try:
                             if b:
@@ -245,15 +203,11 @@ def _tables(sm, layers, data, schemes, saliency, quantizer, stride, labels, seed
                             else:  # block 0 reads the embedding, which needs no gradient
                                 replay = contextlib.nullcontext()
                             with replay:
-                                try:
-                                    _run(walk.base, batch)
-                                    raise StreamingError(f"block {b} never ran in the model's forward")
-                                except _Stop as s:
-                                    y = _hidden(s.output)
+                                y = _hidden(block_output(walk.base, blocks, b, batch, grad=True))
                         finally:
                             taps.remove()
                         idx = sorted(taps.outputs)
-                        targets = ([leaf] if leaf is not None else []) + [taps.outputs[j] for j in idx]
+                        targets = ([leaf] if leaf is not None else []) + [taps.outputs[i] for i in idx]
                         per_kind = []
                         for kk in range(len(kinds)):
                             got = torch.autograd.grad(y, targets, grad_outputs=grad[kk][k], allow_unused=True,
@@ -261,22 +215,20 @@ def _tables(sm, layers, data, schemes, saliency, quantizer, stride, labels, seed
                             if leaf is not None:
                                 prev_grad[kk][k], got = got[0], got[1:]
                             per_kind.append(got)
-                        append_scored([layers[i] for i in mine], idx, taps.inputs, per_kind, keep_bt,
-                                      {j: scorer.xs[mine[j]] for j in idx}, [{j: g[mine[j]] for j in idx} for g in scorer.gs])
+                        append_scored(layers, idx, taps.inputs, per_kind, masks[k], scorer.xs, scorer.gs)
                         del y, targets, per_kind, taps, leaf
                     if mine:
                         scorer.score(mine, n)
             finally:
-                handle.remove()
                 sm.release_all()
             grad = prev_grad
-            if walk.history and b:
+            if b:
                 walk.history[b].clear()  # this block's outputs are no longer needed
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
-        info = {"blocks_run": walk.blocks_run, **walk.info()}
+        streamed = {"blocks_run": walk.blocks_run, **walk.info()}
         walk.close()
     info = {"labels": labels, "seed": seed, "tokens": n, "stride": stride, "rows": rows, "batches": len(batches),
-            "seconds": round(time.perf_counter() - t0, 3), "streamed": info}
+            "seconds": round(time.perf_counter() - t0, 3), "streamed": streamed}
     return tuple(scorer.out), info

@@ -32,7 +32,7 @@ from .hessian import HessianAccumulator, InputHooks, hook_only
 from .layers import LayerInfo
 from .streaming import StreamedModel, StreamingError
 
-__all__ = ["ActivationStore", "BlockWalk", "free_accumulators", "layers_by_unit"]
+__all__ = ["ActivationStore", "BlockWalk", "block_output", "free_accumulators", "layers_by_unit"]
 
 
 class _Spilled(NamedTuple):
@@ -76,6 +76,28 @@ class ActivationStore:
 class _Stop(BaseException):  # control flow, not an error: no ``except Exception`` on the way may swallow it
     def __init__(self, output: Any) -> None:
         self.output = output
+
+
+def block_output(base: torch.nn.Module, blocks: Sequence[torch.nn.Module], b: int, batch: dict, *,
+                 grad: bool = False) -> Any:
+    """Block ``b``'s output on ``batch``: the model's own forward (``base``), stopped once the block
+    has run (the later blocks and the head never run). ``grad``: with gradients on (the graph
+    kept, what a backward through the block needs), else without."""
+    def stop(module, args, output):
+        raise _Stop(output)
+
+    handle = blocks[b].register_forward_hook(stop)
+    try:
+        if grad:
+            with torch.enable_grad():
+                base(**{k: v for k, v in batch.items() if k != "logits_to_keep"}, use_cache=False)
+        else:
+            forward(base, batch)
+    except _Stop as s:
+        return s.output
+    finally:
+        handle.remove()
+    raise StreamingError(f"block {b} never ran in the model's forward")
 
 
 def layers_by_unit(sm: StreamedModel, layers: Sequence[LayerInfo]) -> dict[int, list[LayerInfo]]:
@@ -139,23 +161,13 @@ class BlockWalk:
         sm, b = self.sm, self.next
         assert b < len(sm.blocks), f"the walk is past the last block ({b})"
         outs = ActivationStore(self.keep, self.folder, f"b{b}")
-
-        def stop(module, args, output):
-            raise _Stop(output)
-
-        handle = sm.blocks[b].register_forward_hook(stop)
         try:
             with sm.hold(sm.block_units[b]):
                 for k, batch in enumerate(self.batches):
                     with (hooks.batch(batch.get("attention_mask")) if hooks is not None else contextlib.nullcontext()), \
                             self._replayed(b, k):
-                        try:
-                            forward(self.base, batch)
-                            raise StreamingError(f"block {b} never ran in the model's forward")
-                        except _Stop as s:
-                            outs.put(k, s.output)
+                        outs.put(k, block_output(self.base, sm.blocks, b, batch))
         finally:
-            handle.remove()
             sm.release_all()
         if self.keep_history:
             self.history.append(outs)

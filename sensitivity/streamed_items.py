@@ -3,7 +3,7 @@
 A :class:`StreamedContext` is the :class:`~sensitivity.worker.WorkerContext` of a model read
 one unit at a time (:class:`~sensitivity.streaming.StreamedModel`): with ``max_memory`` set
 in the :class:`~sensitivity.worker.WorkerSetup`, each worker holds what its item needs under
-that limit, never the whole model. It evaluates two kinds of item:
+that limit, never the whole model. It evaluates three kinds of item:
 
 * ``(unit name, UNIT_ITEM)``: the Hessians of the unit's layers over every calibration row,
   then their proxy rows and saliency vectors, and the Hessians freed. The value is a
@@ -12,8 +12,10 @@ that limit, never the whole model. It evaluates two kinds of item:
   :class:`~sensitivity.stream_pass.BlockWalk`, so a worker handed units in forward order
   runs each block once, and the Hessians are the single-process ones bit for bit (each
   sees every batch, in order; no reduction across workers).
-* ``(layer fqn, ref scheme)``: a reference measurement, the measured layer's unit held while
-  the forward reads the others as it runs.
+* ``FISHER_KEY`` (:mod:`~sensitivity.fisher_item`): the output-Fisher pass, forward then
+  backward a block at a time (:mod:`~sensitivity.stream_fisher`).
+* ``(layer fqn, scheme)``: a measurement (a reference, or a cell of the measured table), the
+  measured layer's unit held while the forward reads the others as it runs.
 
 :func:`context_for` gives the runner (in process and on Ray actors) the right context for a setup.
 """
@@ -182,7 +184,7 @@ def plan_memory(sm, layers, setup: WorkerSetup, n_tokens: int, n_scored: int) ->
             need[("references", u)] = (base + w + 2 * largest + other + other // 2 + slack + ref_bytes + activations
                                        + kl_forward + head_bytes)
     if setup.fisher_schemes:
-        need.update(_fisher_need(sm, layers, by_unit, setup, base, keep))
+        need.update(_fisher_need(sm, layers, by_unit, setup, base, keep, slack))
     (phase, u), peak = max(need.items(), key=lambda kv: kv[1])
     if peak > limit:
         raise ProfileError(f"max_memory {limit} bytes is less than the {phase} of unit {sm.units[u][0]!r} need "
@@ -212,7 +214,7 @@ def forward_bytes(config: Any, rows: int, row_len: int, *, graph: bool = False) 
     return int(rows * row_len * per_token * 4 * (2 if graph else 1))
 
 
-def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int) -> dict:
+def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int, slack: int) -> dict:
     """The streamed Fisher pass's estimated peak (:mod:`~.stream_fisher`) per unit: the unit
     held with the stored block outputs (kept in memory up to ``keep``), the gradients at a
     block boundary (two sets per label kind), one batch's graph through a block, the unit's
@@ -225,7 +227,6 @@ def _fisher_need(sm, layers, by_unit, setup: WorkerSetup, base: int, keep: int) 
     from .logits import chunk_rows
 
     cfg = sm.model.config
-    slack = max((sm.unit_bytes[v] for v in sm.block_units), default=0)  # as plan_memory's
     ids_shape = (len(setup.tokens), len(setup.tokens[0])) if setup.tokens else (1, 1)
     rows, T = fisher_rows(layers, ids_shape, setup.kl_stride, setup.fisher_labels), ids_shape[1]
     K = len(label_kinds(setup.fisher_labels))
@@ -384,9 +385,10 @@ class StreamedContext:
         """Whether the reference pass replays block prefixes (None before it is computed)."""
         return bool(self._reference.replay) if self._reference is not None else None
 
-    def set_saliency(self, vectors: dict[str, Any]) -> None:
-        """fqn -> the saliency a measurement of a split scheme uses (in process: the unit items' vectors)."""
-        self._saliency = dict(vectors)
+    def use(self, setup: WorkerSetup, saliency: dict[str, Any]) -> None:
+        """The next step's setup and split-channel saliency (fqn -> vector), in process: what a
+        kept Ray worker's re-configuration gives it from the setup's ``saliency_values``."""
+        self.setup, self._saliency = setup, dict(saliency)
 
     def _measure(self, fqn: str, scheme: str) -> dict[str, float]:
         from .proxy import as_scheme, measure_item
@@ -399,8 +401,6 @@ class StreamedContext:
             v = measure_item(self.sm.model, self.by_fqn[fqn], s, reference, None, quantizer=self.setup.quantizer,
                              saliency=self._saliency.get(fqn))
         return v if isinstance(v, dict) else {self.setup.metric: float(v)}
-
-    # -- the runner's interface -------------------------------------------------------------
 
     # -- the output-Fisher pass -------------------------------------------------------------
 
@@ -420,13 +420,17 @@ class StreamedContext:
                                               seed=s.fisher_seed, keep_bytes=self.memory["keep_bytes"])
         return encode_tables(self.layers, s.fisher_schemes, s.fisher_labels, tables, info)
 
+    # -- the runner's interface -------------------------------------------------------------
+
     def evaluate(self, fqn: str, scheme: str) -> Any:
         from .fisher_item import FISHER_ITEM
 
         if scheme == FISHER_ITEM:
             out = self._fisher()
+        elif scheme == UNIT_ITEM:
+            out = self._unit_rows(fqn)
         else:
-            out = self._unit_rows(fqn) if scheme == UNIT_ITEM else self._measure(fqn, scheme)
+            out = self._measure(fqn, scheme)
         self.n_items += 1
         return out
 

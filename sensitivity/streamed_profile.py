@@ -42,7 +42,6 @@ from .profile import ProfileError, SensitivityProfile
 from .profile_config import ProfileConfig
 
 
-
 def _model_source(model: Any) -> tuple[Path, str]:
     """(path to stream from, the spec the profile records: what ``load_model`` calls it)."""
     from .models import SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_dir
@@ -67,11 +66,11 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
     from .calibrate import calibrate_proxy
     from .calibration import CalibrationSpec, load_calibration, tokens_sha256
     from .checkpoint import checkpoint_header
-    from .profile_ray import fisher_columns, fisher_step
+    from .fisher_refs import measured_layers, reference_values
     from .layers import find_layers
     from .models import load_tokenizer
     from .profile_parts import cost_table, other_parameter_bits, profile_metadata, profile_split_channels
-    from .profile_ray import on_ray, sibling_checkpoint
+    from .profile_ray import fisher_columns, fisher_step, on_ray, sibling_checkpoint
     from .proxy import as_scheme
     from .runner import run_items
     from .stream_pass import layers_by_unit
@@ -170,15 +169,8 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         chosen = hsal if cfg.saliency == "hessian" else sal
         setup = dataclasses.replace(setup, saliency_values={f: v.tolist() for f, v in chosen.items()})
         if ctx is not None:
-            ctx.setup = setup
-            ctx.set_saliency(chosen)
-        sub = list(range(len(layers)))
-        if cfg.ref_method == "hybrid":  # a few blocks measured; the Fisher, corrected per layer kind, elsewhere
-            from .fisher_refs import measured_subset
-
-            sub = measured_subset(layers, cfg.measure_every)
-        elif cfg.ref_method == "fisher":
-            sub = []
+            ctx.use(setup, chosen)
+        sub = measured_layers(cfg.ref_method, layers, cfg.measure_every)  # hybrid: a few blocks; fisher: none
         item_schemes = names if cfg.measured else refs  # the measured table: every (layer, scheme) end to end
         keys = [(layers[i].fqn, r) for i in sub for r in item_schemes]
         measured_refs = {}
@@ -192,15 +184,10 @@ def build_streamed_profile(model: Any, cfg: ProfileConfig, calibration: Any, *, 
         ref_values = np.array([[measured_refs[(layers[i].fqn, r)][setup.metric] for r in refs] for i in sub],
                               dtype=np.float64).reshape(len(sub), len(refs))
         fisher_refs = fisher_vals[0][:, [names.index(r) for r in refs]] if fisher_vals is not None else None
-        if cfg.ref_method == "fisher":
-            ref_values = fisher_refs
-        elif cfg.ref_method == "hybrid":
-            from .fisher_refs import hybrid_ref_values, layer_kind
-
-            ref_values, hyb = hybrid_ref_values([layer_kind(x.fqn) for x in layers], sub, ref_values, fisher_refs)
-            fisher_info["hybrid"] = {**hyb, "measure_every": cfg.measure_every}
-            say(f"hybrid references: {hyb['measured_layers']} layers measured, {hyb['estimated_layers']} from the "
-                "Fisher corrected per layer kind")
+        ref_values, hybrid = reference_values(cfg.ref_method, layers, sub, ref_values, fisher_refs,
+                                              cfg.measure_every, say)
+        if hybrid is not None:
+            fisher_info["hybrid"] = hybrid
         if ctx is not None:
             replay = ctx.replay if sub else None
             stream = {"units": len(sm.units), "blocks": len(sm.blocks), **ctx.walk_info}

@@ -71,8 +71,8 @@ class WorkerSetup:
     # or GGUF path) a unit at a time under this many bytes; Hessians accumulate in hessian_dtype
     max_memory: int | None = None
     hessian_dtype: str = "float32"
-    # the streamed output-Fisher pass (sensitivity.stream_fisher): label kind(s), their seed and
-    # the schemes it scores (saliency_values then hold the proxy's split-channel saliency)
+    # the output-Fisher item (sensitivity.fisher_item; streamed: sensitivity.stream_fisher): label
+    # kind(s), their seed and the schemes it scores (saliency_values then hold the proxy's saliency)
     fisher_labels: str = "sampled"
     fisher_seed: int = 0
     fisher_schemes: tuple[str, ...] = ()
@@ -287,10 +287,6 @@ class WorkerContext:
                             batch_size=self.setup.batch_size, act_formats=self.setup.act_formats)
         self.n_items += 1
         return out
-
-    def set_saliency(self, vectors: dict) -> None:
-        """fqn -> the split channels' saliency the next items use (in process: the driver's)."""
-        self._saliency = dict(vectors)
 
     def _fisher(self) -> dict[str, float]:
         """The output-Fisher pass over the whole model as one item
