@@ -31,12 +31,12 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from bitalloc.kernels.formats import GGML_TYPES, ggml_fits, is_ggml
-from bitalloc.sensitivity.artifact import atomic_write, file_sha256
+from bitalloc.sensitivity.artifact import file_sha256
 
 __all__ = ["LlamaCppError", "FALLBACK", "PRESETS", "SUPPORTED_ARCHS", "f32_source", "quantize_gguf", "preset_gguf",
            "export_gguf", "export_llama_quantize", "perplexity", "apply_plan", "gguf_tensor_types", "plan_types"]
@@ -367,7 +367,9 @@ def export_llama_quantize(plan, out_dir: str | os.PathLike, *, model: str | None
 
 def perplexity(gguf_path: str | os.PathLike, windows, *, n_threads: int = 2, progress: bool = False) -> dict:
     """Perplexity computed by llama.cpp: each (T,) window of token ids evaluated from an empty
-    context, logits for every position, NLL of tokens 1..T-1 (as bitalloc's torch evaluation)."""
+    context, logits for every position, NLL of tokens 1..T-1 (as bitalloc's torch evaluation).
+    ``window_nll``: each window's summed NLL in nats, for paired comparisons of two files on
+    the same windows (``experiments/llamacpp_benchmark.py --phase paired``)."""
     L = _llama()
     p = Path(gguf_path)
     if not p.is_file():
@@ -380,7 +382,7 @@ def perplexity(gguf_path: str | os.PathLike, windows, *, n_threads: int = 2, pro
     with _quiet(), _plain_cpu_buffers(L):
         llm = L.Llama(model_path=str(p), n_ctx=T, n_batch=T, n_ubatch=T, logits_all=True, n_threads=n_threads,
                       verbose=False, seed=0)
-    nll, count = 0.0, 0
+    nll, count, per_window = 0.0, 0, []
     try:
         for w in ids:
             llm.reset()
@@ -389,14 +391,15 @@ def perplexity(gguf_path: str | os.PathLike, windows, *, n_threads: int = 2, pro
             m = logits.max(-1, keepdims=True)  # (T-1, 1)
             # float32 exp-sum (relative error ~1e-6 per row; float64 tripled the time), float64 total
             lse = np.log(np.exp(logits - m).sum(-1, dtype=np.float64)) + m[:, 0].astype(np.float64)
-            nll += float((lse - logits[np.arange(T - 1), w[1:]].astype(np.float64)).sum())
+            per_window.append(float((lse - logits[np.arange(T - 1), w[1:]].astype(np.float64)).sum()))
+            nll += per_window[-1]
             count += T - 1
     finally:
         with _quiet():
             llm.close() if hasattr(llm, "close") else None
     mean = nll / count
     return {"ppl": float(np.exp(mean)), "nll": mean, "tokens": count, "windows": n, "seq_len": T,
-            "file_bytes": os.path.getsize(p)}
+            "file_bytes": os.path.getsize(p), "window_nll": per_window}
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ Phases (each row is cached under --work, so phases can run as their inputs becom
     python experiments/llamacpp_benchmark.py --phase bitalloc         # needs both profiles
     python experiments/llamacpp_benchmark.py --phase pairs            # preset+imatrix then bitalloc, per preset
     python experiments/llamacpp_benchmark.py --phase report           # results.json, plans, table
+    python experiments/llamacpp_benchmark.py --phase paired --presets Q8_0 --other-windows 32 --drop q5_1
+                                                                      # window-by-window ratio, bootstrap interval
 
 The profiles are made with ``bitalloc profile --target llamacpp`` (see experiments/README.md).
 """
@@ -189,6 +191,66 @@ def phase_pairs(args) -> None:
     args.presets = saved
 
 
+def _published_schemes(name: str) -> list | None:
+    """The committed plan of a bitalloc row (``results/llamacpp/allocations.json``), if any."""
+    f = RESULTS / "allocations.json"
+    rec = json.loads(f.read_text())["plans"].get(name) if f.is_file() else None
+    return None if rec is None else rec["schemes"]
+
+
+def phase_paired(args) -> None:
+    """Each preset (with the imatrix) against bitalloc's file at its size, window by window.
+
+    Both files are rebuilt from the F32 source (the bitalloc plan re-solved from the profile,
+    and compared with the committed plan of the same name); llama.cpp scores each window, and
+    :func:`paired_eval.paired` gives the perplexity ratio bitalloc / preset with its 95 %
+    bootstrap interval over windows. An interval that holds 1 means the text does not tell the
+    two files apart."""
+    from paired_eval import paired
+
+    from bitalloc.allocator import api
+    from bitalloc.allocator import llamacpp as lc
+    from bitalloc.sensitivity.artifact import write_json
+
+    work = Path(args.work)
+    src = source(work)
+    texts = dict(zip(("wikitext2-test", "tinyshakespeare"), windows(args)))
+    texts = {t: w for t, w in texts.items() if w is not None}
+    prof = api.load_profile(args.profile_imatrix)
+    im = imatrix_of(Path(args.profile_imatrix))
+    schemes = [s for s in prof.schemes if s not in args.drop] if args.drop else None
+    tag = f"-no-{'-'.join(args.drop)}" if args.drop else ""
+    rows = []
+    for preset in args.presets:
+        pname = f"{preset}+imatrix"
+        name = f"bitalloc{tag}_le_{pname}"
+        pfile, bfile = work / f"{pname}.gguf", work / "bitalloc-paired.gguf"
+        lc.preset_gguf(src, pfile, preset, imatrix=im)
+        size = os.path.getsize(pfile)
+        plan = api.solve(prof, f"{size}B", profile_path=args.profile_imatrix, schemes=schemes)
+        r = lc.export_gguf(plan, bfile)
+        assert r["bytes"] == plan.predicted["gguf"]["file_bytes"] <= size, (r, size)
+        published = _published_schemes(name)
+        same = published is not None and published == [plan.layers[l.fqn].scheme for l in prof.layers]
+        for t, w in texts.items():
+            t0 = time.perf_counter()
+            a, b = lc.perplexity(bfile, w), lc.perplexity(pfile, w)
+            st = paired(a["window_nll"], b["window_nll"], w.shape[1] - 1)
+            rows.append({"preset": pname, "bitalloc": name, "same_plan_as_published": same, "text": t,
+                         "preset_bytes": size, "bitalloc_bytes": r["bytes"], "ppl_bitalloc": a["ppl"],
+                         "ppl_preset": b["ppl"], **st, "eval_s": time.perf_counter() - t0})
+            print(f"{pname:<16} {t:<16} bitalloc {a['ppl']:.4f} ({r['bytes']} B) preset {b['ppl']:.4f} ({size} B)  "
+                  f"ratio {st['ratio']:.4f} [{st['lo']:.4f}, {st['hi']:.4f}]  bitalloc wins {st['a_wins']}/{st['windows']}"
+                  f"  (plan {'= published' if same else 'differs from published'})", flush=True)
+        pfile.unlink()
+        bfile.unlink()
+    write_json(RESULTS / f"paired{tag}.json", {
+        "schema": "bitalloc.llamacpp-paired/1", "profile": str(args.profile_imatrix), "dropped": list(args.drop),
+        "seq_len": args.seq_len, "windows": {t: len(w) for t, w in texts.items()},
+        "bootstrap": {"draws": 10_000, "seed": 0}, "computed_by": "llama.cpp (llama-cpp-python, logits_all)",
+        "rows": rows}, indent=1)
+
+
 def phase_report(args) -> None:
     from bitalloc.sensitivity.artifact import write_json
 
@@ -244,7 +306,7 @@ def phase_report(args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", required=True, choices=("presets", "presets-imatrix", "bitalloc", "pairs", "report"))
+    ap.add_argument("--phase", required=True, choices=("presets", "presets-imatrix", "bitalloc", "pairs", "paired", "report"))
     ap.add_argument("--work", default="/tmp/llamacpp_bench", help="work folder (GGUFs, cached rows; not committed)")
     ap.add_argument("--profile-imatrix", default="/tmp/llamacpp_bench/profile-imatrix.json")
     ap.add_argument("--profile-plain", default="/tmp/llamacpp_bench/profile-plain.json")
@@ -264,7 +326,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     {"presets": lambda: phase_presets(args, False), "presets-imatrix": lambda: phase_presets(args, True),
      "bitalloc": lambda: phase_bitalloc(args), "pairs": lambda: phase_pairs(args),
-     "report": lambda: phase_report(args)}[args.phase]()
+     "paired": lambda: phase_paired(args), "report": lambda: phase_report(args)}[args.phase]()
     return 0
 
 

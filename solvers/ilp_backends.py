@@ -10,6 +10,7 @@ import math
 import numbers
 import os
 import sys
+import tempfile
 import time
 import warnings
 from functools import lru_cache
@@ -101,7 +102,11 @@ def _run_cbc(prob, pulp, time_limit: float | None, mip_gap: float, warm_start: b
     def attempt(options):
         solver = _cbc_solver_class(pulp)(msg=False, timeLimit=time_limit, gapRel=mip_gap, gapAbs=0.0,
                                          warmStart=warm_start, options=list(options))
-        prob.solve(solver)
+        # CBC's model and solution files go to a folder of their own: PuLP deletes them after a
+        # solve but not after the crash below, which left *-pulp.mps / .sol files in /tmp
+        with tempfile.TemporaryDirectory(prefix="bitalloc-cbc-") as tmp:
+            solver.tmpDir = tmp
+            prob.solve(solver)
         return _read_cbc_status(prob, pulp)
 
     try:

@@ -173,6 +173,8 @@ def test_llamacpp_and_executor_perplexity_agree(gguf_profile, smollm2, tmp_path)
     ours = evaluate(apply(smollm2.model, plan), windows, progress=False)
     theirs = lc.perplexity(tmp_path / "m.gguf", windows)
     assert theirs["tokens"] == ours.tokens
+    # the per-window sums (for paired comparisons) add up to the mean
+    assert len(theirs["window_nll"]) == 2 and sum(theirs["window_nll"]) / theirs["tokens"] == pytest.approx(theirs["nll"])
     assert abs(theirs["ppl"] / ours.ppl - 1) < 0.01, (theirs["ppl"], ours.ppl)
     # and the executor did change the weights (tied embedding included)
     assert not torch.equal(apply(smollm2.model, plan).model.embed_tokens.weight, smollm2.model.model.embed_tokens.weight)

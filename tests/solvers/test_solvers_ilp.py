@@ -92,12 +92,17 @@ def test_unreachable_extra_constraint_fails_before_solving():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_jointly_infeasible_constraints_raise_infeasible_error(backend):
+def test_jointly_infeasible_constraints_raise_infeasible_error(backend, tmp_path, monkeypatch):
     # Fits the budget or the BOPs floor, never both (also exercises CBC's crash fallback).
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where scratch files go (Python's and PuLP's)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     problem = AllocationProblem(np.array([[5.0, 1.0], [0.0, 1.0]]), np.array([[21, 41], [23, 4]]))
     bops = Constraint("bops", np.array([[2, 13], [1, 8]]), 12, ">=")
     with pytest.raises(InfeasibleError, match="together with the extra constraints"):
         solve_ilp(problem, 35, backend=backend, extra=(bops,))
+    assert list(tmp_path.iterdir()) == []  # CBC's crash leaves no model or solution file behind
 
 
 def test_extra_constraint_validation():
