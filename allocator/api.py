@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 
 from .budget import parse_budget
-from .config import (DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, SELECT_METRICS, RunConfig,
+from .config import (DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_SCHEMES, SELECT_METRICS, RunConfig,
                      load_config)
 from .plan import Plan
 from . import solve as _solve

@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "logits and log-probs exist a chunk of positions at a time")
     sp.add_argument("--gguf", action="append", default=[],
                     help="GGUF file whose perplexity llama.cpp computes (repeatable; same windows and tokens as "
-                         "the torch evaluation, tokenized by --model's tokenizer)")
+                         "the torch evaluation, tokenized by --model's tokenizer; each later file is also compared "
+                         "with the first window by window: ratio, bootstrap interval, windows lower)")
 
 
     sp = sub.add_parser("serve", help="the allocation service: profiles as jobs, plans on request (HTTP, /v1)")
@@ -425,13 +426,16 @@ def _eval_gguf(a) -> int:
     src = model_gguf_path(a.model)
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
     windows = windows_from_file(tok, a.text, a.seq_len, a.windows)
-    rows = []
-    for g in a.gguf:
-        r = llamacpp.perplexity(g, windows)
-        rows.append({"model": Path(g).name, "bytes": r["file_bytes"], "ppl": r["ppl"], "tokens": r["tokens"]})
-    print(format_table(rows, (("model", "GGUF", ""), ("bytes", "file bytes", "d"), ("ppl", "ppl (llama.cpp)", ".4f"),
-                              ("tokens", "tokens", "d"))))
-    print(f"({a.windows} windows x {a.seq_len} tokens from {a.text})")
+    rows = llamacpp.compare_files(a.gguf, windows)
+    for r in rows[1:]:
+        c = r.get("vs_first")
+        r["vs"] = None if c is None else f"{c['ratio']:.4f} [{c['lo']:.4f}, {c['hi']:.4f}] {c['a_wins']}/{c['windows']}"
+    cols = (("model", "GGUF", ""), ("bytes", "file bytes", "d"), ("ppl", "ppl (llama.cpp)", ".4f"), ("tokens", "tokens", "d"))
+    paired = any(r.get("vs") for r in rows)
+    print(format_table(rows, cols + ((("vs", "ppl / first file's [95 % interval] windows lower", ""),) if paired else ())))
+    print(f"({a.windows} windows x {a.seq_len} tokens from {a.text}" + (
+        "; the ratio is paired over windows, its interval from 10,000 bootstrap resamples: an interval holding 1 "
+        "means these windows do not tell the files apart)" if paired else ")"))
     return 0
 
 

@@ -39,7 +39,7 @@ from bitalloc.kernels.formats import GGML_TYPES, ggml_fits, is_ggml
 from bitalloc.sensitivity.artifact import file_sha256
 
 __all__ = ["LlamaCppError", "FALLBACK", "PRESETS", "SUPPORTED_ARCHS", "f32_source", "quantize_gguf", "preset_gguf",
-           "export_gguf", "export_llama_quantize", "perplexity", "apply_plan", "gguf_tensor_types", "plan_types"]
+           "export_gguf", "export_llama_quantize", "perplexity", "compare_files", "apply_plan", "gguf_tensor_types", "plan_types"]
 
 SUPPORTED_ARCHS = ("llama",)
 # llama.cpp's tensor_type_fallback: what a preset writes where its type does not fit the rows
@@ -400,6 +400,23 @@ def perplexity(gguf_path: str | os.PathLike, windows, *, n_threads: int = 2, pro
     mean = nll / count
     return {"ppl": float(np.exp(mean)), "nll": mean, "tokens": count, "windows": n, "seq_len": T,
             "file_bytes": os.path.getsize(p), "window_nll": per_window}
+
+
+def compare_files(gguf_paths, windows, *, n_threads: int = 2) -> list[dict]:
+    """Each GGUF's llama.cpp :func:`perplexity` on the same windows; every file after the first
+    also against the first, window by window (``vs_first``: :func:`bitalloc.allocator.report.
+    paired_ratio`, this file over the first; with two or more windows)."""
+    from .report import paired_ratio
+
+    rows: list[dict] = []
+    for g in gguf_paths:
+        r = perplexity(g, windows, n_threads=n_threads)
+        row = {"model": Path(g).name, "bytes": r["file_bytes"], "ppl": r["ppl"], "tokens": r["tokens"],
+               "window_nll": r["window_nll"]}
+        if rows and r["windows"] > 1:
+            row["vs_first"] = paired_ratio(r["window_nll"], rows[0]["window_nll"], r["seq_len"] - 1)
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def peer_plan(name: str, profile, budget: str | float | Budget, scores=None, *, 
     rule-based ``llamacpp-rules`` and ``uniform``."""
     from .baselines import nearest_uniform, rule_mix
     from .arrays import capacity_bits
-    from .solve import choice_of, plan_from_choice
+    from .solve import plan_from_choice
 
     p = peer(name)
     budget = parse_budget(budget)

@@ -10,7 +10,6 @@ version, a corrupt file, or applying a plan to a different model is a clear erro
 """
 
 from __future__ import annotations
-from .. import BitallocError
 
 import datetime as _dt
 import math

@@ -191,25 +191,29 @@ def phase_pairs(args) -> None:
     args.presets = saved
 
 
-def _published_schemes(name: str) -> list | None:
-    """The committed plan of a bitalloc row (``results/llamacpp/allocations.json``), if any."""
+def _published_schemes(name: str) -> dict | None:
+    """The committed plan of a bitalloc row (``results/llamacpp/allocations.json``) as
+    ``{layer: scheme}``, if any (the file lists the layer names once, sorted)."""
     f = RESULTS / "allocations.json"
-    rec = json.loads(f.read_text())["plans"].get(name) if f.is_file() else None
-    return None if rec is None else rec["schemes"]
+    if not f.is_file():
+        return None
+    d = json.loads(f.read_text())
+    rec = d["plans"].get(name)
+    return None if rec is None else dict(zip(d["layers"], rec["schemes"], strict=True))
 
 
 def phase_paired(args) -> None:
-    """Each preset (with the imatrix) against bitalloc's file at its size, window by window.
+    """Each preset (with the imatrix; without it with ``--plain-presets``) against bitalloc's
+    file at its size (built with the imatrix), window by window.
 
     Both files are rebuilt from the F32 source (the bitalloc plan re-solved from the profile,
     and compared with the committed plan of the same name); llama.cpp scores each window, and
-    :func:`paired_eval.paired` gives the perplexity ratio bitalloc / preset with its 95 %
+    :func:`bitalloc.allocator.report.paired_ratio` gives the perplexity ratio bitalloc / preset with its 95 %
     bootstrap interval over windows. An interval that holds 1 means the text does not tell the
     two files apart."""
-    from paired_eval import paired
-
     from bitalloc.allocator import api
     from bitalloc.allocator import llamacpp as lc
+    from bitalloc.allocator.report import paired_ratio as paired
     from bitalloc.sensitivity.artifact import write_json
 
     work = Path(args.work)
@@ -222,21 +226,22 @@ def phase_paired(args) -> None:
     tag = f"-no-{'-'.join(args.drop)}" if args.drop else ""
     rows = []
     for preset in args.presets:
-        pname = f"{preset}+imatrix"
-        name = f"bitalloc{tag}_le_{pname}"
+        pname = preset if args.plain_presets else f"{preset}+imatrix"
+        name = f"bitalloc{tag}_le_{pname}"  # bitalloc's file is built with the imatrix either way
         pfile, bfile = work / f"{pname}.gguf", work / "bitalloc-paired.gguf"
-        lc.preset_gguf(src, pfile, preset, imatrix=im)
+        lc.preset_gguf(src, pfile, preset, imatrix=None if args.plain_presets else im)
         size = os.path.getsize(pfile)
         plan = api.solve(prof, f"{size}B", profile_path=args.profile_imatrix, schemes=schemes)
         r = lc.export_gguf(plan, bfile)
         assert r["bytes"] == plan.predicted["gguf"]["file_bytes"] <= size, (r, size)
         published = _published_schemes(name)
-        same = published is not None and published == [plan.layers[l.fqn].scheme for l in prof.layers]
+        same = published is not None and published == {f: lp.scheme for f, lp in plan.layers.items()}
         for t, w in texts.items():
             t0 = time.perf_counter()
             a, b = lc.perplexity(bfile, w), lc.perplexity(pfile, w)
             st = paired(a["window_nll"], b["window_nll"], w.shape[1] - 1)
-            rows.append({"preset": pname, "bitalloc": name, "same_plan_as_published": same, "text": t,
+            rows.append({"preset": pname, "preset_imatrix": not args.plain_presets, "bitalloc": name,
+                         "same_plan_as_published": same, "text": t,
                          "preset_bytes": size, "bitalloc_bytes": r["bytes"], "ppl_bitalloc": a["ppl"],
                          "ppl_preset": b["ppl"], **st, "eval_s": time.perf_counter() - t0})
             print(f"{pname:<16} {t:<16} bitalloc {a['ppl']:.4f} ({r['bytes']} B) preset {b['ppl']:.4f} ({size} B)  "
@@ -244,8 +249,16 @@ def phase_paired(args) -> None:
                   f"  (plan {'= published' if same else 'differs from published'})", flush=True)
         pfile.unlink()
         bfile.unlink()
-    write_json(RESULTS / f"paired{tag}.json", {
+    out = Path(args.paired_out) if args.paired_out else RESULTS / f"paired{tag}.json"
+    if out.is_file():  # keep the rows of presets this run did not redo (same profile only)
+        old = json.loads(out.read_text())
+        if old.get("profile") == str(args.profile_imatrix):
+            done = {r["preset"] for r in rows}
+            rows = [r for r in old["rows"] if r["preset"] not in done] + rows
+    write_json(out, {
         "schema": "bitalloc.llamacpp-paired/1", "profile": str(args.profile_imatrix), "dropped": list(args.drop),
+        "imatrix_sha256": (prof.metadata.get("imatrix") or {}).get("sha256"),
+        "calibration_tokens_sha256": prof.calibration.get("tokens_sha256"),
         "seq_len": args.seq_len, "windows": {t: len(w) for t, w in texts.items()},
         "bootstrap": {"draws": 10_000, "seed": 0}, "computed_by": "llama.cpp (llama-cpp-python, logits_all)",
         "rows": rows}, indent=1)
@@ -318,6 +331,10 @@ def main() -> int:
     ap.add_argument("--other-windows", type=int, default=8,
                     help="Tiny Shakespeare windows per file (0: WikiText only)")
     ap.add_argument("--drop", default="", help="schemes the bitalloc plans may not use (e.g. q5_1)")
+    ap.add_argument("--plain-presets", action="store_true",
+                    help="--phase paired: build the presets without the importance matrix")
+    ap.add_argument("--paired-out", default=None,
+                    help="--phase paired: the JSON to write (default results/llamacpp/paired[-no-DROP].json)")
     args = ap.parse_args()
     args.presets = [p for p in args.presets.split(",") if p]
     args.drop = [d for d in args.drop.split(",") if d]

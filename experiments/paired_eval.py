@@ -66,14 +66,9 @@ def window_nll(model, windows, batch: int = 4):
 
 def paired(a, b, tokens: int, draws: int = 10_000, seed: int = 0) -> dict:
     """Perplexity ratio A/B over windows, its 95 % bootstrap interval, and A's window wins."""
-    import numpy as np
+    from bitalloc.allocator.report import paired_ratio
 
-    d = np.asarray(a) - np.asarray(b)  # (n,) nats per window
-    n = len(d)
-    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
-    boot = np.exp(d[idx].sum(1) / (n * tokens))
-    return {"ratio": float(np.exp(d.sum() / (n * tokens))), "lo": float(np.quantile(boot, 0.025)),
-            "hi": float(np.quantile(boot, 0.975)), "a_wins": int((d < 0).sum()), "windows": n}
+    return paired_ratio(a, b, tokens, draws=draws, seed=seed)
 
 
 def main(argv=None) -> int:

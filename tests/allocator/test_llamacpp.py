@@ -180,6 +180,31 @@ def test_llamacpp_and_executor_perplexity_agree(gguf_profile, smollm2, tmp_path)
     assert not torch.equal(apply(smollm2.model, plan).model.embed_tokens.weight, smollm2.model.model.embed_tokens.weight)
 
 
+def test_eval_gguf_compares_files_window_by_window(gguf_profile, tmp_path, capsys):
+    """`bitalloc eval --gguf A --gguf B`: both perplexities by llama.cpp and B against A paired
+    over the same windows (ratio, bootstrap interval, windows lower)."""
+    import re
+
+    from bitalloc.allocator.cli import main
+    from bitalloc.allocator.solve import solve
+
+    text = "/work/shared/data/wikitext2-test.txt"
+    if not os.path.exists(text):
+        pytest.skip("no wikitext")
+    small, big = tmp_path / "small.gguf", tmp_path / "big.gguf"
+    lc.export_gguf(solve(gguf_profile, "90MB"), small)
+    lc.export_gguf(solve(gguf_profile, "120MB"), big)
+    rc = main(["eval", "--gguf", str(small), "--gguf", str(big), "--text", text, "--windows", "3", "--seq-len", "32"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    ppl = {m: float(v) for m, v in re.findall(r"^(small|big)\.gguf\s+\d+\s+([\d.]+)", out, re.M)}
+    assert set(ppl) == {"small", "big"}, out
+    ratio, lo, hi, wins = re.search(r"big\.gguf.*\s([\d.]+) \[([\d.]+), ([\d.]+)\] (\d)/3", out).groups()
+    # the paired ratio over equal windows is the ratio of the two perplexities
+    assert float(ratio) == pytest.approx(ppl["big"] / ppl["small"], rel=2e-4)
+    assert float(lo) <= float(ratio) <= float(hi) and 0 <= int(wins) <= 3
+
+
 def test_bad_input_one_line_errors(gguf_profile, tmp_path):
     from bitalloc.allocator.cli import main
     from bitalloc.allocator.solve import solve
