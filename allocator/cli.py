@@ -216,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bound on logit-sized buffers, e.g. 512MiB (default 1GiB; env BITALLOC_LOGITS_MEMORY): "
                          "logits and log-probs exist a chunk of positions at a time")
     sp.add_argument("--gguf", action="append", default=[],
-                    help="GGUF file whose perplexity llama.cpp computes (repeatable; same windows and tokens as "
-                         "the torch evaluation, tokenized by --model's tokenizer; each later file is also compared "
-                         "with the first window by window: ratio, bootstrap interval, windows lower)")
+                    help="GGUF file whose perplexity llama.cpp computes (repeatable; the torch evaluation's windows, "
+                         "tokenized by --model's tokenizer, else the first file's own; each later file is also "
+                         "compared with the first window by window: ratio, bootstrap interval, windows lower)")
 
 
     sp = sub.add_parser("serve", help="the allocation service: profiles as jobs, plans on request (HTTP, /v1)")
@@ -423,7 +423,7 @@ def _eval_gguf(a) -> int:
             raise ValueError(f"GGUF file {g!r} does not exist")
     from transformers import AutoTokenizer
 
-    src = model_gguf_path(a.model)
+    src = model_gguf_path(a.model) if a.model else Path(a.gguf[0])  # a GGUF carries its own tokenizer
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
     windows = windows_from_file(tok, a.text, a.seq_len, a.windows)
     rows = llamacpp.compare_files(a.gguf, windows)

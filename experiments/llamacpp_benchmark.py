@@ -214,7 +214,6 @@ def phase_paired(args) -> None:
     from bitalloc.allocator import api
     from bitalloc.allocator import llamacpp as lc
     from bitalloc.allocator.report import paired_ratio as paired
-    from bitalloc.sensitivity.artifact import write_json
 
     work = Path(args.work)
     src = source(work)
@@ -235,7 +234,8 @@ def phase_paired(args) -> None:
         r = lc.export_gguf(plan, bfile)
         assert r["bytes"] == plan.predicted["gguf"]["file_bytes"] <= size, (r, size)
         published = _published_schemes(name)
-        same = published is not None and published == {f: lp.scheme for f, lp in plan.layers.items()}
+        # None: no committed plan of this name (a row measured on its twin's file, same_file_as)
+        same = None if published is None else published == {f: lp.scheme for f, lp in plan.layers.items()}
         for t, w in texts.items():
             t0 = time.perf_counter()
             a, b = lc.perplexity(bfile, w), lc.perplexity(pfile, w)
@@ -246,11 +246,20 @@ def phase_paired(args) -> None:
                          "ppl_preset": b["ppl"], **st, "eval_s": time.perf_counter() - t0})
             print(f"{pname:<16} {t:<16} bitalloc {a['ppl']:.4f} ({r['bytes']} B) preset {b['ppl']:.4f} ({size} B)  "
                   f"ratio {st['ratio']:.4f} [{st['lo']:.4f}, {st['hi']:.4f}]  bitalloc wins {st['a_wins']}/{st['windows']}"
-                  f"  (plan {'= published' if same else 'differs from published'})", flush=True)
+                  f"  (plan {({True: '= published', False: 'differs from published'}).get(same, 'not published')})",
+                  flush=True)
         pfile.unlink()
         bfile.unlink()
+        _save_paired(args, prof, texts, tag, [r for r in rows if r["preset"] == pname])  # after every preset
+
+
+def _save_paired(args, prof, texts, tag: str, rows: list) -> None:
+    """Write (or extend) the paired results: rows of presets measured again replace the old ones
+    (same profile only; another profile's file is replaced)."""
+    from bitalloc.sensitivity.artifact import write_json
+
     out = Path(args.paired_out) if args.paired_out else RESULTS / f"paired{tag}.json"
-    if out.is_file():  # keep the rows of presets this run did not redo (same profile only)
+    if out.is_file():
         old = json.loads(out.read_text())
         if old.get("profile") == str(args.profile_imatrix):
             done = {r["preset"] for r in rows}

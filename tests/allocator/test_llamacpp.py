@@ -195,8 +195,9 @@ def test_eval_gguf_compares_files_window_by_window(gguf_profile, tmp_path, capsy
     lc.export_gguf(solve(gguf_profile, "90MB"), small)
     lc.export_gguf(solve(gguf_profile, "120MB"), big)
     rc = main(["eval", "--gguf", str(small), "--gguf", str(big), "--text", text, "--windows", "3", "--seq-len", "32"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
+    cap = capsys.readouterr()
+    out = cap.out
+    assert rc == 0, [l for l in cap.err.splitlines() if "error" in l.lower()][-3:]
     ppl = {m: float(v) for m, v in re.findall(r"^(small|big)\.gguf\s+\d+\s+([\d.]+)", out, re.M)}
     assert set(ppl) == {"small", "big"}, out
     ratio, lo, hi, wins = re.search(r"big\.gguf.*\s([\d.]+) \[([\d.]+), ([\d.]+)\] (\d)/3", out).groups()
