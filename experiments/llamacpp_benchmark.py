@@ -208,12 +208,11 @@ def phase_paired(args) -> None:
 
     Both files are rebuilt from the F32 source (the bitalloc plan re-solved from the profile,
     and compared with the committed plan of the same name); llama.cpp scores each window, and
-    :func:`bitalloc.allocator.report.paired_ratio` gives the perplexity ratio bitalloc / preset with its 95 %
-    bootstrap interval over windows. An interval that holds 1 means the text does not tell the
+    :func:`bitalloc.allocator.llamacpp.compare_files` gives the perplexity ratio bitalloc / preset with
+    its 95 % bootstrap interval over windows. An interval that holds 1 means the text does not tell the
     two files apart."""
     from bitalloc.allocator import api
     from bitalloc.allocator import llamacpp as lc
-    from bitalloc.allocator.report import paired_ratio as paired
 
     work = Path(args.work)
     src = source(work)
@@ -238,13 +237,13 @@ def phase_paired(args) -> None:
         same = None if published is None else published == {f: lp.scheme for f, lp in plan.layers.items()}
         for t, w in texts.items():
             t0 = time.perf_counter()
-            a, b = lc.perplexity(bfile, w), lc.perplexity(pfile, w)
-            st = paired(a["window_nll"], b["window_nll"], w.shape[1] - 1)
+            pre, bit = lc.compare_files([pfile, bfile], w)  # the preset first: bit["vs_first"] is bitalloc / preset
+            st = bit["vs_first"]
             rows.append({"preset": pname, "preset_imatrix": not args.plain_presets, "bitalloc": name,
                          "same_plan_as_published": same, "text": t,
-                         "preset_bytes": size, "bitalloc_bytes": r["bytes"], "ppl_bitalloc": a["ppl"],
-                         "ppl_preset": b["ppl"], **st, "eval_s": time.perf_counter() - t0})
-            print(f"{pname:<16} {t:<16} bitalloc {a['ppl']:.4f} ({r['bytes']} B) preset {b['ppl']:.4f} ({size} B)  "
+                         "preset_bytes": size, "bitalloc_bytes": r["bytes"], "ppl_bitalloc": bit["ppl"],
+                         "ppl_preset": pre["ppl"], **st, "eval_s": time.perf_counter() - t0})
+            print(f"{pname:<16} {t:<16} bitalloc {bit['ppl']:.4f} ({r['bytes']} B) preset {pre['ppl']:.4f} ({size} B)  "
                   f"ratio {st['ratio']:.4f} [{st['lo']:.4f}, {st['hi']:.4f}]  bitalloc wins {st['a_wins']}/{st['windows']}"
                   f"  (plan {({True: '= published', False: 'differs from published'}).get(same, 'not published')})",
                   flush=True)

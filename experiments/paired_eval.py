@@ -64,13 +64,6 @@ def window_nll(model, windows, batch: int = 4):
     return torch.cat(out).numpy(), windows.shape[1] - 1
 
 
-def paired(a, b, tokens: int, draws: int = 10_000, seed: int = 0) -> dict:
-    """Perplexity ratio A/B over windows, its 95 % bootstrap interval, and A's window wins."""
-    from bitalloc.allocator.report import paired_ratio
-
-    return paired_ratio(a, b, tokens, draws=draws, seed=seed)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", required=True, help="a profile of the model with the allocations' layers and schemes")
@@ -85,6 +78,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import bitalloc
     from bitalloc.allocator import api
+    from bitalloc.allocator.report import paired_ratio
     from bitalloc.sensitivity.artifact import write_json
 
     records, names = {}, {}
@@ -124,7 +118,7 @@ def main(argv=None) -> int:
     for budget, ma, mb in pairs:
         for t, w in texts.items():
             ka, kb = f"{ma}-{budget}", f"{mb}-{budget}"
-            r = paired(nll[t][ka], nll[t][kb], w.shape[1] - 1)
+            r = paired_ratio(nll[t][ka], nll[t][kb], w.shape[1] - 1)  # ratio A/B, bootstrap interval, A's wins
             rows.append({"budget": budget, "a": ma, "b": mb, "text": t, "windows": len(w), "ppl_a": ppl[(t, ka)],
                          "ppl_b": ppl[(t, kb)], **r})
             print(f"{budget:7s} {ma:22s} {mb:20s} {t:22s} {ppl[(t, ka)]:9.2f} {ppl[(t, kb)]:9.2f} {r['ratio']:7.4f} "

@@ -155,8 +155,10 @@ def test_paired_eval_rebuilds_plans_and_compares_windows(monkeypatch, tiny_profi
     with pytest.raises(AssertionError, match="layers"):
         paired_eval.rebuild(prof, names[:-1] + ["x.weight"], record, "tiny-3bpw")
 
+    from bitalloc.allocator.report import paired_ratio  # what paired_eval.py compares with
+
     b = np.array([100.0, 120.0, 90.0, 110.0])
-    same = paired_eval.paired(b, b, tokens=10)
+    same = paired_ratio(b, b, 10)
     assert same["ratio"] == 1.0 and same["lo"] == 1.0 == same["hi"] and same["a_wins"] == 0
-    better = paired_eval.paired(b - 1.0, b, tokens=10)
+    better = paired_ratio(b - 1.0, b, 10)
     assert better["ratio"] == pytest.approx(np.exp(-4.0 / 40)) and better["hi"] < 1.0 and better["a_wins"] == 4
