@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, checkpoint_header, make_header
+from .checkpoint import checkpoint_header, make_header
 from .hessian_shards import reduce_shards, shard_keys
 from .runner import run_items
 from .worker import PROXY_ITEM, WorkerSetup

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._forward import forward, replay_blocks, tree_clone
+from ._forward import replay_blocks, tree_clone
 from .logits import forward_logits, logit_rows, protect_head
 from .calibrate import calibrate_proxy  # re-exported: the proxy's calibration lives in .calibrate
 from .calibration import as_batches

@@ -7,7 +7,6 @@ scripts and tests can start a server on an ephemeral port and find it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
