@@ -34,18 +34,22 @@ def _kind(name: str) -> str:
     return parts[2] if parts[0] == "blk" else parts[0]
 
 
-def source_weights(source: str):
-    """{gguf name: (out, in) float32} of the quantizable weights of an F32 GGUF."""
+def source_weights(source: str, names=None) -> dict:
+    """{gguf name: (out, in) float32} of an F32 GGUF's quantizable weights (llama.cpp's rule, as
+    :func:`bitalloc.sensitivity.ggml.gguf_layout` reads it), or of ``names`` among them."""
     import gguf
 
-    r = gguf.GGUFReader(source)
+    from bitalloc.sensitivity import ggml
+
+    keep = set(ggml.gguf_layout(source)["quantizable"] if names is None else names)
     out = {}
-    for t in r.tensors:
-        if not t.name.endswith(".weight") or "norm" in t.name or len(t.shape) != 2:
+    for t in gguf.GGUFReader(source).tensors:
+        if t.name not in keep:
             continue
         assert t.tensor_type == gguf.GGMLQuantizationType.F32, f"{t.name}: the source must be F32, not {t.tensor_type.name}"
         n_in, n_out = (int(x) for x in t.shape)  # gguf lists ne0 (the row length) first
         out[t.name] = np.array(t.data, dtype=np.float32).reshape(n_out, n_in)
+    assert len(out) == len(keep), f"not in {source}: {sorted(keep - set(out))}"
     return out
 
 
@@ -58,6 +62,7 @@ def measure(weights: dict, imatrix: dict | None, types=TYPES) -> list[dict]:
         n = w.shape[1]
         im = None if imatrix is None else imatrix.get(name)
         col = np.ones(n, np.float32) if im is None else im  # (in,) the imatrix's column weights
+        ref, wref = float((w ** 2).sum()), float((w ** 2 * col).sum())  # the tensor's own, for every type
         for t in types:
             if not ggml.ggml_fits(t, n):
                 continue
@@ -67,9 +72,9 @@ def measure(weights: dict, imatrix: dict | None, types=TYPES) -> list[dict]:
                 a = acc.setdefault((_kind(name), t, use_im), {"err": 0.0, "ref": 0.0, "werr": 0.0, "wref": 0.0,
                                                                "exact": 0, "values": 0, "tensors": 0})
                 a["err"] += float(d2.sum())
-                a["ref"] += float((w ** 2).sum())
+                a["ref"] += ref
                 a["werr"] += float((d2 * col).sum())
-                a["wref"] += float((w ** 2 * col).sum())
+                a["wref"] += wref
                 a["exact"] += int((q == w).sum())
                 a["values"] += w.size
                 a["tensors"] += 1

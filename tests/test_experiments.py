@@ -163,34 +163,3 @@ def test_paired_eval_rebuilds_plans_and_compares_windows(monkeypatch, tiny_profi
     better = paired_ratio(b - 1.0, b, 10)
     assert better["ratio"] == pytest.approx(np.exp(-4.0 / 40)) and better["hi"] < 1.0 and better["a_wins"] == 4
 
-
-def test_llamacpp_storage_finds_the_shipped_grid(monkeypatch, tmp_path):
-    """experiments/llamacpp_storage.py on one of SmolLM2's shipped Q4_1 tensors: q4_1 rebuilds it
-    exactly; q5_1 does too once ggml's imatrix-aware search runs (any positive importance), and
-    not without it, where it is as lossy as q5_0: why llama.cpp's Q5_K presets, which fall back to
-    q5_1 on 576-wide rows, look lossless with an imatrix and not without."""
-    pytest.importorskip("llama_cpp")
-    import numpy as np
-
-    from bitalloc.allocator import llamacpp as lc
-    from bitalloc.sensitivity import ggml
-
-    try:
-        shipped = ggml.model_gguf_path("smollm2")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"no SmolLM2 GGUF: {e}")
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    sys.modules.pop("llamacpp_storage", None)
-    import llamacpp_storage
-
-    src = lc.f32_source(shipped, tmp_path / "src-f32.gguf")
-    name = "blk.0.attn_q.weight"
-    w = {name: llamacpp_storage.source_weights(str(src))[name]}  # (576, 576)
-    im = {name: np.random.default_rng(0).uniform(0.1, 2.0, 576).astype(np.float32)}
-    rows = {(r["type"], r["imatrix"]): r for r in llamacpp_storage.measure(w, im, types=("q4_1", "q5_1", "q5_0"))}
-    assert len(rows) == 6 and all(r["values"] == 576 * 576 for r in rows.values())
-    for use_im in (False, True):
-        assert rows[("q4_1", use_im)]["rel_err"] == 0.0 and rows[("q4_1", use_im)]["exact_fraction"] == 1.0
-    assert rows[("q5_1", True)]["rel_err"] == 0.0 and rows[("q5_1", True)]["exact_fraction"] == 1.0
-    plain = rows[("q5_1", False)]
-    assert plain["exact_fraction"] < 0.1 and plain["rel_err"] > 0.5 * rows[("q5_0", False)]["rel_err"] > 0

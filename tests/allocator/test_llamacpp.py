@@ -47,6 +47,30 @@ def test_f32_source_is_lossless(src):
     assert np.array_equal(ggml.quantize(w, "q4_1").reshape(-1), np.array(orig["blk.0.attn_q.weight"].data).reshape(-1))
 
 
+def test_storage_script_finds_the_shipped_grid(src, monkeypatch):
+    """experiments/llamacpp_storage.py on one of SmolLM2's shipped Q4_1 tensors: q4_1 rebuilds it
+    exactly; q5_1 does too once ggml's imatrix-aware search runs (any positive importance), and
+    not without it, where it is as lossy as q5_0: why llama.cpp's Q5_K presets, which fall back to
+    q5_1 on 576-wide rows, look lossless with an imatrix and not without."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "experiments"))
+    sys.modules.pop("llamacpp_storage", None)
+    import llamacpp_storage
+
+    name = "blk.0.attn_q.weight"
+    w = llamacpp_storage.source_weights(str(src), [name])  # {name: (576, 576)}
+    im = {name: np.random.default_rng(0).uniform(0.1, 2.0, 576).astype(np.float32)}
+    rows = {(r["type"], r["imatrix"]): r for r in llamacpp_storage.measure(w, im, types=("q4_1", "q5_1", "q5_0"))}
+    assert len(rows) == 6 and all(r["values"] == 576 * 576 for r in rows.values())
+    for use_im in (False, True):
+        assert rows[("q4_1", use_im)]["rel_err"] == 0.0 and rows[("q4_1", use_im)]["exact_fraction"] == 1.0
+    assert rows[("q5_1", True)]["rel_err"] == 0.0 and rows[("q5_1", True)]["exact_fraction"] == 1.0
+    plain = rows[("q5_1", False)]
+    assert plain["exact_fraction"] < 0.1 and plain["rel_err"] > 0.5 * rows[("q5_0", False)]["rel_err"] > 0
+
+
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_bytes_equal_llama_model_quantize(src, tmp_path, with_imatrix):
     """bitalloc's bytes of a tensor == the bytes llama_model_quantize writes for it (same type, same imatrix)."""
