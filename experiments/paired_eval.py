@@ -17,6 +17,20 @@ windows so it can be checked against the results file.
       --allocations experiments/results/peers/allocations-w32-default.json \\
       --pair 3bpw:bitalloc-default:modelopt-gradient --pair 4.5bpw:bitalloc-default:higgs \\
       --text wikitext2-test.txt:32 --text tinyshakespeare.txt:32 --out /tmp/paired.json
+
+``--decompose`` also splits each plan's loss on each text into what a fidelity objective sees
+and what it cannot. Per scored token, the quantized model's extra NLL is
+``ΔNLL = −log q(x) + log p(x)`` (``p`` the 16-bit model, ``x`` the text's token), and
+
+    E_text[ΔNLL] = KL(p ‖ q) + C,   C = E_text[log p(x)/q(x)] − E_{x~p}[log p(x)/q(x)]
+
+``KL(p ‖ q)`` is the fidelity to the 16-bit model that bitalloc and every peer minimise on
+calibration text; ``C`` is how the quantization error lines up with the text's actual tokens
+beyond that: zero on average when the text is what the model predicts, of either sign on text
+the model predicts badly. The script also reports the change of the prediction's entropy
+``H(q) − H(p)`` (a flatter prediction pays off on text the model is overconfident about).
+Per plan and text it writes the means per token, and the paired comparisons get the same
+split of their NLL difference.
 """
 
 from __future__ import annotations
@@ -64,6 +78,49 @@ def window_nll(model, windows, batch: int = 4):
     return torch.cat(out).numpy(), windows.shape[1] - 1
 
 
+def reference_logp(model, windows, batch: int = 4):
+    """The 16-bit model's next-token log-probabilities, kept as float16 ``[(B, T-1, V)]`` per batch
+    (32 windows × 511 positions × 49,152 tokens: 1.6 GB), so each plan's KL needs no second 16-bit pass."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(windows), batch):
+            logits = model(input_ids=windows[s:s + batch], use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+            out.append(torch.log_softmax(logits, -1).half())
+            del logits
+    return out
+
+
+def window_split(model, windows, ref, batch: int = 4) -> dict:
+    """Per window (each ``(n,)`` float64, summed over positions): the NLL, ``KL(p ‖ q)`` to the
+    16-bit model ``p`` (``ref``: :func:`reference_logp`), and the entropies ``H(q)``, ``H(p)``."""
+    import torch
+
+    cols = {"nll": [], "kl": [], "h_q": [], "h_p": []}
+    with torch.no_grad():
+        for i, s in enumerate(range(0, len(windows), batch)):
+            ids = windows[s:s + batch]  # (B, T)
+            lq = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, T-1, V)
+            lp = ref[i].float()  # (B, T-1, V)
+            assert lp.shape == lq.shape, f"reference batch {i} is {tuple(lp.shape)}, the model's {tuple(lq.shape)}"
+            p, q = lp.exp(), lq.exp()
+            cols["nll"].append(-lq.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(1))  # (B,)
+            cols["kl"].append((p * (lp - lq)).sum(-1).double().sum(1))
+            cols["h_q"].append(-(q * lq).sum(-1).double().sum(1))
+            cols["h_p"].append(-(p * lp).sum(-1).double().sum(1))
+            del lq, lp, p, q
+    return {k: torch.cat(v).numpy() for k, v in cols.items()}
+
+
+def split_means(s: dict, fp16_nll, tokens: int) -> dict:
+    """Means per scored token: ΔNLL = KL + C (:func:`window_split` sums, ``fp16_nll`` per window)."""
+    n = len(fp16_nll) * tokens
+    d_nll = float((s["nll"] - fp16_nll).sum() / n)
+    kl = float(s["kl"].sum() / n)
+    return {"d_nll": d_nll, "kl": kl, "c": d_nll - kl, "d_entropy": float((s["h_q"] - s["h_p"]).sum() / n)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", required=True, help="a profile of the model with the allocations' layers and schemes")
@@ -73,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--decompose", action="store_true",
+                    help="also split each plan's extra NLL into KL to the 16-bit model and the rest (module docstring)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,18 +159,30 @@ def main(argv=None) -> int:
 
     keys = sorted({f"{m}-{p[0]}" for p in pairs for m in p[1:]})
     nll = {t: {} for t in texts}
-    ppl = {}
+    ppl, split, ref = {}, {t: {} for t in texts}, {}
     for t, w in texts.items():
         nll[t]["fp16"], tokens = window_nll(loaded.model, w)
+        if a.decompose:
+            ref[t] = reference_logp(loaded.model, w)
     for k in keys:
         t0 = time.perf_counter()
         model = bitalloc.apply(loaded, rebuild(prof, names[k], records[k], k))
         for t, w in texts.items():
-            nll[t][k], tokens = window_nll(model, w)
+            if a.decompose:
+                split[t][k] = window_split(model, w, ref[t])
+                nll[t][k], tokens = split[t][k]["nll"], w.shape[1] - 1
+            else:
+                nll[t][k], tokens = window_nll(model, w)
             ppl[(t, k)] = float(math.exp(nll[t][k].sum() / (len(w) * tokens)))
         del model
         print(f"{k:32s} " + "  ".join(f"{t} ppl {ppl[(t, k)]:.3f}" for t in texts) + f"  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
+    means = {t: {k: split_means(v, nll[t]["fp16"], texts[t].shape[1] - 1) for k, v in split[t].items()} for t in texts}
+    if a.decompose:
+        print(f"\n{'plan':32s} {'text':22s} {'ΔNLL':>8s} {'KL':>8s} {'C':>8s} {'ΔH':>8s}   (nats per token)")
+        for t in texts:
+            for k, m in means[t].items():
+                print(f"{k:32s} {t:22s} {m['d_nll']:8.4f} {m['kl']:8.4f} {m['c']:8.4f} {m['d_entropy']:8.4f}")
 
     rows = []
     print(f"\n{'budget':7s} {'A':22s} {'B':20s} {'text':22s} {'ppl A':>9s} {'ppl B':>9s} {'A/B':>7s} {'95% interval':>17s} {'A wins':>7s}")
@@ -121,12 +192,16 @@ def main(argv=None) -> int:
             r = paired_ratio(nll[t][ka], nll[t][kb], w.shape[1] - 1)  # ratio A/B, bootstrap interval, A's wins
             rows.append({"budget": budget, "a": ma, "b": mb, "text": t, "windows": len(w), "ppl_a": ppl[(t, ka)],
                          "ppl_b": ppl[(t, kb)], **r})
+            if a.decompose:  # the NLL difference A − B per token, split the same way
+                ma_, mb_ = means[t][ka], means[t][kb]
+                rows[-1]["split"] = {x: ma_[x] - mb_[x] for x in ("d_nll", "kl", "c", "d_entropy")}
             print(f"{budget:7s} {ma:22s} {mb:20s} {t:22s} {ppl[(t, ka)]:9.2f} {ppl[(t, kb)]:9.2f} {r['ratio']:7.4f} "
                   f"[{r['lo']:.4f}, {r['hi']:.4f}] {r['a_wins']:3d}/{r['windows']}")
     fp16 = {t: float(math.exp(nll[t]["fp16"].sum() / (len(w) * (w.shape[1] - 1)))) for t, w in texts.items()}
     write_json(a.out, {"schema": "bitalloc.paired-eval/1", "profile": a.profile, "allocations": a.allocations,
                        "seq_len": a.seq_len, "texts": {t: len(w) for t, w in texts.items()}, "fp16_ppl": fp16,
-                       "bootstrap": {"draws": 10_000, "seed": 0}, "rows": rows})
+                       "bootstrap": {"draws": 10_000, "seed": 0}, "rows": rows,
+                       **({"split": means, "split_units": "nats per scored token"} if a.decompose else {})})
     print(f"-> {a.out}")
     return 0
 

@@ -163,3 +163,48 @@ def test_paired_eval_rebuilds_plans_and_compares_windows(monkeypatch, tiny_profi
     better = paired_ratio(b - 1.0, b, 10)
     assert better["ratio"] == pytest.approx(np.exp(-4.0 / 40)) and better["hi"] < 1.0 and better["a_wins"] == 4
 
+
+
+def test_paired_eval_splits_the_loss_into_kl_and_the_rest(monkeypatch, tiny_profile_path):
+    """paired_eval.py --decompose: the per-window NLL is the one window_nll scores, KL(p ‖ q) is
+    zero for the 16-bit model itself and equals torch's kl_div for a quantized plan, the
+    entropies match a direct computation, and ΔNLL = KL + C per token."""
+    import numpy as np
+    import torch
+
+    import bitalloc
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    sys.modules.pop("paired_eval", None)
+    import paired_eval
+
+    loaded = bitalloc.load("random:llama-tiny", log=None)
+    vocab = loaded.model.config.vocab_size
+    windows = torch.randint(0, vocab, (5, 24), generator=torch.Generator().manual_seed(0))  # (W, T), batch 4 + 1
+    ref = paired_eval.reference_logp(loaded.model, windows)
+    assert [tuple(r.shape) for r in ref] == [(4, 23, vocab), (1, 23, vocab)]
+    fp16_nll, tokens = paired_eval.window_nll(loaded.model, windows)
+    self_split = paired_eval.window_split(loaded.model, windows, ref)
+    np.testing.assert_allclose(self_split["nll"], fp16_nll, rtol=1e-6)
+    assert np.abs(self_split["kl"]).max() < 1e-2 * tokens, "the 16-bit model is its own reference (float16 storage only)"
+    np.testing.assert_allclose(self_split["h_q"], self_split["h_p"], rtol=1e-2)
+
+    qmodel = bitalloc.apply(loaded, bitalloc.solve(bitalloc.load_profile(tiny_profile_path), "3bpw"))
+    s = paired_eval.window_split(qmodel, windows, ref)
+    q_nll, _ = paired_eval.window_nll(qmodel, windows)
+    np.testing.assert_allclose(s["nll"], q_nll, rtol=1e-6)
+    with torch.no_grad():
+        lq = torch.log_softmax(qmodel(input_ids=windows, use_cache=False).logits[:, :-1].float(), -1)  # (W, T-1, V)
+        lp = torch.cat(ref).float()
+        kl = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1).sum(1).double().numpy()
+        h_q = -(lq.exp() * lq).sum(-1).sum(1).double().numpy()
+    assert kl.min() > 0, "a 3 bpw plan moves the tiny model's predictions"
+    np.testing.assert_allclose(s["kl"], kl, rtol=1e-4)
+    np.testing.assert_allclose(s["h_q"], h_q, rtol=1e-4)
+
+    m = paired_eval.split_means(s, fp16_nll, tokens)
+    n = len(windows) * tokens
+    assert m["d_nll"] == pytest.approx((q_nll - fp16_nll).sum() / n)
+    assert m["kl"] == pytest.approx(kl.sum() / n, rel=1e-4)
+    assert m["d_nll"] == pytest.approx(m["kl"] + m["c"])
+    assert m["d_entropy"] == pytest.approx((s["h_q"] - s["h_p"]).sum() / n)
