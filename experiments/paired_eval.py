@@ -30,7 +30,11 @@ beyond that: zero on average when the text is what the model predicts, of either
 the model predicts badly. The script also reports the change of the prediction's entropy
 ``H(q) − H(p)`` (a flatter prediction pays off on text the model is overconfident about).
 Per plan and text it writes the means per token, and the paired comparisons get the same
-split of their NLL difference.
+split of their NLL difference. To tell whether a flatter prediction is what a text rewards, it
+also scores the 16-bit model itself at softmax temperatures ``--temperatures`` (default 1.0,
+1.05, 1.1, 1.2, 1.3): if the 16-bit model scores a text better at ``T > 1``, it is
+overconfident there, and any perturbation that raises its entropy lowers that text's
+perplexity without being closer to it.
 """
 
 from __future__ import annotations
@@ -113,6 +117,24 @@ def window_split(model, windows, ref, batch: int = 4) -> dict:
     return {k: torch.cat(v).numpy() for k, v in cols.items()}
 
 
+def temperature_nll(ref, windows, temperatures) -> dict:
+    """The 16-bit model's mean NLL per scored token at each softmax temperature, from ``ref``
+    (:func:`reference_logp`: ``log_softmax(z / T)`` = ``log_softmax(log p / T)``)."""
+    import torch
+
+    out = {}
+    for T in temperatures:
+        total, n = 0.0, 0
+        for i, s in enumerate(range(0, len(windows), len(ref[0]))):
+            ids = windows[s:s + len(ref[i])]  # (B, T)
+            lt = torch.log_softmax(ref[i].float() / T, -1)  # (B, T-1, V)
+            total += float(-lt.gather(-1, ids[:, 1:].unsqueeze(-1)).double().sum())
+            n += ids[:, 1:].numel()
+            del lt
+        out[str(T)] = total / n
+    return out
+
+
 def split_means(s: dict, fp16_nll, tokens: int) -> dict:
     """Means per scored token: ΔNLL = KL + C (:func:`window_split` sums, ``fp16_nll`` per window)."""
     n = len(fp16_nll) * tokens
@@ -132,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--decompose", action="store_true",
                     help="also split each plan's extra NLL into KL to the 16-bit model and the rest (module docstring)")
+    ap.add_argument("--temperatures", default="1.0,1.05,1.1,1.2,1.3",
+                    help="with --decompose: softmax temperatures the 16-bit model is also scored at")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,7 +202,12 @@ def main(argv=None) -> int:
         print(f"{k:32s} " + "  ".join(f"{t} ppl {ppl[(t, k)]:.3f}" for t in texts) + f"  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
     means = {t: {k: split_means(v, nll[t]["fp16"], texts[t].shape[1] - 1) for k, v in split[t].items()} for t in texts}
+    temps = {}
     if a.decompose:
+        print(f"\n16-bit model, mean NLL per token at softmax temperature T ({a.temperatures}):")
+        for t, w in texts.items():
+            temps[t] = temperature_nll(ref[t], w, [float(x) for x in a.temperatures.split(",")])
+            print(f"  {t:22s} " + "  ".join(f"T={T}: {v:.4f}" for T, v in temps[t].items()))
         print(f"\n{'plan':32s} {'text':22s} {'ΔNLL':>8s} {'KL':>8s} {'C':>8s} {'ΔH':>8s}   (nats per token)")
         for t in texts:
             for k, m in means[t].items():
@@ -201,7 +230,8 @@ def main(argv=None) -> int:
     write_json(a.out, {"schema": "bitalloc.paired-eval/1", "profile": a.profile, "allocations": a.allocations,
                        "seq_len": a.seq_len, "texts": {t: len(w) for t, w in texts.items()}, "fp16_ppl": fp16,
                        "bootstrap": {"draws": 10_000, "seed": 0}, "rows": rows,
-                       **({"split": means, "split_units": "nats per scored token"} if a.decompose else {})})
+                       **({"split": means, "split_units": "nats per scored token", "fp16_nll_at_temperature": temps}
+                          if a.decompose else {})})
     print(f"-> {a.out}")
     return 0
 

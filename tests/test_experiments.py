@@ -188,6 +188,9 @@ def test_paired_eval_splits_the_loss_into_kl_and_the_rest(monkeypatch, tiny_prof
     np.testing.assert_allclose(self_split["nll"], fp16_nll, rtol=1e-6)
     assert np.abs(self_split["kl"]).max() < 1e-2 * tokens, "the 16-bit model is its own reference (float16 storage only)"
     np.testing.assert_allclose(self_split["h_q"], self_split["h_p"], rtol=1e-2)
+    at_t = paired_eval.temperature_nll(ref, windows, [1.0, 100.0])
+    assert at_t["1.0"] == pytest.approx(fp16_nll.sum() / (len(windows) * tokens), rel=1e-3)
+    assert at_t["100.0"] == pytest.approx(np.log(vocab), rel=1e-2), "a very hot softmax is uniform"
 
     qmodel = bitalloc.apply(loaded, bitalloc.solve(bitalloc.load_profile(tiny_profile_path), "3bpw"))
     s = paired_eval.window_split(qmodel, windows, ref)
