@@ -84,16 +84,19 @@ def window_nll(model, windows, batch: int = 4):
 
 def reference_logp(model, windows, batch: int = 4):
     """The 16-bit model's next-token log-probabilities, kept as float16 ``[(B, T-1, V)]`` per batch
-    (32 windows × 511 positions × 49,152 tokens: 1.6 GB), so each plan's KL needs no second 16-bit pass."""
+    (32 windows × 511 positions × 49,152 tokens: 1.6 GB), so each plan's KL needs no second 16-bit
+    pass, and from the same forward its per-window NLL in full precision (:func:`window_nll`'s)."""
     import torch
 
-    out = []
+    out, nll = [], []
     with torch.no_grad():
         for s in range(0, len(windows), batch):
-            logits = model(input_ids=windows[s:s + batch], use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-            out.append(torch.log_softmax(logits, -1).half())
-            del logits
-    return out
+            ids = windows[s:s + batch]  # (B, T)
+            lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, T-1, V)
+            nll.append(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(1))  # (B,)
+            out.append(lp.half())
+            del lp
+    return out, torch.cat(nll).numpy()
 
 
 def window_split(model, windows, ref, batch: int = 4) -> dict:
@@ -185,9 +188,10 @@ def main(argv=None) -> int:
     nll = {t: {} for t in texts}
     ppl, split, ref = {}, {t: {} for t in texts}, {}
     for t, w in texts.items():
-        nll[t]["fp16"], tokens = window_nll(loaded.model, w)
-        if a.decompose:
-            ref[t] = reference_logp(loaded.model, w)
+        if a.decompose:  # one 16-bit pass gives both
+            ref[t], nll[t]["fp16"] = reference_logp(loaded.model, w)
+        else:
+            nll[t]["fp16"], _ = window_nll(loaded.model, w)
     for k in keys:
         t0 = time.perf_counter()
         model = bitalloc.apply(loaded, rebuild(prof, names[k], records[k], k))

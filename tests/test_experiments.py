@@ -181,9 +181,10 @@ def test_paired_eval_splits_the_loss_into_kl_and_the_rest(monkeypatch, tiny_prof
     loaded = bitalloc.load("random:llama-tiny", log=None)
     vocab = loaded.model.config.vocab_size
     windows = torch.randint(0, vocab, (5, 24), generator=torch.Generator().manual_seed(0))  # (W, T), batch 4 + 1
-    ref = paired_eval.reference_logp(loaded.model, windows)
+    ref, ref_nll = paired_eval.reference_logp(loaded.model, windows)
     assert [tuple(r.shape) for r in ref] == [(4, 23, vocab), (1, 23, vocab)]
     fp16_nll, tokens = paired_eval.window_nll(loaded.model, windows)
+    np.testing.assert_allclose(ref_nll, fp16_nll, rtol=1e-6)
     self_split = paired_eval.window_split(loaded.model, windows, ref)
     np.testing.assert_allclose(self_split["nll"], fp16_nll, rtol=1e-6)
     assert np.abs(self_split["kl"]).max() < 1e-2 * tokens, "the 16-bit model is its own reference (float16 storage only)"
