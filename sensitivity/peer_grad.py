@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kernels.formats import parse_scheme
 from .peer_context import PeerContext, PeerScores
 
-__all__ = ["lm_loss", "hutchinson_samples", "score_hawq_v3", "score_modelopt_gradient", "score_autoround",
+__all__ = ["lm_loss", "grad_only", "hutchinson_samples", "score_hawq_v3", "score_modelopt_gradient", "score_autoround",
            "modelopt_groups"]
 
 
@@ -58,7 +58,7 @@ def _as_out_in(ctx: PeerContext, i: int, t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _grad_only(params: Sequence[torch.nn.Parameter], model: torch.nn.Module) -> Iterator[None]:
+def grad_only(params: Sequence[torch.nn.Parameter], model: torch.nn.Module) -> Iterator[None]:
     """Only ``params`` require grad inside the block (the model's flags and mode restored after)."""
     flags = {id(p): p.requires_grad for p in model.parameters()}
     training = model.training
@@ -136,7 +136,7 @@ def score_hawq_v3(ctx: PeerContext, n_probes: int = 16, per_layer: bool = False,
     params = _weight_params(ctx)
     samples = []
     # SDPA's fused CPU/GPU kernels have no double backward: the math kernel (same result) has.
-    with _grad_only(params, ctx.model), sdpa_kernel([SDPBackend.MATH]):
+    with grad_only(params, ctx.model), sdpa_kernel([SDPBackend.MATH]):
         for batch in ctx.batches:
             if per_layer:
                 samples.append(_hutchinson_per_layer(ctx, params, batch, n_probes, gen))
@@ -246,7 +246,7 @@ def score_modelopt_gradient(ctx: PeerContext, group: bool = True, monotone: bool
     t0 = time.perf_counter()
     acc = np.zeros((ctx.n_layers, ctx.n_schemes))  # (L, S)
     chunks = _cache_chunks(ctx)
-    with _grad_only(_weight_params(ctx), ctx.model):
+    with grad_only(_weight_params(ctx), ctx.model):
         for layers in chunks:  # every batch per chunk, so each (layer, scheme) is quantized once
             for batch in ctx.batches:
                 _fisher_batch(ctx, batch, acc, layers)
@@ -319,7 +319,7 @@ def score_autoround(ctx: PeerContext) -> PeerScores:
     bits = [_scheme_weight_bits(s) for s in ctx.schemes]
     table = np.zeros((ctx.n_layers, ctx.n_schemes))  # (L, S)
     n_fwd = 0
-    with _grad_only(params, ctx.model):
+    with grad_only(params, ctx.model):
         for j in range(ctx.n_schemes):
             if bits[j] > 8:
                 continue

@@ -212,3 +212,32 @@ def test_paired_eval_splits_the_loss_into_kl_and_the_rest(monkeypatch, tiny_prof
     assert m["kl"] == pytest.approx(kl.sum() / n, rel=1e-4)
     assert m["d_nll"] == pytest.approx(m["kl"] + m["c"])
     assert m["d_entropy"] == pytest.approx((s["h_q"] - s["h_p"]).sum() / n)
+
+
+def test_fisher_pairs_script_solves_with_and_without_the_pairs(monkeypatch, tiny_profile_path, tmp_path):
+    """experiments/fisher_pairs.py on the tiny Llama: projections cached as safetensors, three
+    plans per budget within it, the exact MILP's quadratic objective no worse than the separable
+    plan's under the same pair terms, and a second run reusing the projections."""
+    import json
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    sys.modules.pop("fisher_pairs", None)
+    import fisher_pairs
+
+    args = ["--profile", str(tiny_profile_path), "--rows", "4", "--budgets", "3bpw", "--time-limit", "60",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    assert fisher_pairs.main(args) == 0
+    assert (tmp_path / "work" / "projections-r4-s0.safetensors").is_file()
+    summary = json.loads((tmp_path / "out" / "fisher-pairs.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"separable", "fisher-qp", "fisher-qp-raw"}
+    assert all(r["bpw"] <= 3.0 + 1e-9 for r in rows.values())
+    assert summary["projections"]["rows"] == 4 and summary["shrunk"]["terms"] > 0
+    if rows["fisher-qp"]["status"] == "optimal":
+        assert rows["fisher-qp"]["objective"] <= rows["separable"]["objective"] + 1e-9
+    alloc = json.loads((tmp_path / "out" / "allocations-fisher-pairs.json").read_text())
+    assert set(alloc["plans"]) == {"separable-3bpw", "fisher-qp-3bpw", "fisher-qp-raw-3bpw"}
+    again = json.loads((tmp_path / "work" / "projections-r4-s0.json").read_text())["seconds"]
+    assert fisher_pairs.main(args) == 0  # the cached projections: same summary numbers
+    summary2 = json.loads((tmp_path / "out" / "fisher-pairs.json").read_text())
+    assert summary2["projections"]["seconds"] == again and summary2["shrunk"] == summary["shrunk"]
