@@ -52,8 +52,6 @@ def _projections(a, prof, work: Path):
     if path.is_file() and meta.is_file():
         info = json.loads(meta.read_text())
         return FisherProjections(load_file(str(path))["s"], int(info["tokens"]), info)
-    import torch
-
     import bitalloc
     from bitalloc.sensitivity.calibration import CalibrationSpec, as_batches, load_calibration
     from bitalloc.sensitivity.fisher_pairs import fisher_projections
@@ -71,7 +69,6 @@ def _projections(a, prof, work: Path):
 
         hessians = recorded_hessians((prof.metadata or {}).get("hessians"), beside=a.profile,
                                      tokens_sha256=c.get("tokens_sha256"))
-    torch.manual_seed(a.seed)
     ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(data, 1), quantizer=quantizer,
                       hessians=hessians, cache_bytes=64 << 20)
     proj = fisher_projections(ctx, seed=a.seed, progress=True)
@@ -166,7 +163,9 @@ def main(argv=None) -> int:
     write_allocations(plans_dir, out / "allocations-fisher-pairs.json")
     summary = {"schema": "bitalloc.fisher-pairs/1", "profile": a.profile, "settings": vars(a),
                "projections": proj.info, "pairs": len(pairs),
-               "shrunk": fields[True]["fisher"], "raw": fields[False]["fisher"], "spearman_fisher_vs_table": ranks,
+               **{k: {x: v for x, v in fields[shrink]["fisher"].items() if x not in proj.info}  # the statistics
+                  for k, shrink in (("shrunk", True), ("raw", False))},
+               "spearman_fisher_vs_table": ranks,
                "rows": [{k: v for k, v in r.items() if k != "schemes"} for r in rows],
                "wall_s": time.perf_counter() - t0, "interaction_ranges": {
                    k: [float(np.min([np.min(v) for v in f["terms"].values()])),

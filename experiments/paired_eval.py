@@ -67,6 +67,18 @@ def rebuild(profile, names: list[str], record: dict, label: str):
     return plan
 
 
+def next_logp(model, ids):
+    """``(B, T-1, V)`` float32 log-probabilities of the next token at positions 0..T-2 of ``ids`` ``(B, T)``."""
+    import torch
+
+    return torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+
+
+def text_nll(lp, ids):
+    """``(B,)`` float64: each window's summed NLL of its own next tokens under ``lp`` (:func:`next_logp`)."""
+    return -lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(1)
+
+
 def window_nll(model, windows, batch: int = 4):
     """Summed next-token NLL per window ``(n,)`` float64 and the tokens scored per window."""
     import torch
@@ -75,10 +87,7 @@ def window_nll(model, windows, batch: int = 4):
     with torch.no_grad():
         for s in range(0, len(windows), batch):
             ids = windows[s:s + batch]  # (B, T)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-            out.append((-lp.double()).sum(1))
-            del logits, lp
+            out.append(text_nll(next_logp(model, ids), ids))
     return torch.cat(out).numpy(), windows.shape[1] - 1
 
 
@@ -92,8 +101,8 @@ def reference_logp(model, windows, batch: int = 4):
     with torch.no_grad():
         for s in range(0, len(windows), batch):
             ids = windows[s:s + batch]  # (B, T)
-            lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, T-1, V)
-            nll.append(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(1))  # (B,)
+            lp = next_logp(model, ids)  # (B, T-1, V)
+            nll.append(text_nll(lp, ids))  # (B,)
             out.append(lp.half())
             del lp
     return out, torch.cat(nll).numpy()
@@ -108,11 +117,11 @@ def window_split(model, windows, ref, batch: int = 4) -> dict:
     with torch.no_grad():
         for i, s in enumerate(range(0, len(windows), batch)):
             ids = windows[s:s + batch]  # (B, T)
-            lq = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, T-1, V)
+            lq = next_logp(model, ids)  # (B, T-1, V)
             lp = ref[i].float()  # (B, T-1, V)
             assert lp.shape == lq.shape, f"reference batch {i} is {tuple(lp.shape)}, the model's {tuple(lq.shape)}"
             p, q = lp.exp(), lq.exp()
-            cols["nll"].append(-lq.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(1))  # (B,)
+            cols["nll"].append(text_nll(lq, ids))  # (B,)
             cols["kl"].append((p * (lp - lq)).sum(-1).double().sum(1))
             cols["h_q"].append(-(q * lq).sum(-1).double().sum(1))
             cols["h_p"].append(-(p * lp).sum(-1).double().sum(1))
@@ -131,7 +140,7 @@ def temperature_nll(ref, windows, temperatures) -> dict:
         for i, s in enumerate(range(0, len(windows), len(ref[0]))):
             ids = windows[s:s + len(ref[i])]  # (B, T)
             lt = torch.log_softmax(ref[i].float() / T, -1)  # (B, T-1, V)
-            total += float(-lt.gather(-1, ids[:, 1:].unsqueeze(-1)).double().sum())
+            total += float(text_nll(lt, ids).sum())
             n += ids[:, 1:].numel()
             del lt
         out[str(T)] = total / n

@@ -82,7 +82,7 @@ def fisher_projections(ctx: Any, *, rows: int | None = None, seed: int = 0, chun
     import torch
 
     from .fisher_refs import sample_labels
-    from .peer_grad import grad_only
+    from .peer_grad import as_out_in, grad_only
 
     t0 = time.perf_counter()
     ids_rows = [b["input_ids"][k:k + 1] for b in ctx.batches for k in range(b["input_ids"].shape[0])]  # (1, T) each
@@ -112,8 +112,7 @@ def fisher_projections(ctx: Any, *, rows: int | None = None, seed: int = 0, chun
                 ll = logp.gather(-1, y[..., None]).sum()  # Σ_t log p(y_t)
                 n_tokens += int(y.numel())
                 for i, g in enumerate(torch.autograd.grad(ll, params)):
-                    g = g.detach().to(torch.float32)
-                    grads[i].append((g.t() if ctx.layers[i].module_type == "Conv1D" else g).reshape(-1))  # (out*in,)
+                    grads[i].append(as_out_in(ctx, i, g.detach().to(torch.float32)).reshape(-1))  # (out*in,)
             for i in range(L):  # one float32 copy of the layer's damages per chunk of rows, not per row
                 G = torch.stack(grads[i])  # (k, out*in)
                 out[start:start + len(rows_k), i] = (G @ deltas[i].reshape(S, -1).to(torch.float32).T).double().numpy()
@@ -141,8 +140,8 @@ def pair_stats(proj: FisherProjections, a: int, b: int) -> tuple[np.ndarray, np.
 def _shrunk(inter: np.ndarray, se: np.ndarray) -> np.ndarray:
     """Positive-part James–Stein toward zero, per term: ``I · max(0, 1 − se²/I²)``."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        factor = np.where(inter != 0, 1.0 - (se / np.where(inter != 0, inter, 1.0)) ** 2, 0.0)
-    return inter * np.clip(np.nan_to_num(factor, nan=0.0, neginf=0.0), 0.0, 1.0)
+        factor = np.clip(1.0 - (se / inter) ** 2, 0.0, 1.0)  # se = inf (one row) -> 0
+    return np.where(inter != 0, inter * factor, 0.0)
 
 
 def fisher_pairs_field(profile: Any, proj: FisherProjections, pairs: Sequence[tuple[str, str]], *,
@@ -154,13 +153,12 @@ def fisher_pairs_field(profile: Any, proj: FisherProjections, pairs: Sequence[tu
 
     Also records how many terms the rows resolve (``|I| > 2 se``) and the distribution of ρ at
     equal schemes, so a reader can see whether the pairs carry signal."""
-    from .pairs import SEP
+    from .pairs import SEP, diag_roots
 
     order = {f: i for i, f in enumerate(profile.fqns)}
     L, S = len(profile.fqns), len(profile.schemes)
     assert proj.s.shape[1:] == (L, S), f"projections are {proj.s.shape[1:]}, the profile is ({L}, {S})"
-    D = np.asarray(diag if diag is not None else profile.table(next(iter(profile.tables))), dtype=np.float64)
-    root_d = np.sqrt(np.clip(np.nan_to_num(D, nan=0.0), 0.0, None))  # (L, S)
+    root_d = diag_roots(profile, diag)  # (L, S)
     root_f = np.sqrt(proj.layer_kl())  # (L, S)
     terms, resolved, total, rho_diag = {}, 0, 0, []
     for fa, fb in pairs:

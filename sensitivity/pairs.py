@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["PAIR_MODELS", "PairError", "block_pairs", "pair_items", "pair_item_count", "pairs_from_values",
-           "check_pairs", "pair_matrices", "measure_joint"]
+           "check_pairs", "diag_roots", "pair_matrices", "measure_joint"]
 
 SEP = "|"
 
@@ -152,6 +152,13 @@ def check_pairs(d: Any, fqns: Sequence[str], schemes: Sequence[str]) -> dict:
     return d
 
 
+def diag_roots(profile: Any, diag: np.ndarray | None = None) -> np.ndarray:
+    """``(L, S)`` ``sqrt(D)`` that scales a correlation-like ρ into pair terms: ``D`` = ``diag``
+    (default the profile's table), negative and NaN entries counted as 0."""
+    D = np.asarray(diag if diag is not None else profile.table(next(iter(profile.tables))), dtype=np.float64)
+    return np.sqrt(np.clip(np.nan_to_num(D, nan=0.0), 0.0, None))
+
+
 def pair_matrices(profile: Any, diag: np.ndarray | None = None) -> dict[tuple[str, str], np.ndarray]:
     """``{(fqn_a, fqn_b): (S, S)}`` over all profile schemes, from ``profile.pairs``.
 
@@ -164,7 +171,6 @@ def pair_matrices(profile: Any, diag: np.ndarray | None = None) -> dict[tuple[st
         return {}
     S = len(profile.schemes)
     order = {f: i for i, f in enumerate(profile.fqns)}
-    D = np.asarray(diag if diag is not None else profile.table(next(iter(profile.tables))), dtype=np.float64)
     out = {}
     if pr["model"] == "full":
         idx = [profile.schemes.index(s) for s in pr["schemes"]]
@@ -174,7 +180,7 @@ def pair_matrices(profile: Any, diag: np.ndarray | None = None) -> dict[tuple[st
             M[np.ix_(idx, idx)] = np.asarray(v, dtype=np.float64)
             out[a, b] = M
     else:
-        root = np.sqrt(np.clip(np.nan_to_num(D, nan=0.0), 0.0, None))
+        root = diag_roots(profile, diag)
         for k, r in pr["rho"].items():
             a, b = k.split(SEP)
             out[a, b] = float(r) * np.outer(root[order[a]], root[order[b]])

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kernels.formats import parse_scheme
 from .peer_context import PeerContext, PeerScores
 
-__all__ = ["lm_loss", "grad_only", "hutchinson_samples", "score_hawq_v3", "score_modelopt_gradient", "score_autoround",
+__all__ = ["lm_loss", "grad_only", "as_out_in", "hutchinson_samples", "score_hawq_v3", "score_modelopt_gradient", "score_autoround",
            "modelopt_groups"]
 
 
@@ -52,7 +52,7 @@ def _weight_params(ctx: PeerContext) -> list[torch.nn.Parameter]:
     return [ctx.module(i).weight for i in range(ctx.n_layers)]
 
 
-def _as_out_in(ctx: PeerContext, i: int, t: torch.Tensor) -> torch.Tensor:
+def as_out_in(ctx: PeerContext, i: int, t: torch.Tensor) -> torch.Tensor:
     """A tensor shaped like layer i's stored weight, as ``(out, in)`` (Conv1D stores ``(in, out)``)."""
     return t.t() if ctx.layers[i].module_type == "Conv1D" else t
 
@@ -330,7 +330,7 @@ def score_autoround(ctx: PeerContext) -> PeerScores:
                     with torch.no_grad():
                         for i, g in enumerate(grads):
                             diff = ctx.weight(i) - ctx.quantized(i, j)  # (out, in)
-                            table[i, j] += float((_as_out_in(ctx, i, g).float() * diff).abs().sum())
+                            table[i, j] += float((as_out_in(ctx, i, g).float() * diff).abs().sum())
     info = {"scheme_bits": bits, "head_rule": _head_rule(ctx, bits), "forwards": n_fwd, "backwards": n_fwd,
             "seconds": time.perf_counter() - t0}
     return PeerScores("autoround", table, None, info)
