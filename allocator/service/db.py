@@ -59,6 +59,7 @@ jobs = Table(
     Column("progress_total", Integer),
     Column("eta_s", Float),
     Column("error", Text),
+    Column("error_kind", String(16)),  # v3: a failed job's "input" (the request) | "internal" (ours)
     Column("result", Text),  # JSON
     Column("attempts", Integer, nullable=False, default=0),
     Column("cancel_requested", Integer, nullable=False, default=0),
@@ -119,10 +120,20 @@ def _v2_widen(conn: sa.Connection) -> None:
                              "ALTER COLUMN model_sha256 TYPE TEXT, ALTER COLUMN table_kind TYPE TEXT"))
 
 
+def _v3_error_kind(conn: sa.Connection) -> None:
+    """A failed job says whose the failure is: ``input`` (the request cannot be done: a
+    calibration text too short, a plan the target cannot express; do not retry it unchanged)
+    or ``internal`` (the worker crashed or raised anything else). A database made fresh has
+    the column already (version 1 creates the tables as they are now)."""
+    if "error_kind" not in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN error_kind VARCHAR(16)"))
+
+
 # (version, description, step): append only
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "jobs, artifacts, profiles, plans, tokens", _create(_V1)),
     (2, "artifact sizes BIGINT, profile text TEXT (PostgreSQL)", _v2_widen),
+    (3, "jobs.error_kind: whether a failed job's request or bitalloc was at fault", _v3_error_kind),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

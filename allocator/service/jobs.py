@@ -47,7 +47,8 @@ def job_view(row: dict) -> dict:
     return {
         "id": row["id"], "kind": row["kind"], "state": row["state"],
         "progress": {"done": row["progress_done"], "total": row["progress_total"], "eta_s": row["eta_s"]},
-        "error": row["error"], "result": loads(row["result"]), "request": loads(row["request"]),
+        "error": row["error"], "error_kind": row.get("error_kind"),  # a failed job's: "input" | "internal"
+        "result": loads(row["result"]), "request": loads(row["request"]),
         "attempts": row["attempts"], "created_at": row["created_at"], "started_at": row["started_at"],
         "finished_at": row["finished_at"],
     }
@@ -164,7 +165,8 @@ class JobManager:
     def _claim(self) -> dict | None:
         for row in self.db.rows(_db.jobs, where={"state": "queued"}, order=_db.jobs.c.created_at, limit=8):
             if self.db.update(_db.jobs, row["id"], where={"state": "queued"}, state="running",
-                              started_at=time.time(), attempts=row["attempts"] + 1, error=None):
+                              started_at=time.time(), attempts=row["attempts"] + 1, error=None,
+                              error_kind=None):
                 return self.db.one(_db.jobs, row["id"])
         return None
 
@@ -183,7 +185,8 @@ class JobManager:
                 self._run(job)
             except Exception as e:  # noqa: BLE001
                 log.exception("job %s failed in the manager", job["id"])
-                self._finish(job["id"], "failed", error=f"internal error: {type(e).__name__}: {e}")
+                self._finish(job["id"], "failed", error=f"internal error: {type(e).__name__}: {e}",
+                             error_kind="internal")
 
     def _spec(self, job: dict) -> dict:
         req = loads(job["request"])
@@ -248,7 +251,7 @@ class JobManager:
             log.info("job %s done in %.1fs: %s", jid, time.monotonic() - t0, result)
             return
         why = error or f"the worker process ended with exit code {rc} (see the server's jobs/{jid}/worker.log)"
-        self._finish(jid, "failed", error=why)
+        self._finish(jid, "failed", error=why, error_kind="input" if error and user_error else "internal")
 
     def _finish(self, jid: str, state: str, *, error: str | None = None, result: dict | None = None, **extra) -> None:
         vals = dict(state=state, dedupe_key=None, finished_at=time.time(), error=error, **extra)

@@ -7,7 +7,7 @@ and reports on its original stdout, one JSON object a line::
 
     {"event": "progress", "done": 12, "total": 42}
     {"event": "done", "output": "JOB_DIR/profile.json"}
-    {"event": "error", "error": "one line"}
+    {"event": "error", "error": "one line", "user_error": true}
 
 Everything else it prints goes to stderr (the manager sends that to ``JOB_DIR/worker.log``).
 A measured profile keeps its resumable checkpoint in the job folder
@@ -163,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        text = str(e).strip()
+        text = str(e).strip().replace(f"{job_dir}{os.sep}", "")  # the request's own names, not the server's paths
+        # the request's fault: bitalloc's checks (BitallocError is a ValueError) and bad values;
+        # an OSError here is the server's (requests name no paths), as is anything else
         rep.emit(event="error", error=f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": "),
-                 user_error=isinstance(e, (ValueError, OSError)))
+                 user_error=isinstance(e, ValueError))
         return 1
     rep.emit(event="done", output=output, usage=_usage(t0))
     return 0

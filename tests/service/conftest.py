@@ -43,7 +43,8 @@ def server(tmp_path_factory):
             pg = stack.enter_context(Postgres())
             db = ["--db-url", pg.create_database("bitalloc")]
         s = start_server(tmp_path_factory.mktemp("svc") / "state",
-                         "--export-target", "stub=export_target_stub:export", "--max-body-mb", "1",
+                         "--export-target", "stub=export_target_stub:export",
+                         "--export-target", "broken=export_target_stub:broken", "--max-body-mb", "1",
                          "--max-upload-mb", "2", *db)
         stack.callback(s.stop)
         yield s

@@ -7,3 +7,9 @@ import json
 def export(plan, out, *, model, **options):
     (out / "schemes.json").write_text(json.dumps({"model": model, "options": options,
                                                   "layers": {f: lp.scheme for f, lp in plan.layers.items()}}))
+
+
+def broken(plan, out, *, model, **options):
+    """A target with a bug of its own: the job must fail as ``internal``, not the request's fault."""
+    (out / "partial.bin").write_bytes(b"half")
+    raise RuntimeError("the target's own bug")

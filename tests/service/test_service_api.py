@@ -28,7 +28,7 @@ def test_health_openapi_docs(server):
     from bitalloc.allocator.service.db import SCHEMA_VERSION
 
     r = server.http.get("/v1/health")
-    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["schema_version"] == SCHEMA_VERSION == 2
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["schema_version"] == SCHEMA_VERSION == 3
     spec = server.http.get("/openapi.json").json()
     for path in ("/v1/health", "/v1/profiles", "/v1/profiles/upload", "/v1/profiles/{id}", "/v1/profiles/{id}/frontier",
                  "/v1/jobs/{id}", "/v1/plans", "/v1/plans/{id}", "/v1/exports", "/v1/artifacts/{id}"):
@@ -134,6 +134,20 @@ def test_inline_calibration_text(server, tmp_path):
     assert meta_src["source"] == "file" and meta_src["path"].endswith("calibration.txt")
 
 
+def test_a_job_the_request_cannot_do_fails_as_input(server):
+    """A calibration text shorter than the samples it must fill passes the request's checks
+    (counting tokens needs the model) and fails in the worker: the job says why in one line,
+    names the request's file rather than the server's path, and blames the input."""
+    job = server.http.post("/v1/profiles", json={**TINY, "schemes": ["w4g128z"], "seed": 13,
+                                                  "calibration": {"text": "too short"}}).json()
+    done = wait_job(server, job["id"])
+    assert done["state"] == "failed" and done["error_kind"] == "input", done
+    err = done["error"]
+    assert err.startswith("CalibrationError: calibration.txt: calibration text has") and "needs at least 32" in err, err
+    assert "\n" not in err and str(server.state) not in err and "jobs/" not in err, err
+    assert done["result"] is None and done["attempts"] == 1
+
+
 def test_cancel_a_queued_and_a_running_job(server):
     a = server.http.post("/v1/profiles", json={**TINY, "schemes": SCHEMES, "measured": True, "seed": 11}).json()
     b = server.http.post("/v1/profiles", json={**TINY, "schemes": SCHEMES, "measured": True, "seed": 12}).json()
@@ -159,6 +173,14 @@ def test_export_job_with_a_registered_target(server, profile_id, tmp_path):
     c.download(done["result"]["artifact"], tmp_path / "x.json")
     assert (tmp_path / "x.json").read_bytes() == art.content
     c.close()
+
+
+def test_an_export_target_that_crashes_fails_as_internal(server, profile_id):
+    plan = server.http.post("/v1/plans", json={"profile": profile_id, "budget": "4bpw"}).json()
+    job = server.http.post("/v1/exports", json={"plan": plan["id"], "target": "broken"}).json()
+    done = wait_job(server, job["id"])
+    assert done["state"] == "failed" and done["error_kind"] == "internal", done
+    assert done["error"] == "RuntimeError: the target's own bug" and done["result"] is None, done
 
 
 def test_solve_server_cli(server, tiny_profile_path, tmp_path):

@@ -148,7 +148,8 @@ def test_column_types_postgres_enforces(pg, fresh):
         pg.query(name, "DELETE FROM artifacts; DELETE FROM schema_migrations WHERE version > 1; "
                        "ALTER TABLE artifacts ALTER COLUMN bytes TYPE INTEGER, ALTER COLUMN filename TYPE VARCHAR(200); "
                        "ALTER TABLE profiles ALTER COLUMN model_spec TYPE VARCHAR(200), "
-                       "ALTER COLUMN model_sha256 TYPE VARCHAR(64), ALTER COLUMN table_kind TYPE VARCHAR(32)")
+                       "ALTER COLUMN model_sha256 TYPE VARCHAR(64), ALTER COLUMN table_kind TYPE VARCHAR(32); "
+                       "ALTER TABLE jobs DROP COLUMN error_kind")
         assert db.version() == 1
         assert db.migrate() == [v for v, _d, _s in _db.MIGRATIONS if v > 1]
         assert _column_types(pg, name) == types
@@ -288,23 +289,28 @@ def test_an_unreachable_database_is_a_one_line_error(pg, tmp_path):
 
 def test_sqlite_schema_1_upgrades_too(tmp_path):
     """Migration 2 is PostgreSQL's; on SQLite (64-bit INTEGER, unenforced VARCHAR) it is a
-    recorded no-op, and a state dir made by schema 1 keeps its rows."""
+    recorded no-op. Migration 3 adds ``jobs.error_kind``. A state dir made by schema 1 keeps its rows."""
     import sqlalchemy as sa
 
     from bitalloc.allocator.service import db as _db
 
     url = _db.default_url(tmp_path)
     old = sa.create_engine(url)
-    with old.begin() as c:  # what the schema-1 server left: its tables, one artifact, version 1
+    with old.begin() as c:  # what the schema-1 server left: its tables, a failed job, one artifact, version 1
         _db.metadata.create_all(c, tables=list(_db._V1))
+        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN error_kind"))  # schema 3's column
         c.execute(_db.schema_migrations.insert().values(version=1, description="v1", applied_at=0.0))
         c.execute(_db.artifacts.insert().values(id="c" * 64, kind="plan", media_type="application/json", bytes=5,
                                                 filename="p.json", created_at=0.0))
+        c.execute(sa.text("INSERT INTO jobs (id, kind, state, request, created_at, error, attempts, cancel_requested) "
+                          "VALUES ('job_old', 'profile', 'failed', '{}', 0.0, 'an old failure', 1, 0)"))
     old.dispose()
     db = _db.Database(url)
     try:
-        assert db.version() == _db.SCHEMA_VERSION == 2
+        assert db.version() == _db.SCHEMA_VERSION == 3
         assert db.one(_db.artifacts, "c" * 64)["bytes"] == 5
+        old_job = db.one(_db.jobs, "job_old")  # kept, and of no known kind: it failed before kinds were recorded
+        assert old_job["error"] == "an old failure" and old_job["error_kind"] is None
         assert db.insert(_db.artifacts, id="d" * 64, kind="export", media_type="application/x-tar", bytes=5 << 30,
                          filename="x" * 300, created_at=0.0)
         assert db.one(_db.artifacts, "d" * 64)["bytes"] == 5 << 30
