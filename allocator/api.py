@@ -18,46 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-
-
 from .budget import parse_budget
-from .config import (DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_SCHEMES, SELECT_METRICS, RunConfig,
-                     load_config)
+from .config import DEFAULT_KL_SAMPLES, DEFAULT_KL_STRIDE, DEFAULT_SCHEMES, RunConfig, load_config
+from .context import add_fisher_table, calibration_spec, selection_fitness
+from .loading import as_loaded, as_profile, load, load_profile, print_line
 from .plan import Plan
 from . import solve as _solve
 
 __all__ = ["load", "profile", "load_profile", "solve", "sweep", "apply", "evaluate", "run", "RunResult",
            "add_fisher_table", "selection_fitness"]
-
-
-def _log_default(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def load(spec: str = "smollm2", *, log: Callable[[str], None] | None = _log_default):
-    """Load a model by spec (see ``sensitivity.models``), rounded to 16-bit values."""
-    from bitalloc.sensitivity.models import load_model, round_to_16bit
-
-    t0 = time.perf_counter()
-    loaded = load_model(spec)
-    round_to_16bit(loaded.model)
-    if log:
-        log(f"loaded {spec} in {time.perf_counter() - t0:.1f}s")
-    return loaded
-
-
-def _as_loaded(model):
-    return load(model) if isinstance(model, str) else model
-
-
-def load_profile(path: str | Path):
-    from bitalloc.sensitivity.profile import SensitivityProfile
-
-    return SensitivityProfile.load(path)
-
-
-def _as_profile(profile):
-    return (load_profile(profile), Path(profile)) if isinstance(profile, (str, Path)) else (profile, None)
 
 
 def profile(
@@ -66,7 +35,7 @@ def profile(
     *,
     out: str | Path | None = None,
     progress: bool = True,
-    log: Callable[[str], None] | None = _log_default,
+    log: Callable[[str], None] | None = print_line,
     checkpoint_dir: str | Path | None = None,
     target: str | None = None,
     imatrix: bool = True,
@@ -142,7 +111,7 @@ def profile(
 
         check_ray_address(cfg.ray_address)  # before the (long) model load and Hessians
     # max_memory: block streaming reads the model a unit at a time (it is never loaded whole)
-    loaded = _as_loaded(model) if cfg.max_memory is None else None
+    loaded = as_loaded(model) if cfg.max_memory is None else None
     spec = cfg.calibration_spec()
     prof = build_profile(
         loaded if loaded is not None else str(model), cfg, spec, progress=progress, log_fn=log, checkpoint=ckpt,
@@ -175,8 +144,8 @@ def _profile_llamacpp(model, calibration, n_samples, seq_len, seed, kl_samples, 
     if imatrix and out is None:
         raise ValueError("a llama.cpp profile with an importance matrix needs out= (the imatrix is written beside it)")
     ckpt = measure_checkpoint_path(out, checkpoint_dir) if measured else None
-    loaded = _as_loaded(model)
-    spec = _calibration_spec(calibration, n_samples, seq_len, seed)
+    loaded = as_loaded(model)
+    spec = calibration_spec(calibration, n_samples, seq_len, seed)
     prof = build_llamacpp_profile(
         loaded, cands, imatrix=imatrix, imatrix_out=Path(out).with_suffix(".imatrix.gguf") if imatrix else None,
         ref_schemes=list(ref_schemes) if ref_schemes else None, include=include, exclude=exclude, calibration=spec,
@@ -188,15 +157,6 @@ def _profile_llamacpp(model, calibration, n_samples, seq_len, seed, kl_samples, 
     if out is not None:
         prof.save(out)
     return prof
-
-
-def _calibration_spec(source: str, n_samples: int, seq_len: int, seed: int):
-    """"generated" or a text file path -> the CalibrationSpec recorded in the profile."""
-    from bitalloc.sensitivity.calibration import CalibrationSpec
-
-    if source == "generated":
-        return CalibrationSpec("generated", None, n_samples, seq_len, seed)
-    return CalibrationSpec("file", str(source), n_samples, seq_len, seed)
 
 
 def measure_checkpoint_path(out: str | Path | None, checkpoint_dir: str | Path | None = None) -> Path | None:
@@ -233,127 +193,19 @@ def _request(spec, schemes, calib, kl_samples, include, exclude, ref_schemes, me
     return req
 
 
-def _profile_calibration(loaded, prof):
-    """The profile's calibration ids, rebuilt from its description and checked against its hash."""
-    from bitalloc.sensitivity.calibration import load_calibration, tokens_sha256
-
-    c = prof.calibration
-    if c.get("source") not in ("generated", "file"):
-        raise ValueError(f"the profile's calibration ({c.get('source')!r}) cannot be rebuilt here")
-    spec = _calibration_spec("generated" if c["source"] == "generated" else c["path"], c["n_samples"], c["seq_len"],
-                             c["seed"])
-    data = load_calibration(spec, loaded.model, loaded.tokenizer, loaded.kind)
-    if c.get("tokens_sha256") and tokens_sha256(data) != c["tokens_sha256"]:
-        raise ValueError("the profile's calibration tokens cannot be reproduced here (another tokenizer, file or "
-                         "torch version)")
-    return data
-
-
-def _causal_quantized(model, profile, what: str, hessians=None):
-    """(loaded model, profile, quantizer, Hessians) for the model-side Fisher and selection
-    steps: a causal LM and a profile of the rtn or gptq quantizer, else a ValueError. A gptq
-    profile's Hessians are ``hessians`` (``fqn -> H`` or a file) or the file recorded in its
-    ``metadata["hessians"]`` (looked for as recorded, then beside the profile), checked against
-    its sha256 and calibration tokens; None for rtn."""
-    loaded = _as_loaded(model)
-    prof, path = _as_profile(profile)
-    if loaded.kind != "causal-lm":
-        raise ValueError(f"{what} needs a causal LM, {loaded.spec} is a {loaded.kind}")
-    quantizer = prof.metadata.get("quantizer", "rtn")
-    if quantizer not in ("rtn", "gptq"):
-        raise ValueError(f"{what} supports the rtn and gptq quantizers' profiles, this one used {quantizer!r}")
-    if quantizer == "gptq" and not isinstance(hessians, Mapping):
-        from bitalloc.sensitivity.hessian_store import HessianStoreError, load_hessians, recorded_hessians
-
-        tokens = prof.calibration.get("tokens_sha256")
-        try:
-            hessians = (load_hessians(hessians, tokens_sha256=tokens) if hessians is not None else
-                        recorded_hessians(prof.metadata.get("hessians"), beside=path, tokens_sha256=tokens))
-        except HessianStoreError as e:
-            raise ValueError(f"{what} with a gptq profile: {e} (pass hessians=, a dict or the file)") from None
-    return loaded, prof, quantizer, (hessians if quantizer == "gptq" else None)
-
-
-def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | None = None, labels: str = "sampled",
-                     seed: int | None = None, progress: bool = False, hessians=None):
-    """The profile with its output-Fisher table (:mod:`bitalloc.sensitivity.fisher_refs`) added:
-    every (layer, scheme)'s estimated KL per token from one backward pass per batch over the
-    first ``rows`` rows of the profile's own calibration (default: all), scored at every
-    ``stride``-th position (default: the profile's ``kl_stride``). What a profile built with
-    ``fisher_table=True`` has, for a stored profile whose measurements were expensive; the
-    settings go to ``metadata["options"]["fisher"]``. The rtn and gptq quantizers' profiles
-    (gptq: ``hessians``, or the file the profile records). ``labels="both"``: the
-    sampled-label table and, as ``fisher_text``, the text-label one."""
-    import dataclasses
-
-    import torch
-
-    from bitalloc.sensitivity.fisher_refs import fisher_ref_tables
-
-    loaded, prof, quantizer, H = _causal_quantized(model, profile, "a Fisher table", hessians)
-    fp = prof.fingerprint
-    from bitalloc.sensitivity.models import fingerprint
-
-    if fp and fp.get("sha256") and fingerprint(loaded.model).get("sha256") != fp["sha256"]:
-        raise ValueError("the model is not the one the profile was made of (fingerprints differ)")
-    data = _profile_calibration(loaded, prof)
-    if rows is not None:
-        data = data[: int(rows)]
-    opts = prof.metadata.get("options", {})
-    stride = int(stride or opts.get("kl_stride") or 1)
-    seed = int(prof.calibration.get("seed", 0) if seed is None else seed)
-    sal = {f: torch.as_tensor(v) for f, v in (prof.saliency or {}).items()}
-    tables, info = fisher_ref_tables(loaded.model, prof.layers, data, prof.schemes, H, saliency=sal or None,
-                                     stride=stride, labels=labels, seed=seed, quantizer=quantizer, progress=progress)
-    info.update(schemes=len(prof.schemes), rows=int(len(data)), added=True)
-    meta = {**prof.metadata, "options": {**opts, "fisher": info}}
-    return dataclasses.replace(prof, fisher=tables[0], fisher_text=tables[1] if len(tables) > 1 else None, metadata=meta)
-
-
-def selection_fitness(model, profile, rows: int = 4, skip: int = 0, hessians=None, screen_rows: int = 0,
-                      metric: str = "kl"):
-    """``fitness(choices) -> [KL]`` for :func:`bitalloc.allocator.candidates.select_plan`: each
-    choice (one scheme index per profile layer) fake-quantized into the model at once (by the
-    profile's quantizer; gptq: with ``hessians`` or the file the profile records), KL per token
-    to the 16-bit model on the last ``rows`` rows of the profile's own calibration (rebuilt and
-    checked against its hash); ``skip``: the ``rows`` before the last ``skip`` instead. The
-    callable's ``screen`` (None when ``screen_rows`` is 0) is the same on the last
-    ``screen_rows`` of those rows. ``metric="nll"``: the increase of the calibration text's own
-    next-token loss instead (where the calibration is real text; KL plus noise if sampled)."""
-    from bitalloc.sensitivity.calibration import as_batches
-    from bitalloc.sensitivity.metrics import get_metric
-    from bitalloc.sensitivity.peer_context import PeerContext
-
-    from .candidates import StagedFitness
-
-    if metric not in SELECT_METRICS:
-        raise ValueError(f"selection metric must be one of {', '.join(SELECT_METRICS)}, got {metric!r}")
-    loaded, prof, quantizer, H = _causal_quantized(model, profile, "selecting plans end to end", hessians)
-    data = _profile_calibration(loaded, prof)
-    end = len(data) - int(skip)
-    assert 0 < end <= len(data), f"skip={skip} leaves no calibration rows (the profile has {len(data)})"
-    sel = data[max(0, end - int(rows)):end]
-    screen_rows = min(int(screen_rows), len(sel))
-    # quantized weights shared by the candidates' plans (most layers agree): 1 GiB of them at most
-    ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, 1), quantizer=quantizer,
-                      hessians=H, cache_bytes=1 << 30)
-    stages = [as_batches(sel, 4)] + ([as_batches(sel[len(sel) - screen_rows:], 4)] if screen_rows else [])
-    return StagedFitness(ctx.fitness(stages, metric=None if metric == "kl" else get_metric(metric)), len(stages))
-
-
 def solve(profile, budget, *, table: str | None = None, **kw) -> Plan:
     """A plan for one budget (``3.5bpw``, ``120MB``, ``layers:90MB``). See bitalloc.solve.solve.
     ``table``: solve on that candidate calibration of the profile (default: its own table)."""
     from .candidates import tagged, with_table
 
-    prof, path = _as_profile(profile)
+    prof, path = as_profile(profile)
     return tagged(_solve.solve(with_table(prof, table), budget, profile_path=kw.pop("profile_path", path), **kw), table)
 
 
 def sweep(profile, budgets: Sequence, *, table: str | None = None, **kw) -> list[Plan]:
     from .candidates import tagged, with_table
 
-    prof, path = _as_profile(profile)
+    prof, path = as_profile(profile)
     plans = _solve.sweep(with_table(prof, table), budgets, profile_path=kw.pop("profile_path", path), **kw)
     return [tagged(p, table) for p in plans]
 
@@ -369,7 +221,7 @@ def apply(model, plan: Plan | str | Path, *, inplace: bool = False, check_finger
 
     from bitalloc.sensitivity.models import LoadedModel
 
-    loaded = _as_loaded(model)
+    loaded = as_loaded(model)
     # the type, not a .model attribute: a bare transformers causal LM has one too (its base model)
     net = loaded.model if isinstance(loaded, LoadedModel) else loaded
     plan = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
@@ -387,7 +239,7 @@ def eval_windows(loaded, text: str = "generated", n_windows: int = 8, seq_len: i
     if text == "generated":
         from bitalloc.sensitivity.calibration import load_calibration
 
-        return load_calibration(_calibration_spec(text, n_windows, seq_len, seed), loaded.model, loaded.tokenizer), {
+        return load_calibration(calibration_spec(text, n_windows, seq_len, seed), loaded.model, loaded.tokenizer), {
             "source": "generated", "seed": seed, "n_windows": n_windows, "seq_len": seq_len}
     return windows_from_file(loaded.tokenizer, text, seq_len, n_windows), {
         "source": str(text), "n_windows": n_windows, "seq_len": seq_len}
@@ -401,8 +253,8 @@ def _sample_texts_together(loaded, cfg: RunConfig) -> None:
     c, e = cfg.calibration, cfg.eval
     if c.source == "generated" and e.text == "generated" and loaded.kind == "causal-lm":
         prefetch_generated(loaded.model, loaded.tokenizer,
-                           [_calibration_spec(c.source, c.n_samples, c.seq_len, c.seed),
-                            _calibration_spec(e.text, e.n_windows, e.seq_len, EVAL_SEED)])
+                           [calibration_spec(c.source, c.n_samples, c.seq_len, c.seed),
+                            calibration_spec(e.text, e.n_windows, e.seq_len, EVAL_SEED)])
 
 
 def evaluate(model, plans: Sequence[Plan] | Mapping[str, Plan] = (), *, quantized: Sequence[str | Path] = (),
@@ -413,7 +265,7 @@ def evaluate(model, plans: Sequence[Plan] | Mapping[str, Plan] = (), *, quantize
     ``quantized``: folders written by :func:`bitalloc.save_quantized`, loaded from disk and
     scored against ``model`` under their folder name (a plan for another model is a
     :class:`~allocator.plan.PlanError`)."""
-    loaded = _as_loaded(model)
+    loaded = as_loaded(model)
     windows, _ = eval_windows(loaded, text, n_windows, seq_len)
     if not isinstance(plans, Mapping):
         plans = {(p.label or f"plan{i}"): p for i, p in enumerate(plans)}
@@ -453,7 +305,7 @@ def _row(budget: str, method: str, plan: Plan, res) -> dict:
 
 
 def run(config: RunConfig | str | Path | None = None, *, progress: bool = True,
-        log: Callable[[str], None] | None = _log_default) -> RunResult:
+        log: Callable[[str], None] | None = print_line) -> RunResult:
     """The whole batch pipeline: profile (or reuse a matching saved one), sweep budgets,
     baselines, evaluation in one pass, table, plot and plans in the output folder."""
     from .report import RESULT_COLUMNS, format_table, plot_ppl_vs_bpw, write_results
@@ -582,7 +434,7 @@ def _reuse_profile(path: Path, cfg: RunConfig, log, kind: str = "causal-lm"):
         log(f"not reusing {path}: {e}")
         return None
     c = cfg.calibration
-    calib = _calibration_spec(c.source, c.n_samples, c.seq_len, c.seed)
+    calib = calibration_spec(c.source, c.n_samples, c.seq_len, c.seed)
     ref_method, fisher_table, _ = cfg.fisher_settings(kind)
     want = _request(cfg.model.spec, cfg.profile.schemes, calib, (c.kl_samples, c.kl_stride), cfg.profile.include,
                     cfg.profile.exclude, cfg.profile.ref_schemes, measured=cfg.profile.measured,

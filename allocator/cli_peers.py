@@ -39,30 +39,6 @@ def add_parser(sub) -> Any:
     return sp
 
 
-def _context(profile, a, loaded):
-    import torch
-
-    from bitalloc.sensitivity.calibration import CalibrationSpec, as_batches, load_calibration
-    from bitalloc.sensitivity.peer_context import PeerContext
-
-    c = profile.calibration
-    spec = CalibrationSpec(source=c.get("source", "generated"), path=c.get("path"), n_samples=int(c["n_samples"]),
-                           seq_len=int(c["seq_len"]), seed=int(c.get("seed", 0)))
-    data = load_calibration(spec, loaded.model, loaded.tokenizer)
-    assert isinstance(data, torch.Tensor), "peer methods need a causal LM's token windows"
-    rows = max(1, min(a.rows, data.shape[0]))
-    length = a.seq_len or data.shape[1]
-    quantizer = (profile.metadata or {}).get("quantizer", "rtn")
-    hessians = None
-    if quantizer == "gptq":  # every peer quantizes as the profile did: GPTQ on the Hessians it recorded
-        from bitalloc.sensitivity.hessian_store import recorded_hessians
-
-        hessians = recorded_hessians((profile.metadata or {}).get("hessians"), beside=a.profile,
-                                     tokens_sha256=c.get("tokens_sha256"))
-    return PeerContext(loaded.model, profile.layers, list(profile.schemes), as_batches(data[:rows, :length], 1),
-                       quantizer=quantizer, hessians=hessians, seed=a.seed), data
-
-
 def _exllamav3_plans(profile, budgets, ctx, base: str) -> list:
     """exllamav3's plans: one measurement per distinct base (see ``peers.exllamav3_base``)."""
     from .peers import exllamav3_base, peer_plan, peer_scores
@@ -82,6 +58,7 @@ def _exllamav3_plans(profile, budgets, ctx, base: str) -> list:
 
 def cmd_peer(a) -> int:
     from . import api
+    from .context import peer_context
     from .peers import PeerError, peer_plan, peer_scores, refine_plan
 
     out = Path(a.out)
@@ -98,7 +75,8 @@ def cmd_peer(a) -> int:
         plans = [peer_plan(a.method, profile, b) if a.method != "bitalloc" else api.solve(profile, b) for b in budgets]
     else:
         loaded = api.load(a.model or profile.model.get("spec", "smollm2"), log=None)
-        ctx, data = _context(profile, a, loaded)
+        ctx, data = peer_context(loaded, profile, rows=a.rows, seq_len=a.seq_len, profile_path=a.profile,
+                                 what=a.method, seed=a.seed)
         if a.method in ("bitalloc", "evopress"):
             from bitalloc.sensitivity.calibration import as_batches
 

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from bitalloc.allocator.api import _calibration_spec, load
+    from bitalloc.allocator.api import load
+    from bitalloc.allocator.context import calibration_spec
     from bitalloc.sensitivity.calibration import load_calibration, tokens_sha256
     from bitalloc.sensitivity.layers import find_layers
     from bitalloc.sensitivity.models import fingerprint
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     worker_counts = [int(w) for w in _csv(a.workers)]
     t0 = time.perf_counter()
     loaded = load(a.model, log=None)
-    spec = _calibration_spec(a.calib, a.n_samples, a.seq_len, 0)
+    spec = calibration_spec(a.calib, a.n_samples, a.seq_len, 0)
     data = load_calibration(spec, loaded.model, loaded.tokenizer, loaded.kind)
     layers, _ = find_layers(loaded.model, a.layers, ())
     fp = fingerprint(loaded.model)

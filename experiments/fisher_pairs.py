@@ -52,24 +52,15 @@ def _projections(a, prof, work: Path):
         info = json.loads(meta.read_text())
         return FisherProjections(load_file(str(path))["s"], int(info["tokens"]), info)
     import bitalloc
-    from bitalloc.sensitivity.calibration import CalibrationSpec, as_batches, load_calibration
+    from bitalloc.allocator.context import calibration_spec, peer_context, profile_calibration
     from bitalloc.sensitivity.fisher_pairs import fisher_projections
-    from bitalloc.sensitivity.peer_context import PeerContext
 
     loaded = bitalloc.load(prof.model.get("spec", "smollm2"), log=None)
     c = prof.calibration
-    spec = CalibrationSpec(source=c.get("source", "generated"), path=c.get("path"), n_samples=a.rows,
-                           seq_len=a.seq_len or int(c["seq_len"]), seed=a.seed)  # the profile's text, more rows
-    data = load_calibration(spec, loaded.model, loaded.tokenizer)  # (rows, T)
-    quantizer = (prof.metadata or {}).get("quantizer", "rtn")
-    hessians = None
-    if quantizer == "gptq":
-        from bitalloc.sensitivity.hessian_store import recorded_hessians
-
-        hessians = recorded_hessians((prof.metadata or {}).get("hessians"), beside=a.profile,
-                                     tokens_sha256=c.get("tokens_sha256"))
-    ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(data, 1), quantizer=quantizer,
-                      hessians=hessians, cache_bytes=64 << 20)
+    seq_len = a.seq_len or int(c["seq_len"])
+    data = profile_calibration(loaded, prof, n_samples=a.rows, seq_len=seq_len, seed=a.seed)  # the text, more rows
+    ctx, _ = peer_context(loaded, prof, data=data, profile_path=a.profile, what="Fisher pairs", cache_bytes=64 << 20)
+    spec = calibration_spec(c["path"] if c["source"] == "file" else "generated", a.rows, seq_len, a.seed)
     proj = fisher_projections(ctx, seed=a.seed, progress=True)
     work.mkdir(parents=True, exist_ok=True)
     save_file({"s": np.ascontiguousarray(proj.s)}, str(path))

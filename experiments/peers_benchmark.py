@@ -73,24 +73,20 @@ class Bench:
 
     def __init__(self, a):
         from bitalloc.allocator import api
-        from bitalloc.sensitivity.calibration import as_batches, calibration_from_file, tokens_sha256
+        from bitalloc.allocator.context import profile_calibration, profile_quantizer
+        from bitalloc.sensitivity.calibration import as_batches
 
         self.a, self.work = a, Path(a.work)
         self.cache: dict = {}  # (layer, scheme, channels, quantizer) -> packed layer, shared by every plan
         valid, test = wikitext_files(a.data)
         self.loaded = api.load("smollm2")
         self.profile = api.load_profile(a.profile)
-        cal = self.profile.calibration
-        self.calib = calibration_from_file(self.loaded.tokenizer, valid, cal["n_samples"], cal["seq_len"], cal["seed"])
-        assert tokens_sha256(self.calib) == cal["tokens_sha256"], "the calibration tokens differ from the profile's"
+        # the profile's own rows of the validation text under --data (checked against its hash); a gptq
+        # profile's Hessians (the file it recorded), for every peer's quantizer and the executor
+        self.calib = profile_calibration(self.loaded, self.profile, source=str(valid))
+        _, _, _, self.hessians = profile_quantizer(self.loaded, self.profile, "the peers benchmark",
+                                                   profile_path=a.profile)
         self.as_batches = as_batches
-        self.quantizer = self.profile.metadata.get("quantizer", "rtn")
-        self.hessians = None  # a gptq profile: the Hessians it recorded, for every peer's quantizer and the executor
-        if self.quantizer == "gptq":
-            from bitalloc.sensitivity.hessian_store import recorded_hessians
-
-            self.hessians = recorded_hessians(self.profile.metadata.get("hessians"), beside=a.profile,
-                                              tokens_sha256=cal["tokens_sha256"])
         from bitalloc.sensitivity.peer_context import WeightCache
 
         # one cache of quantized weights for every peer's context (a full GPTQ table is ~10 min here)
@@ -101,11 +97,10 @@ class Bench:
         self.other, _ = api.eval_windows(self.loaded, str(other), a.other_windows, a.seq_len) if other.is_file() else (None, None)
 
     def ctx(self, rows: int, length: int = 512):
-        from bitalloc.sensitivity.peer_context import PeerContext
+        from bitalloc.allocator.context import peer_context
 
-        batches = self.as_batches(self.calib[:rows, :length], 1)
-        return PeerContext(self.loaded.model, self.profile.layers, list(self.profile.schemes), batches,
-                           quantizer=self.quantizer, hessians=self.hessians, seed=self.a.seed, weights=self.weights)
+        return peer_context(self.loaded, self.profile, data=self.calib, rows=rows, seq_len=length,
+                            hessians=self.hessians, seed=self.a.seed, weights=self.weights)[0]
 
     def fisher_profile(self):
         """The profile with its output-Fisher table (bitalloc.add_fisher_table over the first

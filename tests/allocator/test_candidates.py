@@ -389,7 +389,7 @@ def test_selection_fitness_nll_is_the_increase_of_the_text_loss(tiny_profile):
     executor's packed model; not the KL."""
     import torch
 
-    from bitalloc.allocator.api import _profile_calibration
+    from bitalloc.allocator.context import profile_calibration
     from bitalloc.allocator.solve import choice_of
 
     prof, path = tiny_profile
@@ -398,7 +398,7 @@ def test_selection_fitness_nll_is_the_increase_of_the_text_loss(tiny_profile):
     nll = bitalloc.selection_fitness("random:llama-tiny", path, rows=2, metric="nll")([choice])[0]
     kl = bitalloc.selection_fitness("random:llama-tiny", path, rows=2)([choice])[0]
     loaded = bitalloc.load("random:llama-tiny", log=None)
-    ids = _profile_calibration(loaded, prof)[-2:]  # (2, T): the last two rows
+    ids = profile_calibration(loaded, prof)[-2:]  # (2, T): the last two rows
 
     @torch.no_grad()
     def loss(model) -> float:
