@@ -2,7 +2,7 @@
 was made with, rebuilt and checked, for the steps that run the model again after profiling:
 an output-Fisher table added later (:func:`add_fisher_table`), the end-to-end selection of
 the run's candidate plans (:func:`selection_fitness`) and the peer methods' scores
-(:func:`peer_context`, used by ``bitalloc peers`` and the experiments).
+(:func:`peer_context`, used by ``bitalloc peer`` and the experiments).
 
 Every function takes a loaded model or its spec, and a profile or its path.
 """

@@ -241,3 +241,40 @@ def test_fisher_pairs_script_solves_with_and_without_the_pairs(monkeypatch, tiny
     assert fisher_pairs.main(args) == 0  # the cached projections: same summary numbers
     summary2 = json.loads((tmp_path / "out" / "fisher-pairs.json").read_text())
     assert summary2["projections"]["seconds"] == again and summary2["shrunk"] == summary["shrunk"]
+
+
+def test_select_text_script_measures_every_candidate_and_reproduces_the_run_selection(monkeypatch, tmp_path):
+    """experiments/select_text.py on the tiny Llama with a Fisher table (several candidate
+    calibrations): one row per distinct candidate plan, every text's loss change measured, and
+    its ``kl_cal`` rule picks the plan the run's own selection (select_plan on
+    selection_fitness, same rows) picks."""
+    import json
+
+    import bitalloc
+    from bitalloc.allocator.candidates import candidate_tables, select_plan
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    sys.modules.pop("select_text", None)
+    import select_text
+
+    path = tmp_path / "profile.json"
+    prof = bitalloc.profile("random:llama-tiny", n_samples=4, seq_len=32, kl_samples=1, fisher_table=True, out=path,
+                            progress=False, log=None)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text(TEXT)
+    (data / "b.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    out = tmp_path / "select.json"
+    args = ["--profile", str(path), "--out", str(out), "--budgets", "3bpw,5bpw", "--data", str(data), "--windows", "2",
+            "--seq-len", "16", "--select-rows", "2", "--gen-rows", "2"]
+    assert select_text.main([*args, "--text", "a.txt", "--text", "b.txt"]) == 0
+    res = json.loads(out.read_text())
+    n_tables = len(candidate_tables(prof))
+    assert n_tables > 1
+    for b in ("3bpw", "5bpw"):
+        rows = [r for r in res["rows"] if r["budget"] == b]
+        assert rows and sum(len(r["tables"]) for r in rows) == n_tables  # each table's plan, measured once
+        assert all(r["kl_cal"] >= 0 and r["kl_gen"] >= 0 and {"dnll_a", "dnll_b"} <= set(r) for r in rows)
+        plan = select_plan(prof, b, bitalloc.selection_fitness("random:llama-tiny", path, rows=2), ties=False)
+        assert plan.solver["select"]["chosen"] in res["choices"][b]["kl_cal"]["tables"]
+    assert select_text.main([*args, "--text", "missing.txt"]) == 2
