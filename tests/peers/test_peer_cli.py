@@ -107,3 +107,26 @@ def test_peer_on_a_gptq_profile_quantizes_with_its_hessians(tmp_path, capsys):
                "--out", str(tmp_path / "plans2"), "--rows", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "Hessian" in err, err
+
+
+def test_peer_refuses_a_calibration_text_that_changed(tmp_path, capsys):
+    """The peer scores run on the profile's own calibration rows, rebuilt from its text file and
+    checked against the hash the profile recorded: an edited text is one line, exit 2, before
+    any score is computed."""
+    import bitalloc
+    from bitalloc.allocator.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97} and more{i % 13}." for i in range(3000)))
+    path = tmp_path / "profile.json"
+    bitalloc.profile("random:llama-tiny", calibration=str(text), n_samples=4, seq_len=32, kl_samples=1, out=path,
+                     schemes=["w3g32z", "w8"], progress=False, log=None)
+    rc = main(["--quiet", "peer", "higgs", "--profile", str(path), "--budget", "5bpw", "--out", str(tmp_path / "a"),
+               "--rows", "1"])
+    assert rc == 0, capsys.readouterr().err
+    text.write_text(text.read_text().replace(" and ", " or "))
+    rc = main(["peer", "higgs", "--profile", str(path), "--budget", "5bpw", "--out", str(tmp_path / "b"),
+               "--rows", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "calibration tokens cannot be reproduced" in err, err
+    assert not (tmp_path / "b").exists()
