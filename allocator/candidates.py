@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["CANDIDATES", "candidate_tables", "with_table", "tagged", "select_plan", "StagedFitness"]
+__all__ = ["CANDIDATES", "candidate_tables", "candidate_plans", "with_table", "tagged", "select_plan",
+           "StagedFitness"]
 
 # in the order they are tried (a tie keeps the earlier one); the "-text" ones solve on the
 # text-label Fisher table of a profile made with fisher_labels="both" (profile.fisher_text)
@@ -107,6 +108,30 @@ def _on(profile, table: np.ndarray):
     return dataclasses.replace(profile, tables={**profile.tables, "all": table})
 
 
+def candidate_plans(profile, budget, *, names: Sequence[str] | None = None, ties: bool = True, profile_path=None,
+                    **solve_kw) -> tuple[dict, dict[str, np.ndarray], dict[bytes, list[str]]]:
+    """``(plans, tables, unique)``: each candidate calibration's plan of ``budget`` by name (and,
+    with ``ties``, its ``<name>+tied`` plan; see :func:`select_plan`), the table each was solved
+    on, and the distinct plans, ``choice.tobytes()`` (int64 scheme indices) -> the names giving it."""
+    from .arrays import target_ties
+    from .solve import choice_of, solve
+
+    tables = candidate_tables(profile, names)
+    tie = ties and not solve_kw.get("target") and bool(target_ties(profile, "vllm"))
+    plans, used = {}, {}
+    for name, table in tables.items():
+        plans[name], used[name] = solve(_on(profile, table), budget, profile_path=profile_path, **solve_kw), table
+        if tie:
+            p = solve(_on(profile, table), budget, profile_path=profile_path, **solve_kw, target="vllm")
+            opts = {k: v for k, v in p.solver.get("options", {}).items() if k != "target"}  # a choice, not a target
+            plans[name + "+tied"] = dataclasses.replace(p, solver={**p.solver, "options": opts, "ties": "fused inputs"})
+            used[name + "+tied"] = table
+    unique: dict[bytes, list[str]] = {}  # identical plans are measured once
+    for name, plan in plans.items():
+        unique.setdefault(choice_of(profile, plan).tobytes(), []).append(name)
+    return plans, used, unique
+
+
 def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[float]], *,
                 names: Sequence[str] | None = None, ties: bool = True, refine: int = 0, seed: int = 0,
                 screen: Callable[[Sequence[np.ndarray]], list[float]] | None = None, keep: int = 3,
@@ -136,22 +161,8 @@ def select_plan(profile, budget, fitness: Callable[[Sequence[np.ndarray]], list[
     The returned plan's ``solver["select"]`` holds each candidate's value, the choice, the
     refinement's record and the seconds spent measuring.
     """
-    from .arrays import target_ties
-    from .solve import choice_of, solve
-
-    tables = candidate_tables(profile, names)
-    tie = ties and not solve_kw.get("target") and bool(target_ties(profile, "vllm"))
-    plans, used = {}, {}
-    for name, table in tables.items():
-        plans[name], used[name] = solve(_on(profile, table), budget, profile_path=profile_path, **solve_kw), table
-        if tie:
-            p = solve(_on(profile, table), budget, profile_path=profile_path, **solve_kw, target="vllm")
-            opts = {k: v for k, v in p.solver.get("options", {}).items() if k != "target"}  # a choice, not a target
-            plans[name + "+tied"] = dataclasses.replace(p, solver={**p.solver, "options": opts, "ties": "fused inputs"})
-            used[name + "+tied"] = table
-    unique: dict[bytes, list[str]] = {}  # identical plans are measured once
-    for name, plan in plans.items():
-        unique.setdefault(choice_of(profile, plan).tobytes(), []).append(name)
+    plans, used, unique = candidate_plans(profile, budget, names=names, ties=ties, profile_path=profile_path,
+                                          **solve_kw)
     t0 = time.perf_counter()
     keys, screened, keep = list(unique), {}, max(1, int(keep))
     if screen is not None and len(keys) > keep:

@@ -132,7 +132,8 @@ def add_fisher_table(profile, model, *, rows: int | None = None, stride: int | N
                                      stride=stride, labels=labels, seed=seed, quantizer=quantizer, progress=progress)
     info.update(schemes=len(prof.schemes), rows=int(len(data)), added=True)
     meta = {**prof.metadata, "options": {**opts, "fisher": info}}
-    return dataclasses.replace(prof, fisher=tables[0], fisher_text=tables[1] if len(tables) > 1 else None, metadata=meta)
+    return dataclasses.replace(prof, fisher=tables[0], fisher_text=tables[1] if len(tables) > 1 else None,
+                               metadata=meta)
 
 
 def selection_fitness(model, profile, rows: int = 4, skip: int = 0, hessians=None, screen_rows: int = 0,

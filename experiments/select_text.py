@@ -34,19 +34,6 @@ from pathlib import Path
 from _data import DATA
 
 
-def _choices(prof, budget: str) -> dict[tuple, list[str]]:
-    """Distinct candidate plans of ``budget``: per-layer scheme indices -> the tables giving it."""
-    import bitalloc
-    from bitalloc.allocator.candidates import candidate_tables
-    from bitalloc.allocator.solve import choice_of
-
-    seen: dict[tuple, list[str]] = {}
-    for name in candidate_tables(prof):
-        c = tuple(int(x) for x in choice_of(prof, bitalloc.solve(prof, budget, table=name)))
-        seen.setdefault(c, []).append(name)
-    return seen
-
-
 def _summary(rows: list[dict], texts: list[str]) -> dict:
     """Per budget: the tables each rule picks, and each text's best candidate."""
     out = {}
@@ -67,7 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="2.5bpw,3bpw,3.5bpw,4bpw,4.5bpw")
     ap.add_argument("--data", default=str(DATA), help="folder of the --text files")
     ap.add_argument("--text", action="append", default=None,
-                    help="evaluation text file under --data (repeatable; default wikitext2-test.txt, tinyshakespeare.txt)")
+                    help="evaluation text file under --data (repeatable; default wikitext2-test.txt and "
+                         "tinyshakespeare.txt)")
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows per text")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--select-rows", type=int, default=4)
@@ -80,6 +68,7 @@ def main(argv=None) -> int:
 
     import bitalloc
     from bitalloc.allocator import api
+    from bitalloc.allocator.candidates import candidate_plans
     from bitalloc.allocator.context import calibration_spec, peer_context, profile_calibration
     from bitalloc.sensitivity.artifact import write_json
     from bitalloc.sensitivity.calibration import as_batches, load_calibration
@@ -105,9 +94,9 @@ def main(argv=None) -> int:
     nll = ctx.fitness([as_batches(w, 4) for w in wins.values()], metric=get_metric("nll"))
     rows = []
     for b in a.budgets.split(","):
-        for c, tables in _choices(prof, b).items():
+        for key, tables in candidate_plans(prof, b, ties=False)[2].items():  # the distinct plans, as the run sees them
             t = time.perf_counter()
-            choice = [np.array(c)]
+            choice = [np.frombuffer(key, dtype=np.int64)]
             row = {"budget": b, "tables": tables, "kl_cal": kl(choice, 0)[0], "kl_gen": kl(choice, 1)[0]}
             row.update({f"dnll_{name}": nll(choice, k)[0] for k, name in enumerate(wins)})
             rows.append(row)

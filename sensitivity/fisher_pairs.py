@@ -94,7 +94,8 @@ def fisher_projections(ctx: Any, *, rows: int | None = None, seed: int = 0, chun
     for i in range(L):
         deltas.append(torch.stack([(ctx.quantized(i, j) - ctx.weight(i)).to(torch.float16) for j in range(S)]))
         if progress and (i + 1) % 30 == 0:
-            print(f"  fisher pairs: weight changes of {i + 1}/{L} layers ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  fisher pairs: weight changes of {i + 1}/{L} layers ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
     t_delta = time.perf_counter() - t0
     params = [ctx.module(i).weight for i in range(L)]
     gen = torch.Generator().manual_seed(int(seed))

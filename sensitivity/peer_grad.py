@@ -29,8 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kernels.formats import parse_scheme
 from .peer_context import PeerContext, PeerScores
 
-__all__ = ["lm_loss", "grad_only", "as_out_in", "hutchinson_samples", "score_hawq_v3", "score_modelopt_gradient", "score_autoround",
-           "modelopt_groups"]
+__all__ = ["lm_loss", "grad_only", "as_out_in", "hutchinson_samples", "score_hawq_v3", "score_modelopt_gradient",
+           "score_autoround", "modelopt_groups"]
 
 
 # --------------------------------------------------------------------------- shared pieces
