@@ -96,7 +96,7 @@ def peer_context(model, profile, *, data=None, rows: int | None = None, seq_len:
     rows = len(data) if rows is None else max(1, min(int(rows), len(data)))
     sel = data[:rows, : seq_len or data.shape[1]]  # (rows, T)
     ctx = PeerContext(loaded.model, prof.layers, list(prof.schemes), as_batches(sel, batch_size), quantizer=quantizer,
-                      hessians=H, **ctx_kw)
+                      hessians=H, saliency=prof.saliency, **ctx_kw)
     return ctx, data
 
 

@@ -21,6 +21,7 @@ end-to-end evaluations each search spent.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,17 @@ class PeerScores:
             flat = sorted(i for g in self.groups for i in g)
             assert flat == list(range(len(flat))), f"{self.method}: groups must partition the layers 0..L-1"
         object.__setattr__(self, "table", t)
+
+
+def _digest(saliency: Mapping[str, Any] | None) -> str | None:
+    """A content digest of a saliency map (contexts share a WeightCache only on the same channels)."""
+    if not saliency:
+        return None
+    h = hashlib.sha1()
+    for fqn in sorted(saliency):
+        h.update(fqn.encode())
+        h.update(np.ascontiguousarray(np.asarray(saliency[fqn], dtype=np.float64)).tobytes())
+    return h.hexdigest()
 
 
 def sub_blocks(layers: Sequence[LayerInfo]) -> tuple[tuple[int, ...], ...]:
@@ -128,6 +140,9 @@ class PeerContext:
     cache_bytes: int = 4 << 30  # quantized weights kept for reuse (LRU); a given cache's own bound instead
     forwards: int = 0  # end-to-end (or from-a-block) forward passes over one batch, counted by kl()
     weights: WeightCache | None = None  # shared by contexts over the same layers, schemes and quantizer
+    # layer fqn -> (in,) input-channel saliency: the channels a split scheme keeps high, the
+    # profile's (so a peer scores the very weights bitalloc's plan would run); None: Hessian rule
+    saliency: Mapping[str, Any] | None = None
     _original: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -140,7 +155,7 @@ class PeerContext:
             self.weights = WeightCache(self.cache_bytes)
         self.cache_bytes = self.weights.max_bytes
         self.weights.bind((tuple(layer.fqn for layer in self.layers), tuple(self.schemes), self.quantizer,
-                           id(self.hessians) if self.hessians else None))
+                           id(self.hessians) if self.hessians else None, _digest(self.saliency)))
 
     @property
     def n_layers(self) -> int:
@@ -172,7 +187,9 @@ class PeerContext:
         """Layer ``i`` fake-quantized at scheme ``j`` by the context's quantizer, ``(out, in)`` float32."""
         wq = self.weights.get((i, j))
         if wq is None:
-            wq = quantize_layer_weight(self.weight(i), self.schemes[j], self.hessian(i), quantizer=self.quantizer)
+            sal = self.saliency.get(self.layers[i].fqn) if self.saliency else None
+            wq = quantize_layer_weight(self.weight(i), self.schemes[j], self.hessian(i), quantizer=self.quantizer,
+                                       saliency=None if sal is None else torch.as_tensor(sal))
             wq = wq.to(torch.float32)
             self.weights.put((i, j), wq)
         return wq

@@ -61,3 +61,25 @@ def test_profile_quantizer_refuses_what_it_cannot_quantize(text_profile):
         profile_quantizer("random:llama-tiny", other, "a peer method")
     with pytest.raises(ValueError, match="needs a causal LM"):
         profile_quantizer("random:bert-tiny", prof, "a Fisher table")
+
+
+def test_peer_context_quantizes_split_schemes_on_the_profile_channels(text_profile, tmp_path):
+    """A peer scores the weights bitalloc's plan would run: a split scheme keeps the channels
+    the profile stored (chosen from its saliency), not channels chosen again without it."""
+    from bitalloc.sensitivity.proxy import QUANTIZER_FNS, as_scheme, quantize_layer_weight
+
+    split = "w3g128z+h4csr0.25"
+    prof = bitalloc.profile("random:llama-tiny", calibration=str(text_profile[2]), n_samples=2, seq_len=16, kl_samples=1,
+                            schemes=["w3g128z", split], out=tmp_path / "p.json", progress=False, log=None)
+    ctx, _ = peer_context("random:llama-tiny", prof)
+    assert ctx.saliency is not None and set(ctx.saliency) == {layer.fqn for layer in prof.layers}
+    j = list(ctx.schemes).index(split)
+    moved = 0
+    for i, layer in enumerate(prof.layers):
+        idx = prof.high_channels(i, split)
+        assert idx, f"{layer.fqn}: the profile stored no high channels for {split}"
+        want = QUANTIZER_FNS["rtn"](ctx.weight(i), as_scheme(split), None, torch.tensor(idx))
+        assert torch.equal(ctx.quantized(i, j), want.to(torch.float32)), layer.fqn
+        plain = quantize_layer_weight(ctx.weight(i), split)  # channels chosen again, without the profile
+        moved += not torch.equal(plain.to(torch.float32), want.to(torch.float32))
+    assert moved > 0, "the profile's channels never differed from the saliency-free choice: the test shows nothing"
