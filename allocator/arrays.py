@@ -73,6 +73,14 @@ def build_arrays(
     policy.check(profile)
     mode = policy.mode(profile)
     tie_names = target_ties(profile, target)
+    if target is not None:  # only what the target's checkpoint format can hold (vllm: no splits)
+        from .vllm import target_schemes
+
+        kept = target_schemes(schemes if schemes is not None else profile.schemes, target)
+        if not kept:
+            raise AllocationError(f"none of the candidate schemes can be exported for target {target!r} "
+                                  "(compressed-tensors holds integer formats without high-impact splits)")
+        schemes = kept
     # group rows are needed only to normalise or to split the budget; an ungrouped
     # multi-table profile must not fail when neither is asked for
     rows = group_rows(profile) if mode != "none" or policy.shares else None

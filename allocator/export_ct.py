@@ -93,14 +93,14 @@ def unpack_dense(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def ct_weight_args(scheme, in_features: int) -> tuple[dict | None, int | None, str | None]:
     """(compressed-tensors ``weights`` args, bitalloc group size it was regrouped from, reason
     it cannot be expressed). fp16 gives (None, None, None): a 16-bit layer (``ignore``)."""
+    from .vllm import ct_unexpressible
+
     w = scheme.weight
     if not w.is_quantized:
         return None, None, None
-    if scheme.high is not None:
-        return None, None, "a high-impact split (a second format for some input channels) has no compressed-tensors counterpart"
-    if w.kind != "int":
-        return None, None, (f"{w.kind} codes with float16 group scales have no compressed-tensors counterpart "
-                            "(pack-quantized is integer only; nvfp4/mxfp4 use fp8/e8m0 scales)")
+    why = ct_unexpressible(scheme)
+    if why is not None:
+        return None, None, why
     args = {"num_bits": w.bits, "type": "int", "symmetric": bool(w.symmetric), "dynamic": False}
     regrouped = None
     if w.group_size is None:

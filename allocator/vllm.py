@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-__all__ = ["FUSED", "fused_groups", "fused_name", "fused_shapes", "kernel_families", "KERNELS", "TARGETS"]
+__all__ = ["FUSED", "fused_groups", "fused_name", "fused_shapes", "kernel_families", "KERNELS", "TARGETS",
+           "ct_unexpressible", "target_schemes"]
 
 TARGETS = ("vllm",)
 
@@ -40,6 +41,33 @@ FUSED: dict[str, tuple[str, ...]] = {
 }
 
 KERNELS = ("marlin", "machete", "exllama", "triton")
+
+
+def ct_unexpressible(scheme) -> str | None:
+    """Why a scheme's weights have no compressed-tensors (pack-quantized) counterpart, or None.
+
+    ``scheme`` is a :class:`bitalloc.kernels.formats.Scheme`. Activation quantization is not
+    a reason here: its weights export, weight-only (``--fallback weight-only``)."""
+    w = scheme.weight
+    if not w.is_quantized:
+        return None
+    if scheme.high is not None:
+        return "a high-impact split (a second format for some input channels) has no compressed-tensors counterpart"
+    if w.kind != "int":
+        return (f"{w.kind} codes with float16 group scales have no compressed-tensors counterpart "
+                "(pack-quantized is integer only; nvfp4/mxfp4 use fp8/e8m0 scales)")
+    return None
+
+
+def target_schemes(schemes: Sequence[str], target: str | None) -> list[str]:
+    """The candidate schemes a serving target can load: for ``vllm``, those whose weights
+    compressed-tensors can express (no high-impact splits, integer codes), so a plan solved
+    for it always exports; every scheme for no target."""
+    if target is None:
+        return list(schemes)
+    from bitalloc.kernels.formats import parse_scheme
+
+    return [s for s in schemes if ct_unexpressible(parse_scheme(s)) is None]
 
 
 def fused_groups(fqns: Iterable[str]) -> list[tuple[str, ...]]:

@@ -340,6 +340,26 @@ def test_solve_target_vllm_ties_fused_modules(tiny_profile, tmp_path, capsys):
     assert rc == 0 and Plan.load(tmp_path / "p.json").solver["options"]["target"] == "vllm"
 
 
+def test_solve_target_vllm_leaves_out_what_compressed_tensors_cannot_hold(tiny_profile, tmp_path):
+    """The default candidates hold high-impact splits; a plan solved for vLLM never uses one, so
+    it always exports (a split has no compressed-tensors counterpart)."""
+    from bitalloc.allocator.errors import AllocationError
+
+    prof, _path = tiny_profile
+    splits = [s for s in prof.schemes if parse_scheme(s).high is not None]
+    assert splits, "the default candidate schemes should include high-impact splits"
+    pair = ["w3g128z", "w3g128z+h8csr0.02"]  # the split loses less; with room for it, it is chosen
+    free = bitalloc.solve(prof, "8bpw", schemes=pair)
+    assert any(lp.scheme == pair[1] for lp in free.layers.values()), "no split chosen when free"
+    plan = bitalloc.solve(prof, "8bpw", schemes=pair, target="vllm")
+    assert {lp.scheme for lp in plan.layers.values()} == {pair[0]}
+    assert all(parse_scheme(lp.scheme).high is None for lp in bitalloc.solve(prof, "4.5bpw", target="vllm").layers.values())
+    report = export(plan, "compressed-tensors", tmp_path / "ct", model="random:llama-tiny", log=None)
+    assert (tmp_path / "ct" / "config.json").is_file() and report
+    with pytest.raises(AllocationError, match="none of the candidate schemes can be exported for target 'vllm'"):
+        bitalloc.solve(prof, "4.5bpw", target="vllm", schemes=splits)
+
+
 # ---------------------------------------------------------------------------------------
 # SmolLM2 once (real weights; 576-wide inputs exercise the regrouping of g128)
 
