@@ -48,6 +48,7 @@ import torch
 
 from .export import ExportError, ExportRequest
 from .plan import Plan, PlanError
+from .vllm import ct_unexpressible
 
 __all__ = ["export", "pack_dense", "unpack_dense", "ct_weight_args", "DESCRIPTION", "FALLBACKS"]
 
@@ -93,8 +94,6 @@ def unpack_dense(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def ct_weight_args(scheme, in_features: int) -> tuple[dict | None, int | None, str | None]:
     """(compressed-tensors ``weights`` args, bitalloc group size it was regrouped from, reason
     it cannot be expressed). fp16 gives (None, None, None): a 16-bit layer (``ignore``)."""
-    from .vllm import ct_unexpressible
-
     w = scheme.weight
     if not w.is_quantized:
         return None, None, None

@@ -187,9 +187,9 @@ class PeerContext:
         """Layer ``i`` fake-quantized at scheme ``j`` by the context's quantizer, ``(out, in)`` float32."""
         wq = self.weights.get((i, j))
         if wq is None:
-            sal = self.saliency.get(self.layers[i].fqn) if self.saliency else None
+            sal = self.saliency.get(self.layers[i].fqn) if self.saliency else None  # any array; converted there
             wq = quantize_layer_weight(self.weight(i), self.schemes[j], self.hessian(i), quantizer=self.quantizer,
-                                       saliency=None if sal is None else torch.as_tensor(sal))
+                                       saliency=sal)
             wq = wq.to(torch.float32)
             self.weights.put((i, j), wq)
         return wq
