@@ -8,7 +8,7 @@ source files listed, and the WikiText and Tiny Shakespeare tables are printed as
 (lowest perplexity per budget in bold).
 
     python experiments/peers_table.py results/peers/results-w32-all.json:exllamav3=exllamav3-lowest-base \\
-        results/peers/results-w32-default.json --out results/peers/results.json
+        results/peers/results-w32-default.json --out results/peers/results-18-candidates.json
 """
 
 from __future__ import annotations
