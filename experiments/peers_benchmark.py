@@ -348,7 +348,8 @@ def main(argv=None) -> int:
                      "fisher_labels": a.fisher_labels, "exl3_base": a.exl3_base, "default_solve": a.default_solve,
                      "evo_options": a.evo_options, "fitness_rows": a.fitness_rows,
                      "fitness_len": a.fitness_len, "seed": a.seed},
-        "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None, "rows": rows})
+        "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None,
+        "fp16_other_ppl": next(iter(res.values())).get("fp16_other_ppl") if rows else None, "rows": rows})
     from _driver import write_allocations
 
     write_allocations(Path(a.out) / "plans", Path(a.out) / "allocations.json")  # plans/ itself is not committed
