@@ -338,6 +338,7 @@ def main(argv=None) -> int:
         out = Path(a.out)
         for k, (plan, _) in plans.items():
             plan.save(out / "plans" / f"{method}-{k}.json")
+    first = next(iter(res.values())) if rows else {}  # res: the last method's evaluated rows
     _write(Path(a.out) / "results.json", {
         "schema": "bitalloc.peers-benchmark/1", "model": "smollm2 (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized)",
         "profile": {"path": a.profile, "calibration": b.profile.calibration},
@@ -348,8 +349,8 @@ def main(argv=None) -> int:
                      "fisher_labels": a.fisher_labels, "exl3_base": a.exl3_base, "default_solve": a.default_solve,
                      "evo_options": a.evo_options, "fitness_rows": a.fitness_rows,
                      "fitness_len": a.fitness_len, "seed": a.seed},
-        "fp16_ppl": next(iter(res.values()))["fp16_ppl"] if rows else None,
-        "fp16_other_ppl": next(iter(res.values())).get("fp16_other_ppl") if rows else None, "rows": rows})
+        # every cached row carries the same 16-bit references; rows cached before session 38 lack the other text's
+        "fp16_ppl": first.get("fp16_ppl"), "fp16_other_ppl": first.get("fp16_other_ppl"), "rows": rows})
     from _driver import write_allocations
 
     write_allocations(Path(a.out) / "plans", Path(a.out) / "allocations.json")  # plans/ itself is not committed
