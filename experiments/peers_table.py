@@ -4,7 +4,8 @@
 methods on the same evaluation (same windows, same 16-bit perplexity) are merged here: a
 later file's row replaces an earlier file's row of the same (method, budget), and a file's
 methods can be renamed on the way (``FILE:old=new,...``). The merged rows go to ``--out`` (the issue's ``results/peers/results.json``) with the
-source files listed, and the WikiText and Tiny Shakespeare tables are printed as markdown
+source files listed (each with its profile and settings, the provenance of its rows); the
+``allocations*.json`` beside each source are merged the same way beside ``--out``; and the WikiText and Tiny Shakespeare tables are printed as markdown
 (lowest perplexity per budget in bold).
 
     python experiments/peers_table.py results/peers/results-w32-all.json:exllamav3=exllamav3-lowest-base \\
@@ -22,8 +23,10 @@ def merge(sources: list[tuple[Path, dict[str, str]]]) -> dict:
     """The merged results document of ``[(file, {old method name: new name})]``, in order."""
     rows: dict[tuple[str, str], dict] = {}
     head = None
+    docs = []
     for path, rename in sources:
         d = json.loads(path.read_text())
+        docs.append(d)
         if head is None:
             head = d
         else:
@@ -32,11 +35,37 @@ def merge(sources: list[tuple[Path, dict[str, str]]]) -> dict:
             # float32 sums over other batch compositions move it by ~1e-7 relative; another window set moves it by percents
             assert abs(d["fp16_ppl"] / head["fp16_ppl"] - 1) < 1e-5, f"{path}: another 16-bit perplexity"
         for r in d["rows"]:
-            r = {**r, "method": rename.get(r["method"], r["method"]), "source": path.name}
+            r = {**r, "method": rename.get(r["method"], r["method"]), "source": str(path)}
             rows[(r["method"], r["budget"])] = r
     assert head is not None, "no result files"
     return {**{k: v for k, v in head.items() if k not in ("rows", "profile", "settings")},
-            "sources": [{"file": p.name, "renamed": rn} for p, rn in sources], "rows": list(rows.values())}
+            "sources": [{"file": str(p), "renamed": rn, **{k: d.get(k) for k in ("profile", "settings")}}
+                        for (p, rn), d in zip(sources, docs)], "rows": list(rows.values())}
+
+
+def allocations_beside(path: Path) -> Path:
+    """``results-X.json`` -> ``allocations-X.json`` (``peers_benchmark.py`` writes the pair side by side)."""
+    return path.with_name(path.name.replace("results", "allocations", 1))
+
+
+def merge_allocations(sources: list[tuple[Path, dict[str, str]]]) -> dict | None:
+    """The allocations beside the sources merged like their rows (later plans replace earlier ones,
+    methods renamed), on the union of their layers; None when no source has them."""
+    plans: dict[str, dict] = {}
+    for path, rename in sources:
+        beside = allocations_beside(path)
+        if not beside.is_file():
+            continue
+        d = json.loads(beside.read_text())
+        for name, plan in d["plans"].items():
+            method, budget = name.rsplit("-", 1)  # budgets ("4.5bpw") hold no hyphen
+            plans[f"{rename.get(method, method)}-{budget}"] = {
+                **plan, "schemes": dict(zip(d["layers"], plan["schemes"]))}
+    if not plans:
+        return None
+    layers = sorted({f for p in plans.values() for f in p["schemes"]})
+    return {"schema": "bitalloc.allocations/1", "layers": layers, "plans": {
+        name: {**p, "schemes": [p["schemes"].get(f) for f in layers]} for name, p in sorted(plans.items())}}
 
 
 def table(doc: dict, ppl: str, kl: str) -> str:
@@ -78,6 +107,10 @@ def main(argv=None) -> int:
 
         write_json(Path(args.out), doc, indent=1)
         print(f"\n{len(doc['rows'])} rows -> {args.out}")
+        allocations = merge_allocations(sources)
+        if allocations is not None:
+            write_json(allocations_beside(Path(args.out)), allocations, indent=None)
+            print(f"{len(allocations['plans'])} plans -> {allocations_beside(Path(args.out))}")
     return 0
 
 

@@ -278,3 +278,32 @@ def test_select_text_script_measures_every_candidate_and_reproduces_the_run_sele
         plan = select_plan(prof, b, bitalloc.selection_fitness("random:llama-tiny", path, rows=2), ties=False)
         assert plan.solver["select"]["chosen"] in res["choices"][b]["kl_cal"]["tables"]
     assert select_text.main([*args, "--text", "missing.txt"]) == 2
+
+
+def test_peers_table_keeps_each_sources_provenance_and_merges_the_allocations_beside(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    sys.modules.pop("peers_table", None)
+    import peers_table
+
+    def run(name, method, layers, schemes, profile):
+        d = tmp_path / name
+        d.mkdir()
+        row = {"method": method, "budget": "4bpw", "bpw": 4.0, "ppl": 30.0, "kl": 0.1, "other_ppl": 45.0, "other_kl": 0.1}
+        (d / "results.json").write_text(json.dumps({
+            "schema": "bitalloc.peers-benchmark/1", "eval": {"windows": 2, "seq_len": 32, "other_windows": 2},
+            "fp16_ppl": 28.0, "profile": {"path": profile}, "settings": {"seed": 0}, "rows": [row]}))
+        (d / "allocations.json").write_text(json.dumps({"schema": "bitalloc.allocations/1", "layers": layers, "plans": {
+            f"{method}-4bpw": {"budget": "4bpw", "schemes": schemes}}}))
+        return d / "results.json"
+
+    a = run("a", "bitalloc-default", ["l0", "l1"], ["w4", "w8"], "/p/a.json")
+    b = run("b", "exllamav3", ["l1", "l2"], ["w3", "w4"], "/p/b.json")
+    out = tmp_path / "results-merged.json"
+    assert peers_table.main([str(a), f"{b}:exllamav3=exl3", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(s["file"], s["profile"]["path"]) for s in doc["sources"]] == [(str(a), "/p/a.json"), (str(b), "/p/b.json")]
+    assert {r["method"] for r in doc["rows"]} == {"bitalloc-default", "exl3"}
+    alloc = json.loads((tmp_path / "allocations-merged.json").read_text())
+    assert alloc["layers"] == ["l0", "l1", "l2"]
+    assert alloc["plans"]["bitalloc-default-4bpw"]["schemes"] == ["w4", "w8", None]
+    assert alloc["plans"]["exl3-4bpw"]["schemes"] == [None, "w3", "w4"]
