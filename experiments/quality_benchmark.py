@@ -84,6 +84,8 @@ def extend_profile(loaded, prof, extra: list[str], *, progress: bool = False):
 def earlier_schemes(compare: str) -> dict:
     """``{stem: {layer: scheme}}`` of an earlier run: its allocations.json or a folder of its plans.
     Schemes decide the plan: a split scheme's high-impact channels are the profile's own."""
+    from bitalloc.allocator.plan import Plan
+
     p = Path(compare)
     if p.is_file():
         d = json.loads(p.read_text())

@@ -25,7 +25,6 @@ Writes experiments/results/groups/results.json (and the two profiles) and prints
 from __future__ import annotations
 
 import argparse
-import sys
 
 from _driver import Bench, add_args
 

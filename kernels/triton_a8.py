@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import FP8_E4M3_MAX, activation_codes
+from .quant import activation_codes
 from .triton_common import (
     TORCH_TO_TL,
     Segment,

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .layers import LayerInfo
 from .metrics import strided_batches as _strided
 from .profile import ProfileError, SensitivityProfile
 from .profile_config import ProfileConfig

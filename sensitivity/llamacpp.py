@@ -81,7 +81,7 @@ def build_llamacpp_profile(model: Any = "smollm2", schemes: Sequence[str] | None
     :class:`LoadedModel` of one. ``imatrix_out``: where the importance matrix goes (needed
     with ``imatrix=True``). Other keywords go to :func:`build_profile`.
     """
-    from .ggml import gguf_layout, gguf_name, model_gguf_path, write_imatrix
+    from .ggml import gguf_layout, model_gguf_path, write_imatrix
     from .models import LoadedModel, load_model
     from .build import build_profile
     from .errors import ProfileError

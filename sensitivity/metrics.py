@@ -48,8 +48,7 @@ like the built-ins, or ``(b,)`` per item) wrapped in :class:`FunctionMetric`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch

@@ -22,7 +22,6 @@ a plan is ``cost_bits[chosen].sum() + other_bits``.
 """
 
 from __future__ import annotations
-from .. import BitallocError
 
 import inspect
 import math
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import ArtifactError, atomic_path, check_schema, envelope, file_sha256, read_json, validate, write_json
+from .artifact import atomic_path, check_schema, envelope, file_sha256, read_json, validate, write_json
 from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES  # re-exported
 from .errors import ProfileError  # re-exported: defined beside the code that raises it
 from .layer_info import LayerInfo, Skipped
@@ -45,10 +44,6 @@ __all__ = [
     "SensitivityProfile",
     "PROFILE_SCHEMA_V1",
     "PROFILE_SCHEMA_V2",
-    "build_profile",
-    "ProfileConfig",
-    "cost_table",
-    "other_parameter_bits",
     "DEFAULT_SCHEMES",
     "DEFAULT_REF_SCHEMES",
 ]
@@ -58,7 +53,7 @@ PROFILE_SCHEMA_V2 = "bitalloc.profile/2"  # no split_channels (read: chosen from
 PROFILE_SCHEMA_V1 = "bitalloc.profile/1"  # everything inline, the version under "schema_version"
 MAX_PROFILE_BYTES = 1 << 30
 
-# the build pipeline (build_profile, ProfileConfig, cost_table, ...) lives in .build
+# the build pipeline (build_profile, ProfileConfig, cost_table, ...) lives in .build (not re-exported here)
 
 
 def _none_to_nan(x: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .defaults import DEFAULT_REF_SCHEMES, DEFAULT_SCHEMES, PAIR_MODELS, QUANTIZERS, SALIENCY_METHODS

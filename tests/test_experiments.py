@@ -165,6 +165,28 @@ def test_paired_eval_rebuilds_plans_and_compares_windows(monkeypatch, tiny_profi
 
 
 
+def test_quality_benchmark_reads_earlier_plans_from_a_folder_or_an_allocations_file(monkeypatch, driver,
+                                                                                    tiny_profile_path, tmp_path):
+    """quality_benchmark.py --compare-plans takes a folder of plans or the allocations.json
+    summarised from one, and reads the same schemes from both (the folder form named ``Plan``
+    without importing it until session 41)."""
+    import bitalloc
+
+    sys.modules.pop("quality_benchmark", None)
+    import quality_benchmark
+
+    prof = bitalloc.load_profile(tiny_profile_path)
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    for b in ("3bpw", "4bpw"):
+        bitalloc.solve(prof, b).save(plans / f"tiny-{b}.json")
+    driver.write_allocations(plans, tmp_path / "allocations.json")
+    from_folder = quality_benchmark.earlier_schemes(str(plans))
+    assert set(from_folder) == {"tiny-3bpw", "tiny-4bpw"} and len(from_folder["tiny-3bpw"]) == len(prof.layers)
+    assert from_folder != {k: {} for k in from_folder} and from_folder["tiny-3bpw"] != from_folder["tiny-4bpw"]
+    assert quality_benchmark.earlier_schemes(str(tmp_path / "allocations.json")) == from_folder
+
+
 def test_paired_eval_splits_the_loss_into_kl_and_the_rest(monkeypatch, tiny_profile_path):
     """paired_eval.py --decompose: the per-window NLL is the one window_nll scores, KL(p ‖ q) is
     zero for the 16-bit model itself and equals torch's kl_div for a quantized plan, the

@@ -219,3 +219,43 @@ def test_solvers_never_import_torch():
 def test_no_module_over_600_lines():
     big = {m: n for m, p in FILES.items() if (n := len(p.read_text().splitlines())) > 600}
     assert big == {}, f"modules over 600 lines (split them along their seams): {big}"
+
+
+def _module_bindings(tree: ast.Module) -> set[str]:
+    """Names bound at module level: assignments, defs, classes and imports, also inside
+    top-level ``if`` / ``try`` / ``with`` blocks (not inside functions or classes)."""
+    names: set[str] = set()
+
+    def visit(stmts):
+        for node in stmts:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                    names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For)):
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []))
+                for h in getattr(node, "handlers", []):
+                    visit(h.body)
+    visit(tree.body)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(p for sub in SUBPACKAGES for p in (ROOT / sub).rglob("*.py")) + [ROOT / "__init__.py"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_name_in_all_is_defined(path):
+    """``from module import *`` and the API docs trust ``__all__``: every name it lists is bound
+    in the module (a module with a lazy ``__getattr__`` resolves its own)."""
+    tree = ast.parse(path.read_text(), str(path))
+    exported = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            exported = [e.value for e in getattr(node.value, "elts", []) if isinstance(e, ast.Constant)]
+    bound = _module_bindings(tree)
+    if not exported or "__getattr__" in bound:
+        return
+    missing = [n for n in exported if n not in bound]
+    assert not missing, f"{path.relative_to(ROOT)}: __all__ lists names it does not define: {missing}"
