@@ -91,6 +91,12 @@ class Bench:
 
         # one cache of quantized weights for every peer's context (a full GPTQ table is ~10 min here)
         self.weights = WeightCache(int(a.weight_cache_gib * 2**30))
+        table = 4 * sum(l.n_params for l in self.profile.layers) * len(self.profile.schemes)  # float32 weights
+        if table > self.weights.max_bytes:
+            # each exllamav3 base (and each other scored method) then re-quantizes what was dropped:
+            # with GPTQ on the 24 default candidates that is ~10 min more per base (session 41)
+            print(f"note: --weight-cache-gib {a.weight_cache_gib:g} holds less than the full table of fake-quantized "
+                  f"weights ({table / 2**30:.1f} GiB); scored methods re-quantize what it drops", flush=True)
         self.default_fitness = None  # bitalloc-default's selection fitness, made once
         self.windows, _ = api.eval_windows(self.loaded, str(test), a.windows, a.seq_len)
         other = Path(a.data) / "tinyshakespeare.txt"
@@ -297,7 +303,8 @@ def main(argv=None) -> int:
                          "cheapest scheme for every budget (the runs before 2026-12-06)")
     ap.add_argument("--chunk", type=int, default=6, help="quantized models held at once during evaluation")
     ap.add_argument("--weight-cache-gib", type=float, default=9.0,
-                    help="fake-quantized weights kept for every peer's scores (SmolLM2's 18-scheme table is 7.6 GB)")
+                    help="fake-quantized weights kept for every peer's scores (SmolLM2's 18-scheme table is 7.6 GB, "
+                         "the 24 default candidates' 10.2 GB: below that, each exllamav3 base re-runs GPTQ)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/peers_bench")
     ap.add_argument("--out", default=str(RESULTS))
