@@ -23,10 +23,10 @@ def merge(sources: list[tuple[Path, dict[str, str]]]) -> dict:
     """The merged results document of ``[(file, {old method name: new name})]``, in order."""
     rows: dict[tuple[str, str], dict] = {}
     head = None
-    docs = []
+    listed = []  # each source with the profile and settings its rows came from
     for path, rename in sources:
         d = json.loads(path.read_text())
-        docs.append(d)
+        listed.append({"file": str(path), "renamed": rename, **{k: d.get(k) for k in ("profile", "settings")}})
         if head is None:
             head = d
         else:
@@ -39,8 +39,7 @@ def merge(sources: list[tuple[Path, dict[str, str]]]) -> dict:
             rows[(r["method"], r["budget"])] = r
     assert head is not None, "no result files"
     return {**{k: v for k, v in head.items() if k not in ("rows", "profile", "settings")},
-            "sources": [{"file": str(p), "renamed": rn, **{k: d.get(k) for k in ("profile", "settings")}}
-                        for (p, rn), d in zip(sources, docs)], "rows": list(rows.values())}
+            "sources": listed, "rows": list(rows.values())}
 
 
 def allocations_beside(path: Path) -> Path:

@@ -115,7 +115,6 @@ def main(argv=None) -> int:
         ap.error("--only-changed needs --compare-plans")
 
     from bitalloc.allocator import api, baselines
-    from bitalloc.allocator.plan import Plan
     from bitalloc.allocator.report import plot_ppl_vs_bpw, write_results
 
     bench = Bench(a)

@@ -165,8 +165,7 @@ def test_paired_eval_rebuilds_plans_and_compares_windows(monkeypatch, tiny_profi
 
 
 
-def test_quality_benchmark_reads_earlier_plans_from_a_folder_or_an_allocations_file(monkeypatch, driver,
-                                                                                    tiny_profile_path, tmp_path):
+def test_quality_benchmark_reads_earlier_plans_from_a_folder_or_an_allocations_file(driver, tiny_profile_path, tmp_path):
     """quality_benchmark.py --compare-plans takes a folder of plans or the allocations.json
     summarised from one, and reads the same schemes from both (the folder form named ``Plan``
     without importing it until session 41)."""

@@ -27,7 +27,7 @@ def _module_name(path: Path) -> str:
 def _package_files() -> dict[str, Path]:
     files = {"bitalloc": ROOT / "__init__.py"}
     for sub in SUBPACKAGES:
-        for p in sorted((ROOT / sub).glob("*.py")):
+        for p in sorted((ROOT / sub).rglob("*.py")):  # subpackages too (allocator/service)
             files[_module_name(p)] = p
     return files
 
@@ -244,8 +244,7 @@ def _module_bindings(tree: ast.Module) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted(p for sub in SUBPACKAGES for p in (ROOT / sub).rglob("*.py")) + [ROOT / "__init__.py"],
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", sorted(FILES.values()), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_name_in_all_is_defined(path):
     """``from module import *`` and the API docs trust ``__all__``: every name it lists is bound
     in the module (a module with a lazy ``__getattr__`` resolves its own)."""
